@@ -1,0 +1,502 @@
+"""Lower IR graphs to a Relax ``IRModule`` through ``relax.BlockBuilder``, one lowering per op.
+
+We build Relax ourselves (rather than through TVM's torch/ONNX importers) so every op of ``passes.ir.ops`` has
+exactly our semantics, RNNs of any depth and direction lower, and fused or quantized ops introduced by passes
+have a place to go. Params become ``relax.const``s, folded into the executable at build time; weights are laid
+out for the kernel once, here (e.g. ``linear`` keeps ``W^T`` so the kernel is a plain ``matmul``).
+
+The generated function ``main`` takes the graph inputs in order and returns a flat tuple of the graph outputs
+(depth-first order of ``graph.outputs``); ``CompiledModule`` rebuilds the structure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax import op as R
+
+from passes.ir.graph import Graph, IRError, TensorType, Value
+
+FLOAT_MAX = 3.4028234663852886e38
+
+
+class LoweringError(IRError):
+    """An op, or an op configuration, that this backend cannot lower; names the node and its origin."""
+
+
+@dataclass
+class LowerContext:
+    """What a lowering sees: the block builder, the graph and the node being lowered."""
+
+    bb: relax.BlockBuilder
+    graph: Graph
+    node: str
+
+    @property
+    def data(self) -> dict:
+        return self.graph.nodes[self.node]
+
+    @property
+    def attrs(self) -> dict:
+        return self.data["attrs"]
+
+    @property
+    def params(self) -> dict:
+        return self.data["params"]
+
+    def out_type(self, index: int = 0) -> TensorType:
+        return self.data["out_types"][index]
+
+    def in_type(self, slot: int) -> TensorType:
+        return self.graph.value_type(self.graph.operands(self.node)[slot])
+
+    def emit(self, expr: relax.Expr) -> relax.Var:
+        return self.bb.emit(expr)
+
+    def const(self, array: Any, dtype: str | None = None) -> relax.Constant:
+        array = np.asarray(array)
+        return relax.const(array.astype(dtype) if dtype else array)
+
+    def scalar(self, value: float, dtype: str = "float32") -> relax.Constant:
+        return relax.const(np.asarray(value, dtype=dtype))
+
+    def fail(self, why: str) -> LoweringError:
+        return LoweringError(f"TVM backend cannot lower {self.graph.describe(self.node)}: {why}")
+
+
+Lowering = Callable[[LowerContext, list[relax.Expr]], Any]
+LOWERINGS: dict[str, Lowering] = {}
+
+
+def lowering(*ops: str):
+    def register(fn: Lowering) -> Lowering:
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+    return register
+
+
+def static_shape(expr: relax.Expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape)
+
+
+def _channel_bias(ctx: LowerContext, y: relax.Expr, bias: np.ndarray | None, rank: int) -> relax.Expr:
+    if bias is None:
+        return y
+    return ctx.emit(R.add(y, ctx.const(np.reshape(bias, (1, -1) + (1,) * (rank - 2)))))
+
+
+# ------------------------------------------------------------------------------------------------ layers
+@lowering("constant")
+def _constant(ctx, xs):
+    return ctx.const(ctx.params["value"])
+
+
+@lowering("conv1d", "conv2d")
+def _conv(ctx, xs):
+    a, p = ctx.attrs, ctx.params
+    nd = len(a["stride"])
+    conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
+    padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
+    y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
+                      dilation=a["dilation"], groups=a["groups"]))
+    return _channel_bias(ctx, y, p.get("bias"), nd + 2)
+
+
+@lowering("conv_transpose1d", "conv_transpose2d")
+def _conv_transpose(ctx, xs):
+    a, p = ctx.attrs, ctx.params
+    nd = len(a["stride"])
+    convt = R.nn.conv1d_transpose if nd == 1 else R.nn.conv2d_transpose
+    y = ctx.emit(convt(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=tuple(a["padding"]) * 2,
+                       output_padding=a["output_padding"], dilation=a["dilation"], groups=a["groups"]))
+    return _channel_bias(ctx, y, p.get("bias"), nd + 2)
+
+
+@lowering("batch_norm")
+def _batch_norm(ctx, xs):
+    """Inference batch norm is an affine map per channel: y = x * s + t, s = w / sqrt(var + eps), t = b - mean*s."""
+    p = ctx.params
+    var = p["running_var"].astype(np.float64)
+    weight = p.get("weight", np.ones_like(var))
+    bias = p.get("bias", np.zeros_like(var))
+    scale = weight / np.sqrt(var + ctx.attrs["eps"])
+    shift = bias - p["running_mean"] * scale
+    shape = (1, -1) + (1,) * (ctx.in_type(0).rank - 2)
+    y = ctx.emit(R.multiply(xs[0], ctx.const(scale.reshape(shape), "float32")))
+    return ctx.emit(R.add(y, ctx.const(shift.reshape(shape), "float32")))
+
+
+@lowering("linear")
+def _linear(ctx, xs):
+    weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
+    y = ctx.emit(R.matmul(xs[0], ctx.const(weight_t)))
+    bias = ctx.params.get("bias")
+    return y if bias is None else ctx.emit(R.add(y, ctx.const(bias)))
+
+
+@lowering("matmul")
+def _matmul(ctx, xs):
+    return ctx.emit(R.matmul(xs[0], xs[1]))
+
+
+@lowering("embedding")
+def _embedding(ctx, xs):
+    return ctx.emit(R.take(ctx.const(ctx.params["weight"]), xs[0], axis=0))
+
+
+# ------------------------------------------------------------------------------------------------ elementwise
+_BINARY = {"add": R.add, "sub": R.subtract, "mul": R.multiply, "div": R.divide, "maximum": R.maximum,
+           "minimum": R.minimum}
+
+
+@lowering(*_BINARY)
+def _binary(ctx, xs):
+    return ctx.emit(_BINARY[ctx.data["op"]](xs[0], xs[1]))
+
+
+_UNARY = {"relu": R.nn.relu, "silu": R.nn.silu, "sigmoid": R.sigmoid, "tanh": R.tanh, "exp": R.exp,
+          "sqrt": R.sqrt, "neg": R.negative}
+
+
+@lowering(*_UNARY)
+def _unary(ctx, xs):
+    return ctx.emit(_UNARY[ctx.data["op"]](xs[0]))
+
+
+def _clip(ctx, x, lo: float, hi: float):
+    return ctx.emit(R.clip(x, float(lo), float(hi)))
+
+
+@lowering("relu6")
+def _relu6(ctx, xs):
+    return _clip(ctx, xs[0], 0.0, 6.0)
+
+
+@lowering("clamp")
+def _clamp(ctx, xs):
+    lo, hi = ctx.attrs["min"], ctx.attrs["max"]
+    return _clip(ctx, xs[0], -FLOAT_MAX if lo is None else lo, FLOAT_MAX if hi is None else hi)
+
+
+@lowering("leaky_relu")
+def _leaky_relu(ctx, xs):
+    return ctx.emit(R.nn.leakyrelu(xs[0], ctx.attrs["negative_slope"]))
+
+
+@lowering("elu")
+def _elu(ctx, xs):
+    """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
+    x = xs[0]
+    negative = R.multiply(ctx.scalar(ctx.attrs["alpha"]), R.subtract(R.exp(x), ctx.scalar(1.0)))
+    return ctx.emit(R.where(R.greater(x, ctx.scalar(0.0)), x, negative))
+
+
+@lowering("gelu")
+def _gelu(ctx, xs):
+    return ctx.emit((R.nn.gelu_tanh if ctx.attrs["approximate"] == "tanh" else R.nn.gelu)(xs[0]))
+
+
+@lowering("mish")
+def _mish(ctx, xs):
+    """mish(x) = x * tanh(softplus(x)), softplus with torch's threshold 20 (linear above it)."""
+    return ctx.emit(R.multiply(xs[0], R.tanh(R.nn.softplus(xs[0], 1.0, 20.0))))
+
+
+@lowering("hardswish")
+def _hardswish(ctx, xs):
+    """hardswish(x) = x * relu6(x + 3) / 6."""
+    gate = _clip(ctx, ctx.emit(R.add(xs[0], ctx.scalar(3.0))), 0.0, 6.0)
+    return ctx.emit(R.divide(R.multiply(xs[0], gate), ctx.scalar(6.0)))
+
+
+@lowering("hardsigmoid")
+def _hardsigmoid(ctx, xs):
+    """hardsigmoid(x) = relu6(x + 3) / 6."""
+    return ctx.emit(R.divide(_clip(ctx, ctx.emit(R.add(xs[0], ctx.scalar(3.0))), 0.0, 6.0), ctx.scalar(6.0)))
+
+
+@lowering("softmax")
+def _softmax(ctx, xs):
+    return ctx.emit(R.nn.softmax(xs[0], axis=ctx.attrs["dim"]))
+
+
+@lowering("log_softmax")
+def _log_softmax(ctx, xs):
+    return ctx.emit(R.nn.log_softmax(xs[0], axis=ctx.attrs["dim"]))
+
+
+@lowering("dropout", "identity")
+def _identity(ctx, xs):
+    return xs[0]
+
+
+@lowering("cast")
+def _cast(ctx, xs):
+    return ctx.emit(R.astype(xs[0], ctx.attrs["dtype"]))
+
+
+# ------------------------------------------------------------------------------------------------ pools
+@lowering("max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d")
+def _pool(ctx, xs):
+    a = ctx.attrs
+    nd = len(a["kernel_size"])
+    kind = ctx.data["op"][:3]
+    fn = getattr(R.nn, f"{kind}_pool{nd}d")
+    kwargs = {"pool_size": a["kernel_size"], "strides": a["stride"], "padding": tuple(a["padding"]) * 2,
+              "ceil_mode": a["ceil_mode"]}
+    if kind == "max":
+        kwargs["dilation"] = a["dilation"]
+    else:
+        kwargs["count_include_pad"] = a["count_include_pad"]
+    y = ctx.emit(fn(xs[0], **kwargs))
+    if static_shape(y) != ctx.out_type().shape:
+        raise ctx.fail(f"TVM's pooling gives shape {static_shape(y)}, torch {ctx.out_type().shape}")
+    return y
+
+
+@lowering("adaptive_avg_pool1d", "adaptive_avg_pool2d")
+def _adaptive_avg(ctx, xs):
+    nd = len(ctx.attrs["output_size"])
+    fn = R.nn.adaptive_avg_pool1d if nd == 1 else R.nn.adaptive_avg_pool2d
+    return ctx.emit(fn(xs[0], output_size=ctx.attrs["output_size"]))
+
+
+@lowering("adaptive_max_pool1d", "adaptive_max_pool2d")
+def _adaptive_max(ctx, xs):
+    """Adaptive max pooling when windows do not overlap: a global max, or a max pool of kernel = stride = in/out."""
+    out = ctx.attrs["output_size"]
+    spatial = ctx.in_type(0).shape[-len(out):]
+    if all(o == 1 for o in out):
+        axes = list(range(ctx.in_type(0).rank - len(out), ctx.in_type(0).rank))
+        return ctx.emit(R.max(xs[0], axis=axes, keepdims=True))
+    if any(s % o for s, o in zip(spatial, out)):
+        raise ctx.fail(f"adaptive max pooling {spatial} -> {out} with uneven windows")
+    kernel = tuple(s // o for s, o in zip(spatial, out))
+    fn = R.nn.max_pool1d if len(out) == 1 else R.nn.max_pool2d
+    return ctx.emit(fn(xs[0], pool_size=kernel, strides=kernel))
+
+
+# ------------------------------------------------------------------------------------------------ data movement
+@lowering("concat")
+def _concat(ctx, xs):
+    return ctx.emit(R.concat(xs, axis=ctx.attrs["dim"]))
+
+
+@lowering("stack")
+def _stack(ctx, xs):
+    dim = ctx.attrs["dim"]
+    return ctx.emit(R.concat([R.expand_dims(x, dim) for x in xs], axis=dim))
+
+
+@lowering("split")
+def _split(ctx, xs):
+    indices = np.cumsum(ctx.attrs["split_sizes"])[:-1].tolist()
+    parts = ctx.emit(R.split(xs[0], indices_or_sections=[int(i) for i in indices], axis=ctx.attrs["dim"]))
+    return tuple(ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(ctx.attrs["split_sizes"])))
+
+
+@lowering("reshape", "flatten")
+def _reshape(ctx, xs):
+    return ctx.emit(R.reshape(xs[0], ctx.out_type().shape))
+
+
+@lowering("permute")
+def _permute(ctx, xs):
+    return ctx.emit(R.permute_dims(xs[0], axes=list(ctx.attrs["dims"])))
+
+
+@lowering("slice")
+def _slice(ctx, xs):
+    a = ctx.attrs
+    return ctx.emit(R.strided_slice(xs[0], axes=[a["dim"]], begin=[a["start"]], end=[a["end"]],
+                                    strides=[a["step"]]))
+
+
+@lowering("select")
+def _select(ctx, xs):
+    a = ctx.attrs
+    y = ctx.emit(R.strided_slice(xs[0], axes=[a["dim"]], begin=[a["index"]], end=[a["index"] + 1]))
+    return ctx.emit(R.reshape(y, ctx.out_type().shape))
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "circular"}
+
+
+@lowering("pad")
+def _pad(ctx, xs):
+    a = ctx.attrs
+    rank = ctx.in_type(0).rank
+    pairs = [(0, 0)] * rank
+    for i in range(len(a["pad"]) // 2):  # torch lists (lo, hi) from the last dim backwards
+        pairs[rank - 1 - i] = (a["pad"][2 * i], a["pad"][2 * i + 1])
+    if any(lo < 0 or hi < 0 for lo, hi in pairs):
+        raise ctx.fail("negative padding (cropping)")
+    if a["mode"] not in _PAD_MODES:
+        raise ctx.fail(f"pad mode {a['mode']!r}")
+    return ctx.emit(R.nn.pad(xs[0], [p for pair in pairs for p in pair], _PAD_MODES[a["mode"]], a["value"]))
+
+
+_REDUCE = {"mean": R.mean, "sum": R.sum, "amax": R.max}
+
+
+@lowering(*_REDUCE)
+def _reduce(ctx, xs):
+    return ctx.emit(_REDUCE[ctx.data["op"]](xs[0], axis=list(ctx.attrs["dim"]), keepdims=ctx.attrs["keepdim"]))
+
+
+# ------------------------------------------------------------------------------------------------ recurrent
+def _rnn_cell(kind: str, nonlinearity: str):
+    """The recurrent update for one step, given the input projection ``xp`` (already holding b_ih)."""
+
+    def lstm(ctx, xp, h, c, w_hh_t, b_hh):
+        # gates = x W_ih^T + b_ih + h W_hh^T + b_hh, split as (i, f, g, o); c' = f*c + i*g; h' = o*tanh(c')
+        gates = ctx.emit(R.add(xp, R.matmul(h, w_hh_t)))
+        if b_hh is not None:
+            gates = ctx.emit(R.add(gates, b_hh))
+        parts = ctx.emit(R.split(gates, 4, axis=-1))
+        i, f, g, o = (relax.TupleGetItem(parts, k) for k in range(4))
+        c = ctx.emit(R.add(R.multiply(R.sigmoid(f), c), R.multiply(R.sigmoid(i), R.tanh(g))))
+        h = ctx.emit(R.multiply(R.sigmoid(o), R.tanh(c)))
+        return h, c
+
+    def gru(ctx, xp, h, c, w_hh_t, b_hh):
+        # r = s(xr + hr), z = s(xz + hz), n = tanh(xn + r * hn), h' = (1 - z) * n + z * h = n + z * (h - n)
+        hp = ctx.emit(R.matmul(h, w_hh_t))
+        if b_hh is not None:
+            hp = ctx.emit(R.add(hp, b_hh))
+        xs_, hs_ = ctx.emit(R.split(xp, 3, axis=-1)), ctx.emit(R.split(hp, 3, axis=-1))
+        r = R.sigmoid(R.add(relax.TupleGetItem(xs_, 0), relax.TupleGetItem(hs_, 0)))
+        z = ctx.emit(R.sigmoid(R.add(relax.TupleGetItem(xs_, 1), relax.TupleGetItem(hs_, 1))))
+        n = ctx.emit(R.tanh(R.add(relax.TupleGetItem(xs_, 2), R.multiply(r, relax.TupleGetItem(hs_, 2)))))
+        h = ctx.emit(R.add(n, R.multiply(z, R.subtract(h, n))))
+        return h, None
+
+    def rnn(ctx, xp, h, c, w_hh_t, b_hh):
+        pre = R.add(xp, R.matmul(h, w_hh_t))
+        if b_hh is not None:
+            pre = R.add(pre, b_hh)
+        return ctx.emit(R.tanh(pre) if nonlinearity == "tanh" else R.nn.relu(pre)), None
+
+    return {"lstm": lstm, "gru": gru, "rnn": rnn}[kind]
+
+
+@lowering("lstm", "gru", "rnn")
+def _recurrent(ctx, xs):
+    """Multi-layer, bidirectional RNNs, unrolled over the static sequence length.
+
+    Per layer and direction the input projection of all time steps is ONE matmul ((T*B, I) x (I, G*H)); each
+    step then adds ``h W_hh^T`` and applies the gate math. Weights are transposed once, here.
+    """
+    a, p = ctx.attrs, ctx.params
+    kind = ctx.data["op"]
+    cell = _rnn_cell(kind, a.get("nonlinearity", "tanh"))
+    hidden, layers = a["hidden_size"], a["num_layers"]
+    directions = 2 if a["bidirectional"] else 1
+    x = xs[0]
+    if a["batch_first"]:
+        x = ctx.emit(R.permute_dims(x, [1, 0, 2]))
+    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
+    h0 = xs[1] if len(xs) > 1 else None
+    c0 = xs[2] if len(xs) > 2 else None
+
+    def initial(state, index):
+        if state is None:
+            return ctx.const(np.zeros((batch, hidden), np.float32))
+        return ctx.emit(R.reshape(R.strided_slice(state, axes=[0], begin=[index], end=[index + 1]),
+                                  (batch, hidden)))
+
+    final_h, final_c = [], []
+    for layer in range(layers):
+        outputs = []
+        features = ctx.emit(R.reshape(x, (steps * batch, -1)))
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            w_ih, w_hh = p["weight_ih" + suffix], p["weight_hh" + suffix]
+            b_ih = p.get("bias_ih" + suffix) if a["bias"] else None
+            b_hh = p.get("bias_hh" + suffix) if a["bias"] else None
+            if kind == "lstm" and b_hh is not None:  # both biases add to every gate: fold them into one
+                b_ih, b_hh = b_ih + b_hh, None
+            xp = ctx.emit(R.matmul(features, ctx.const(np.ascontiguousarray(w_ih.T))))
+            if b_ih is not None:
+                xp = ctx.emit(R.add(xp, ctx.const(b_ih)))
+            per_step = ctx.emit(R.split(ctx.emit(R.reshape(xp, (steps, batch, -1))), steps, axis=0))
+            w_hh_t = ctx.const(np.ascontiguousarray(w_hh.T))
+            b_hh_c = None if b_hh is None else ctx.const(b_hh)
+            index = layer * directions + direction
+            h, c = initial(h0, index), initial(c0, index)
+            hs = [None] * steps
+            order = range(steps - 1, -1, -1) if direction else range(steps)
+            for t in order:
+                xp_t = ctx.emit(R.reshape(relax.TupleGetItem(per_step, t), (batch, -1)))
+                h, c = cell(ctx, xp_t, h, c, w_hh_t, b_hh_c)
+                hs[t] = h
+            outputs.append(ctx.emit(R.concat([R.expand_dims(h_t, 0) for h_t in hs], axis=0)))
+            final_h.append(h)
+            final_c.append(c)
+        x = outputs[0] if directions == 1 else ctx.emit(R.concat(outputs, axis=-1))
+    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if a["batch_first"] else x
+    h_n = ctx.emit(R.concat([R.expand_dims(h, 0) for h in final_h], axis=0))
+    if kind != "lstm":
+        return y, h_n
+    return y, h_n, ctx.emit(R.concat([R.expand_dims(c, 0) for c in final_c], axis=0))
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def missing_lowerings(graph: Graph) -> list[str]:
+    return sorted({f"{graph.describe(n)}" for n, d in graph.nodes(data=True)
+                   if d["op"] != "input" and d["op"] not in LOWERINGS})
+
+
+def lower_graph(graph: Graph) -> tvm.IRModule:
+    """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
+    missing = missing_lowerings(graph)
+    if missing:
+        raise LoweringError("TVM backend has no lowering for: " + "; ".join(missing))
+    bb = relax.BlockBuilder()
+    params = [relax.Var(name, relax.TensorType(t.shape, t.dtype))
+              for name, t in zip(graph.inputs, graph.input_types())]
+    env: dict[Value, relax.Expr] = {Value(n, 0): v for n, v in zip(graph.inputs, params)}
+    with bb.function("main", params=params):
+        with bb.dataflow():
+            for node in graph.topo_order():
+                data = graph.nodes[node]
+                if data["op"] == "input":
+                    continue
+                ctx = LowerContext(bb, graph, node)
+                result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
+                outs = result if isinstance(result, tuple) else (result,)
+                for i, expr in enumerate(outs):
+                    env[Value(node, i)] = expr
+            flat = [env[v] for v in graph.output_values()]
+            result = bb.emit_output(relax.Tuple(flat))
+        bb.emit_func_output(result)
+    return bb.get()
+
+
+def check_types(graph: Graph, mod: tvm.IRModule) -> None:
+    """The Relax function's output types must equal the IR's: catches lowering bugs at build time."""
+    for value, info in zip(graph.output_values(), mod["main"].ret_ty.fields):
+        expected = graph.value_type(value)
+        got = tuple(int(d) for d in info.shape)
+        if got != expected.shape or info.dtype != expected.dtype:
+            raise LoweringError(f"lowering of {graph.describe(value.node)} produced {info.dtype}{list(got)}, "
+                                f"the IR says {expected}")
+
+
+def lower(graph: Graph) -> tvm.IRModule:
+    mod = lower_graph(graph)
+    check_types(graph, mod)
+    return mod
+
+
+def flat_output_count(graph: Graph) -> int:
+    return len(graph.output_values())
+
+
+__all__: Sequence[str] = ["LOWERINGS", "LoweringError", "lower", "missing_lowerings"]

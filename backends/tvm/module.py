@@ -1,0 +1,173 @@
+"""Build a lowered graph with TVM and wrap the executable as a callable, exportable module.
+
+``CompiledModule`` takes torch tensors or numpy arrays (positionally, like the original model) and returns the
+model's output structure (tensor, tuple, nested tuple): torch tensors when the inputs were torch tensors, numpy
+arrays otherwise. It never imports torch itself, so an exported artifact loads and runs without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from backends.tvm.target import make_target
+from passes.ir.graph import Graph, map_structure, rebuild_structure
+
+
+class InputError(ValueError):
+    """Inputs given to a compiled model do not match its signature; the message names the input."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(d: dict) -> TensorSpec:
+        return TensorSpec(str(d["name"]), tuple(int(s) for s in d["shape"]), str(d["dtype"]))
+
+
+def _structure_indices(graph: Graph) -> Any:
+    """The output structure with each leaf replaced by its index in the flat output tuple."""
+    counter = iter(range(len(graph.output_values())))
+    return map_structure(lambda _: next(counter), graph.outputs)
+
+
+def _to_json_structure(structure: Any) -> Any:
+    return list(map(_to_json_structure, structure)) if isinstance(structure, (tuple, list)) else structure
+
+
+def _from_json_structure(structure: Any) -> Any:
+    return tuple(map(_from_json_structure, structure)) if isinstance(structure, list) else int(structure)
+
+
+class CompiledModule:
+    """A TVM executable with the model's signature. ``module(x)`` runs it; ``export(dir)`` saves it."""
+
+    LIBRARY = "model.so"
+    SIGNATURE = "signature.json"
+
+    def __init__(self, executable: Any, target_kind: str, inputs: Sequence[TensorSpec],
+                 outputs: Sequence[TensorSpec], structure: Any):
+        self.executable = executable
+        self.target_kind = target_kind
+        self.inputs = list(inputs)
+        self.outputs = list(outputs)
+        self.structure = structure
+        self._vm = None
+
+    @property
+    def device(self):
+        return tvm.cuda(0) if self.target_kind == "cuda" else tvm.cpu(0)
+
+    @property
+    def vm(self) -> relax.VirtualMachine:
+        if self._vm is None:
+            self._vm = relax.VirtualMachine(self.executable, self.device)
+        return self._vm
+
+    def _convert_inputs(self, inputs: Sequence[Any]) -> tuple[list, bool]:
+        if len(inputs) != len(self.inputs):
+            names = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in self.inputs)
+            raise InputError(f"the model takes {len(self.inputs)} input(s) ({names}), got {len(inputs)}")
+        converted, any_torch = [], False
+        for spec, x in zip(self.inputs, inputs):
+            if type(x).__module__.startswith("torch"):
+                any_torch = True
+                x = x.detach().cpu().numpy()
+            array = np.asarray(x)
+            if tuple(array.shape) != spec.shape:
+                raise InputError(f"input {spec.name!r}: expected shape {list(spec.shape)}, got "
+                                 f"{list(array.shape)} (the model was compiled for fixed shapes; recompile with "
+                                 "example inputs of the new shape)")
+            if array.dtype.name != spec.dtype:
+                if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
+                    raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype.name}")
+                array = array.astype(spec.dtype)
+            converted.append(tvm.runtime.tensor(np.ascontiguousarray(array), self.device))
+        return converted, any_torch
+
+    def run_flat(self, *inputs: Any) -> list[np.ndarray]:
+        """Outputs as a flat list of numpy arrays (depth-first order of the output structure)."""
+        converted, _ = self._convert_inputs(inputs)
+        result = self.vm["main"](*converted)
+        return [result[i].numpy() for i in range(len(self.outputs))]
+
+    def __call__(self, *inputs: Any) -> Any:
+        converted, any_torch = self._convert_inputs(inputs)
+        result = self.vm["main"](*converted)
+        flat = [result[i].numpy() for i in range(len(self.outputs))]
+        if any_torch:
+            import torch  # only when the caller already uses torch
+
+            flat = [torch.from_numpy(a) for a in flat]
+        return rebuild_structure(self.structure, iter(flat)) if isinstance(self.structure, tuple) else flat[0]
+
+    def time_ms(self, *inputs: Any, number: int = 10, repeat: int = 5) -> float:
+        """Median latency in ms of ``main`` measured by TVM's time evaluator (no Python conversion overhead)."""
+        converted, _ = self._convert_inputs(inputs)
+        timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
+        return float(np.median(timer(*converted).results) * 1e3)
+
+    def export(self, directory: str | os.PathLike) -> Path:
+        """Write ``model.so`` (the TVM library) and ``signature.json`` into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.executable.export_library(str(directory / self.LIBRARY))
+        signature = {"target": self.target_kind, "inputs": [s.to_json() for s in self.inputs],
+                     "outputs": [s.to_json() for s in self.outputs],
+                     "structure": _to_json_structure(self.structure)}
+        (directory / self.SIGNATURE).write_text(json.dumps(signature, indent=1))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CompiledModule:
+        directory = Path(directory)
+        signature = json.loads((directory / cls.SIGNATURE).read_text())
+        library = tvm.runtime.load_module(str(directory / cls.LIBRARY))
+        return cls(library, signature["target"], [TensorSpec.from_json(s) for s in signature["inputs"]],
+                   [TensorSpec.from_json(s) for s in signature["outputs"]],
+                   _from_json_structure(signature["structure"]))
+
+
+def build(graph: Graph, target: Any = "llvm") -> CompiledModule:
+    """Lower ``graph`` to Relax and build it for ``target`` with TVM's default pipeline for that target."""
+    from backends.tvm.lower import lower
+
+    tvm_target = make_target(target)
+    mod = lower(graph)
+    executable = tvm.compile(mod, target=tvm_target)
+    inputs = [TensorSpec(n, t.shape, t.dtype) for n, t in zip(graph.inputs, graph.input_types())]
+    outputs = [TensorSpec(f"output_{i}", graph.value_type(v).shape, graph.value_type(v).dtype)
+               for i, v in enumerate(graph.output_values())]
+    structure = _structure_indices(graph)
+    return CompiledModule(executable, tvm_target.kind.name, inputs, outputs, structure)
+
+
+def cuda_source(module: CompiledModule) -> str:
+    """The generated CUDA C source of a cuda build (for inspection and ``nvcc`` checks)."""
+    sources = []
+
+    def walk(mod):
+        if mod.kind == "cuda":
+            sources.append(mod.inspect_source())
+        for sub in mod.imports:
+            walk(sub)
+
+    walk(module.executable.mod if hasattr(module.executable, "mod") else module.executable)
+    if not sources:
+        raise ValueError("module has no CUDA code (was it built for target 'cuda'?)")
+    return "\n".join(sources)

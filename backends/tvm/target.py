@@ -1,0 +1,33 @@
+"""Targets: ``"llvm"`` (this host's CPU, all cores) and ``"cuda"`` (default sm_90), as TVM JSON-dict targets."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import tvm
+
+DEFAULT_CUDA_ARCH = "sm_90"
+
+
+def host_cpu() -> str:
+    get = tvm.get_global_func("target.llvm_get_system_cpu", True)
+    return get() if get is not None else "generic"
+
+
+def make_target(target: str | dict | tvm.target.Target) -> tvm.target.Target:
+    """``"llvm"`` -> {"kind": "llvm", "mcpu": <host>, "num-cores": <cores>}; ``"cuda"`` -> sm_90 + host llvm."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    if target == "llvm":
+        return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1})
+    if target == "cuda":
+        return tvm.target.Target({"kind": "cuda", "arch": DEFAULT_CUDA_ARCH},
+                                 host={"kind": "llvm", "mcpu": host_cpu()})
+    raise ValueError(f"unknown target {target!r}: use 'llvm' (CPU) or 'cuda' (NVIDIA GPU), or a TVM target dict")
+
+
+def target_kind(target: Any) -> str:
+    return make_target(target).kind.name

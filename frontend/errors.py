@@ -1,0 +1,18 @@
+"""Errors a frontend raises: every message names the model element (module path or ONNX node) involved."""
+
+from __future__ import annotations
+
+
+class FrontendError(ValueError):
+    """The model cannot be imported; the message says which element and what to do."""
+
+
+class UnsupportedModelError(FrontendError):
+    """One or more constructs have no IR equivalent. ``unsupported`` lists each as 'what (where)'."""
+
+    def __init__(self, model_name: str, unsupported: list[str]):
+        self.unsupported = unsupported
+        lines = "\n  ".join(unsupported)
+        super().__init__(f"{model_name}: {len(unsupported)} unsupported construct(s):\n  {lines}\n"
+                         "Replace them with supported ops (`python -m passes.cli list-ops`) "
+                         "or register a conversion.")

@@ -1,0 +1,979 @@
+"""PyTorch frontend: ``nn.Module`` -> verified IR through torch.fx.
+
+How: ``torch.fx`` symbolic tracing with the layers we know kept as leaf modules (so ``nn.LSTM`` stays one
+``lstm`` node and every node's ``origin`` is its module path). When symbolic tracing meets Python control flow
+on traced values (``if x.shape[-1] > 8``), we fall back to ``torch.export``'s FX graph (ATen ops, shapes
+specialized to the example inputs). Both graphs are walked by one abstract interpreter: tensors become IR
+``Value``s with static types; shape arithmetic (``x.size(0)``, ``x.shape``) is evaluated to Python ints;
+computations on constants only are evaluated in torch and become constants.
+
+Every unsupported construct is collected during the walk and reported together in one ``UnsupportedModelError``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from frontend.errors import FrontendError, UnsupportedModelError
+from passes.ir.graph import Graph, IRError, TensorType, Value
+from passes.ir.ops import numpy_dtype
+from passes.ir.verify import verify
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+class _Unknown:
+    """Result of an unsupported node: its users are still scanned for support, not converted."""
+
+
+UNKNOWN = _Unknown()
+
+# ------------------------------------------------------------------------------------------------ tracing
+# Layers we convert as a whole (their internals are not traced).
+LEAF_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+    nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding,
+)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
+
+
+def _trace(model: nn.Module, example_inputs: tuple) -> tuple[torch.fx.GraphModule, str]:
+    """FX graph of ``model``: symbolic tracing first, torch.export when tracing meets control flow."""
+    try:
+        tracer = _LeafTracer()
+        graph = tracer.trace(model)
+        return torch.fx.GraphModule(tracer.root, graph), "symbolic_trace"
+    except Exception as trace_exc:  # TraceError, or user code that probes proxies: try export
+        log.debug("symbolic tracing failed (%s); falling back to torch.export", trace_exc)
+        try:
+            exported = torch.export.export(model, example_inputs, strict=False)
+            return exported.module(), "torch.export"
+        except Exception as export_exc:
+            raise FrontendError(
+                f"{type(model).__name__}: cannot trace the model. torch.fx symbolic tracing failed with "
+                f"'{_first_line(trace_exc)}' and torch.export with '{_first_line(export_exc)}'. Make control "
+                "flow independent of tensor values, or export the model to ONNX.") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _tuple(v: Any, n: int) -> tuple[int, ...]:
+    if isinstance(v, (tuple, list)):
+        return tuple(int(x) for x in v) if len(v) == n else tuple(int(v[0]) for _ in range(n))
+    return (int(v),) * n
+
+
+def _arg(args: Sequence, kwargs: dict, index: int, name: str, default: Any = None) -> Any:
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+class _Converter:
+    """Walks an FX graph, emitting IR; one instance per conversion (all state is per run)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, name: str, mode: str):
+        self.gm = gm
+        self.mode = mode
+        self.modules = dict(gm.named_modules())
+        self.graph = Graph(name=name)
+        self.env: dict[torch.fx.Node, Any] = {}
+        self.unsupported: list[str] = []
+        self.node: torch.fx.Node | None = None
+
+    # -------------------------------------------------------------------------------------- values
+    def origin(self) -> tuple[str, ...]:
+        node = self.node
+        if node.op == "call_module":
+            return (str(node.target),)
+        stack = node.meta.get("nn_module_stack")
+        path = list(stack.values())[-1][0] if stack else ""
+        path = path if isinstance(path, str) else ""
+        if path.startswith("L['self']"):  # dynamo-style paths from torch.export
+            path = path.replace("L['self'].", "")
+        return (f"{path}.{node.name}" if path else node.name,)
+
+    def where(self) -> str:
+        return f"{self.node.format_node() if self.node.op == 'placeholder' else self.origin()[0]}"
+
+    def emit(self, op: str, operands: Sequence[Any], attrs: dict | None = None, params: dict | None = None):
+        values = [self.value(x) for x in operands]
+        params = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+                  for k, v in (params or {}).items() if v is not None}
+        return self.graph.add_op(op, values, attrs=attrs or {}, params=params, origin=self.origin())
+
+    def value(self, x: Any, like: Value | None = None) -> Value:
+        """An IR value for ``x``: a traced tensor as is, a constant tensor or Python number as a ``constant``."""
+        if isinstance(x, Value):
+            return x
+        if isinstance(x, torch.Tensor):
+            array = x.detach().cpu().numpy()
+        elif isinstance(x, (bool, int, float)):
+            dtype = self.type(like).dtype if like is not None else "float32"
+            array = np.asarray(x, dtype=dtype)
+        else:
+            raise FrontendError(f"{self.where()}: expected a tensor, got {type(x).__name__}")
+        return self.graph.add_op("constant", [], params={"value": array}, origin=self.origin(), name="const")
+
+    def type(self, v: Value) -> TensorType:
+        return self.graph.value_type(v)
+
+    def shape(self, v: Any) -> tuple[int, ...]:
+        return self.type(v).shape if isinstance(v, Value) else tuple(v.shape)
+
+    def dim(self, v: Any, d: int) -> int:
+        rank = len(self.shape(v))
+        if not -rank <= d < max(rank, 1):
+            raise FrontendError(f"{self.where()}: dim {d} out of range for a rank-{rank} tensor")
+        return d % rank if rank else 0
+
+    def param(self, module: nn.Module, name: str) -> torch.Tensor | None:
+        t = getattr(module, name, None)
+        return None if t is None else t.detach()
+
+    # -------------------------------------------------------------------------------------- walk
+    def run(self, example_inputs: Sequence[torch.Tensor]) -> Graph:
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(example_inputs):
+            raise FrontendError(f"{self.graph.name}: forward takes {len(placeholders)} inputs "
+                                f"({', '.join(p.name for p in placeholders)}), example_inputs has "
+                                f"{len(example_inputs)}")
+        inputs = iter(example_inputs)
+        for node in self.gm.graph.nodes:
+            self.node = node
+            if node.op == "placeholder":
+                x = next(inputs)
+                if not isinstance(x, torch.Tensor):
+                    raise FrontendError(f"input {node.name!r}: example input must be a tensor, got "
+                                        f"{type(x).__name__}")
+                self.env[node] = self.graph.add_input(node.name, TensorType(tuple(x.shape),
+                                                                            numpy_dtype(x.dtype)))
+            elif node.op == "output":
+                self.output(node)
+            else:
+                self.env[node] = self.convert(node)
+        if self.unsupported:
+            raise UnsupportedModelError(self.graph.name, self.unsupported)
+        return verify(self.graph)
+
+    def convert(self, node: torch.fx.Node) -> Any:
+        args = torch.fx.node.map_arg(node.args, self.env.__getitem__)
+        kwargs = torch.fx.node.map_arg(node.kwargs, self.env.__getitem__)
+        handler, what = self.handler(node)
+        if handler is None:
+            self.unsupported.append(f"{what} (at {self.origin()[0]})")
+            return UNKNOWN
+        if _contains_unknown(args) or _contains_unknown(kwargs):
+            return UNKNOWN
+        try:
+            return handler(self, args, kwargs, node)
+        except _Unsupported as exc:
+            self.unsupported.append(f"{what}: {exc} (at {self.origin()[0]})")
+            return UNKNOWN
+        except IRError as exc:
+            raise FrontendError(f"{what} at {self.origin()[0]}: {exc}") from None
+
+    def handler(self, node: torch.fx.Node) -> tuple[Callable | None, str]:
+        if node.op == "get_attr":
+            return _get_attr, f"attribute {node.target}"
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            if getattr(node.target, "startswith", None) and node.target.startswith("_guards"):
+                return _skip, "export guard"
+            handler = MODULE_HANDLERS.get(type(module))
+            return handler, f"module {type(module).__module__}.{type(module).__name__}"
+        if node.op == "call_method":
+            return METHOD_HANDLERS.get(node.target), f"method Tensor.{node.target}"
+        target = node.target
+        handler = FUNCTION_HANDLERS.get(target)
+        if handler is None and isinstance(target, torch._ops.OpOverload):
+            handler = FUNCTION_HANDLERS.get(target.overloadpacket)
+        name = getattr(target, "__name__", str(target))
+        module = getattr(target, "__module__", "") or ""
+        return handler, f"function {module + '.' if module and not module.startswith('torch._ops') else ''}{name}"
+
+    def output(self, node: torch.fx.Node) -> None:
+        result = torch.fx.node.map_arg(node.args[0], self.env.__getitem__)
+        if _contains_unknown(result):
+            return
+        if isinstance(result, dict):
+            self.unsupported.append("dict outputs (return a tensor or a tuple of tensors)")
+            return
+
+        def to_value(x):
+            if isinstance(x, (tuple, list)):
+                return tuple(to_value(i) for i in x)
+            return self.value(x)
+
+        self.graph.set_outputs(to_value(result))
+
+
+class _Unsupported(Exception):
+    """Raised by a handler for a supported op used in an unsupported way (message says how)."""
+
+
+def _contains_unknown(x: Any) -> bool:
+    if x is UNKNOWN:
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(_contains_unknown(i) for i in x)
+    if isinstance(x, dict):
+        return any(_contains_unknown(i) for i in x.values())
+    return False
+
+
+def _is_const(x: Any) -> bool:
+    if isinstance(x, (tuple, list)):
+        return all(_is_const(i) for i in x)
+    return not isinstance(x, (Value, _Unknown))
+
+
+def _skip(cv, args, kwargs, node):
+    return None
+
+
+def _get_attr(cv: _Converter, args, kwargs, node):
+    obj: Any = cv.gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part)
+    return obj.detach() if isinstance(obj, torch.Tensor) else obj
+
+
+# ------------------------------------------------------------------------------------------------ op helpers
+def _conv(cv: _Converter, x, weight, bias, stride, padding, dilation, groups, nd: int, padding_mode="zeros"):
+    if isinstance(weight, Value) or isinstance(bias, Value):
+        raise _Unsupported("weights computed at run time (weights must be parameters or constants)")
+    kernel = tuple(weight.shape[2:])
+    stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = [(0, 0)] * nd
+        else:  # 'same': total padding d*(k-1), extra on the high side as torch does
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+            pads = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pads = [(p, p) for p in _tuple(padding, nd)]
+    if padding_mode != "zeros" or any(lo != hi for lo, hi in pads):
+        mode = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+        flat = [p for lo_hi in reversed(pads) for p in lo_hi]
+        x = cv.emit("pad", [x], {"pad": tuple(flat), "mode": mode[padding_mode], "value": 0.0})
+        pads = [(0, 0)] * nd
+    return cv.emit(f"conv{nd}d", [x], {"stride": stride, "padding": tuple(lo for lo, _ in pads),
+                                       "dilation": dilation, "groups": int(groups)},
+                   {"weight": weight, "bias": bias})
+
+
+def _binary(op: str, fn: Callable):
+    def handler(cv: _Converter, args, kwargs, node):
+        a, b = args[0], args[1]
+        alpha = kwargs.get("alpha", args[2] if len(args) > 2 else 1)
+        if _is_const(a) and _is_const(b):
+            return fn(a, b) if alpha == 1 else fn(a, b * alpha)
+        if alpha != 1:
+            b = b * alpha if _is_const(b) else cv.emit("mul", [b, cv.value(alpha, b)])
+        like = a if isinstance(a, Value) else b
+        return cv.emit(op, [cv.value(a, like), cv.value(b, like)])
+    return handler
+
+
+def _unary(op: str, **fixed):
+    def handler(cv: _Converter, args, kwargs, node):
+        return cv.emit(op, [args[0]], dict(fixed))
+    return handler
+
+
+def _unary_attrs(op: str, spec: Sequence[tuple[str, Any]], torch_names: dict[str, str] | None = None):
+    """Handler for ``F.op(x, a=.., b=..)``: positional/keyword args after x map onto IR attrs in ``spec``."""
+    names = torch_names or {}
+
+    def handler(cv: _Converter, args, kwargs, node):
+        attrs = {}
+        for i, (name, default) in enumerate(spec):
+            attrs[name] = _arg(args, kwargs, i + 1, names.get(name, name), default)
+        return cv.emit(op, [args[0]], attrs)
+    return handler
+
+
+def _module_unary(op: str, attr_map: dict[str, str] | None = None):
+    def handler(cv: _Converter, args, kwargs, node):
+        module = cv.modules[node.target]
+        attrs = {ir: getattr(module, torch_name) for ir, torch_name in (attr_map or {}).items()}
+        return cv.emit(op, [args[0]], attrs)
+    return handler
+
+
+def _softmax(op: str):
+    def handler(cv: _Converter, args, kwargs, node):
+        dim = _arg(args, kwargs, 1, "dim")
+        if dim is None:
+            raise _Unsupported("implicit softmax dim (pass dim=...)")
+        return cv.emit(op, [args[0]], {"dim": cv.dim(args[0], dim)})
+    return handler
+
+
+def _clamp(cv, x, lo, hi):
+    if isinstance(lo, Value) or isinstance(hi, Value):
+        raise _Unsupported("tensor-valued clamp bounds")
+    return cv.emit("clamp", [x], {"min": None if lo is None else float(lo), "max": None if hi is None
+                                  else float(hi)})
+
+
+def _pool(cv, kind: str, nd: int, x, kernel, stride, padding, dilation=1, ceil_mode=False,
+          count_include_pad=True, divisor_override=None, return_indices=False):
+    if return_indices:
+        raise _Unsupported("return_indices=True")
+    if divisor_override:
+        raise _Unsupported("divisor_override")
+    kernel = _tuple(kernel, nd)
+    stride = _tuple(stride, nd) if stride not in (None, [], ()) else kernel
+    attrs = {"kernel_size": kernel, "stride": stride, "padding": _tuple(padding, nd), "ceil_mode": bool(ceil_mode)}
+    if kind == "max":
+        attrs["dilation"] = _tuple(dilation, nd)
+    else:
+        attrs["count_include_pad"] = bool(count_include_pad)
+    return cv.emit(f"{kind}_pool{nd}d", [x], attrs)
+
+
+def _adaptive(cv, kind: str, nd: int, x, output_size):
+    spatial = cv.shape(x)[-nd:]
+    size = tuple(s if o is None else int(o) for s, o in zip(spatial, _tuple_or_none(output_size, nd)))
+    return cv.emit(f"adaptive_{kind}_pool{nd}d", [x], {"output_size": size})
+
+
+def _tuple_or_none(v, n):
+    if isinstance(v, (tuple, list)):
+        return tuple(v)
+    return (v,) * n
+
+
+def _reshape(cv: _Converter, x, shape) -> Value:
+    shape = [int(s) for s in shape]
+    numel = int(np.prod(cv.shape(x)))
+    if shape.count(-1) == 1:
+        known = int(np.prod([s for s in shape if s != -1]))
+        shape[shape.index(-1)] = numel // known if known else 0
+    if int(np.prod(shape)) != numel:
+        raise FrontendError(f"{cv.where()}: cannot reshape {cv.shape(x)} to {tuple(shape)}")
+    if tuple(shape) == cv.shape(x):
+        return x
+    return cv.emit("reshape", [x], {"shape": tuple(shape)})
+
+
+def _shape_args(args: Sequence) -> list[int]:
+    if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)):
+        return list(args[0])
+    return list(args)
+
+
+def _permute(cv, x, dims):
+    dims = tuple(cv.dim(x, d) for d in dims)
+    if dims == tuple(range(len(dims))):
+        return x
+    return cv.emit("permute", [x], {"dims": dims})
+
+
+def _transpose(cv, x, d0, d1):
+    rank = len(cv.shape(x))
+    dims = list(range(rank))
+    a, b = cv.dim(x, d0), cv.dim(x, d1)
+    dims[a], dims[b] = dims[b], dims[a]
+    return _permute(cv, x, dims)
+
+
+def _split_sizes(cv, x, size_or_sections, dim, chunks: int | None = None) -> tuple[int, ...]:
+    length = cv.shape(x)[dim]
+    if chunks is not None:
+        step = math.ceil(length / chunks)
+        return tuple(min(step, length - i) for i in range(0, length, step))
+    if isinstance(size_or_sections, int):
+        return tuple(min(size_or_sections, length - i) for i in range(0, length, size_or_sections))
+    return tuple(int(s) for s in size_or_sections)
+
+
+def _split(cv, x, sizes: tuple[int, ...], dim: int):
+    if len(sizes) == 1:
+        return (x,)
+    outs = cv.emit("split", [x], {"split_sizes": sizes, "dim": dim})
+    return tuple(outs)
+
+
+def _reduce(op: str):
+    def handler(cv: _Converter, args, kwargs, node):
+        x = args[0]
+        dim = _arg(args, kwargs, 1, "dim")
+        keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
+        if kwargs.get("dtype") is not None:
+            raise _Unsupported("dtype= on reductions")
+        rank = len(cv.shape(x))
+        dims = tuple(range(rank)) if dim is None or dim == [] else tuple(
+            sorted(cv.dim(x, d) for d in (dim if isinstance(dim, (tuple, list)) else (dim,))))
+        return cv.emit(op, [x], {"dim": dims, "keepdim": keepdim})
+    return handler
+
+
+def _getitem(cv: _Converter, args, kwargs, node):
+    obj, index = args
+    if not isinstance(obj, Value):
+        if _is_const(index):
+            return obj[index]
+        raise _Unsupported("indexing a constant with a tensor")
+    return _index_tensor(cv, obj, index)
+
+
+def _index_tensor(cv: _Converter, x: Value, index) -> Value:
+    """Basic indexing ``x[i, a:b, None, ...]`` as select / slice / reshape ops (advanced indexing refused)."""
+    items = list(index) if isinstance(index, tuple) else [index]
+    if any(isinstance(i, (Value, torch.Tensor, list)) for i in items):
+        raise _Unsupported("advanced (tensor or list) indexing")
+    if Ellipsis in items:
+        at = items.index(Ellipsis)
+        explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
+        items[at:at + 1] = [slice(None)] * (len(cv.shape(x)) - explicit)
+    dim, new_axes = 0, []
+    for item in items:
+        shape = cv.shape(x)
+        if item is None:
+            new_axes.append(dim)
+            continue
+        if isinstance(item, bool) or not isinstance(item, (int, slice)):
+            raise _Unsupported(f"index of type {type(item).__name__}")
+        if isinstance(item, int):
+            if not -shape[dim] <= item < shape[dim]:
+                raise FrontendError(f"{cv.where()}: index {item} out of range for dim {dim} of size {shape[dim]}")
+            x = cv.emit("select", [x], {"dim": dim, "index": item % shape[dim]})
+            continue
+        start, stop, step = item.indices(shape[dim])
+        if step <= 0:
+            raise _Unsupported("negative slice steps")
+        if (start, stop, step) != (0, shape[dim], 1):
+            x = cv.emit("slice", [x], {"dim": dim, "start": start, "end": max(stop, start), "step": step})
+        dim += 1
+    if new_axes:
+        shape = list(cv.shape(x))
+        for offset, axis in enumerate(new_axes):
+            shape.insert(axis + offset, 1)
+        x = _reshape(cv, x, shape)
+    return x
+
+
+def _rnn_module(kind: str):
+    def handler(cv: _Converter, args, kwargs, node):
+        module = cv.modules[node.target]
+        if getattr(module, "proj_size", 0):
+            raise _Unsupported("LSTM proj_size > 0")
+        x = args[0]
+        hx = _arg(args, kwargs, 1, "hx")
+        if isinstance(x, Value) and len(cv.shape(x)) != 3:
+            raise _Unsupported("unbatched (2-d) RNN input; add a batch dimension")
+        attrs = {"hidden_size": module.hidden_size, "num_layers": module.num_layers,
+                 "bidirectional": module.bidirectional, "batch_first": module.batch_first, "bias": module.bias}
+        if kind == "rnn":
+            attrs["nonlinearity"] = module.nonlinearity
+        params = {name: p.detach() for name, p in module.named_parameters()}
+        return _emit_rnn(cv, kind, x, hx, attrs, params)
+    return handler
+
+
+def _emit_rnn(cv: _Converter, kind: str, x, hx, attrs: dict, params: dict):
+    states = [] if hx is None else (list(hx) if kind == "lstm" else [hx])
+    if states and all(_is_const(s) and not torch.as_tensor(s).any() for s in states):
+        states = []  # explicit zero initial state == no initial state
+    outs = cv.emit(kind, [x, *states], attrs, params)
+    return (outs[0], (outs[1], outs[2])) if kind == "lstm" else (outs[0], outs[1])
+
+
+# ------------------------------------------------------------------------------------------------ module handlers
+def _m_conv(nd: int):
+    def handler(cv, args, kwargs, node):
+        m = cv.modules[node.target]
+        return _conv(cv, args[0], cv.param(m, "weight"), cv.param(m, "bias"), m.stride, m.padding, m.dilation,
+                     m.groups, nd, m.padding_mode)
+    return handler
+
+
+def _m_conv_transpose(nd: int):
+    def handler(cv, args, kwargs, node):
+        m = cv.modules[node.target]
+        if len(args) > 1 or kwargs.get("output_size") is not None:
+            raise _Unsupported("output_size argument")
+        if m.padding_mode != "zeros":
+            raise _Unsupported(f"padding_mode={m.padding_mode!r}")
+        return cv.emit(f"conv_transpose{nd}d", [args[0]],
+                       {"stride": _tuple(m.stride, nd), "padding": _tuple(m.padding, nd),
+                        "output_padding": _tuple(m.output_padding, nd), "groups": m.groups,
+                        "dilation": _tuple(m.dilation, nd)},
+                       {"weight": cv.param(m, "weight"), "bias": cv.param(m, "bias")})
+    return handler
+
+
+def _m_batch_norm(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    if m.running_mean is None:
+        raise _Unsupported("BatchNorm without running statistics (track_running_stats=False)")
+    return cv.emit("batch_norm", [args[0]], {"eps": float(m.eps)},
+                   {"running_mean": m.running_mean, "running_var": m.running_var,
+                    "weight": cv.param(m, "weight"), "bias": cv.param(m, "bias")})
+
+
+def _m_linear(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    return cv.emit("linear", [args[0]], {}, {"weight": cv.param(m, "weight"), "bias": cv.param(m, "bias")})
+
+
+def _m_pool(kind: str, nd: int):
+    def handler(cv, args, kwargs, node):
+        m = cv.modules[node.target]
+        extra = {"dilation": m.dilation, "return_indices": m.return_indices} if kind == "max" else {
+            "count_include_pad": m.count_include_pad, "divisor_override": getattr(m, "divisor_override", None)}
+        return _pool(cv, kind, nd, args[0], m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode, **extra)
+    return handler
+
+
+def _m_adaptive(kind: str, nd: int):
+    def handler(cv, args, kwargs, node):
+        m = cv.modules[node.target]
+        if getattr(m, "return_indices", False):
+            raise _Unsupported("return_indices=True")
+        return _adaptive(cv, kind, nd, args[0], m.output_size)
+    return handler
+
+
+def _m_flatten(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    return _flatten(cv, args[0], m.start_dim, m.end_dim)
+
+
+def _flatten(cv, x, start_dim=0, end_dim=-1):
+    rank = len(cv.shape(x))
+    if rank == 0:
+        return _reshape(cv, x, [1])
+    start, end = cv.dim(x, start_dim), cv.dim(x, end_dim)
+    if start >= end:
+        return x
+    return cv.emit("flatten", [x], {"start_dim": start, "end_dim": end})
+
+
+def _m_softmax(op: str):
+    def handler(cv, args, kwargs, node):
+        m = cv.modules[node.target]
+        if m.dim is None:
+            raise _Unsupported("implicit softmax dim (set dim=...)")
+        return cv.emit(op, [args[0]], {"dim": cv.dim(args[0], m.dim)})
+    return handler
+
+
+def _m_hardtanh(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    return _clamp(cv, args[0], m.min_val, m.max_val)
+
+
+def _m_embedding(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    if m.max_norm is not None:
+        raise _Unsupported("Embedding max_norm (it renormalizes weights during the forward pass)")
+    return cv.emit("embedding", [args[0]], {}, {"weight": cv.param(m, "weight")})
+
+
+def _m_dropout(cv, args, kwargs, node):
+    return cv.emit("dropout", [args[0]], {"p": float(cv.modules[node.target].p)})
+
+
+MODULE_HANDLERS: dict[type, Callable] = {
+    nn.Conv1d: _m_conv(1), nn.Conv2d: _m_conv(2),
+    nn.ConvTranspose1d: _m_conv_transpose(1), nn.ConvTranspose2d: _m_conv_transpose(2),
+    nn.BatchNorm1d: _m_batch_norm, nn.BatchNorm2d: _m_batch_norm, nn.Linear: _m_linear,
+    nn.ReLU: _unary("relu"), nn.ReLU6: _unary("relu6"), nn.SiLU: _unary("silu"), nn.Mish: _unary("mish"),
+    nn.Sigmoid: _unary("sigmoid"), nn.Tanh: _unary("tanh"), nn.Hardswish: _unary("hardswish"),
+    nn.Hardsigmoid: _unary("hardsigmoid"),
+    nn.LeakyReLU: _module_unary("leaky_relu", {"negative_slope": "negative_slope"}),
+    nn.ELU: _module_unary("elu", {"alpha": "alpha"}),
+    nn.GELU: _module_unary("gelu", {"approximate": "approximate"}),
+    nn.Hardtanh: _m_hardtanh, nn.Softmax: _m_softmax("softmax"), nn.LogSoftmax: _m_softmax("log_softmax"),
+    nn.MaxPool1d: _m_pool("max", 1), nn.MaxPool2d: _m_pool("max", 2),
+    nn.AvgPool1d: _m_pool("avg", 1), nn.AvgPool2d: _m_pool("avg", 2),
+    nn.AdaptiveAvgPool1d: _m_adaptive("avg", 1), nn.AdaptiveAvgPool2d: _m_adaptive("avg", 2),
+    nn.AdaptiveMaxPool1d: _m_adaptive("max", 1), nn.AdaptiveMaxPool2d: _m_adaptive("max", 2),
+    nn.Flatten: _m_flatten, nn.Dropout: _m_dropout, nn.Dropout1d: _m_dropout, nn.Dropout2d: _m_dropout,
+    nn.Identity: _unary("identity"), nn.Embedding: _m_embedding,
+    nn.LSTM: _rnn_module("lstm"), nn.GRU: _rnn_module("gru"), nn.RNN: _rnn_module("rnn"),
+}
+
+
+# ------------------------------------------------------------------------------------------------ functions
+def _f_conv(nd: int):
+    def handler(cv, args, kwargs, node):
+        get = lambda i, n, d=None: _arg(args, kwargs, i, n, d)  # noqa: E731
+        return _conv(cv, args[0], get(1, "weight"), get(2, "bias"), get(3, "stride", 1), get(4, "padding", 0),
+                     get(5, "dilation", 1), get(6, "groups", 1), nd)
+    return handler
+
+
+def _f_linear(cv, args, kwargs, node):
+    weight, bias = _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if isinstance(weight, Value) or isinstance(bias, Value):
+        if bias is None:  # x @ w.T with a computed weight: a plain matmul
+            return cv.emit("matmul", [args[0], _transpose(cv, weight, -1, -2)])
+        raise _Unsupported("linear with weights computed at run time")
+    return cv.emit("linear", [args[0]], {}, {"weight": weight, "bias": bias})
+
+
+def _f_pool(kind: str, nd: int):
+    def handler(cv, args, kwargs, node):
+        get = lambda i, n, d=None: _arg(args, kwargs, i, n, d)  # noqa: E731
+        if kind == "max":
+            return _pool(cv, kind, nd, args[0], get(1, "kernel_size"), get(2, "stride"), get(3, "padding", 0),
+                         get(4, "dilation", 1), get(5, "ceil_mode", False),
+                         return_indices=get(6, "return_indices", False))
+        return _pool(cv, kind, nd, args[0], get(1, "kernel_size"), get(2, "stride"), get(3, "padding", 0),
+                     ceil_mode=get(4, "ceil_mode", False), count_include_pad=get(5, "count_include_pad", True),
+                     divisor_override=get(6, "divisor_override"))
+    return handler
+
+
+def _f_adaptive(kind: str, nd: int):
+    def handler(cv, args, kwargs, node):
+        if _arg(args, kwargs, 2, "return_indices", False):
+            raise _Unsupported("return_indices=True")
+        return _adaptive(cv, kind, nd, args[0], _arg(args, kwargs, 1, "output_size"))
+    return handler
+
+
+def _f_dropout(cv, args, kwargs, node):
+    return cv.emit("dropout", [args[0]], {"p": float(_arg(args, kwargs, 1, "p", 0.5))})
+
+
+def _f_clamp(cv, args, kwargs, node):
+    return _clamp(cv, args[0], _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max"))
+
+
+def _f_hardtanh(cv, args, kwargs, node):
+    return _clamp(cv, args[0], _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
+
+
+def _f_cat(op: str):
+    def handler(cv, args, kwargs, node):
+        tensors = list(_arg(args, kwargs, 0, "tensors"))
+        dim = _arg(args, kwargs, 1, "dim", 0)
+        if all(_is_const(t) for t in tensors):
+            return (torch.cat if op == "concat" else torch.stack)(tensors, dim)
+        ref = next(t for t in tensors if isinstance(t, Value))
+        rank = len(cv.shape(ref)) + (1 if op == "stack" else 0)
+        return cv.emit(op, tensors, {"dim": dim % rank})
+    return handler
+
+
+def _f_flatten(cv, args, kwargs, node):
+    return _flatten(cv, args[0], _arg(args, kwargs, 1, "start_dim", 0), _arg(args, kwargs, 2, "end_dim", -1))
+
+
+def _f_reshape(cv, args, kwargs, node):
+    return _reshape(cv, args[0], _shape_args(args[1:]) or list(kwargs.get("shape", ())))
+
+
+def _f_permute(cv, args, kwargs, node):
+    return _permute(cv, args[0], _shape_args(args[1:]) or list(kwargs.get("dims", ())))
+
+
+def _f_transpose(cv, args, kwargs, node):
+    return _transpose(cv, args[0], _arg(args, kwargs, 1, "dim0"), _arg(args, kwargs, 2, "dim1"))
+
+
+def _f_t(cv, args, kwargs, node):
+    return _transpose(cv, args[0], 0, 1) if len(cv.shape(args[0])) == 2 else args[0]
+
+
+def _f_chunk(cv, args, kwargs, node):
+    x, chunks, dim = args[0], _arg(args, kwargs, 1, "chunks"), cv.dim(args[0], _arg(args, kwargs, 2, "dim", 0))
+    return _split(cv, x, _split_sizes(cv, x, None, dim, chunks=int(chunks)), dim)
+
+
+def _f_split(cv, args, kwargs, node):
+    x = args[0]
+    size = _arg(args, kwargs, 1, "split_size_or_sections", kwargs.get("split_size"))
+    dim = cv.dim(x, _arg(args, kwargs, 2, "dim", 0))
+    return _split(cv, x, _split_sizes(cv, x, size, dim), dim)
+
+
+def _f_squeeze(cv, args, kwargs, node):
+    x, dim = args[0], _arg(args, kwargs, 1, "dim")
+    shape = list(cv.shape(x))
+    dims = range(len(shape)) if dim is None else [cv.dim(x, d) for d in (dim if isinstance(dim, (tuple, list))
+                                                                          else (dim,))]
+    keep = [s for i, s in enumerate(shape) if not (i in dims and s == 1)]
+    return _reshape(cv, x, keep)
+
+
+def _f_unsqueeze(cv, args, kwargs, node):
+    x, dim = args[0], _arg(args, kwargs, 1, "dim")
+    shape = list(cv.shape(x))
+    shape.insert(dim % (len(shape) + 1), 1)
+    return _reshape(cv, x, shape)
+
+
+def _f_size(cv, args, kwargs, node):
+    shape = torch.Size(cv.shape(args[0]))
+    dim = _arg(args, kwargs, 1, "dim")
+    return shape if dim is None else shape[dim]
+
+
+def _f_getattr(cv, args, kwargs, node):
+    obj, name = args[0], args[1]
+    if isinstance(obj, Value):
+        if name == "shape":
+            return torch.Size(cv.shape(obj))
+        if name == "ndim":
+            return len(cv.shape(obj))
+        if name == "dtype":
+            return getattr(torch, cv.type(obj).dtype)
+        raise _Unsupported(f"tensor attribute .{name}")
+    return getattr(obj, name)
+
+
+def _f_passthrough(cv, args, kwargs, node):
+    return args[0]
+
+
+def _f_to(cv, args, kwargs, node):
+    """``x.to(dtype)`` / ``x.float()``: free when the dtype already matches; otherwise a ``cast``."""
+    x = args[0]
+    target = node.target
+    if target in ("float", "double", "half", "long", "int"):
+        dtype = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32"}[target]
+    else:
+        dtypes = [a for a in list(args[1:]) + list(kwargs.values()) if isinstance(a, torch.dtype)]
+        if not dtypes:
+            return x  # device moves are no-ops for the IR
+        dtype = numpy_dtype(dtypes[0])
+    if not isinstance(x, Value):
+        return x.to(getattr(torch, dtype))
+    return x if cv.type(x).dtype == dtype else cv.emit("cast", [x], {"dtype": dtype})
+
+
+def _f_embedding(cv, args, kwargs, node):
+    weight = _arg(args, kwargs, 1, "weight")
+    if isinstance(weight, Value):
+        raise _Unsupported("embedding with a computed weight")
+    return cv.emit("embedding", [args[0]], {}, {"weight": weight})
+
+
+def _f_pad(cv, args, kwargs, node):
+    mode = _arg(args, kwargs, 2, "mode", "constant")
+    value = _arg(args, kwargs, 3, "value", None)
+    return cv.emit("pad", [args[0]], {"pad": tuple(_arg(args, kwargs, 1, "pad")), "mode": mode,
+                                      "value": float(value or 0.0)})
+
+
+def _f_max(cv, args, kwargs, node):
+    """``torch.max(x, dim)`` returns (values, indices): only the values path is supported."""
+    if len(args) >= 2 and isinstance(args[1], (Value, torch.Tensor)):
+        return cv.emit("maximum", [args[0], args[1]])
+    dim = _arg(args, kwargs, 1, "dim")
+    if dim is None:
+        return cv.emit("amax", [args[0]], {"dim": tuple(range(len(cv.shape(args[0])))), "keepdim": False})
+    raise _Unsupported("max over a dim (returns indices); use amax")
+
+
+def _f_matmul(cv, args, kwargs, node):
+    a, b = args[0], args[1]
+    if isinstance(b, torch.Tensor) and isinstance(a, Value) and b.dim() == 2:
+        return cv.emit("linear", [a], {}, {"weight": b.t().contiguous()})
+    return cv.emit("matmul", [cv.value(a), cv.value(b)])
+
+
+def _f_neg(cv, args, kwargs, node):
+    return -args[0] if _is_const(args[0]) else cv.emit("neg", [args[0]])
+
+
+def _f_const_only(fn: Callable):
+    """Tensor factories (``torch.zeros(...)``): evaluated at import, they become constants."""
+    def handler(cv, args, kwargs, node):
+        if not (_is_const(args) and _is_const(list(kwargs.values()))):
+            raise _Unsupported("used on run-time values")
+        return fn(*args, **kwargs)
+    return handler
+
+
+# ---- ATen forms seen in torch.export graphs (only where they differ from the functional forms) ----
+def _a_batch_norm(cv, args, kwargs, node):
+    x, weight, bias, mean, var = args[:5]
+    training, eps = (args[5], args[7]) if node.target.overloadpacket == aten.batch_norm else (False, args[6])
+    if training:
+        raise _Unsupported("BatchNorm in training mode (call model.eval())")
+    out = cv.emit("batch_norm", [x], {"eps": float(eps)},
+                  {"running_mean": mean, "running_var": var, "weight": weight, "bias": bias})
+    return out if node.target.overloadpacket == aten.batch_norm else (out, None, None)
+
+
+def _a_rnn(kind: str):
+    def handler(cv, args, kwargs, node):
+        x, hx, flat, has_biases, num_layers, _dropout, training, bidirectional, batch_first = args[:9]
+        if training:
+            raise _Unsupported("RNN in training mode (call model.eval())")
+        directions = ("", "_reverse")[: 2 if bidirectional else 1]
+        names = [f"{w}_l{layer}{d}" for layer in range(num_layers) for d in directions
+                 for w in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_biases else ())]
+        attrs = {"hidden_size": int(flat[1].shape[1]), "num_layers": num_layers, "bidirectional": bidirectional,
+                 "batch_first": batch_first, "bias": has_biases}
+        if kind != "lstm":
+            attrs["nonlinearity"] = "tanh" if kind == "rnn_tanh" else "relu"
+        out = _emit_rnn(cv, "lstm" if kind == "lstm" else ("gru" if kind == "gru" else "rnn"), x,
+                        list(hx) if kind == "lstm" else hx, attrs, dict(zip(names, flat)))
+        return (out[0], *out[1]) if kind == "lstm" else out
+    return handler
+
+
+def _a_slice(cv, args, kwargs, node):
+    x, dim = args[0], _arg(args, kwargs, 1, "dim", 0)
+    start, end, step = _arg(args, kwargs, 2, "start"), _arg(args, kwargs, 3, "end"), _arg(args, kwargs, 4, "step", 1)
+    index = [slice(None)] * cv.dim(x, dim) + [slice(start, end, step)]
+    return _index_tensor(cv, x, tuple(index))
+
+
+def _a_select(cv, args, kwargs, node):
+    x, dim, index = args[0], args[1], args[2]
+    return _index_tensor(cv, x, tuple([slice(None)] * cv.dim(x, dim) + [index]))
+
+
+FUNCTION_HANDLERS: dict[Any, Callable] = {}
+
+
+def _register(handler: Callable, *targets: Any) -> None:
+    for target in targets:
+        FUNCTION_HANDLERS[target] = handler
+
+
+_register(_f_conv(1), F.conv1d, torch.conv1d, aten.conv1d)
+_register(_f_conv(2), F.conv2d, torch.conv2d, aten.conv2d)
+_register(_f_linear, F.linear, aten.linear)
+for _kind in ("max", "avg"):
+    for _nd in (1, 2):
+        _register(_f_pool(_kind, _nd), getattr(F, f"{_kind}_pool{_nd}d"), getattr(aten, f"{_kind}_pool{_nd}d"))
+        _register(_f_adaptive(_kind, _nd), getattr(F, f"adaptive_{_kind}_pool{_nd}d"),
+                  getattr(aten, f"adaptive_{_kind}_pool{_nd}d"))
+_register(_binary("add", operator.add), operator.add, torch.add, aten.add)
+_register(_binary("sub", operator.sub), operator.sub, torch.sub, aten.sub)
+_register(_binary("mul", operator.mul), operator.mul, torch.mul, aten.mul)
+_register(_binary("div", operator.truediv), operator.truediv, torch.div, aten.div)
+_register(_f_matmul, operator.matmul, torch.matmul, aten.matmul, torch.mm, aten.mm, torch.bmm, aten.bmm)
+_register(_unary("relu"), F.relu, torch.relu, aten.relu)
+_register(_unary("relu6"), F.relu6, aten.relu6)
+_register(_unary("silu"), F.silu, aten.silu)
+_register(_unary("mish"), F.mish, aten.mish)
+_register(_unary("sigmoid"), torch.sigmoid, F.sigmoid, aten.sigmoid)
+_register(_unary("tanh"), torch.tanh, F.tanh, aten.tanh)
+_register(_unary("hardswish"), F.hardswish, aten.hardswish)
+_register(_unary("hardsigmoid"), F.hardsigmoid, aten.hardsigmoid)
+_register(_unary("exp"), torch.exp, aten.exp)
+_register(_unary("sqrt"), torch.sqrt, aten.sqrt)
+_register(_unary_attrs("leaky_relu", [("negative_slope", 0.01)]), F.leaky_relu, aten.leaky_relu)
+_register(_unary_attrs("elu", [("alpha", 1.0)]), F.elu, aten.elu)
+_register(_unary_attrs("gelu", [("approximate", "none")]), F.gelu, aten.gelu)
+_register(_softmax("softmax"), F.softmax, torch.softmax, aten.softmax, aten._softmax)
+_register(_softmax("log_softmax"), F.log_softmax, torch.log_softmax, aten.log_softmax, aten._log_softmax)
+_register(_f_hardtanh, F.hardtanh, aten.hardtanh)
+_register(_f_clamp, torch.clamp, torch.clip, aten.clamp, aten.clip)
+_register(_f_dropout, F.dropout, torch.dropout, aten.dropout)
+_register(_f_cat("concat"), torch.cat, torch.concat, aten.cat, aten.concat)
+_register(_f_cat("stack"), torch.stack, aten.stack)
+_register(_f_flatten, torch.flatten, aten.flatten)
+_register(_f_reshape, torch.reshape, aten.reshape, aten.view, aten._unsafe_view)
+_register(_f_permute, torch.permute, aten.permute)
+_register(_f_transpose, torch.transpose, aten.transpose, torch.swapaxes)
+_register(_f_t, torch.t, aten.t)
+_register(_f_chunk, torch.chunk, aten.chunk)
+_register(_f_split, torch.split, aten.split, aten.split_with_sizes)
+_register(_f_squeeze, torch.squeeze, aten.squeeze)
+_register(_f_unsqueeze, torch.unsqueeze, aten.unsqueeze)
+_register(_reduce("mean"), torch.mean, aten.mean)
+_register(_reduce("sum"), torch.sum, aten.sum)
+_register(_reduce("amax"), torch.amax, aten.amax)
+_register(_f_max, torch.max, torch.maximum, aten.maximum)
+_register(_getitem, operator.getitem)
+_register(_f_getattr, getattr)
+_register(_f_embedding, F.embedding, aten.embedding)
+_register(_f_pad, F.pad, aten.pad)
+_register(_f_neg, operator.neg, torch.neg, aten.neg)
+_register(_f_passthrough, aten.contiguous, aten.clone, aten.alias, aten.lift_fresh_copy, aten.detach)
+_register(_f_to, aten.to, aten._to_copy)
+_register(_a_batch_norm, aten.batch_norm, aten._native_batch_norm_legit_no_training)
+_register(_a_rnn("lstm"), aten.lstm)
+_register(_a_rnn("gru"), aten.gru)
+_register(_a_rnn("rnn_tanh"), aten.rnn_tanh)
+_register(_a_rnn("rnn_relu"), aten.rnn_relu)
+_register(_a_slice, aten.slice)
+_register(_a_select, aten.select)
+_register(_f_const_only(torch.zeros), torch.zeros, aten.zeros)
+for _op in (operator.floordiv, operator.mod, operator.pow, operator.eq, operator.ne, operator.lt, operator.le,
+            operator.gt, operator.ge, operator.and_, operator.or_, math.ceil, math.floor, int, float, len):
+    _register(_f_const_only(_op), _op)
+_register(_f_const_only(torch.ones), torch.ones, aten.ones)
+_register(_f_const_only(torch.arange), torch.arange, aten.arange)
+_register(_f_const_only(torch.tensor), torch.tensor)
+_register(_f_const_only(torch.full), torch.full, aten.full)
+
+
+def _method(fn: Callable) -> Callable:
+    return fn
+
+
+METHOD_HANDLERS: dict[str, Callable] = {
+    "view": _f_reshape, "reshape": _f_reshape, "permute": _f_permute, "transpose": _f_transpose, "t": _f_t,
+    "contiguous": _f_passthrough, "clone": _f_passthrough, "detach": _f_passthrough, "chunk": _f_chunk,
+    "split": _f_split, "flatten": _f_flatten, "mean": _reduce("mean"), "sum": _reduce("sum"),
+    "amax": _reduce("amax"), "size": _f_size, "relu": _unary("relu"), "sigmoid": _unary("sigmoid"),
+    "tanh": _unary("tanh"), "exp": _unary("exp"), "sqrt": _unary("sqrt"), "softmax": _softmax("softmax"),
+    "log_softmax": _softmax("log_softmax"), "clamp": _f_clamp, "clip": _f_clamp, "squeeze": _f_squeeze,
+    "unsqueeze": _f_unsqueeze, "add": _binary("add", operator.add), "sub": _binary("sub", operator.sub),
+    "mul": _binary("mul", operator.mul), "div": _binary("div", operator.truediv), "matmul": _f_matmul,
+    "neg": _f_neg, "to": _f_to, "float": _f_to, "type_as": _f_passthrough,
+    "dim": lambda cv, args, kwargs, node: len(cv.shape(args[0])),
+    "numel": lambda cv, args, kwargs, node: int(np.prod(cv.shape(args[0]))),
+}
+
+
+# ------------------------------------------------------------------------------------------------ entry point
+def from_torch(model: nn.Module, example_inputs: Sequence[torch.Tensor], name: str | None = None) -> Graph:
+    """Import ``model`` (put in eval mode) as a verified IR graph with static shapes from ``example_inputs``.
+
+    Example::
+
+        graph = from_torch(torchvision_like_model, (torch.randn(1, 3, 224, 224),))
+
+    Raises ``UnsupportedModelError`` listing every unsupported construct with its module path, or
+    ``FrontendError`` for anything else that cannot be imported.
+    """
+    if not isinstance(model, nn.Module):
+        raise FrontendError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not example_inputs:
+        raise FrontendError(f"{type(model).__name__}: example_inputs are required to fix input shapes and dtypes")
+    example_inputs = tuple(example_inputs)
+    model = model.eval()
+    gm, mode = _trace(model, example_inputs)
+    converter = _Converter(gm, name or type(model).__name__, mode)
+    graph = converter.run(example_inputs)
+    log.debug("imported %s via %s: %d nodes", graph.name, mode, graph.number_of_nodes())
+    return graph

@@ -1,0 +1,425 @@
+"""The op table: every IR op defined once, with its schema, type inference, reference semantics and cost.
+
+An ``OpDef`` gives
+- ``arity``: (min, max) operand count (``max=None`` for variadic ops such as ``concat``);
+- ``attrs``: name -> default (``REQUIRED`` if none); values are normalized (lists become tuples) and type-checked
+  against the default's type;
+- ``params`` / ``optional_params``: names of the tensors the node owns (``weight``, ``bias``...);
+- ``reference(xs, attrs, params)``: the op's meaning in torch (``torch.nn.functional`` wherever it exists), used
+  by the reference interpreter and, on the ``meta`` device, for shape/dtype inference, so semantics and types
+  can never disagree;
+- ``flops(in_types, out_types, attrs, params)``: arithmetic work, counting a multiply-add as 2 FLOPs.
+
+Backends must provide a lowering for every op here; ``tests/backends`` fails when one is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from passes.ir.graph import IRError, TensorType
+
+REQUIRED = object()
+
+Reference = Callable[[list[torch.Tensor], dict, dict], Any]
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_normalize(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_normalize(v) for v in value)
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    return value
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if default is REQUIRED or default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, tuple):
+        return isinstance(value, tuple)
+    return True
+
+
+def _numel(t: TensorType) -> int:
+    return t.numel
+
+
+def _elementwise_flops(in_types, out_types, attrs, params) -> int:
+    return sum(_numel(t) for t in out_types)
+
+
+def _no_flops(in_types, out_types, attrs, params) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    reference: Reference
+    arity: tuple[int, int | None] = (1, 1)
+    attrs: Mapping[str, Any] = field(default_factory=dict)
+    params: tuple[str, ...] = ()
+    optional_params: tuple[str, ...] = ()
+    outputs: int | Callable[[dict], int] = 1
+    flops: Callable = _elementwise_flops
+    doc: str = ""
+
+    def num_outputs(self, attrs: Mapping[str, Any]) -> int:
+        return self.outputs(attrs) if callable(self.outputs) else self.outputs
+
+    def allows_params(self) -> tuple[str, ...]:
+        return self.params + self.optional_params
+
+    def attr_problems(self, attrs: Mapping[str, Any]) -> list[str]:
+        problems = []
+        for key in attrs:
+            if key not in self.attrs:
+                problems.append(f"unknown attribute {key!r} (known: {', '.join(self.attrs) or 'none'})")
+        for key, default in self.attrs.items():
+            if key not in attrs:
+                problems.append(f"missing attribute {key!r}")
+            elif not _type_ok(attrs[key], default):
+                problems.append(f"attribute {key!r}={attrs[key]!r} should be a {type(default).__name__}")
+        return problems
+
+    def check_attrs(self, attrs: Mapping[str, Any], where: str) -> dict:
+        """Fill defaults, normalize lists to tuples, and refuse unknown, missing or mistyped attributes."""
+        full = {k: _normalize(v) for k, v in attrs.items()}
+        for key, default in self.attrs.items():
+            if key not in full and default is not REQUIRED:
+                full[key] = default
+        problems = self.attr_problems(full)
+        if problems:
+            raise IRError(f"{where}: " + "; ".join(problems))
+        return full
+
+    def param_problems(self, params: Mapping[str, Any]) -> list[str]:
+        problems = [f"missing param {p!r}" for p in self.params if p not in params]
+        problems += [f"unknown param {p!r} (allowed: {', '.join(self.allows_params()) or 'none'})"
+                     for p in params if p not in self.allows_params()]
+        return problems
+
+    def check_params(self, params: Mapping[str, Any], where: str) -> None:
+        problems = self.param_problems(params)
+        if problems:
+            raise IRError(f"{where}: " + "; ".join(problems))
+
+    def arity_ok(self, count: int) -> bool:
+        lo, hi = self.arity
+        return count >= lo and (hi is None or count <= hi)
+
+    def infer(self, in_types: list[TensorType], attrs: dict, params: Mapping[str, Any], where: str
+              ) -> list[TensorType]:
+        """Output types, computed by running the reference on the ``meta`` device (no data, no FLOPs)."""
+        if not self.arity_ok(len(in_types)):
+            raise IRError(f"{where}: takes {self.arity} operands, got {len(in_types)}")
+        xs = [torch.empty(t.shape, dtype=torch_dtype(t.dtype), device="meta") for t in in_types]
+        ps = {k: torch.empty(np.shape(v), dtype=torch_dtype(np.asarray(v).dtype.name), device="meta")
+              for k, v in params.items()}
+        try:
+            out = self.reference(xs, attrs, ps)
+        except Exception as exc:  # the op itself refuses these operand types: report it on the node
+            shapes = ", ".join(str(t) for t in in_types)
+            raise IRError(f"{where}: cannot apply to operands ({shapes}): {exc}") from None
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return [TensorType(tuple(o.shape), numpy_dtype(o.dtype)) for o in outs]
+
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,
+                 "uint8": torch.uint8, "bool": torch.bool}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _TORCH_DTYPES[name]
+    except KeyError:
+        raise IRError(f"unsupported dtype {name!r} (supported: {', '.join(_TORCH_DTYPES)})") from None
+
+
+def numpy_dtype(dtype: torch.dtype) -> str:
+    for name, td in _TORCH_DTYPES.items():
+        if td == dtype:
+            return name
+    raise IRError(f"unsupported torch dtype {dtype}")
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register_op(opdef: OpDef) -> OpDef:
+    if opdef.name in OPS:
+        raise IRError(f"op {opdef.name!r} is defined twice")
+    OPS[opdef.name] = opdef
+    return opdef
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise IRError(f"unknown op {name!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------- cost helpers
+def _conv_flops(in_types, out_types, attrs, params) -> int:
+    w = np.shape(params["weight"])  # (Cout, Cin/groups, *kernel)
+    macs = out_types[0].numel * int(np.prod(w[1:]))
+    return 2 * macs + (out_types[0].numel if "bias" in params else 0)
+
+
+def _conv_transpose_flops(in_types, out_types, attrs, params) -> int:
+    w = np.shape(params["weight"])  # (Cin, Cout/groups, *kernel)
+    return 2 * in_types[0].numel * int(np.prod(w[1:]))
+
+
+def _linear_flops(in_types, out_types, attrs, params) -> int:
+    in_features = np.shape(params["weight"])[1]
+    return 2 * out_types[0].numel * in_features + (out_types[0].numel if "bias" in params else 0)
+
+
+def _matmul_flops(in_types, out_types, attrs, params) -> int:
+    return 2 * out_types[0].numel * in_types[0].shape[-1]
+
+
+def _pool_flops(in_types, out_types, attrs, params) -> int:
+    return out_types[0].numel * int(np.prod(attrs["kernel_size"]))
+
+
+def _reduce_all_flops(in_types, out_types, attrs, params) -> int:
+    return in_types[0].numel
+
+
+def _rnn_flops(gates: int):
+    def flops(in_types, out_types, attrs, params) -> int:
+        total = 0
+        seq = in_types[0].shape[1 if attrs["batch_first"] else 0]
+        batch = in_types[0].shape[0 if attrs["batch_first"] else 1]
+        for name, w in params.items():
+            if name.startswith("weight_"):
+                rows, cols = np.shape(w)
+                total += 2 * seq * batch * rows * cols
+        hidden = attrs["hidden_size"] * (2 if attrs["bidirectional"] else 1)
+        return total + seq * batch * hidden * attrs["num_layers"] * gates * 3
+    return flops
+
+
+# ---------------------------------------------------------------------------------------------- definitions
+def _unary(name: str, fn: Callable, attrs: Mapping[str, Any] | None = None, doc: str = "") -> None:
+    register_op(OpDef(name, lambda xs, a, p: fn(xs[0], **a), attrs=attrs or {}, doc=doc))
+
+
+register_op(OpDef("input", lambda xs, a, p: None, arity=(0, 0), flops=_no_flops,
+                  doc="A graph input; its type is its node's out_types[0]."))
+register_op(OpDef("constant", lambda xs, a, p: p["value"], arity=(0, 0), params=("value",), flops=_no_flops,
+                  doc="A constant tensor held in params['value']."))
+
+_CONV_ATTRS = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": 1}
+for _nd, _conv in ((1, F.conv1d), (2, F.conv2d)):
+    register_op(OpDef(
+        f"conv{_nd}d",
+        (lambda conv: lambda xs, a, p: conv(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"],
+                                             a["dilation"], a["groups"]))(_conv),
+        attrs={k: ((1,) * _nd if v is REQUIRED and k != "padding" else v) for k, v in _CONV_ATTRS.items()}
+        | {"padding": (0,) * _nd},
+        params=("weight",), optional_params=("bias",), flops=_conv_flops,
+        doc="Cross-correlation; padding is symmetric zeros per spatial dim (other modes become a `pad` op)."))
+
+for _nd, _convt in ((1, F.conv_transpose1d), (2, F.conv_transpose2d)):
+    register_op(OpDef(
+        f"conv_transpose{_nd}d",
+        (lambda convt: lambda xs, a, p: convt(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"],
+                                               a["output_padding"], a["groups"], a["dilation"]))(_convt),
+        attrs={"stride": (1,) * _nd, "padding": (0,) * _nd, "output_padding": (0,) * _nd, "groups": 1,
+               "dilation": (1,) * _nd},
+        params=("weight",), optional_params=("bias",), flops=_conv_transpose_flops))
+
+register_op(OpDef(
+    "batch_norm",
+    lambda xs, a, p: F.batch_norm(xs[0], p["running_mean"], p["running_var"], p.get("weight"), p.get("bias"),
+                                  False, 0.0, a["eps"]),
+    attrs={"eps": 1e-5}, params=("running_mean", "running_var"), optional_params=("weight", "bias"),
+    flops=lambda i, o, a, p: 2 * o[0].numel,
+    doc="Inference batch norm: y = (x - mean) / sqrt(var + eps) * weight + bias, channels on dim 1."))
+register_op(OpDef("linear", lambda xs, a, p: F.linear(xs[0], p["weight"], p.get("bias")),
+                  params=("weight",), optional_params=("bias",), flops=_linear_flops))
+register_op(OpDef("matmul", lambda xs, a, p: torch.matmul(xs[0], xs[1]), arity=(2, 2), flops=_matmul_flops))
+register_op(OpDef("embedding", lambda xs, a, p: F.embedding(xs[0], p["weight"]), params=("weight",),
+                  flops=_no_flops))
+
+for _name, _fn in (("add", torch.add), ("sub", torch.sub), ("mul", torch.mul), ("div", torch.div),
+                   ("maximum", torch.maximum), ("minimum", torch.minimum)):
+    register_op(OpDef(_name, (lambda fn: lambda xs, a, p: fn(xs[0], xs[1]))(_fn), arity=(2, 2),
+                      doc="Elementwise with numpy broadcasting."))
+
+_unary("relu", lambda x: F.relu(x))
+_unary("relu6", lambda x: F.relu6(x))
+_unary("leaky_relu", lambda x, negative_slope: F.leaky_relu(x, negative_slope), {"negative_slope": 0.01})
+_unary("elu", lambda x, alpha: F.elu(x, alpha), {"alpha": 1.0})
+_unary("gelu", lambda x, approximate: F.gelu(x, approximate=approximate), {"approximate": "none"})
+_unary("silu", lambda x: F.silu(x))
+_unary("mish", lambda x: F.mish(x))
+_unary("sigmoid", lambda x: torch.sigmoid(x))
+_unary("tanh", lambda x: torch.tanh(x))
+_unary("hardswish", lambda x: F.hardswish(x))
+_unary("hardsigmoid", lambda x: F.hardsigmoid(x))
+_unary("exp", lambda x: torch.exp(x))
+_unary("sqrt", lambda x: torch.sqrt(x))
+_unary("neg", lambda x: torch.neg(x))
+_unary("clamp", lambda x, min, max: torch.clamp(x, min, max), {"min": None, "max": None},
+       doc="Clamp to [min, max]; None leaves that side open (hardtanh is clamp).")
+_unary("softmax", lambda x, dim: F.softmax(x, dim), {"dim": REQUIRED})
+_unary("log_softmax", lambda x, dim: F.log_softmax(x, dim), {"dim": REQUIRED})
+_unary("dropout", lambda x, p: x, {"p": 0.5}, doc="Inference dropout: the identity.")
+_unary("identity", lambda x: x)
+_unary("cast", lambda x, dtype: x.to(torch_dtype(dtype)), {"dtype": REQUIRED})
+
+for _nd in (1, 2):
+    _max = getattr(F, f"max_pool{_nd}d")
+    _avg = getattr(F, f"avg_pool{_nd}d")
+    register_op(OpDef(
+        f"max_pool{_nd}d",
+        (lambda mp: lambda xs, a, p: mp(xs[0], a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                                        a["ceil_mode"]))(_max),
+        attrs={"kernel_size": REQUIRED, "stride": REQUIRED, "padding": (0,) * _nd, "dilation": (1,) * _nd,
+               "ceil_mode": False}, flops=_pool_flops))
+    register_op(OpDef(
+        f"avg_pool{_nd}d",
+        (lambda ap: lambda xs, a, p: ap(xs[0], a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                                        a["count_include_pad"]))(_avg),
+        attrs={"kernel_size": REQUIRED, "stride": REQUIRED, "padding": (0,) * _nd, "ceil_mode": False,
+               "count_include_pad": True}, flops=_pool_flops))
+    for _kind in ("avg", "max"):
+        _adaptive = getattr(F, f"adaptive_{_kind}_pool{_nd}d")
+        register_op(OpDef(
+            f"adaptive_{_kind}_pool{_nd}d",
+            (lambda ad: lambda xs, a, p: ad(xs[0], a["output_size"]))(_adaptive),
+            attrs={"output_size": REQUIRED}, flops=_reduce_all_flops))
+
+
+def _split(xs, a, p):
+    return tuple(torch.split(xs[0], list(a["split_sizes"]), a["dim"]))
+
+
+def _rnn_weights(p: dict, attrs: dict) -> list[torch.Tensor]:
+    weights = []
+    for layer in range(attrs["num_layers"]):
+        for suffix in ("", "_reverse")[: 2 if attrs["bidirectional"] else 1]:
+            names = [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
+            if attrs["bias"]:
+                names += [f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"]
+            weights += [p[n] for n in names]
+    return weights
+
+
+def _initial_state(xs: list[torch.Tensor], slot: int, attrs: dict) -> torch.Tensor:
+    if len(xs) > slot:
+        return xs[slot]
+    x = xs[0]
+    batch = x.shape[0 if attrs["batch_first"] else 1]
+    layers = attrs["num_layers"] * (2 if attrs["bidirectional"] else 1)
+    return torch.zeros(layers, batch, attrs["hidden_size"], dtype=x.dtype, device=x.device)
+
+
+def _lstm(xs, a, p):
+    h0, c0 = _initial_state(xs, 1, a), _initial_state(xs, 2, a)
+    out, h, c = torch.lstm(xs[0], (h0, c0), _rnn_weights(p, a), a["bias"], a["num_layers"], 0.0, False,
+                           a["bidirectional"], a["batch_first"])
+    return out, h, c
+
+
+def _gru(xs, a, p):
+    out, h = torch.gru(xs[0], _initial_state(xs, 1, a), _rnn_weights(p, a), a["bias"], a["num_layers"], 0.0,
+                       False, a["bidirectional"], a["batch_first"])
+    return out, h
+
+
+def _rnn(xs, a, p):
+    fn = torch.rnn_tanh if a["nonlinearity"] == "tanh" else torch.rnn_relu
+    out, h = fn(xs[0], _initial_state(xs, 1, a), _rnn_weights(p, a), a["bias"], a["num_layers"], 0.0, False,
+                a["bidirectional"], a["batch_first"])
+    return out, h
+
+
+def rnn_param_names(attrs: Mapping[str, Any], max_layers: int = 64) -> tuple[str, ...]:
+    names = []
+    for layer in range(max_layers):
+        for suffix in ("", "_reverse"):
+            names += [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}",
+                      f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"]
+    return tuple(names)
+
+
+_RNN_ATTRS = {"hidden_size": REQUIRED, "num_layers": 1, "bidirectional": False, "batch_first": False,
+              "bias": True}
+_RNN_PARAMS = rnn_param_names({})
+register_op(OpDef("lstm", _lstm, arity=(1, 3), attrs=_RNN_ATTRS, optional_params=_RNN_PARAMS, outputs=3,
+                  flops=_rnn_flops(4),
+                  doc="torch.nn.LSTM semantics (gates i, f, g, o); operands x[, h0, c0]; outputs (y, h_n, c_n)."))
+register_op(OpDef("gru", _gru, arity=(1, 2), attrs=_RNN_ATTRS, optional_params=_RNN_PARAMS, outputs=2,
+                  flops=_rnn_flops(3),
+                  doc="torch.nn.GRU semantics (gates r, z, n); operands x[, h0]; outputs (y, h_n)."))
+register_op(OpDef("rnn", _rnn, arity=(1, 2), attrs=_RNN_ATTRS | {"nonlinearity": "tanh"},
+                  optional_params=_RNN_PARAMS, outputs=2, flops=_rnn_flops(1),
+                  doc="torch.nn.RNN (Elman) semantics; operands x[, h0]; outputs (y, h_n)."))
+
+register_op(OpDef("concat", lambda xs, a, p: torch.cat(xs, a["dim"]), arity=(1, None), attrs={"dim": REQUIRED},
+                  flops=_no_flops))
+register_op(OpDef("stack", lambda xs, a, p: torch.stack(xs, a["dim"]), arity=(1, None),
+                  attrs={"dim": REQUIRED}, flops=_no_flops))
+register_op(OpDef("split", _split, attrs={"split_sizes": REQUIRED, "dim": REQUIRED},
+                  outputs=lambda a: len(a["split_sizes"]), flops=_no_flops))
+register_op(OpDef("reshape", lambda xs, a, p: torch.reshape(xs[0], a["shape"]), attrs={"shape": REQUIRED},
+                  flops=_no_flops))
+register_op(OpDef("flatten", lambda xs, a, p: torch.flatten(xs[0], a["start_dim"], a["end_dim"]),
+                  attrs={"start_dim": 1, "end_dim": -1}, flops=_no_flops))
+register_op(OpDef("permute", lambda xs, a, p: xs[0].permute(a["dims"]), attrs={"dims": REQUIRED},
+                  flops=_no_flops))
+register_op(OpDef("slice", lambda xs, a, p: xs[0][(slice(None),) * a["dim"] + (slice(a["start"], a["end"],
+                                                                                         a["step"]),)],
+                  attrs={"dim": REQUIRED, "start": 0, "end": REQUIRED, "step": 1}, flops=_no_flops,
+                  doc="x[..., start:end:step, ...] along non-negative dim; start/end already clipped."))
+register_op(OpDef("select", lambda xs, a, p: xs[0].select(a["dim"], a["index"]),
+                  attrs={"dim": REQUIRED, "index": REQUIRED}, flops=_no_flops,
+                  doc="x.select(dim, index): drops dim; index non-negative."))
+register_op(OpDef("pad", lambda xs, a, p: F.pad(xs[0], a["pad"], a["mode"], a["value"] if a["mode"] == "constant"
+                                                 else None),
+                  attrs={"pad": REQUIRED, "mode": "constant", "value": 0.0}, flops=_no_flops,
+                  doc="torch.nn.functional.pad: pad lists (left, right) pairs starting from the last dim."))
+for _name, _fn in (("mean", torch.mean), ("sum", torch.sum), ("amax", torch.amax)):
+    register_op(OpDef(_name, (lambda fn: lambda xs, a, p: fn(xs[0], a["dim"], keepdim=a["keepdim"]))(_fn),
+                      attrs={"dim": REQUIRED, "keepdim": False}, flops=_reduce_all_flops,
+                      doc="Reduction over the (non-negative) dims in `dim`."))
+
+
+def op_names() -> list[str]:
+    return sorted(OPS)
+
+
+def describe_attrs(attrs: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(attrs.items()))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else repr(v)
+    return repr(v)
