@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,22 +51,46 @@ LEAF_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 
+def _wrap_leaf_root(model: nn.Module, arity: int) -> nn.Module:
+    """A root that is itself a leaf layer (a bare ``nn.LSTM``) is wrapped so tracing keeps it as one call.
+
+    The wrapper's ``forward`` has exactly ``arity`` positional parameters, as symbolic tracing needs.
+    """
+    args = ", ".join(f"x{i}" for i in range(arity))
+    namespace: dict[str, Any] = {}
+    exec(f"def forward(self, {args}):\n    return self.{_root_name(model)}({args})\n", namespace)  # noqa: S102
+    wrapper_cls = type(type(model).__name__, (nn.Module,), {"forward": namespace["forward"]})
+    wrapper = wrapper_cls()
+    setattr(wrapper, _root_name(model), model)
+    return wrapper
+
+
+def _root_name(model: nn.Module) -> str:
+    return type(model).__name__.lower()
+
+
 class _LeafTracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
 
 
-def _trace(model: nn.Module, example_inputs: tuple) -> tuple[torch.fx.GraphModule, str]:
-    """FX graph of ``model``: symbolic tracing first, torch.export when tracing meets control flow."""
+def trace_model(model: nn.Module, example_inputs: tuple) -> tuple[torch.fx.GraphModule, str, Any]:
+    """FX graph of ``model``: symbolic tracing first, torch.export when tracing meets control flow.
+
+    Returns the graph module, how it was made, and (for torch.export) the pytree spec of the outputs, since an
+    exported graph returns a flat list and only its Python wrapper rebuilds the model's output structure.
+    """
     try:
         tracer = _LeafTracer()
         graph = tracer.trace(model)
-        return torch.fx.GraphModule(tracer.root, graph), "symbolic_trace"
+        return torch.fx.GraphModule(tracer.root, graph), "symbolic_trace", None
     except Exception as trace_exc:  # TraceError, or user code that probes proxies: try export
         log.debug("symbolic tracing failed (%s); falling back to torch.export", trace_exc)
         try:
-            exported = torch.export.export(model, example_inputs, strict=False)
-            return exported.module(), "torch.export"
+            with warnings.catch_warnings():  # export warns about RNN flat-weight attributes; harmless here
+                warnings.simplefilter("ignore", UserWarning)
+                exported = torch.export.export(model, example_inputs, strict=False)
+            return exported.module(), "torch.export", exported.call_spec.out_spec
         except Exception as export_exc:
             raise FrontendError(
                 f"{type(model).__name__}: cannot trace the model. torch.fx symbolic tracing failed with "
@@ -94,9 +119,10 @@ def _arg(args: Sequence, kwargs: dict, index: int, name: str, default: Any = Non
 class _Converter:
     """Walks an FX graph, emitting IR; one instance per conversion (all state is per run)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, name: str, mode: str):
+    def __init__(self, gm: torch.fx.GraphModule, name: str, mode: str, out_spec: Any = None):
         self.gm = gm
         self.mode = mode
+        self.out_spec = out_spec
         self.modules = dict(gm.named_modules())
         self.graph = Graph(name=name)
         self.env: dict[torch.fx.Node, Any] = {}
@@ -120,7 +146,8 @@ class _Converter:
 
     def emit(self, op: str, operands: Sequence[Any], attrs: dict | None = None, params: dict | None = None):
         values = [self.value(x) for x in operands]
-        params = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+        # Copies, not views: later changes to the torch model must not leak into the IR (and vice versa).
+        params = {k: (v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else np.array(v))
                   for k, v in (params or {}).items() if v is not None}
         return self.graph.add_op(op, values, attrs=attrs or {}, params=params, origin=self.origin())
 
@@ -129,7 +156,7 @@ class _Converter:
         if isinstance(x, Value):
             return x
         if isinstance(x, torch.Tensor):
-            array = x.detach().cpu().numpy()
+            array = x.detach().cpu().numpy().copy()
         elif isinstance(x, (bool, int, float)):
             dtype = self.type(like).dtype if like is not None else "float32"
             array = np.asarray(x, dtype=dtype)
@@ -218,6 +245,8 @@ class _Converter:
         result = torch.fx.node.map_arg(node.args[0], self.env.__getitem__)
         if _contains_unknown(result):
             return
+        if self.out_spec is not None:
+            result = torch.utils._pytree.tree_unflatten(list(result), self.out_spec)
         if isinstance(result, dict):
             self.unsupported.append("dict outputs (return a tensor or a tuple of tensors)")
             return
@@ -491,7 +520,7 @@ def _rnn_module(kind: str):
                  "bidirectional": module.bidirectional, "batch_first": module.batch_first, "bias": module.bias}
         if kind == "rnn":
             attrs["nonlinearity"] = module.nonlinearity
-        params = {name: p.detach() for name, p in module.named_parameters()}
+        params = {name: p.detach() for name, p in module.named_parameters()}  # copied by emit
         return _emit_rnn(cv, kind, x, hx, attrs, params)
     return handler
 
@@ -836,7 +865,7 @@ def _a_rnn(kind: str):
                  for w in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_biases else ())]
         attrs = {"hidden_size": int(flat[1].shape[1]), "num_layers": num_layers, "bidirectional": bidirectional,
                  "batch_first": batch_first, "bias": has_biases}
-        if kind != "lstm":
+        if kind.startswith("rnn_"):
             attrs["nonlinearity"] = "tanh" if kind == "rnn_tanh" else "relu"
         out = _emit_rnn(cv, "lstm" if kind == "lstm" else ("gru" if kind == "gru" else "rnn"), x,
                         list(hx) if kind == "lstm" else hx, attrs, dict(zip(names, flat)))
@@ -887,6 +916,7 @@ _register(_unary("hardswish"), F.hardswish, aten.hardswish)
 _register(_unary("hardsigmoid"), F.hardsigmoid, aten.hardsigmoid)
 _register(_unary("exp"), torch.exp, aten.exp)
 _register(_unary("sqrt"), torch.sqrt, aten.sqrt)
+_register(_unary("abs"), torch.abs, aten.abs)
 _register(_unary_attrs("leaky_relu", [("negative_slope", 0.01)]), F.leaky_relu, aten.leaky_relu)
 _register(_unary_attrs("elu", [("alpha", 1.0)]), F.elu, aten.elu)
 _register(_unary_attrs("gelu", [("approximate", "none")]), F.gelu, aten.gelu)
@@ -943,7 +973,7 @@ METHOD_HANDLERS: dict[str, Callable] = {
     "contiguous": _f_passthrough, "clone": _f_passthrough, "detach": _f_passthrough, "chunk": _f_chunk,
     "split": _f_split, "flatten": _f_flatten, "mean": _reduce("mean"), "sum": _reduce("sum"),
     "amax": _reduce("amax"), "size": _f_size, "relu": _unary("relu"), "sigmoid": _unary("sigmoid"),
-    "tanh": _unary("tanh"), "exp": _unary("exp"), "sqrt": _unary("sqrt"), "softmax": _softmax("softmax"),
+    "tanh": _unary("tanh"), "exp": _unary("exp"), "sqrt": _unary("sqrt"), "abs": _unary("abs"), "softmax": _softmax("softmax"),
     "log_softmax": _softmax("log_softmax"), "clamp": _f_clamp, "clip": _f_clamp, "squeeze": _f_squeeze,
     "unsqueeze": _f_unsqueeze, "add": _binary("add", operator.add), "sub": _binary("sub", operator.sub),
     "mul": _binary("mul", operator.mul), "div": _binary("div", operator.truediv), "matmul": _f_matmul,
@@ -972,8 +1002,10 @@ def from_torch(model: nn.Module, example_inputs: Sequence[torch.Tensor], name: s
         raise FrontendError(f"{type(model).__name__}: example_inputs are required to fix input shapes and dtypes")
     example_inputs = tuple(example_inputs)
     model = model.eval()
-    gm, mode = _trace(model, example_inputs)
-    converter = _Converter(gm, name or type(model).__name__, mode)
+    if isinstance(model, LEAF_MODULES):
+        model = _wrap_leaf_root(model, len(example_inputs))
+    gm, mode, out_spec = trace_model(model, example_inputs)
+    converter = _Converter(gm, name or type(model).__name__, mode, out_spec)
     graph = converter.run(example_inputs)
     log.debug("imported %s via %s: %d nodes", graph.name, mode, graph.number_of_nodes())
     return graph

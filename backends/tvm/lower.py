@@ -161,7 +161,7 @@ def _binary(ctx, xs):
 
 
 _UNARY = {"relu": R.nn.relu, "silu": R.nn.silu, "sigmoid": R.sigmoid, "tanh": R.tanh, "exp": R.exp,
-          "sqrt": R.sqrt, "neg": R.negative}
+          "sqrt": R.sqrt, "neg": R.negative, "abs": R.abs}
 
 
 @lowering(*_UNARY)
@@ -325,7 +325,7 @@ def _select(ctx, xs):
     return ctx.emit(R.reshape(y, ctx.out_type().shape))
 
 
-_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "edge", "circular": "circular"}
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
 @lowering("pad")

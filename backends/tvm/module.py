@@ -7,8 +7,11 @@ arrays otherwise. It never imports torch itself, so an exported artifact loads a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,25 @@ from tvm import relax
 
 from backends.tvm.target import make_target
 from passes.ir.graph import Graph, map_structure, rebuild_structure
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Capture C++-level stderr (TVM logs a 'Scope Saving' warning per function on export); replay it on error."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 class InputError(ValueError):
@@ -76,7 +98,8 @@ class CompiledModule:
     @property
     def vm(self) -> relax.VirtualMachine:
         if self._vm is None:
-            self._vm = relax.VirtualMachine(self.executable, self.device)
+            with _quiet_native_stderr():
+                self._vm = relax.VirtualMachine(self.executable, self.device)
         return self._vm
 
     def _convert_inputs(self, inputs: Sequence[Any]) -> tuple[list, bool]:
@@ -126,7 +149,8 @@ class CompiledModule:
         """Write ``model.so`` (the TVM library) and ``signature.json`` into ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.executable.export_library(str(directory / self.LIBRARY))
+        with _quiet_native_stderr():
+            self.executable.export_library(str(directory / self.LIBRARY))
         signature = {"target": self.target_kind, "inputs": [s.to_json() for s in self.inputs],
                      "outputs": [s.to_json() for s in self.outputs],
                      "structure": _to_json_structure(self.structure)}
@@ -137,7 +161,8 @@ class CompiledModule:
     def load(cls, directory: str | os.PathLike) -> CompiledModule:
         directory = Path(directory)
         signature = json.loads((directory / cls.SIGNATURE).read_text())
-        library = tvm.runtime.load_module(str(directory / cls.LIBRARY))
+        with _quiet_native_stderr():
+            library = tvm.runtime.load_module(str(directory / cls.LIBRARY))
         return cls(library, signature["target"], [TensorSpec.from_json(s) for s in signature["inputs"]],
                    [TensorSpec.from_json(s) for s in signature["outputs"]],
                    _from_json_structure(signature["structure"]))

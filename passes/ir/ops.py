@@ -285,6 +285,7 @@ _unary("hardsigmoid", lambda x: F.hardsigmoid(x))
 _unary("exp", lambda x: torch.exp(x))
 _unary("sqrt", lambda x: torch.sqrt(x))
 _unary("neg", lambda x: torch.neg(x))
+_unary("abs", lambda x: torch.abs(x))
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max), {"min": None, "max": None},
        doc="Clamp to [min, max]; None leaves that side open (hardtanh is clamp).")
 _unary("softmax", lambda x, dim: F.softmax(x, dim), {"dim": REQUIRED})

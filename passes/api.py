@@ -1,0 +1,218 @@
+"""``optimize()``: frontend -> pass pipeline -> backend, returning a callable ``OptimizedModel``.
+
+This is the only module of ``passes`` that imports ``frontend`` and ``backends`` (lazily, inside functions), so the
+core stays independent of torch.fx, ONNX and TVM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from passes.core.pass_base import Pass, PassContext
+from passes.report import Report
+
+ARTIFACT_FORMAT = "passes-artifact/1"
+
+
+@dataclass(frozen=True)
+class Tune:
+    """Autotuning request: ``trials`` meta-schedule trials in total, records kept in ``database`` (a folder),
+    candidates measured locally or through a TVM RPC tracker ``rpc="host:port:key"``."""
+
+    trials: int = 0
+    database: str = "~/.cache/passes/tuning"
+    rpc: str | None = None
+    timeout: float = 30.0
+
+
+class OptimizedModel:
+    """The result of ``optimize``: call it like the original model; ``graph``, ``report``, ``save``."""
+
+    def __init__(self, graph, compiled, report: Report):
+        self.graph = graph
+        self.compiled = compiled
+        self.report = report
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.compiled(*inputs)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a deployable artifact folder: TVM library, signature, IR (graph.json + params.npz), report.
+
+        Written into a temporary sibling folder and renamed at the end, so a failure leaves nothing behind.
+        """
+        from passes.ir.serialize import save_graph
+
+        path = Path(path)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; choose a new folder or remove it first")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.compiled.export(staging)
+            save_graph(self.graph, staging / "ir")
+            (staging / "report.json").write_text(self.report.to_json())
+            (staging / "artifact.json").write_text(json.dumps({"format": ARTIFACT_FORMAT}))
+            staging.rename(path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return path
+
+
+class LoadedModel:
+    """A saved artifact loaded with the TVM runtime only (no tracing, no torch)."""
+
+    def __init__(self, compiled, report: Report, path: Path):
+        self.compiled = compiled
+        self.report = report
+        self.path = path
+
+    def __call__(self, *inputs: Any) -> Any:
+        return self.compiled(*inputs)
+
+    @property
+    def graph(self):
+        from passes.ir.serialize import load_graph
+
+        return load_graph(self.path / "ir")
+
+
+def load(path: str | os.PathLike) -> LoadedModel:
+    """Load an artifact written by ``OptimizedModel.save`` (or ``passes.cli compile``)."""
+    from backends.tvm.module import CompiledModule
+
+    path = Path(path)
+    marker = path / "artifact.json"
+    if not marker.is_file() or json.loads(marker.read_text()).get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path} is not a passes artifact folder (no valid artifact.json)")
+    report = Report.from_dict(json.loads((path / "report.json").read_text()))
+    return LoadedModel(CompiledModule.load(path), report, path)
+
+
+DEFAULT_PIPELINE: tuple[str, ...] = ()
+
+
+def import_model(model: Any, example_inputs: Sequence[Any] | None = None):
+    """Frontend dispatch: an ``nn.Module`` goes through torch.fx, a path to ``.onnx`` through the ONNX frontend."""
+    if isinstance(model, (str, os.PathLike)):
+        from frontend.onnx import from_onnx
+
+        return from_onnx(model)
+    from frontend.torch_fx import from_torch
+
+    if example_inputs is None:
+        raise ValueError("optimize(nn.Module) needs example_inputs=(tensor, ...) to fix input shapes and dtypes")
+    return from_torch(model, example_inputs)
+
+
+def _accuracy(reference_outputs: Any, outputs: Any) -> dict[str, float]:
+    """Worst absolute error and error relative to the output scale, over all output tensors."""
+    import numpy as np
+
+    from passes.ir.graph import flatten_structure
+
+    worst_abs, worst_rel = 0.0, 0.0
+    for ref, out in zip(flatten_structure(reference_outputs), flatten_structure(outputs)):
+        ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
+        err = float(np.max(np.abs(ref - out))) if ref.size else 0.0
+        worst_abs = max(worst_abs, err)
+        worst_rel = max(worst_rel, err / max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-12))
+    return {"max_abs_error": worst_abs, "max_rel_error": worst_rel}
+
+
+def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, target: str = "llvm",
+             example_inputs: Sequence[Any] | None = None, data: Iterable | None = None,
+             tune: Tune | None = None, measure: bool = True) -> OptimizedModel:
+    """Optimize and compile ``model`` for ``target``.
+
+    Example::
+
+        import passes, torch
+        opt = passes.optimize(model, passes=["fold-batch-norm"], target="llvm",
+                              example_inputs=(torch.randn(1, 3, 224, 224),))
+        y = opt(x)                       # same signature and output structure as model(x)
+        print(opt.report.to_dict()["flops"])
+        opt.save("model.art")            # later: passes.load("model.art")(x)
+
+    ``passes``: names, text specs or ``Pass`` instances; ``None`` runs the default pipeline, ``[]`` runs none.
+    ``data``: iterable of input tuples for passes that calibrate or fine-tune. ``measure``: time the compiled
+    model on the example inputs and check it against the original (PyTorch or ONNX Runtime) for the report.
+    """
+    from backends.tvm.module import build
+    from passes.core.pipeline import Pipeline, resolve
+    from passes.core.stats import graph_flops, graph_params
+    from passes.ir.interpret import run_reference
+
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    graph = import_model(model, example_inputs)
+    seconds["import"] = time.perf_counter() - start
+    if example_inputs is None:
+        example_inputs = tuple(_random_inputs(graph))
+    example_inputs = tuple(example_inputs)
+    report = Report(model=graph.name, target=str(target))
+    report.flops["before"], report.params["before"] = graph_flops(graph), graph_params(graph)
+    report.nodes["before"] = graph.number_of_nodes()
+
+    pipeline = Pipeline(resolve(DEFAULT_PIPELINE if passes is None else passes))
+    ctx = PassContext(example_inputs=example_inputs, data=data, target=str(target))
+    optimized = graph.copy_graph()
+    start = time.perf_counter()
+    report.passes = pipeline.run(optimized, ctx)
+    seconds["passes"] = time.perf_counter() - start
+    report.flops["after"], report.params["after"] = graph_flops(optimized), graph_params(optimized)
+    report.nodes["after"] = optimized.number_of_nodes()
+
+    start = time.perf_counter()
+    compiled = build(optimized, target)
+    seconds["build"] = time.perf_counter() - start
+    if tune is not None and tune.trials:
+        report.tune = {"requested_trials": tune.trials, "new_trials": 0, "database": tune.database,
+                       "note": "tuning arrives with the kernels issue"}
+    if measure and compiled.target_kind != "cuda":
+        reference = _original_outputs(model, graph, example_inputs)
+        report.accuracy = _accuracy(reference, compiled(*[_to_numpy(x) for x in example_inputs]))
+        report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=5)
+    report.seconds = seconds
+    return OptimizedModel(optimized, compiled, report)
+
+
+def _to_numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if type(x).__module__.startswith("torch") else x
+
+
+def _original_outputs(model: Any, graph, example_inputs: tuple) -> Any:
+    """The original model's outputs: PyTorch for an nn.Module, the imported graph's reference otherwise."""
+    if isinstance(model, (str, os.PathLike)):
+        from passes.ir.interpret import run_reference
+
+        return run_reference(graph, example_inputs)
+    import torch
+
+    with torch.no_grad():
+        out = model(*example_inputs)
+    from passes.ir.graph import map_structure
+
+    return map_structure(lambda t: t.detach().cpu().numpy(), out)
+
+
+def _random_inputs(graph) -> list:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    arrays = []
+    for t in graph.input_types():
+        if t.dtype.startswith("float"):
+            arrays.append(rng.standard_normal(t.shape).astype(t.dtype))
+        else:
+            arrays.append(np.zeros(t.shape, dtype=t.dtype))
+    return arrays

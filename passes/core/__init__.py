@@ -1,0 +1,1 @@
+"""Pass infrastructure: base class, registry, pipelines and instruments, patterns, statistics."""

@@ -1,0 +1,76 @@
+"""The ``Pass`` base class, its result and the per-run context.
+
+A pass is a frozen dataclass: its fields are its typed options (parsed from text specs such as
+``prune-channels{ratio=0.5}``), so a pass object is an immutable, printable configuration. Per-run state lives in
+locals or in the ``PassContext``, never on ``self``.
+
+``requires`` / ``preserves`` name graph properties (``shapes``: out_types are current; ``inference``: no
+training-only semantics; ``float``: no quantized ops). The pipeline checks ``requires`` before a pass runs and
+drops properties a pass does not preserve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from passes.ir.graph import Graph
+
+ALL_PROPERTIES = ("shapes", "inference", "float")
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """``changed``: the graph was modified. ``stats``: counts of work (``folded``) and refusals (``skipped.x``)."""
+
+    changed: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def from_stats(stats: dict[str, int]) -> PassResult:
+        """``changed`` is true exactly when some work count (a key not starting with ``skipped.``) is non-zero."""
+        work = any(v for k, v in stats.items() if not k.startswith("skipped."))
+        return PassResult(bool(work), dict(stats))
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the graph: example and calibration inputs, the target, a seed, notes."""
+
+    example_inputs: tuple = ()
+    data: Iterable | None = None
+    target: str = "llvm"
+    seed: int = 0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class PassError(ValueError):
+    """A pass cannot run on this graph; the message names the pass and the model element."""
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class. Subclasses set ``name`` (kebab-case), declare options as fields, and implement ``run``."""
+
+    name: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    preserves: ClassVar[tuple[str, ...]] = ALL_PROPERTIES
+    summary: ClassVar[str] = ""
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __call__(self, graph: Graph, ctx: PassContext | None = None) -> PassResult:
+        return self.run(graph, ctx or PassContext())
+
+    @classmethod
+    def options(cls) -> Sequence[dataclasses.Field]:
+        return dataclasses.fields(cls)
+
+    def spec(self) -> str:
+        """Text spec that rebuilds this pass: ``name{opt=value,...}`` listing options that differ from defaults."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in self.options()
+                   if getattr(self, f.name) != f.default]
+        return self.name + ("{" + ",".join(changed) + "}" if changed else "")

@@ -1,0 +1,68 @@
+"""Pass registry: built-ins (lazy importers), ``register_pass`` and the ``passes.plugins`` entry-point group.
+
+Built-ins map a name to ``module:Class`` and are imported on first use, so listing passes stays cheap and a
+broken optional pass cannot break the others. A test checks every key equals its class's ``name``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from importlib.metadata import entry_points
+
+from passes.core.pass_base import Pass, PassError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "passes.plugins"
+
+BUILTIN_PASSES: dict[str, str] = {}
+
+_registered: dict[str, type[Pass]] = {}
+_plugins_loaded = False
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Register a ``Pass`` subclass under its ``name`` (usable as a class decorator). Duplicates are errors."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass)):
+        raise PassError(f"register_pass expects a Pass subclass, got {cls!r}")
+    name = cls.name
+    if not name or name != name.lower() or " " in name or "_" in name:
+        raise PassError(f"pass {cls.__name__} needs a kebab-case `name`, got {name!r}")
+    existing = _registered.get(name)
+    if (existing is not None and existing is not cls) or (name in BUILTIN_PASSES and existing is None):
+        raise PassError(f"a pass named {name!r} is already registered; choose another name")
+    _registered[name] = cls
+    return cls
+
+
+def _load_plugins() -> None:
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        cls = ep.load()
+        if _registered.get(cls.name) is cls:
+            continue
+        register_pass(cls)
+        log.debug("loaded plug-in pass %s from %s", cls.name, ep.value)
+
+
+def get_pass_class(name: str) -> type[Pass]:
+    if name in _registered:
+        return _registered[name]
+    if name in BUILTIN_PASSES:
+        module, cls_name = BUILTIN_PASSES[name].split(":")
+        cls = getattr(importlib.import_module(module), cls_name)
+        _registered[name] = cls
+        return cls
+    _load_plugins()
+    if name in _registered:
+        return _registered[name]
+    raise PassError(f"unknown pass {name!r}; available: {', '.join(pass_names()) or 'none'}")
+
+
+def pass_names() -> list[str]:
+    _load_plugins()
+    return sorted(set(BUILTIN_PASSES) | set(_registered))

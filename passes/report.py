@@ -1,0 +1,69 @@
+"""The optimization report: what each pass did, FLOPs and params before/after, tuning and latency."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class PassRecord:
+    name: str
+    spec: str
+    changed: bool
+    stats: dict[str, int]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "spec": self.spec, "changed": self.changed, "stats": dict(self.stats),
+                "seconds": round(self.seconds, 6)}
+
+
+@dataclass
+class Report:
+    model: str = ""
+    target: str = "llvm"
+    passes: list[PassRecord] = field(default_factory=list)
+    flops: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, int] = field(default_factory=dict)
+    tune: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float | None = None
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "target": self.target, "passes": [p.to_dict() for p in self.passes],
+                "flops": dict(self.flops), "params": dict(self.params), "nodes": dict(self.nodes),
+                "tune": dict(self.tune), "latency_ms": self.latency_ms, "accuracy": dict(self.accuracy),
+                "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Report:
+        passes = [PassRecord(p["name"], p.get("spec", p["name"]), p["changed"], p["stats"], p["seconds"])
+                  for p in d.get("passes", [])]
+        return Report(d.get("model", ""), d.get("target", "llvm"), passes, d.get("flops", {}),
+                      d.get("params", {}), d.get("nodes", {}), d.get("tune", {}), d.get("latency_ms"),
+                      d.get("accuracy", {}), d.get("seconds", {}))
+
+    def summary(self) -> str:
+        """Human-readable lines for the CLI and examples."""
+        lines = [f"model {self.model} -> target {self.target}"]
+        for p in self.passes:
+            stats = ", ".join(f"{k}={v}" for k, v in sorted(p.stats.items())) or "-"
+            lines.append(f"  pass {p.spec:<32} changed={str(p.changed):<5} {stats}  ({p.seconds * 1e3:.1f} ms)")
+        if self.flops:
+            lines.append(f"  FLOPs   {self.flops['before']:,} -> {self.flops['after']:,}")
+            lines.append(f"  params  {self.params['before']:,} -> {self.params['after']:,}")
+        if self.accuracy:
+            lines.append("  accuracy vs PyTorch: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
+                                                          f"{k}={v}" for k, v in self.accuracy.items()))
+        if self.latency_ms is not None:
+            lines.append(f"  latency {self.latency_ms:.3f} ms (median)")
+        for k, v in self.seconds.items():
+            lines.append(f"  time {k}: {v:.2f} s")
+        return "\n".join(lines)
