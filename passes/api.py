@@ -150,7 +150,6 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     from backends.tvm.module import build
     from passes.core.pipeline import Pipeline, resolve
     from passes.core.stats import graph_flops, graph_params
-    from passes.ir.interpret import run_reference
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()

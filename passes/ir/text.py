@@ -4,8 +4,8 @@ Nodes print in topological order (ties by insertion order); attrs sorted by name
 graphs print the same text exactly when they have the same structure, attrs and shapes::
 
     graph tiny(%x: f32[1,3,8,8]) {
-      %conv = conv2d(%x) {dilation=(1, 1), groups=1, padding=(1, 1), stride=(1, 1)} [weight: f32[4,3,3,3]] -> f32[1,4,8,8]
-      return %conv
+      %c = conv2d(%x) {dilation=(1, 1), groups=1, padding=(1, 1), stride=(1, 1)} [weight: f32[4,3,3,3]] -> f32[1,4,8,8]
+      return %c
     }
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from passes.ir.graph import Graph, TensorType
+from passes.ir.graph import TensorType
 from passes.ir.verify import VerificationError, verify
 from tests.ir.test_graph import tiny
 
