@@ -180,7 +180,9 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     if measure and compiled.target_kind != "cuda":
         reference = _original_outputs(model, graph, example_inputs)
         report.accuracy = _accuracy(reference, compiled(*[_to_numpy(x) for x in example_inputs]))
-        report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=5)
+        report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=7)
+        if not isinstance(model, (str, os.PathLike)):
+            report.baselines_ms["pytorch-eager"] = _torch_latency_ms(model, example_inputs)
     report.seconds = seconds
     return OptimizedModel(optimized, compiled, report)
 
@@ -202,6 +204,22 @@ def _original_outputs(model: Any, graph, example_inputs: tuple) -> Any:
     from passes.ir.graph import map_structure
 
     return map_structure(lambda t: t.detach().cpu().numpy(), out)
+
+
+def _torch_latency_ms(model: Any, example_inputs: tuple, repeat: int = 7) -> float:
+    """Median wall time of the eager model (after one warm-up call), for the report's baseline."""
+    import statistics
+
+    import torch
+
+    with torch.no_grad():
+        model(*example_inputs)
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            model(*example_inputs)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def _random_inputs(graph) -> list:

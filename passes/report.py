@@ -30,13 +30,15 @@ class Report:
     nodes: dict[str, int] = field(default_factory=dict)
     tune: dict[str, Any] = field(default_factory=dict)
     latency_ms: float | None = None
+    baselines_ms: dict[str, float] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "target": self.target, "passes": [p.to_dict() for p in self.passes],
                 "flops": dict(self.flops), "params": dict(self.params), "nodes": dict(self.nodes),
-                "tune": dict(self.tune), "latency_ms": self.latency_ms, "accuracy": dict(self.accuracy),
+                "tune": dict(self.tune), "latency_ms": self.latency_ms,
+                "baselines_ms": dict(self.baselines_ms), "accuracy": dict(self.accuracy),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
     def to_json(self) -> str:
@@ -48,7 +50,7 @@ class Report:
                   for p in d.get("passes", [])]
         return Report(d.get("model", ""), d.get("target", "llvm"), passes, d.get("flops", {}),
                       d.get("params", {}), d.get("nodes", {}), d.get("tune", {}), d.get("latency_ms"),
-                      d.get("accuracy", {}), d.get("seconds", {}))
+                      d.get("baselines_ms", {}), d.get("accuracy", {}), d.get("seconds", {}))
 
     def summary(self) -> str:
         """Human-readable lines for the CLI and examples."""
@@ -63,7 +65,10 @@ class Report:
             lines.append("  accuracy vs PyTorch: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
                                                           f"{k}={v}" for k, v in self.accuracy.items()))
         if self.latency_ms is not None:
-            lines.append(f"  latency {self.latency_ms:.3f} ms (median)")
+            lines.append(f"  latency {self.latency_ms:.3f} ms (median, compiled)")
+        for name, ms in self.baselines_ms.items():
+            ratio = f"  -> compiled/{name} = {self.latency_ms / ms:.2f}x" if self.latency_ms and ms else ""
+            lines.append(f"  latency {ms:.3f} ms (median, {name}){ratio}")
         for k, v in self.seconds.items():
             lines.append(f"  time {k}: {v:.2f} s")
         return "\n".join(lines)

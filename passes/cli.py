@@ -1,0 +1,196 @@
+"""Command line: ``python -m passes.cli COMMAND``. A thin layer of argument parsing over ``passes.api``.
+
+Commands: ``compile MODEL -o OUTDIR``, ``run OUTDIR INPUTS.npz -o OUTPUTS.npz``, ``inspect MODEL``,
+``list-passes``, ``list-ops``. MODEL is a path to an ``.onnx`` file or ``zoo:NAME`` for a bundled example model.
+
+Exit codes: 0 success; 2 bad input or usage (one clear line on stderr, no traceback); 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input or usage: printed as one line, exit code 2."""
+
+
+def _load_zoo(spec: str) -> tuple[Any, tuple]:
+    name = spec.split(":", 1)[1]
+    try:
+        from examples import zoo
+    except ImportError:
+        raise UsageError("the bundled model zoo (examples/zoo.py) is not importable: run from the repository "
+                         "root") from None
+    if name not in zoo.ZOO:
+        raise UsageError(f"unknown zoo model {name!r}; available: {', '.join(sorted(zoo.ZOO))}")
+    return zoo.make(name)
+
+
+def _model_and_inputs(spec: str) -> tuple[Any, tuple | None]:
+    if spec.startswith("zoo:"):
+        return _load_zoo(spec)
+    path = Path(spec)
+    if not path.exists():
+        raise UsageError(f"model file {spec!r} does not exist")
+    if path.is_dir():
+        raise UsageError(f"model path {spec!r} is a folder; give an .onnx file")
+    return str(path), None
+
+
+def cmd_compile(args) -> int:
+    from passes.api import Tune, optimize
+
+    model, inputs = _model_and_inputs(args.model)
+    passes = [] if args.passes == "" else (None if args.passes is None else args.passes)
+    tune = Tune(trials=args.tune_trials, database=args.tuning_db) if args.tune_trials else None
+    opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, tune=tune,
+                   measure=not args.no_measure)
+    opt.save(args.output)
+    print(opt.report.to_json() if args.json else opt.report.summary())
+    if not args.json:
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    from passes.api import load
+
+    model = load(args.artifact)
+    try:
+        with np.load(args.inputs, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read inputs {args.inputs!r}: {exc}") from None
+    names = [spec.name for spec in model.compiled.inputs]
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise UsageError(f"inputs file lacks {missing}; the model's inputs are {names}")
+    flat = model.compiled.run_flat(*[arrays[n] for n in names])
+    output = Path(args.output)
+    tmp = output.with_name(output.name + ".partial.npz")
+    np.savez(tmp, **{spec.name: a for spec, a in zip(model.compiled.outputs, flat)})
+    tmp.replace(output)
+    print(f"wrote {len(flat)} output(s) to {output}")
+    return EXIT_OK
+
+
+def cmd_inspect(args) -> int:
+    from passes.api import import_model
+    from passes.core.stats import graph_flops, graph_params, op_histogram
+
+    model, inputs = _model_and_inputs(args.model)
+    graph = import_model(model, inputs)
+    info = {"model": graph.name,
+            "inputs": {n: str(graph.nodes[n]["out_types"][0]) for n in graph.inputs},
+            "outputs": [str(graph.value_type(v)) for v in graph.output_values()],
+            "nodes": graph.number_of_nodes(), "ops": op_histogram(graph), "params": graph_params(graph),
+            "flops": graph_flops(graph)}
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return EXIT_OK
+    print(f"model {info['model']}: {info['nodes']} nodes, {info['params']:,} params, {info['flops']:,} FLOPs")
+    print("inputs:  " + ", ".join(f"{k}: {v}" for k, v in info["inputs"].items()))
+    print("outputs: " + ", ".join(info["outputs"]))
+    for op, count in info["ops"].items():
+        print(f"  {op:<24} {count}")
+    if args.graph:
+        from passes.ir.text import graph_text
+
+        print(graph_text(graph, with_origin=True))
+    return EXIT_OK
+
+
+def cmd_list_passes(args) -> int:
+    from passes.core.registry import get_pass_class, pass_names
+
+    names = pass_names()
+    if not names:
+        print("no passes registered")
+    for name in names:
+        cls = get_pass_class(name)
+        options = ", ".join(f"{f.name}={f.default!r}" for f in cls.options())
+        print(f"{name:<28} {cls.summary}" + (f"  [{options}]" if options else ""))
+    return EXIT_OK
+
+
+def cmd_list_ops(args) -> int:
+    from passes.ir.ops import OPS
+
+    for name in sorted(OPS):
+        print(f"{name:<24} {OPS[name].doc}".rstrip())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m passes.cli",
+                                     description="Optimize and compile CNN/RNN models with Apache TVM.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="optimize and compile a model into a deployable artifact folder")
+    p.add_argument("model", help="path to an .onnx file, or zoo:NAME for a bundled example model")
+    p.add_argument("--passes", default=None, help="pipeline spec, e.g. 'fold-batch-norm,prune-channels{ratio=0.5}'"
+                   " ('' for none; default: the default pipeline)")
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    p.add_argument("--tune-trials", type=int, default=0, help="meta-schedule trials (0: no tuning)")
+    p.add_argument("--tuning-db", default="~/.cache/passes/tuning", help="tuning database folder")
+    p.add_argument("--no-measure", action="store_true", help="skip the accuracy check and latency measurement")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-o", "--output", required=True, help="artifact folder to create (must not exist)")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
+    p.add_argument("artifact")
+    p.add_argument("inputs", help=".npz whose keys are the model's input names")
+    p.add_argument("-o", "--output", required=True, help=".npz to write, keys are output names in model order")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("inspect", help="op histogram, params, FLOPs and shapes of a model (no compile)")
+    p.add_argument("model")
+    p.add_argument("--graph", action="store_true", help="also print the IR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    sub.add_parser("list-passes", help="registered passes and their options").set_defaults(func=cmd_list_passes)
+    sub.add_parser("list-ops", help="IR ops").set_defaults(func=cmd_list_ops)
+    return parser
+
+
+def _is_bad_input(exc: BaseException) -> bool:
+    """User-facing errors (bad model, bad spec, bad inputs) versus bugs."""
+    return isinstance(exc, (UsageError, ValueError, FileExistsError, FileNotFoundError, NotADirectoryError))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return EXIT_INTERNAL
+    except BrokenPipeError:  # output piped into `head`: not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (silence the flush at interpreter exit)
+        return EXIT_OK
+    except Exception as exc:  # the one place exceptions become exit codes
+        if args.verbose:
+            raise
+        message = " ".join(str(exc).split()) if _is_bad_input(exc) else f"internal error: {type(exc).__name__}: {exc}"
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT if _is_bad_input(exc) else EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
