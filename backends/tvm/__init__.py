@@ -1,8 +1,22 @@
-"""Apache TVM backend: IR -> Relax (``lower``) -> executable for llvm or cuda (``build``) -> ``CompiledModule``."""
+"""Apache TVM backend: IR -> Relax (``lower``) -> executable for llvm/cuda (``build``) -> ``CompiledModule``.
 
-from backends.tvm.lower import LOWERINGS, LoweringError, lower
-from backends.tvm.module import CompiledModule, InputError, build, cuda_source
-from backends.tvm.target import make_target
+Names resolve lazily: loading a compiled artifact (``backends.tvm.module``) must not import torch, which the
+lowering (through the op table) does.
+"""
 
-__all__ = ["LOWERINGS", "CompiledModule", "InputError", "LoweringError", "build", "cuda_source", "lower",
-           "make_target"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {"LOWERINGS": "backends.tvm.lower", "LoweringError": "backends.tvm.lower", "lower": "backends.tvm.lower",
+            "CompiledModule": "backends.tvm.module", "InputError": "backends.tvm.module",
+            "build": "backends.tvm.module", "cuda_source": "backends.tvm.module",
+            "make_target": "backends.tvm.target"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'backends.tvm' has no attribute {name!r}")

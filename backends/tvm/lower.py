@@ -21,6 +21,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from passes.ir.graph import Graph, IRError, TensorType, Value
+from passes.ir.ops import activation_of
 
 FLOAT_MAX = 3.4028234663852886e38
 
@@ -105,7 +106,7 @@ def _conv(ctx, xs):
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
                       dilation=a["dilation"], groups=a["groups"]))
-    return _channel_bias(ctx, y, p.get("bias"), nd + 2)
+    return apply_activation(ctx, _channel_bias(ctx, y, p.get("bias"), nd + 2))
 
 
 @lowering("conv_transpose1d", "conv_transpose2d")
@@ -137,7 +138,7 @@ def _linear(ctx, xs):
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
     y = ctx.emit(R.matmul(xs[0], ctx.const(weight_t)))
     bias = ctx.params.get("bias")
-    return y if bias is None else ctx.emit(R.add(y, ctx.const(bias)))
+    return apply_activation(ctx, y if bias is None else ctx.emit(R.add(y, ctx.const(bias))))
 
 
 @lowering("matmul")
@@ -160,65 +161,68 @@ def _binary(ctx, xs):
     return ctx.emit(_BINARY[ctx.data["op"]](xs[0], xs[1]))
 
 
-_UNARY = {"relu": R.nn.relu, "silu": R.nn.silu, "sigmoid": R.sigmoid, "tanh": R.tanh, "exp": R.exp,
-          "sqrt": R.sqrt, "neg": R.negative, "abs": R.abs}
+def _clip(ctx, x, lo: float, hi: float):
+    return ctx.emit(R.clip(x, max(float(lo), -FLOAT_MAX), min(float(hi), FLOAT_MAX)))
+
+
+def _elu(ctx, x, alpha: float):
+    """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
+    negative = R.multiply(ctx.scalar(alpha), R.subtract(R.exp(x), ctx.scalar(1.0)))
+    return ctx.emit(R.where(R.greater(x, ctx.scalar(0.0)), x, negative))
+
+
+def _mish(ctx, x):
+    """mish(x) = x * tanh(softplus(x)), softplus with torch's threshold 20 (linear above it)."""
+    return ctx.emit(R.multiply(x, R.tanh(R.nn.softplus(x, 1.0, 20.0))))
+
+
+def _hardswish(ctx, x):
+    """hardswish(x) = x * relu6(x + 3) / 6."""
+    gate = _clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0))), 0.0, 6.0)
+    return ctx.emit(R.divide(R.multiply(x, gate), ctx.scalar(6.0)))
+
+
+def _hardsigmoid(ctx, x):
+    """hardsigmoid(x) = relu6(x + 3) / 6."""
+    return ctx.emit(R.divide(_clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0))), 0.0, 6.0), ctx.scalar(6.0)))
+
+
+# Activation lowerings f(ctx, x, params), shared by standalone activation ops and fused conv/linear epilogues.
+ACTIVATION_LOWERINGS: dict[str, Callable[[LowerContext, relax.Expr, tuple], relax.Expr]] = {
+    "none": lambda ctx, x, p: x,
+    "relu": lambda ctx, x, p: ctx.emit(R.nn.relu(x)),
+    "relu6": lambda ctx, x, p: _clip(ctx, x, 0.0, 6.0),
+    "leaky_relu": lambda ctx, x, p: ctx.emit(R.nn.leakyrelu(x, p[0])),
+    "elu": lambda ctx, x, p: _elu(ctx, x, p[0]),
+    "gelu": lambda ctx, x, p: ctx.emit(R.nn.gelu(x)),
+    "gelu_tanh": lambda ctx, x, p: ctx.emit(R.nn.gelu_tanh(x)),
+    "silu": lambda ctx, x, p: ctx.emit(R.nn.silu(x)),
+    "mish": lambda ctx, x, p: _mish(ctx, x),
+    "sigmoid": lambda ctx, x, p: ctx.emit(R.sigmoid(x)),
+    "tanh": lambda ctx, x, p: ctx.emit(R.tanh(x)),
+    "hardswish": lambda ctx, x, p: _hardswish(ctx, x),
+    "hardsigmoid": lambda ctx, x, p: _hardsigmoid(ctx, x),
+    "clamp": lambda ctx, x, p: _clip(ctx, x, p[0], p[1]),
+}
+
+
+def apply_activation(ctx: LowerContext, x: relax.Expr) -> relax.Expr:
+    return ACTIVATION_LOWERINGS[ctx.attrs["activation"]](ctx, x, ctx.attrs["activation_params"])
+
+
+@lowering("relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish",
+          "hardsigmoid", "clamp")
+def _activation(ctx, xs):
+    name, params = activation_of(ctx.data["op"], ctx.attrs)
+    return ACTIVATION_LOWERINGS[name](ctx, xs[0], params)
+
+
+_UNARY = {"exp": R.exp, "sqrt": R.sqrt, "neg": R.negative, "abs": R.abs}
 
 
 @lowering(*_UNARY)
 def _unary(ctx, xs):
     return ctx.emit(_UNARY[ctx.data["op"]](xs[0]))
-
-
-def _clip(ctx, x, lo: float, hi: float):
-    return ctx.emit(R.clip(x, float(lo), float(hi)))
-
-
-@lowering("relu6")
-def _relu6(ctx, xs):
-    return _clip(ctx, xs[0], 0.0, 6.0)
-
-
-@lowering("clamp")
-def _clamp(ctx, xs):
-    lo, hi = ctx.attrs["min"], ctx.attrs["max"]
-    return _clip(ctx, xs[0], -FLOAT_MAX if lo is None else lo, FLOAT_MAX if hi is None else hi)
-
-
-@lowering("leaky_relu")
-def _leaky_relu(ctx, xs):
-    return ctx.emit(R.nn.leakyrelu(xs[0], ctx.attrs["negative_slope"]))
-
-
-@lowering("elu")
-def _elu(ctx, xs):
-    """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
-    x = xs[0]
-    negative = R.multiply(ctx.scalar(ctx.attrs["alpha"]), R.subtract(R.exp(x), ctx.scalar(1.0)))
-    return ctx.emit(R.where(R.greater(x, ctx.scalar(0.0)), x, negative))
-
-
-@lowering("gelu")
-def _gelu(ctx, xs):
-    return ctx.emit((R.nn.gelu_tanh if ctx.attrs["approximate"] == "tanh" else R.nn.gelu)(xs[0]))
-
-
-@lowering("mish")
-def _mish(ctx, xs):
-    """mish(x) = x * tanh(softplus(x)), softplus with torch's threshold 20 (linear above it)."""
-    return ctx.emit(R.multiply(xs[0], R.tanh(R.nn.softplus(xs[0], 1.0, 20.0))))
-
-
-@lowering("hardswish")
-def _hardswish(ctx, xs):
-    """hardswish(x) = x * relu6(x + 3) / 6."""
-    gate = _clip(ctx, ctx.emit(R.add(xs[0], ctx.scalar(3.0))), 0.0, 6.0)
-    return ctx.emit(R.divide(R.multiply(xs[0], gate), ctx.scalar(6.0)))
-
-
-@lowering("hardsigmoid")
-def _hardsigmoid(ctx, xs):
-    """hardsigmoid(x) = relu6(x + 3) / 6."""
-    return ctx.emit(R.divide(_clip(ctx, ctx.emit(R.add(xs[0], ctx.scalar(3.0))), 0.0, 6.0), ctx.scalar(6.0)))
 
 
 @lowering("softmax")

@@ -223,6 +223,49 @@ def _rnn_flops(gates: int):
     return flops
 
 
+# ---------------------------------------------------------------------------------------------- activations
+# Activations a conv/linear may carry after fusion (attrs ``activation``, ``activation_params``): f(x, params).
+ACTIVATIONS: dict[str, Callable[[torch.Tensor, tuple], torch.Tensor]] = {
+    "none": lambda x, p: x,
+    "relu": lambda x, p: F.relu(x),
+    "relu6": lambda x, p: F.relu6(x),
+    "leaky_relu": lambda x, p: F.leaky_relu(x, p[0]),
+    "elu": lambda x, p: F.elu(x, p[0]),
+    "gelu": lambda x, p: F.gelu(x),
+    "gelu_tanh": lambda x, p: F.gelu(x, approximate="tanh"),
+    "silu": lambda x, p: F.silu(x),
+    "mish": lambda x, p: F.mish(x),
+    "sigmoid": lambda x, p: torch.sigmoid(x),
+    "tanh": lambda x, p: torch.tanh(x),
+    "hardswish": lambda x, p: F.hardswish(x),
+    "hardsigmoid": lambda x, p: F.hardsigmoid(x),
+    "clamp": lambda x, p: torch.clamp(x, p[0], p[1]),
+}
+
+
+def activation_of(op: str, attrs: Mapping[str, Any]) -> tuple[str, tuple[float, ...]] | None:
+    """The fusable form ``(activation, params)`` of a standalone activation node, or None if it is not one."""
+    if op in ("relu", "relu6", "silu", "mish", "sigmoid", "tanh", "hardswish", "hardsigmoid"):
+        return op, ()
+    if op == "leaky_relu":
+        return op, (float(attrs["negative_slope"]),)
+    if op == "elu":
+        return op, (float(attrs["alpha"]),)
+    if op == "gelu":
+        return ("gelu_tanh" if attrs["approximate"] == "tanh" else "gelu"), ()
+    if op == "clamp":
+        lo, hi = attrs["min"], attrs["max"]
+        return "clamp", (-math.inf if lo is None else float(lo), math.inf if hi is None else float(hi))
+    return None
+
+
+def apply_activation(x: torch.Tensor, attrs: Mapping[str, Any]) -> torch.Tensor:
+    return ACTIVATIONS[attrs["activation"]](x, attrs["activation_params"])
+
+
+_FUSED_ACTIVATION = {"activation": "none", "activation_params": ()}
+
+
 # ---------------------------------------------------------------------------------------------- definitions
 def _unary(name: str, fn: Callable, attrs: Mapping[str, Any] | None = None, doc: str = "") -> None:
     register_op(OpDef(name, lambda xs, a, p: fn(xs[0], **a), attrs=attrs or {}, doc=doc))
@@ -237,12 +280,12 @@ _CONV_ATTRS = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "g
 for _nd, _conv in ((1, F.conv1d), (2, F.conv2d)):
     register_op(OpDef(
         f"conv{_nd}d",
-        (lambda conv: lambda xs, a, p: conv(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"],
-                                             a["dilation"], a["groups"]))(_conv),
+        (lambda conv: lambda xs, a, p: apply_activation(
+            conv(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"]), a))(_conv),
         attrs={k: ((1,) * _nd if v is REQUIRED and k != "padding" else v) for k, v in _CONV_ATTRS.items()}
-        | {"padding": (0,) * _nd},
+        | {"padding": (0,) * _nd} | _FUSED_ACTIVATION,
         params=("weight",), optional_params=("bias",), flops=_conv_flops,
-        doc="Cross-correlation; padding is symmetric zeros per spatial dim (other modes become a `pad` op)."))
+        doc="Cross-correlation [+ bias] [+ fused activation]; symmetric zero padding (other modes: a `pad` op)."))
 
 for _nd, _convt in ((1, F.conv_transpose1d), (2, F.conv_transpose2d)):
     register_op(OpDef(
@@ -260,8 +303,9 @@ register_op(OpDef(
     attrs={"eps": 1e-5}, params=("running_mean", "running_var"), optional_params=("weight", "bias"),
     flops=lambda i, o, a, p: 2 * o[0].numel,
     doc="Inference batch norm: y = (x - mean) / sqrt(var + eps) * weight + bias, channels on dim 1."))
-register_op(OpDef("linear", lambda xs, a, p: F.linear(xs[0], p["weight"], p.get("bias")),
-                  params=("weight",), optional_params=("bias",), flops=_linear_flops))
+register_op(OpDef("linear", lambda xs, a, p: apply_activation(F.linear(xs[0], p["weight"], p.get("bias")), a),
+                  attrs=dict(_FUSED_ACTIVATION), params=("weight",), optional_params=("bias",), flops=_linear_flops,
+                  doc="x W^T [+ bias] [+ fused activation]."))
 register_op(OpDef("matmul", lambda xs, a, p: torch.matmul(xs[0], xs[1]), arity=(2, 2), flops=_matmul_flops))
 register_op(OpDef("embedding", lambda xs, a, p: F.embedding(xs[0], p["weight"]), params=("weight",),
                   flops=_no_flops))

@@ -23,7 +23,8 @@ def test_builder_infers_types_and_fills_default_attrs():
     g, y, z = tiny()
     conv = g.nodes[y.node]
     assert conv["out_types"] == [TensorType((1, 4, 8, 8))]
-    assert conv["attrs"] == {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1}
+    assert conv["attrs"] == {"stride": (1, 1), "padding": (1, 1), "dilation": (1, 1), "groups": 1,
+                             "activation": "none", "activation_params": ()}
     assert y.node == "features_0" and conv["origin"] == ("features.0",)
     assert isinstance(g, nx.MultiDiGraph) and nx.is_directed_acyclic_graph(g)
 

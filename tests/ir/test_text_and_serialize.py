@@ -19,7 +19,7 @@ from tests.ir.test_graph import tiny
 
 EXPECTED_TINY = """\
 graph tiny(%x: f32[1,3,8,8]) {
-  %features_0 = conv2d(%x) {dilation=(1, 1), groups=1, padding=(1, 1), stride=(1, 1)} [weight: f32[4,3,3,3]] -> f32[1,4,8,8]
+  %features_0 = conv2d(%x) {activation='none', activation_params=(), dilation=(1, 1), groups=1, padding=(1, 1), stride=(1, 1)} [weight: f32[4,3,3,3]] -> f32[1,4,8,8]
   %features_1 = relu(%features_0) -> f32[1,4,8,8]
   return %features_1
 }"""

@@ -1,0 +1,101 @@
+"""Patterns declared as data, matched with networkx isomorphism (``MultiDiGraphMatcher``).
+
+A ``Pattern`` names roles and the op(s) each role may have, the edges between roles (producer output, consumer
+operand slot), an ``anchor`` role where matching starts, and ``private`` roles whose outputs must have no users
+outside the match (so rewriting them away loses nothing). Matching runs the VF2 matcher on the neighbourhood of
+each anchor candidate only, in stable (topological) order, and keeps non-overlapping matches: passes collect all
+matches first, then rewrite, and never mutate the graph while iterating.
+
+Example (conv followed by batch norm, the conv output used only by the norm)::
+
+    CONV_BN = Pattern(roles={"conv": ("conv1d", "conv2d"), "bn": "batch_norm"},
+                      edges=(("conv", "bn", 0),), anchor="bn", private=("conv",))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import networkx as nx
+from networkx.algorithms.isomorphism import MultiDiGraphMatcher
+
+from passes.ir.graph import Graph
+
+Match = dict[str, str]  # role -> node
+
+
+@dataclass(frozen=True)
+class Pattern:
+    roles: Mapping[str, str | tuple[str, ...]]
+    edges: tuple[tuple[str, str, int], ...]  # (producer role, consumer role, consumer operand slot)
+    anchor: str
+    private: tuple[str, ...] = ()
+    _graph: nx.MultiDiGraph = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        unknown = {r for edge in self.edges for r in edge[:2]} - set(self.roles)
+        if unknown or self.anchor not in self.roles or set(self.private) - set(self.roles):
+            raise ValueError(f"pattern names roles it does not declare: {sorted(unknown)}")
+        g = nx.MultiDiGraph()
+        for role, ops in self.roles.items():
+            g.add_node(role, ops=(ops,) if isinstance(ops, str) else tuple(ops))
+        for src, dst, slot in self.edges:
+            g.add_edge(src, dst, dst_in=slot)
+        object.__setattr__(self, "_graph", g)
+
+    @property
+    def radius(self) -> int:
+        return max(1, len(self.roles) - 1)
+
+    def ops(self, role: str) -> tuple[str, ...]:
+        return self._graph.nodes[role]["ops"]
+
+    def candidates(self, graph: Graph) -> list[str]:
+        """Anchor candidates: nodes whose op fits the anchor role, in topological order."""
+        return [n for n in graph.topo_order() if graph.nodes[n]["op"] in self.ops(self.anchor)]
+
+    def match_at(self, graph: Graph, anchor: str) -> Match | None:
+        """The first structural match with ``anchor`` in the anchor role (privacy not checked), or None."""
+        for match in self._matches_at(graph, anchor):
+            return match
+        return None
+
+    def _matches_at(self, graph: Graph, anchor: str) -> Iterator[Match]:
+        neighbourhood = nx.ego_graph(graph.to_undirected(as_view=True), anchor, radius=self.radius).nodes
+        local = graph.subgraph(neighbourhood)
+        matcher = MultiDiGraphMatcher(local, self._graph, node_match=_node_match, edge_match=_edge_match)
+        for mapping in matcher.subgraph_monomorphisms_iter():
+            match = {role: node for node, role in mapping.items()}
+            if match[self.anchor] == anchor:
+                yield match
+
+    def private_violations(self, graph: Graph, match: Match) -> list[str]:
+        """Private roles whose outputs escape the match (other users, or a graph output)."""
+        inside = set(match.values())
+        outputs = {v.node for v in graph.output_values()}
+        return [role for role in self.private
+                if match[role] in outputs or any(user not in inside for user, _ in graph.users(match[role]))]
+
+    def find(self, graph: Graph) -> list[Match]:
+        """All non-overlapping matches whose private roles are really private, in stable order."""
+        taken: set[str] = set()
+        found = []
+        for anchor in self.candidates(graph):
+            for match in self._matches_at(graph, anchor):
+                if taken & set(match.values()) or self.private_violations(graph, match):
+                    continue
+                found.append(match)
+                taken |= set(match.values())
+                break
+        return found
+
+
+def _node_match(graph_node: dict, pattern_node: dict) -> bool:
+    return graph_node["op"] in pattern_node["ops"]
+
+
+def _edge_match(graph_edges: dict, pattern_edges: dict) -> bool:
+    """Every pattern edge between two roles needs a graph edge into the same operand slot."""
+    slots = {d["dst_in"] for d in graph_edges.values()}
+    return all(d["dst_in"] in slots for d in pattern_edges.values())
