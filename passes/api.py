@@ -98,7 +98,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(CompiledModule.load(path), report, path)
 
 
-DEFAULT_PIPELINE: tuple[str, ...] = ()
+DEFAULT_PIPELINE: tuple[str, ...] = ("default",)
 
 
 def import_model(model: Any, example_inputs: Sequence[Any] | None = None):

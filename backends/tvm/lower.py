@@ -20,6 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from backends.tvm.kernels import ConvSpec, conv_kernel, supports
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import activation_of
 
@@ -37,6 +38,7 @@ class LowerContext:
     bb: relax.BlockBuilder
     graph: Graph
     node: str
+    target_kind: str = "llvm"
 
     @property
     def data(self) -> dict:
@@ -98,10 +100,41 @@ def _constant(ctx, xs):
     return ctx.const(ctx.params["value"])
 
 
+def conv_spec(ctx: LowerContext) -> ConvSpec:
+    a, p = ctx.attrs, ctx.params
+    pool = a.get("pool")
+    return ConvSpec(in_shape=ctx.in_type(0).shape, weight_shape=tuple(p["weight"].shape), stride=a["stride"],
+                    padding=a["padding"], dilation=a["dilation"], groups=a["groups"], has_bias="bias" in p,
+                    activation=a["activation"], activation_params=tuple(a["activation_params"]), pool=pool,
+                    pool_kernel=a.get("pool_kernel", (1, 1)), pool_stride=a.get("pool_stride", (1, 1)))
+
+
+def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec) -> relax.Expr:
+    """``call_tir`` of our scheduled conv kernel, weights and bias as constants."""
+    name = ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node
+    func = conv_kernel(spec, ctx.target_kind).with_attr("global_symbol", name)
+    gv = ctx.bb.add_func(func, name)
+    args = [x, ctx.const(ctx.params["weight"], "float32")]
+    if spec.has_bias:
+        args.append(ctx.const(ctx.params["bias"], "float32"))
+    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "float32")))
+
+
+@lowering("conv2d_pool")
+def _conv2d_pool(ctx, xs):
+    """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
+    spec = conv_spec(ctx)
+    if not supports(spec):
+        raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r}")
+    return call_conv_kernel(ctx, xs[0], spec)
+
+
 @lowering("conv1d", "conv2d")
 def _conv(ctx, xs):
     a, p = ctx.attrs, ctx.params
     nd = len(a["stride"])
+    if nd == 2 and ctx.target_kind == "llvm" and ctx.in_type(0).dtype == "float32" and supports(conv_spec(ctx)):
+        return call_conv_kernel(ctx, xs[0], conv_spec(ctx))
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
@@ -457,7 +490,7 @@ def missing_lowerings(graph: Graph) -> list[str]:
                    if d["op"] != "input" and d["op"] not in LOWERINGS})
 
 
-def lower_graph(graph: Graph) -> tvm.IRModule:
+def lower_graph(graph: Graph, target_kind: str = "llvm") -> tvm.IRModule:
     """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
     missing = missing_lowerings(graph)
     if missing:
@@ -472,7 +505,7 @@ def lower_graph(graph: Graph) -> tvm.IRModule:
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node)
+                ctx = LowerContext(bb, graph, node, target_kind)
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):
@@ -493,8 +526,8 @@ def check_types(graph: Graph, mod: tvm.IRModule) -> None:
                                 f"the IR says {expected}")
 
 
-def lower(graph: Graph) -> tvm.IRModule:
-    mod = lower_graph(graph)
+def lower(graph: Graph, target_kind: str = "llvm") -> tvm.IRModule:
+    mod = lower_graph(graph, target_kind)
     check_types(graph, mod)
     return mod
 

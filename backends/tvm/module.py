@@ -173,7 +173,7 @@ def build(graph: Graph, target: Any = "llvm") -> CompiledModule:
     from backends.tvm.lower import lower
 
     tvm_target = make_target(target)
-    mod = lower(graph)
+    mod = lower(graph, tvm_target.kind.name)
     executable = tvm.compile(mod, target=tvm_target)
     inputs = [TensorSpec(n, t.shape, t.dtype) for n, t in zip(graph.inputs, graph.input_types())]
     outputs = [TensorSpec(f"output_{i}", graph.value_type(v).shape, graph.value_type(v).dtype)

@@ -12,6 +12,7 @@ drops properties a pass does not preserve.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -44,6 +45,49 @@ class PassContext:
     target: str = "llvm"
     seed: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
+    explanations: list[Explanation] | None = None  # set to [] to collect every pass decision (``explain``)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One decision of a pass about one candidate: ``outcome`` is a work name (``folded``) or ``skipped.x``."""
+
+    pass_name: str
+    node: str
+    origin: str
+    outcome: str
+    detail: str = ""
+
+
+class Decisions:
+    """Counts a pass's work and refusals into ``stats`` and, when asked, records them for ``explain``.
+
+    Usage inside ``run``::
+
+        decide = Decisions(self, graph, ctx)
+        decide.skip(node, "shared_weight", "the conv weight feeds two convs")
+        decide.done(node, "folded")
+        return decide.result()
+    """
+
+    def __init__(self, p: Pass, graph: Graph, ctx: PassContext, work: Sequence[str] = ()):
+        self.name, self.graph, self.ctx = p.name, graph, ctx
+        self.stats: Counter[str] = Counter({w: 0 for w in work})
+
+    def _record(self, node: str, outcome: str, detail: str) -> None:
+        if self.ctx.explanations is not None:
+            self.ctx.explanations.append(Explanation(self.name, node, self.graph.origin(node), outcome, detail))
+
+    def done(self, node: str, work: str, detail: str = "", count: int = 1) -> None:
+        self.stats[work] += count
+        self._record(node, work, detail)
+
+    def skip(self, node: str, reason: str, detail: str = "") -> None:
+        self.stats[f"skipped.{reason}"] += 1
+        self._record(node, f"skipped.{reason}", detail)
+
+    def result(self) -> PassResult:
+        return PassResult.from_stats(dict(self.stats))
 
 
 class PassError(ValueError):

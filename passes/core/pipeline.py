@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from passes.core.pass_base import ALL_PROPERTIES, Pass, PassContext, PassError, PassResult
-from passes.core.registry import get_pass_class
+from passes.core.registry import get_pass_class, preset
 from passes.ir.graph import Graph
 from passes.ir.verify import verify
 from passes.report import PassRecord
@@ -103,7 +103,9 @@ def resolve(passes: Sequence[str | Pass | type[Pass]] | str) -> list[Pass]:
         elif isinstance(item, type) and issubclass(item, Pass):
             resolved.append(item())
         elif isinstance(item, str):
-            resolved.extend(parse_spec(s) for s in split_specs(item))
+            for spec in split_specs(item):
+                expansion = preset(spec.strip())
+                resolved.extend(resolve(list(expansion)) if expansion else [parse_spec(spec)])
         else:
             raise PassError(f"cannot use {item!r} as a pass: give a name, a spec string or a Pass instance")
     return resolved

@@ -16,7 +16,23 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "passes.plugins"
 
-BUILTIN_PASSES: dict[str, str] = {}
+BUILTIN_PASSES: dict[str, str] = {
+    "infer-shapes": "passes.transforms.infer_shapes:InferShapes",
+    "fold-constants": "passes.transforms.fold_constants:FoldConstants",
+    "eliminate-dead-nodes": "passes.transforms.eliminate_dead_nodes:EliminateDeadNodes",
+    "eliminate-common-subexpressions":
+        "passes.transforms.eliminate_common_subexpressions:EliminateCommonSubexpressions",
+    "remove-identities": "passes.transforms.remove_identities:RemoveIdentities",
+    "fold-batch-norm": "passes.transforms.fold_batch_norm:FoldBatchNorm",
+    "fuse-conv-activation": "passes.transforms.fuse_conv_activation:FuseConvActivation",
+    "fuse-conv-pool": "passes.transforms.fuse_conv_pool:FuseConvPool",
+}
+
+# Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "default": ("remove-identities", "fold-constants", "eliminate-common-subexpressions", "fold-batch-norm",
+                "fuse-conv-activation", "fuse-conv-pool", "eliminate-dead-nodes"),
+}
 
 _registered: dict[str, type[Pass]] = {}
 _plugins_loaded = False
@@ -61,6 +77,10 @@ def get_pass_class(name: str) -> type[Pass]:
     if name in _registered:
         return _registered[name]
     raise PassError(f"unknown pass {name!r}; available: {', '.join(pass_names()) or 'none'}")
+
+
+def preset(name: str) -> tuple[str, ...] | None:
+    return PRESETS.get(name)
 
 
 def pass_names() -> list[str]:

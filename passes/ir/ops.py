@@ -287,6 +287,32 @@ for _nd, _conv in ((1, F.conv1d), (2, F.conv2d)):
         params=("weight",), optional_params=("bias",), flops=_conv_flops,
         doc="Cross-correlation [+ bias] [+ fused activation]; symmetric zero padding (other modes: a `pad` op)."))
 
+def _conv_out_spatial(in_shape: tuple[int, ...], attrs: Mapping[str, Any], kernel: tuple[int, ...]) -> list[int]:
+    return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+            zip(in_shape, attrs["padding"], attrs["dilation"], kernel, attrs["stride"])]
+
+
+def _conv2d_pool(xs, a, p):
+    y = apply_activation(F.conv2d(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"],
+                                  a["groups"]), a)
+    pool = F.max_pool2d if a["pool"] == "max" else F.avg_pool2d
+    return pool(y, a["pool_kernel"], a["pool_stride"])
+
+
+def _conv2d_pool_flops(in_types, out_types, attrs, params) -> int:
+    weight = np.shape(params["weight"])
+    spatial = _conv_out_spatial(in_types[0].shape[2:], attrs, weight[2:])
+    conv_numel = in_types[0].shape[0] * weight[0] * int(np.prod(spatial))
+    return 2 * conv_numel * int(np.prod(weight[1:])) + conv_numel * (2 if "bias" in params else 1)
+
+
+register_op(OpDef(
+    "conv2d_pool", _conv2d_pool,
+    attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, **_FUSED_ACTIVATION,
+           "pool": REQUIRED, "pool_kernel": REQUIRED, "pool_stride": REQUIRED},
+    params=("weight",), optional_params=("bias",), flops=_conv2d_pool_flops,
+    doc="Fused pool(act(conv2d(x) + b)), pool 'max' or 'avg' with non-overlapping windows (from fuse-conv-pool)."))
+
 for _nd, _convt in ((1, F.conv_transpose1d), (2, F.conv_transpose2d)):
     register_op(OpDef(
         f"conv_transpose{_nd}d",

@@ -1,0 +1,235 @@
+"""Our own TIR kernels: conv2d [+bias] [+activation] [+pool] as ONE scheduled PrimFunc.
+
+Why: TVM's untuned conv2d is a naive loop nest (~50x slower than a blocked kernel here), and TVM's FuseOps never
+fuses a pool into a conv. The kernel is built from TE compute stages (pad -> conv -> epilogue -> pool) and then
+scheduled with ``tvm.s_tir.Schedule``:
+
+CPU (llvm), per output tile of ``oc_block`` channels x ``rows`` rows x ``width`` columns:
+
+    for n, oc_outer, row (parallel over cores), col_outer:
+        acc[oc_block][rows][width] = 0                  # local buffer: registers
+        for ic, kh, kw:                                 # reduction
+            for oc in oc_block, r in rows:              # broadcast one weight, FMA a vector of inputs
+                acc[oc][r][0:width] += w[oc, ic, kh, kw] * x[ic, row*s + kh, col*s + kw : +width]
+        out[...] = pool(act(acc + bias))                # epilogue straight from registers
+
+With a pool fused, the tile covers whole pooling windows (non-overlapping, guaranteed by the pass), so each conv
+output is computed exactly once and the full-size conv output never exists in memory: the only buffers are the
+padded input (when padding > 0), the local accumulator tile and the pooled output.
+
+CUDA: one thread per pooled output (or conv output), its conv window accumulated in local memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+F32 = "float32"
+
+
+def _f(value: float):
+    return tirx.const(value, F32)
+
+
+# Activation epilogues in TE: f(x, params) -> expr. Same names and meaning as passes.ir.ops.ACTIVATIONS.
+def _sigmoid(x):
+    return tirx.sigmoid(x)
+
+
+def _softplus(x):
+    return tirx.Select(x > _f(20.0), x, tirx.log(_f(1.0) + tirx.exp(x)))
+
+
+TE_ACTIVATIONS: dict[str, Callable] = {
+    "none": lambda x, p: x,
+    "relu": lambda x, p: tirx.max(x, _f(0.0)),
+    "relu6": lambda x, p: tirx.min(tirx.max(x, _f(0.0)), _f(6.0)),
+    "leaky_relu": lambda x, p: tirx.Select(x > _f(0.0), x, x * _f(p[0])),
+    "elu": lambda x, p: tirx.Select(x > _f(0.0), x, _f(p[0]) * (tirx.exp(x) - _f(1.0))),
+    "gelu": lambda x, p: _f(0.5) * x * (_f(1.0) + tirx.erf(x * _f(1.0 / math.sqrt(2.0)))),
+    "gelu_tanh": lambda x, p: _f(0.5) * x * (_f(1.0) + tirx.tanh(_f(math.sqrt(2.0 / math.pi))
+                                                                 * (x + _f(0.044715) * x * x * x))),
+    "silu": lambda x, p: x * _sigmoid(x),
+    "mish": lambda x, p: x * tirx.tanh(_softplus(x)),
+    "sigmoid": lambda x, p: _sigmoid(x),
+    "tanh": lambda x, p: tirx.tanh(x),
+    "hardswish": lambda x, p: x * tirx.min(tirx.max(x + _f(3.0), _f(0.0)), _f(6.0)) / _f(6.0),
+    "hardsigmoid": lambda x, p: tirx.min(tirx.max(x + _f(3.0), _f(0.0)), _f(6.0)) / _f(6.0),
+    "clamp": lambda x, p: tirx.min(tirx.max(x, _f(max(p[0], -3.4e38))), _f(min(p[1], 3.4e38))),
+}
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """Static description of one conv2d [+pool] kernel."""
+
+    in_shape: tuple[int, int, int, int]      # N, C, H, W
+    weight_shape: tuple[int, int, int, int]  # OC, C/groups, KH, KW
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    has_bias: bool
+    activation: str = "none"
+    activation_params: tuple[float, ...] = ()
+    pool: str | None = None                  # "max" | "avg" | None
+    pool_kernel: tuple[int, int] = (1, 1)
+    pool_stride: tuple[int, int] = (1, 1)
+
+    @property
+    def conv_shape(self) -> tuple[int, int, int, int]:
+        n, _, h, w = self.in_shape
+        oc, _, kh, kw = self.weight_shape
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return n, oc, oh, ow
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        n, oc, oh, ow = self.conv_shape
+        if self.pool is None:
+            return n, oc, oh, ow
+        (kh, kw), (sh, sw) = self.pool_kernel, self.pool_stride
+        return n, oc, (oh - kh) // sh + 1, (ow - kw) // sw + 1
+
+
+def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
+    """TE stages; returns the PrimFunc arguments [data, weight, (bias,) output]."""
+    n, c, h, w = spec.in_shape
+    oc, cg, kh, kw = spec.weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    data = te.placeholder(spec.in_shape, F32, name="data")
+    weight = te.placeholder(spec.weight_shape, F32, name="weight")
+    args = [data, weight]
+    source = data
+    if ph or pw:
+        source = te.compute(
+            (n, c, h + 2 * ph, w + 2 * pw),
+            lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
+                                                  data[b, ch, y - ph, x - pw], _f(0.0)), name="pad")
+    rc = te.reduce_axis((0, cg), "rc")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    per_group = oc // spec.groups
+    conv = te.compute(
+        spec.conv_shape,
+        lambda b, o, y, x: te.sum(source[b, (o // per_group) * cg + rc, y * sh + ry * dh, x * sw + rx * dw]
+                                  * weight[o, rc, ry, rx], axis=[rc, ry, rx]), name="conv")
+    act_fn = TE_ACTIVATIONS[spec.activation]
+    if spec.has_bias:
+        bias = te.placeholder((oc,), F32, name="bias")
+        args.append(bias)
+        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(conv[b, o, y, x] + bias[o],
+                                                                         spec.activation_params), name="epilogue")
+    else:
+        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(conv[b, o, y, x], spec.activation_params),
+                              name="epilogue")
+    if spec.pool is None:
+        return [*args, epilogue]
+    (pkh, pkw), (psh, psw) = spec.pool_kernel, spec.pool_stride
+    wy = te.reduce_axis((0, pkh), "wy")
+    wx = te.reduce_axis((0, pkw), "wx")
+    if spec.pool == "max":
+        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(epilogue[b, o, y * psh + wy, x * psw + wx],
+                                                                      axis=[wy, wx]), name="pool")
+    else:
+        window = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(epilogue[b, o, y * psh + wy, x * psw + wx],
+                                                                      axis=[wy, wx]), name="window_sum")
+        pooled = te.compute(spec.out_shape, lambda b, o, y, x: window[b, o, y, x] / _f(pkh * pkw), name="pool")
+    return [*args, pooled]
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
+
+
+def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    _, oc, _, _ = spec.out_shape
+    oc_block = _largest_divisor(oc, 8)
+    conv = sch.get_sblock("conv")
+    epilogue = sch.get_sblock("epilogue")
+    pooled = spec.pool is not None
+    out = sch.get_sblock("pool") if pooled else epilogue
+    if spec.pool == "avg":
+        window = sch.get_sblock("window_sum")
+    col_scale = spec.pool_stride[1] if pooled else 1
+    width = _largest_divisor(spec.out_shape[3], max(1, VECTOR_LANES // col_scale))
+    loops = sch.get_loops(out)
+    n, o, y, x = loops[:4]
+    o_outer, o_inner = sch.split(o, [None, oc_block])
+    x_outer, x_inner = sch.split(x, [None, width])
+    sch.reorder(n, o_outer, y, x_outer, o_inner, x_inner)
+    if spec.pool == "avg":
+        sch.compute_at(window, x_outer)
+    sch.compute_at(epilogue, x_outer) if pooled else None
+    sch.compute_at(conv, x_outer)
+    # Under col_outer: the tile's spatial loops (compute_at omits unit extents) then the 3 reduction loops.
+    tile = sch.get_loops(conv)[4:]
+    spatial, reduction = tile[:-3], tile[-3:]
+    sch.reorder(*reduction, *spatial)
+    if spatial:
+        sch.vectorize(spatial[-1])
+    sch.set_scope(conv, 0, "local")
+    if pooled:
+        sch.compute_inline(epilogue)
+    else:
+        sch.vectorize(x_inner)
+    sch.parallel(sch.fuse(n, o_outer, y))
+    sch.decompose_reduction(conv, reduction[0])
+    if spec.padding != (0, 0):
+        pad = sch.get_sblock("pad")
+        pad_loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*pad_loops[:2]))
+        sch.vectorize(pad_loops[-1]) if spec.in_shape[3] + 2 * spec.padding[1] <= 64 else None
+    return sch.mod["main"]
+
+
+def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    pooled = spec.pool is not None
+    out = sch.get_sblock("pool" if pooled else "epilogue")
+    conv = sch.get_sblock("conv")
+    n, o, y, x = sch.get_loops(out)[:4]
+    fused = sch.fuse(n, o, y, x)
+    block_x, thread_x = sch.split(fused, [None, threads])
+    sch.bind(block_x, "blockIdx.x")
+    sch.bind(thread_x, "threadIdx.x")
+    if spec.pool == "avg":
+        sch.compute_at(sch.get_sblock("window_sum"), thread_x)
+    if pooled:
+        sch.compute_at(sch.get_sblock("epilogue"), thread_x)
+    sch.compute_at(conv, thread_x)
+    sch.set_scope(conv, 0, "local")
+    if pooled:
+        sch.compute_inline(sch.get_sblock("epilogue"))
+    if spec.padding != (0, 0):
+        pad = sch.get_sblock("pad")
+        fused_pad = sch.fuse(*sch.get_loops(pad))
+        bx, tx = sch.split(fused_pad, [None, threads])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    return sch.mod["main"]
+
+
+def conv_kernel(spec: ConvSpec, target_kind: str) -> tirx.PrimFunc:
+    """The scheduled PrimFunc ``(data, weight[, bias], out)`` for ``spec`` on ``target_kind`` ("llvm"/"cuda")."""
+    func = te.create_prim_func(conv_compute(spec))
+    func = schedule_gpu(spec, func) if target_kind == "cuda" else schedule_cpu(spec, func)
+    # Scheduled and opaque: TVM's default schedules leave it alone and FuseOps does not merge it into neighbours.
+    return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
+
+
+def supports(spec: ConvSpec) -> bool:
+    return spec.activation in TE_ACTIVATIONS and spec.pool in (None, "max", "avg")
+
+
+__all__ = ["ConvSpec", "conv_kernel", "supports"]

@@ -1,0 +1,70 @@
+"""fuse-conv-pool: ``pool(conv2d(x))`` becomes one ``conv2d_pool`` op, lowered to ONE kernel.
+
+The fused kernel computes each pooled output straight from the convolution (bias and fused activation
+included): a tile of conv outputs lives in registers/local memory and is reduced by the pooling window at once,
+so the full-size conv output is never written to memory. Exact: same arithmetic, in the same order per output.
+
+Fused only when pooling windows do not overlap (kernel <= stride): then every conv output is computed exactly
+once. Refusals, each counted as ``skipped.<reason>``:
+- ``no_producer``: the pool's input is not a conv2d.
+- ``shared_output``: the conv output has other users or is a graph output (it must be materialized anyway).
+- ``overlapping_windows``: kernel > stride would recompute conv outputs (kernel^2/stride^2 times the FLOPs).
+- ``pool_padding``, ``pool_dilation``, ``ceil_mode``: windows reaching outside the conv output are not fused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from passes.core.pass_base import Decisions, Pass, PassContext, PassResult
+from passes.core.pattern import Pattern
+from passes.core.rewrite import join_origin, replace_node
+from passes.ir.graph import Graph
+
+CONV_POOL = Pattern(roles={"conv": "conv2d", "pool": ("max_pool2d", "avg_pool2d")},
+                    edges=(("conv", "pool", 0),), anchor="pool", private=("conv",))
+
+
+def refusal(graph: Graph, pool: str) -> tuple[str, str] | None:
+    """Why the pool's attributes prevent fusion, or None."""
+    attrs = graph.nodes[pool]["attrs"]
+    if any(k > s for k, s in zip(attrs["kernel_size"], attrs["stride"])):
+        return "overlapping_windows", f"kernel {attrs['kernel_size']} > stride {attrs['stride']}"
+    if any(attrs["padding"]):
+        return "pool_padding", f"padding {attrs['padding']}"
+    if any(d != 1 for d in attrs.get("dilation", (1, 1))):
+        return "pool_dilation", f"dilation {attrs['dilation']}"
+    in_shape = graph.value_type(graph.operands(pool)[0]).shape[2:]
+    if attrs["ceil_mode"] and any((n - k) % s for n, k, s in zip(in_shape, attrs["kernel_size"], attrs["stride"])):
+        return "ceil_mode", "ceil_mode adds partial windows"
+    return None
+
+
+@dataclass(frozen=True)
+class FuseConvPool(Pass):
+    name = "fuse-conv-pool"
+    summary = "fuse conv2d [+bias] [+activation] + max/avg pool into one conv2d_pool kernel"
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        decide = Decisions(self, graph, ctx, work=("fused",))
+        fusions = []
+        for pool in CONV_POOL.candidates(graph):
+            match = CONV_POOL.match_at(graph, pool)
+            why = refusal(graph, pool)
+            if match is None:
+                decide.skip(pool, "no_producer", f"input comes from {graph.operands(pool)[0].node}")
+            elif CONV_POOL.private_violations(graph, match):
+                decide.skip(pool, "shared_output", f"{match['conv']} has other users")
+            elif why is not None:
+                decide.skip(pool, *why)
+            else:
+                fusions.append((match["conv"], pool))
+        for conv, pool in fusions:
+            conv_data, pool_data = graph.nodes[conv], graph.nodes[pool]
+            pool_attrs = pool_data["attrs"]
+            attrs = {**conv_data["attrs"], "pool": pool_data["op"][:3], "pool_kernel": pool_attrs["kernel_size"],
+                     "pool_stride": pool_attrs["stride"]}
+            replace_node(graph, pool, "conv2d_pool", graph.operands(conv), attrs, dict(conv_data["params"]),
+                         join_origin(conv_data["origin"], pool_data["origin"]), removed=(conv,))
+            decide.done(pool, "fused", f"with {conv}")
+        return decide.result()
