@@ -151,30 +151,46 @@ def _largest_divisor(n: int, limit: int) -> int:
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
 
 
-def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
+@dataclass(frozen=True)
+class Tile:
+    """Output tile computed per inner iteration: ``oc_block`` channels x ``rows`` x ``cols`` (output units)."""
+
+    oc_block: int
+    rows: int
+    cols: int
+
+
+def default_tile(spec: ConvSpec) -> Tile:
+    """Heuristic register tile: about 16 accumulator vectors, the conv tile row a whole vector when possible."""
+    _, oc, oh, ow = spec.out_shape
+    if spec.pool:  # measured on Zen 4: 4 channels x 2 pooled rows x one vector of conv columns
+        cols = _largest_divisor(ow, max(1, VECTOR_LANES // spec.pool_stride[1]))
+        return Tile(oc_block=_largest_divisor(oc, 4), rows=_largest_divisor(oh, 2), cols=cols)
+    cols = _largest_divisor(ow, VECTOR_LANES)
+    return Tile(oc_block=_largest_divisor(oc, 8), rows=_largest_divisor(oh, 2), cols=cols)
+
+
+def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
+    tile = tile or default_tile(spec)
     sch = Schedule(func)
-    _, oc, _, _ = spec.out_shape
-    oc_block = _largest_divisor(oc, 8)
     conv = sch.get_sblock("conv")
     epilogue = sch.get_sblock("epilogue")
     pooled = spec.pool is not None
     out = sch.get_sblock("pool") if pooled else epilogue
-    if spec.pool == "avg":
-        window = sch.get_sblock("window_sum")
-    col_scale = spec.pool_stride[1] if pooled else 1
-    width = _largest_divisor(spec.out_shape[3], max(1, VECTOR_LANES // col_scale))
     loops = sch.get_loops(out)
     n, o, y, x = loops[:4]
-    o_outer, o_inner = sch.split(o, [None, oc_block])
-    x_outer, x_inner = sch.split(x, [None, width])
-    sch.reorder(n, o_outer, y, x_outer, o_inner, x_inner)
+    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    y_outer, y_inner = sch.split(y, [None, tile.rows])
+    x_outer, x_inner = sch.split(x, [None, tile.cols])
+    sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
     if spec.pool == "avg":
-        sch.compute_at(window, x_outer)
-    sch.compute_at(epilogue, x_outer) if pooled else None
+        sch.compute_at(sch.get_sblock("window_sum"), x_outer)
+    if pooled:
+        sch.compute_at(epilogue, x_outer)
     sch.compute_at(conv, x_outer)
-    # Under col_outer: the tile's spatial loops (compute_at omits unit extents) then the 3 reduction loops.
-    tile = sch.get_loops(conv)[4:]
-    spatial, reduction = tile[:-3], tile[-3:]
+    # Under x_outer: the tile's spatial loops (compute_at omits unit extents) then the 3 reduction loops.
+    tile_loops = sch.get_loops(conv)[4:]
+    spatial, reduction = tile_loops[:-3], tile_loops[-3:]
     sch.reorder(*reduction, *spatial)
     if spatial:
         sch.vectorize(spatial[-1])
@@ -183,13 +199,14 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
         sch.compute_inline(epilogue)
     else:
         sch.vectorize(x_inner)
-    sch.parallel(sch.fuse(n, o_outer, y))
+    sch.parallel(sch.fuse(n, o_outer, y_outer))
     sch.decompose_reduction(conv, reduction[0])
     if spec.padding != (0, 0):
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:2]))
-        sch.vectorize(pad_loops[-1]) if spec.in_shape[3] + 2 * spec.padding[1] <= 64 else None
+        if spec.in_shape[3] + 2 * spec.padding[1] <= 4 * VECTOR_LANES:
+            sch.vectorize(pad_loops[-1])
     return sch.mod["main"]
 
 
@@ -220,10 +237,10 @@ def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tir
     return sch.mod["main"]
 
 
-def conv_kernel(spec: ConvSpec, target_kind: str) -> tirx.PrimFunc:
+def conv_kernel(spec: ConvSpec, target_kind: str, tile: Tile | None = None) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(data, weight[, bias], out)`` for ``spec`` on ``target_kind`` ("llvm"/"cuda")."""
     func = te.create_prim_func(conv_compute(spec))
-    func = schedule_gpu(spec, func) if target_kind == "cuda" else schedule_cpu(spec, func)
+    func = schedule_gpu(spec, func) if target_kind == "cuda" else schedule_cpu(spec, func, tile)
     # Scheduled and opaque: TVM's default schedules leave it alone and FuseOps does not merge it into neighbours.
     return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
 

@@ -171,9 +171,13 @@ class CompiledModule:
 def build(graph: Graph, target: Any = "llvm") -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target`` with TVM's default pipeline for that target."""
     from backends.tvm.lower import lower
+    from backends.tvm.schedule import optimize_relax_cpu
 
     tvm_target = make_target(target)
     mod = lower(graph, tvm_target.kind.name)
+    if tvm_target.kind.name == "llvm":
+        with tvm_target:
+            mod = optimize_relax_cpu(mod, int(tvm_target.attrs.get("num-cores", 1)))
     executable = tvm.compile(mod, target=tvm_target)
     inputs = [TensorSpec(n, t.shape, t.dtype) for n, t in zip(graph.inputs, graph.input_types())]
     outputs = [TensorSpec(f"output_{i}", graph.value_type(v).shape, graph.value_type(v).dtype)
