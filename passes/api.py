@@ -131,7 +131,8 @@ def _accuracy(reference_outputs: Any, outputs: Any) -> dict[str, float]:
 
 def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, target: str = "llvm",
              example_inputs: Sequence[Any] | None = None, data: Iterable | None = None,
-             tune: Tune | None = None, measure: bool = True) -> OptimizedModel:
+             tune: Tune | None = None, measure: bool = True,
+             instruments: Sequence[Any] = ("verify-each",)) -> OptimizedModel:
     """Optimize and compile ``model`` for ``target``.
 
     Example::
@@ -146,9 +147,10 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     ``passes``: names, text specs or ``Pass`` instances; ``None`` runs the default pipeline, ``[]`` runs none.
     ``data``: iterable of input tuples for passes that calibrate or fine-tune. ``measure``: time the compiled
     model on the example inputs and check it against the original (PyTorch or ONNX Runtime) for the report.
+    ``instruments``: ``"verify-each"`` (default), ``"numeric-check-each"``, ``"timing"``, ``"dump-each=DIR"``.
     """
     from backends.tvm.module import build
-    from passes.core.pipeline import Pipeline, resolve
+    from passes.core.pipeline import Pipeline, make_instruments, resolve
     from passes.core.stats import graph_flops, graph_params
 
     seconds: dict[str, float] = {}
@@ -162,7 +164,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     report.flops["before"], report.params["before"] = graph_flops(graph), graph_params(graph)
     report.nodes["before"] = graph.number_of_nodes()
 
-    pipeline = Pipeline(resolve(DEFAULT_PIPELINE if passes is None else passes))
+    pipeline = Pipeline(resolve(DEFAULT_PIPELINE if passes is None else passes),
+                        make_instruments(instruments, example_inputs))
     ctx = PassContext(example_inputs=example_inputs, data=data, target=str(target))
     optimized = graph.copy_graph()
     start = time.perf_counter()

@@ -1,7 +1,8 @@
 """Command line: ``python -m passes.cli COMMAND``. A thin layer of argument parsing over ``passes.api``.
 
 Commands: ``compile MODEL -o OUTDIR``, ``run OUTDIR INPUTS.npz -o OUTPUTS.npz``, ``inspect MODEL``,
-``list-passes``, ``list-ops``. MODEL is a path to an ``.onnx`` file or ``zoo:NAME`` for a bundled example model.
+``explain PASS MODEL``, ``list-passes``, ``list-ops``.
+MODEL is a path to an ``.onnx`` file or ``zoo:NAME`` for a bundled example model.
 
 Exit codes: 0 success; 2 bad input or usage (one clear line on stderr, no traceback); 1 internal error.
 """
@@ -52,8 +53,11 @@ def cmd_compile(args) -> int:
     model, inputs = _model_and_inputs(args.model)
     passes = [] if args.passes == "" else (None if args.passes is None else args.passes)
     tune = Tune(trials=args.tune_trials, database=args.tuning_db) if args.tune_trials else None
+    instruments = ["verify-each", "timing"]
+    instruments += ["numeric-check-each"] if args.numeric_check_each else []
+    instruments += [f"dump-each={args.dump_each}"] if args.dump_each else []
     opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, tune=tune,
-                   measure=not args.no_measure)
+                   measure=not args.no_measure, instruments=instruments)
     opt.save(args.output)
     print(opt.report.to_json() if args.json else opt.report.summary())
     if not args.json:
@@ -111,6 +115,33 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def cmd_explain(args) -> int:
+    """Run the pipeline up to PASS with decision recording; print every candidate PASS considered and why."""
+    from passes.api import import_model
+    from passes.core.pass_base import PassContext
+    from passes.core.pipeline import Pipeline, resolve
+    from passes.core.registry import get_pass_class
+
+    target = get_pass_class(args.pass_name).name
+    model, inputs = _model_and_inputs(args.model)
+    graph = import_model(model, inputs)
+    pipeline = resolve(args.passes if args.passes is not None else "default")
+    names = [p.name for p in pipeline]
+    if target not in names:
+        pipeline.append(resolve(target)[0])
+        names.append(target)
+    pipeline = pipeline[: names.index(target) + 1]  # stop after the pass being explained
+    ctx = PassContext(example_inputs=tuple(inputs or ()), explanations=[])
+    Pipeline(pipeline).run(graph, ctx)
+    decisions = [e for e in ctx.explanations if e.pass_name == target]
+    print(f"{target}: {len(decisions)} candidate(s) after {', '.join(names[: names.index(target)]) or 'no pass'}")
+    for e in decisions:
+        mark = "skipped" if e.outcome.startswith("skipped.") else "REWRITTEN"
+        reason = e.outcome.removeprefix("skipped.")
+        print(f"  {mark:<9} {e.node:<28} ({e.origin}) {reason}{': ' + e.detail if e.detail else ''}")
+    return EXIT_OK
+
+
 def cmd_list_passes(args) -> int:
     from passes.core.registry import get_pass_class, pass_names
 
@@ -146,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-trials", type=int, default=0, help="meta-schedule trials (0: no tuning)")
     p.add_argument("--tuning-db", default="~/.cache/passes/tuning", help="tuning database folder")
     p.add_argument("--no-measure", action="store_true", help="skip the accuracy check and latency measurement")
+    p.add_argument("--numeric-check-each", action="store_true",
+                   help="run the reference before/after each pass and name the pass that changed the outputs")
+    p.add_argument("--dump-each", metavar="DIR", help="write the IR after each pass into DIR")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-o", "--output", required=True, help="artifact folder to create (must not exist)")
     p.set_defaults(func=cmd_compile)
@@ -161,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", action="store_true", help="also print the IR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("explain", help="list every candidate a pass considers and why it was or was not rewritten")
+    p.add_argument("pass_name", metavar="PASS")
+    p.add_argument("model")
+    p.add_argument("--passes", default=None, help="pipeline to run before PASS (default: the default pipeline)")
+    p.set_defaults(func=cmd_explain)
 
     sub.add_parser("list-passes", help="registered passes and their options").set_defaults(func=cmd_list_passes)
     sub.add_parser("list-ops", help="IR ops").set_defaults(func=cmd_list_ops)

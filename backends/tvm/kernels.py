@@ -23,10 +23,12 @@ CUDA: one thread per pooled output (or conv output), its conv window accumulated
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tvm import te, tirx
+import tvm
+from tvm import s_tir, te, tirx
 from tvm.s_tir import Schedule
 
 F32 = "float32"
@@ -137,10 +139,10 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     if spec.pool == "max":
         pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(epilogue[b, o, y * psh + wy, x * psw + wx],
                                                                       axis=[wy, wx]), name="pool")
-    else:
-        window = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(epilogue[b, o, y * psh + wy, x * psw + wx],
-                                                                      axis=[wy, wx]), name="window_sum")
-        pooled = te.compute(spec.out_shape, lambda b, o, y, x: window[b, o, y, x] / _f(pkh * pkw), name="pool")
+    else:  # mean of the window, as a sum of pre-scaled values (one reduction stage, no window-sum buffer)
+        scale = _f(1.0 / (pkh * pkw))
+        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(
+            epilogue[b, o, y * psh + wy, x * psw + wx] * scale, axis=[wy, wx]), name="pool")
     return [*args, pooled]
 
 
@@ -183,8 +185,6 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     y_outer, y_inner = sch.split(y, [None, tile.rows])
     x_outer, x_inner = sch.split(x, [None, tile.cols])
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
-    if spec.pool == "avg":
-        sch.compute_at(sch.get_sblock("window_sum"), x_outer)
     if pooled:
         sch.compute_at(epilogue, x_outer)
     sch.compute_at(conv, x_outer)
@@ -220,8 +220,6 @@ def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tir
     block_x, thread_x = sch.split(fused, [None, threads])
     sch.bind(block_x, "blockIdx.x")
     sch.bind(thread_x, "threadIdx.x")
-    if spec.pool == "avg":
-        sch.compute_at(sch.get_sblock("window_sum"), thread_x)
     if pooled:
         sch.compute_at(sch.get_sblock("epilogue"), thread_x)
     sch.compute_at(conv, thread_x)
@@ -249,4 +247,20 @@ def supports(spec: ConvSpec) -> bool:
     return spec.activation in TE_ACTIVATIONS and spec.pool in (None, "max", "avg")
 
 
-__all__ = ["ConvSpec", "conv_kernel", "supports"]
+
+
+_ALLOC = re.compile(r"(\w+) = T\.(?:sblock_)?alloc_buffer\(\(([\d, ]*)\)(?:, [^)]*?scope=\"(\w+)\")?")
+
+
+def compacted_buffers(func: tirx.PrimFunc) -> list[tuple[str, tuple[int, ...], str]]:
+    """Intermediate buffers of ``func`` after TVM compacts each to the region it really uses: (name, shape, scope).
+
+    This is what proves a fusion: for conv2d_pool no buffer has the conv output's full shape.
+    """
+    seq = tvm.transform.Sequential([s_tir.transform.LowerInitBlock(),
+                                    s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+                                    s_tir.transform.ConvertBlocksToOpaque(),
+                                    s_tir.transform.CompactBufferAllocation()])
+    lowered = seq(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+    return [(name, tuple(int(d) for d in shape.replace(" ", "").split(",") if d), scope or "global")
+            for name, shape, scope in _ALLOC.findall(lowered["main"].script())]

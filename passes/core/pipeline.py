@@ -132,6 +132,116 @@ class VerifyEach(Instrument):
                             f"{exc}") from None
 
 
+class NumericCheckEach(Instrument):
+    """Run the reference interpreter before and after every pass on seeded inputs; name the first pass whose
+    outputs moved beyond ``rtol``/``atol`` (atol relative to the output scale).
+
+    Exact rewrites (folds, fusions) must pass this with float32 rounding tolerances; lossy passes (quantize,
+    prune) are exempt by listing them in ``lossy``.
+    """
+
+    def __init__(self, inputs: tuple = (), rtol: float = 1e-4, atol: float = 1e-5, lossy: tuple[str, ...] = ()):
+        self.inputs, self.rtol, self.atol, self.lossy = tuple(inputs), rtol, atol, tuple(lossy)
+        self._before = None
+
+    def _run(self, graph: Graph, ctx: PassContext):
+        from passes.ir.interpret import run_reference
+
+        if not self.inputs:
+            self.inputs = tuple(ctx.example_inputs) or tuple(seeded_inputs(graph, ctx.seed))
+        return run_reference(graph, self.inputs)
+
+    def before(self, p, graph, ctx):
+        self._before = self._run(graph, ctx)
+
+    def after(self, p, graph, ctx, result, history):
+        if not result.changed or p.name in self.lossy:
+            return
+        import numpy as np
+
+        from passes.ir.graph import flatten_structure
+
+        after = self._run(graph, ctx)
+        for i, (a, b) in enumerate(zip(flatten_structure(self._before), flatten_structure(after))):
+            a, b = a.detach().double().numpy(), b.detach().double().numpy()
+            scale = max(float(np.max(np.abs(a))) if a.size else 0.0, 1e-12)
+            if a.shape != b.shape or not np.allclose(b, a, rtol=self.rtol, atol=self.atol * scale):
+                worst = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("nan")
+                raise PassError(f"pass {p.name!r} changed output {i} beyond tolerance (max abs error {worst:.3g}, "
+                                f"output scale {scale:.3g}); passes run: {', '.join(history)}")
+
+
+class Timing(Instrument):
+    """Wall time of every pass, accumulated by name (``seconds`` is also in each ``PassRecord``)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._start = 0.0
+
+    def before(self, p, graph, ctx):
+        self._start = time.perf_counter()
+
+    def after(self, p, graph, ctx, result, history):
+        self.seconds[p.name] = self.seconds.get(p.name, 0.0) + time.perf_counter() - self._start
+
+
+class DumpEach(Instrument):
+    """Write the graph text before the first pass (``00-input.txt``) and after each pass (``NN-<name>.txt``)."""
+
+    def __init__(self, directory: str):
+        from pathlib import Path
+
+        self.directory = Path(directory)
+        self.count = 0
+
+    def _dump(self, graph: Graph, label: str) -> None:
+        from passes.ir.text import graph_text
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        (self.directory / f"{self.count:02d}-{label}.txt").write_text(graph_text(graph, with_origin=True) + "\n")
+        self.count += 1
+
+    def before(self, p, graph, ctx):
+        if self.count == 0:
+            self._dump(graph, "input")
+
+    def after(self, p, graph, ctx, result, history):
+        self._dump(graph, p.name)
+
+
+def seeded_inputs(graph: Graph, seed: int = 0) -> list:
+    """Deterministic inputs matching the graph signature (normal floats, zeros for integer inputs)."""
+    import torch
+
+    from passes.ir.ops import torch_dtype
+
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(t.shape, generator=gen).to(torch_dtype(t.dtype)) if t.dtype.startswith(("float", "bfloat"))
+            else torch.zeros(t.shape, dtype=torch_dtype(t.dtype)) for t in graph.input_types()]
+
+
+def make_instruments(names: Sequence[str | Instrument], inputs: tuple = ()) -> list[Instrument]:
+    """Instruments from names: ``verify-each``, ``numeric-check-each``, ``timing``, ``dump-each=DIR``."""
+    made: list[Instrument] = []
+    for item in names:
+        if isinstance(item, Instrument):
+            made.append(item)
+            continue
+        name, _, arg = item.partition("=")
+        if name == "verify-each":
+            made.append(VerifyEach())
+        elif name == "numeric-check-each":
+            made.append(NumericCheckEach(inputs))
+        elif name == "timing":
+            made.append(Timing())
+        elif name == "dump-each" and arg:
+            made.append(DumpEach(arg))
+        else:
+            raise PassError(f"unknown instrument {item!r}; available: verify-each, numeric-check-each, timing, "
+                            "dump-each=DIR")
+    return made
+
+
 @dataclass
 class Pipeline:
     passes: list[Pass]

@@ -44,6 +44,6 @@ class EliminateCommonSubexpressions(Pass):
                 continue
             for index in range(len(data["out_types"])):
                 graph.replace_all_uses(Value(node, index), Value(first, index))
-            graph.remove_node(node)
             decide.done(node, "merged", f"same as {first}")
+            graph.remove_node(node)
         return decide.result()

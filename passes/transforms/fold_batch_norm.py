@@ -78,6 +78,6 @@ class FoldBatchNorm(Pass):
             scale, shift = affine_of(norm_data["params"], norm_data["attrs"]["eps"], data["out_types"][0].shape[1])
             data["params"] = folded_params(data["op"], data["params"], scale, shift)
             data["origin"] = join_origin(data["origin"], norm_data["origin"])
-            bypass(graph, norm, Value(layer, 0))
             decide.done(norm, "folded", f"into {layer}")
+            bypass(graph, norm, Value(layer, 0))
         return decide.result()

@@ -44,6 +44,6 @@ class FoldConstants(Pass):
             params = {k: torch.as_tensor(v) for k, v in data["params"].items()}
             with torch.no_grad():
                 result = get_op(data["op"]).reference([torch.as_tensor(v) for v in values], data["attrs"], params)
-            replace_node(graph, node, "constant", [], {}, {"value": result.numpy().copy()}, data["origin"])
             decide.done(node, "folded")
+            replace_node(graph, node, "constant", [], {}, {"value": result.numpy().copy()}, data["origin"])
         return decide.result()

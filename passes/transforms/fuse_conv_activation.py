@@ -48,6 +48,6 @@ class FuseConvActivation(Pass):
             data = graph.nodes[layer]
             data["attrs"] = {**data["attrs"], "activation": name, "activation_params": params}
             data["origin"] = join_origin(data["origin"], graph.nodes[act]["origin"])
-            bypass(graph, act, Value(layer, 0))
             decide.done(act, "fused", f"into {layer}")
+            bypass(graph, act, Value(layer, 0))
         return decide.result()

@@ -64,7 +64,7 @@ class FuseConvPool(Pass):
             pool_attrs = pool_data["attrs"]
             attrs = {**conv_data["attrs"], "pool": pool_data["op"][:3], "pool_kernel": pool_attrs["kernel_size"],
                      "pool_stride": pool_attrs["stride"]}
+            decide.done(pool, "fused", f"with {conv}")
             replace_node(graph, pool, "conv2d_pool", graph.operands(conv), attrs, dict(conv_data["params"]),
                          join_origin(conv_data["origin"], pool_data["origin"]), removed=(conv,))
-            decide.done(pool, "fused", f"with {conv}")
         return decide.result()

@@ -40,6 +40,6 @@ class RemoveIdentities(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("removed",))
         for node in [n for n in graph.topo_order() if is_identity(graph, n)]:
-            bypass(graph, node, graph.operands(node)[0])
             decide.done(node, "removed")
+            bypass(graph, node, graph.operands(node)[0])
         return decide.result()
