@@ -4,11 +4,12 @@ The fused kernel computes each pooled output straight from the convolution (bias
 included): a tile of conv outputs lives in registers/local memory and is reduced by the pooling window at once,
 so the full-size conv output is never written to memory. Exact: same arithmetic, in the same order per output.
 
-Fused only when pooling windows do not overlap (kernel <= stride): then every conv output is computed exactly
-once. Refusals, each counted as ``skipped.<reason>``:
+Fused when pooling windows tile the conv output (kernel == stride, the common 2x2/2 case): then every conv
+output is computed exactly once, in the tile that pools it. Refusals, each counted as ``skipped.<reason>``:
 - ``no_producer``: the pool's input is not a conv2d.
 - ``shared_output``: the conv output has other users or is a graph output (it must be materialized anyway).
 - ``overlapping_windows``: kernel > stride would recompute conv outputs (kernel^2/stride^2 times the FLOPs).
+- ``gapped_windows``: kernel < stride leaves conv outputs no window reads (rare; our kernel tiles need coverage).
 - ``pool_padding``, ``pool_dilation``, ``ceil_mode``: windows reaching outside the conv output are not fused.
 """
 
@@ -30,6 +31,8 @@ def refusal(graph: Graph, pool: str) -> tuple[str, str] | None:
     attrs = graph.nodes[pool]["attrs"]
     if any(k > s for k, s in zip(attrs["kernel_size"], attrs["stride"])):
         return "overlapping_windows", f"kernel {attrs['kernel_size']} > stride {attrs['stride']}"
+    if any(k < s for k, s in zip(attrs["kernel_size"], attrs["stride"])):
+        return "gapped_windows", f"kernel {attrs['kernel_size']} < stride {attrs['stride']}"
     if any(attrs["padding"]):
         return "pool_padding", f"padding {attrs['padding']}"
     if any(d != 1 for d in attrs.get("dilation", (1, 1))):

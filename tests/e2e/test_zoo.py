@@ -8,9 +8,12 @@ import subprocess
 import pytest
 import torch
 
+import passes
+
 from backends.tvm import build, cuda_source
 from examples import zoo
 from frontend.torch_fx import from_torch
+from passes.core.registry import PRESETS
 from passes.ir.interpret import run_reference
 from passes.ir.verify import verify
 from tests.helpers import assert_outputs_close, structure_of
@@ -45,6 +48,19 @@ def test_zoo_llvm_matches_pytorch(imported, name):
     actual = build(graph, "llvm")(*xs)
     assert structure_of(actual) == structure_of(expected)
     assert_outputs_close(expected, actual)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("name", NAMES)
+def test_zoo_default_pipeline_matches_pytorch(name):
+    model, xs = zoo.make(name)
+    opt = passes.optimize(model, target="llvm", example_inputs=xs, measure=False,
+                          instruments=("verify-each", "numeric-check-each"))
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), opt(*xs))
+    report = opt.report.to_dict()
+    assert [p["name"] for p in report["passes"]] == list(PRESETS["default"])
+    assert report["flops"]["after"] <= report["flops"]["before"]
 
 
 @pytest.mark.tvm

@@ -28,8 +28,8 @@ graph Sequential(%input_1: f32[1,3,8,8]) {
     assert graph.nodes["n2"]["origin"] == ("0", "1", "2")
 
 
-@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2), nn.MaxPool2d((2, 1)), nn.AvgPool2d(3, 3),
-                                  nn.MaxPool2d(2, 3)], ids=repr)
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2), nn.MaxPool2d((2, 1)), nn.AvgPool2d(3, 3)],
+                         ids=repr)
 def test_numerics(pool):
     graph = check_numerics([FuseConvActivation(), FuseConvPool()], conv_relu_pool(pool), (torch.randn(1, 3, 9, 9),))
     assert [d["op"] for _, d in graph.nodes(data=True)] == ["input", "conv2d_pool"]
@@ -43,6 +43,7 @@ def test_grouped_strided_conv_without_activation():
 
 @pytest.mark.parametrize("pool, reason", [
     (nn.MaxPool2d(3, 2), "overlapping_windows"),
+    (nn.MaxPool2d(2, 3), "gapped_windows"),
     (nn.MaxPool2d(2, 2, padding=1), "pool_padding"),
     (nn.MaxPool2d(2, 2, dilation=2), "pool_dilation"),
     (nn.MaxPool2d(2, 2, ceil_mode=True), "ceil_mode"),

@@ -1,0 +1,88 @@
+"""Our conv2d[+pool] TIR kernels: numerics against PyTorch, the fused kernel's TIR, and its CUDA build."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from torch import nn
+
+from backends.tvm import build, cuda_source
+from backends.tvm.kernels import ConvSpec, compacted_buffers, conv_kernel
+from backends.tvm.lower import lower
+from frontend.torch_fx import from_torch
+from passes.core.pass_base import PassContext
+from passes.core.pipeline import Pipeline, resolve
+from tests.helpers import assert_outputs_close
+
+pytestmark = pytest.mark.tvm
+
+FUSE = "fuse-conv-activation,fuse-conv-pool"
+
+
+def compile_and_compare(model: nn.Module, x: torch.Tensor, passes: str = FUSE, expect_op: str | None = None):
+    graph = from_torch(model.eval(), (x,))
+    Pipeline(resolve(passes)).run(graph, PassContext())
+    if expect_op:
+        assert expect_op in [d["op"] for _, d in graph.nodes(data=True)]
+    with torch.no_grad():
+        assert_outputs_close(model(x), build(graph, "llvm")(x))
+    return graph
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, bias=False), nn.Conv2d(8, 8, 3, groups=8, padding=1),
+    nn.Conv2d(8, 12, 3, groups=4, dilation=2, padding=2), nn.Conv2d(5, 7, (1, 3), padding=(0, 1)),
+    nn.Conv2d(6, 10, 1), nn.Conv2d(3, 5, 5, stride=3, padding=2),
+], ids=repr)
+def test_conv_kernel_matches_pytorch(conv):
+    compile_and_compare(conv, torch.randn(1, conv.in_channels, 13, 11), passes="")
+
+
+@pytest.mark.parametrize("act", [nn.ReLU(), nn.ReLU6(), nn.LeakyReLU(0.1), nn.ELU(), nn.GELU(), nn.GELU("tanh"),
+                                 nn.SiLU(), nn.Mish(), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(), nn.Hardsigmoid(),
+                                 nn.Hardtanh(-1.0, 2.0)], ids=repr)
+def test_fused_activation_epilogues(act):
+    compile_and_compare(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), act), torch.randn(1, 3, 9, 9) * 3)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.AvgPool2d(2), nn.MaxPool2d(3), nn.AvgPool2d((2, 3))],
+                         ids=repr)
+def test_conv_pool_kernel_matches_pytorch(pool):
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), pool)
+    compile_and_compare(model, torch.randn(1, 4, 18, 18), expect_op="conv2d_pool")
+
+
+def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    graph = compile_and_compare(model, torch.randn(1, 8, 32, 32), expect_op="conv2d_pool")
+    prim_funcs = [gv.name_hint for gv, f in lower(graph).functions.items() if gv.name_hint != "main"]
+    assert len(prim_funcs) == 1 and prim_funcs[0].startswith("conv2d_pool_")
+
+    spec = ConvSpec(in_shape=(1, 8, 32, 32), weight_shape=(16, 8, 3, 3), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max", pool_kernel=(2, 2),
+                    pool_stride=(2, 2))
+    for target in ("llvm", "cuda"):
+        buffers = compacted_buffers(conv_kernel(spec, target))
+        shapes = {shape for _, shape, _ in buffers}
+        assert spec.conv_shape not in shapes, buffers          # (1, 16, 32, 32) never exists
+        conv_tiles = [shape for name, shape, scope in buffers if name.startswith("conv")]
+        assert conv_tiles and all(scope == "local" for name, _, scope in buffers if name.startswith("conv"))
+        assert all(t[1] * t[2] * t[3] <= 16 * 4 * 32 for t in conv_tiles)  # a register/local tile
+
+
+@pytest.mark.cuda
+def test_conv_pool_builds_for_cuda_and_nvcc_accepts_it(tmp_path):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2)).eval()
+    graph = from_torch(model, (torch.randn(1, 8, 16, 16),))
+    Pipeline(resolve(FUSE)).run(graph, PassContext())
+    source = cuda_source(build(graph, "cuda"))
+    assert "conv2d_pool_" in source
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed")
+    (tmp_path / "k.cu").write_text(source)
+    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.ptx")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
