@@ -264,3 +264,56 @@ def compacted_buffers(func: tirx.PrimFunc) -> list[tuple[str, tuple[int, ...], s
     lowered = seq(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
     return [(name, tuple(int(d) for d in shape.replace(" ", "").split(",") if d), scope or "global")
             for name, shape, scope in _ALLOC.findall(lowered["main"].script())]
+
+
+@dataclass(frozen=True)
+class DenseSpec:
+    """out[m, n] = act(sum_k x[m, k] * w_t[k, n] + bias[n]): linear layers and RNN input projections."""
+
+    m: int
+    k: int
+    n: int
+    has_bias: bool
+    activation: str = "none"
+    activation_params: tuple[float, ...] = ()
+
+
+def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
+    x = te.placeholder((spec.m, spec.k), F32, name="x")
+    w_t = te.placeholder((spec.k, spec.n), F32, name="w_t")  # packed at compile time: rows of the output vector
+    rk = te.reduce_axis((0, spec.k), "rk")
+    acc = te.compute((spec.m, spec.n), lambda i, j: te.sum(x[i, rk] * w_t[rk, j], axis=rk), name="acc")
+    act_fn = TE_ACTIVATIONS[spec.activation]
+    args = [x, w_t]
+    if spec.has_bias:
+        bias = te.placeholder((spec.n,), F32, name="bias")
+        args.append(bias)
+        out = te.compute((spec.m, spec.n), lambda i, j: act_fn(acc[i, j] + bias[j], spec.activation_params),
+                         name="epilogue")
+    else:
+        out = te.compute((spec.m, spec.n), lambda i, j: act_fn(acc[i, j], spec.activation_params), name="epilogue")
+    return [*args, out]
+
+
+def dense_kernel(spec: DenseSpec, cores: int = 1) -> tirx.PrimFunc:
+    """CPU: tiles of rows x (one or two vectors of) columns accumulated in registers over k; parallel over tiles."""
+    sch = Schedule(te.create_prim_func(dense_compute(spec)))
+    acc, out = sch.get_sblock("acc"), sch.get_sblock("epilogue")
+    i, j = sch.get_loops(out)
+    cols = _largest_divisor(spec.n, 2 * VECTOR_LANES)
+    rows = _largest_divisor(spec.m, 4)
+    i_outer, i_inner = sch.split(i, [None, rows])
+    j_outer, j_inner = sch.split(j, [None, cols])
+    sch.reorder(i_outer, j_outer, i_inner, j_inner)
+    sch.compute_at(acc, j_outer)
+    tile = sch.get_loops(acc)[2:]
+    spatial, reduction = tile[:-1], tile[-1]
+    sch.reorder(reduction, *spatial)
+    if spatial:
+        sch.vectorize(spatial[-1])
+    sch.set_scope(acc, 0, "local")
+    sch.vectorize(j_inner)
+    if spec.m * spec.n * spec.k >= 1 << 16 and cores > 1:
+        sch.parallel(sch.fuse(i_outer, j_outer))
+    sch.decompose_reduction(acc, reduction)
+    return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})

@@ -20,7 +20,8 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm.kernels import ConvSpec, conv_kernel, supports
+from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, supports
+from backends.tvm.recurrent import GATES, recurrent_kernel
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import activation_of
 
@@ -39,6 +40,7 @@ class LowerContext:
     graph: Graph
     node: str
     target_kind: str = "llvm"
+    cores: int = 1
 
     @property
     def data(self) -> dict:
@@ -166,8 +168,27 @@ def _batch_norm(ctx, xs):
     return ctx.emit(R.add(y, ctx.const(shift.reshape(shape), "float32")))
 
 
+def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...], weight: np.ndarray,
+                      bias: np.ndarray | None, activation: str = "none", activation_params: tuple = ()) -> relax.Expr:
+    """``act(x W^T + b)`` through our dense kernel; leading dims of ``x`` are flattened into rows."""
+    n, k = weight.shape
+    m = int(np.prod(in_shape[:-1]))
+    spec = DenseSpec(m, k, n, bias is not None, activation, tuple(activation_params))
+    name = f"dense_{ctx.node}_{len(ctx.bb.get().functions)}"
+    func = dense_kernel(spec, ctx.cores).with_attr("global_symbol", name)
+    gv = ctx.bb.add_func(func, name)
+    args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(np.ascontiguousarray(weight.T), "float32")]
+    if bias is not None:
+        args.append(ctx.const(bias, "float32"))
+    y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType((m, n), "float32")))
+    return ctx.emit(R.reshape(y, (*in_shape[:-1], n)))
+
+
 @lowering("linear")
 def _linear(ctx, xs):
+    if ctx.target_kind == "llvm" and ctx.in_type(0).dtype == "float32":
+        return call_dense_kernel(ctx, xs[0], ctx.in_type(0).shape, ctx.params["weight"], ctx.params.get("bias"),
+                                 ctx.attrs["activation"], ctx.attrs["activation_params"])
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
     y = ctx.emit(R.matmul(xs[0], ctx.const(weight_t)))
     bias = ctx.params.get("bias")
@@ -430,6 +451,8 @@ def _recurrent(ctx, xs):
     Per layer and direction the input projection of all time steps is ONE matmul ((T*B, I) x (I, G*H)); each
     step then adds ``h W_hh^T`` and applies the gate math. Weights are transposed once, here.
     """
+    if ctx.target_kind == "llvm":
+        return _recurrent_kernels(ctx, xs)
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
     cell = _rnn_cell(kind, a.get("nonlinearity", "tanh"))
@@ -484,13 +507,65 @@ def _recurrent(ctx, xs):
     return y, h_n, ctx.emit(R.concat([R.expand_dims(c, 0) for c in final_c], axis=0))
 
 
+def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
+    """CPU: per layer and direction, one input-projection matmul and one ``recurrent_kernel`` call (the time loop)."""
+    a, p = ctx.attrs, ctx.params
+    kind = ctx.data["op"]
+    hidden, layers = a["hidden_size"], a["num_layers"]
+    directions = 2 if a["bidirectional"] else 1
+    gates = GATES[kind] * hidden
+    x = xs[0]
+    if a["batch_first"]:
+        x = ctx.emit(R.permute_dims(x, [1, 0, 2]))
+    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
+    state_type = relax.TensorType((batch, hidden), "float32")
+
+    def initial(slot: int, index: int):
+        if len(xs) <= slot:
+            return ctx.const(np.zeros((batch, hidden), np.float32))
+        return ctx.emit(R.reshape(R.strided_slice(xs[slot], axes=[0], begin=[index], end=[index + 1]),
+                                  (batch, hidden)))
+
+    final_h, final_c = [], []
+    for layer in range(layers):
+        features = ctx.emit(R.reshape(x, (steps * batch, -1)))
+        outputs = []
+        for direction in range(directions):
+            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+            b_ih = p.get("bias_ih" + suffix, np.zeros(gates, np.float32)) if a["bias"] else np.zeros(gates, np.float32)
+            b_hh = p.get("bias_hh" + suffix, np.zeros(gates, np.float32)) if a["bias"] else np.zeros(gates, np.float32)
+            if kind != "gru":  # b_hh adds to every gate pre-activation: fold it into the projection
+                b_ih, b_hh = b_ih + b_hh, np.zeros_like(b_hh)
+            xp = call_dense_kernel(ctx, features, (steps * batch, p["weight_ih" + suffix].shape[1]),
+                                   p["weight_ih" + suffix], b_ih.astype(np.float32))
+            xp = ctx.emit(R.reshape(xp, (steps, batch, gates)))
+            index = layer * directions + direction
+            name = f"{kind}_{ctx.node}{suffix}"
+            func = recurrent_kernel(kind, steps, batch, hidden, bool(direction), a.get("nonlinearity", "tanh"))
+            func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
+            gv = ctx.bb.add_func(func, name)
+            args = [xp, ctx.const(np.ascontiguousarray(p["weight_hh" + suffix].T), "float32"),
+                    ctx.const(b_hh, "float32"), initial(1, index), initial(2, index)]
+            result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[
+                relax.TensorType((steps, batch, hidden), "float32"), state_type, state_type]))
+            outputs.append(ctx.emit(relax.TupleGetItem(result, 0)))
+            final_h.append(ctx.emit(relax.TupleGetItem(result, 1)))
+            final_c.append(ctx.emit(relax.TupleGetItem(result, 2)))
+        x = outputs[0] if directions == 1 else ctx.emit(R.concat(outputs, axis=-1))
+    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if a["batch_first"] else x
+    h_n = ctx.emit(R.concat([R.expand_dims(h, 0) for h in final_h], axis=0))
+    if kind != "lstm":
+        return y, h_n
+    return y, h_n, ctx.emit(R.concat([R.expand_dims(c, 0) for c in final_c], axis=0))
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def missing_lowerings(graph: Graph) -> list[str]:
     return sorted({f"{graph.describe(n)}" for n, d in graph.nodes(data=True)
                    if d["op"] != "input" and d["op"] not in LOWERINGS})
 
 
-def lower_graph(graph: Graph, target_kind: str = "llvm") -> tvm.IRModule:
+def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1) -> tvm.IRModule:
     """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
     missing = missing_lowerings(graph)
     if missing:
@@ -505,7 +580,7 @@ def lower_graph(graph: Graph, target_kind: str = "llvm") -> tvm.IRModule:
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target_kind)
+                ctx = LowerContext(bb, graph, node, target_kind, cores)
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):
@@ -526,8 +601,8 @@ def check_types(graph: Graph, mod: tvm.IRModule) -> None:
                                 f"the IR says {expected}")
 
 
-def lower(graph: Graph, target_kind: str = "llvm") -> tvm.IRModule:
-    mod = lower_graph(graph, target_kind)
+def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1) -> tvm.IRModule:
+    mod = lower_graph(graph, target_kind, cores)
     check_types(graph, mod)
     return mod
 

@@ -174,10 +174,11 @@ def build(graph: Graph, target: Any = "llvm") -> CompiledModule:
     from backends.tvm.schedule import optimize_relax_cpu
 
     tvm_target = make_target(target)
-    mod = lower(graph, tvm_target.kind.name)
+    cores = int(tvm_target.attrs.get("num-cores", 1)) if tvm_target.kind.name == "llvm" else 1
+    mod = lower(graph, tvm_target.kind.name, cores)
     if tvm_target.kind.name == "llvm":
         with tvm_target:
-            mod = optimize_relax_cpu(mod, int(tvm_target.attrs.get("num-cores", 1)))
+            mod = optimize_relax_cpu(mod, cores)
     executable = tvm.compile(mod, target=tvm_target)
     inputs = [TensorSpec(n, t.shape, t.dtype) for n, t in zip(graph.inputs, graph.input_types())]
     outputs = [TensorSpec(f"output_{i}", graph.value_type(v).shape, graph.value_type(v).dtype)

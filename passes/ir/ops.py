@@ -129,9 +129,29 @@ class OpDef:
 
     def infer(self, in_types: list[TensorType], attrs: dict, params: Mapping[str, Any], where: str
               ) -> list[TensorType]:
-        """Output types, computed by running the reference on the ``meta`` device (no data, no FLOPs)."""
+        """Output types, computed by running the reference on the ``meta`` device (no data, no FLOPs).
+
+        Memoized on (op, operand types, attrs, param shapes): ``verify`` re-infers every node after every pass,
+        and some references (a 100-step LSTM) take a while even without data.
+        """
         if not self.arity_ok(len(in_types)):
             raise IRError(f"{where}: takes {self.arity} operands, got {len(in_types)}")
+        try:
+            key = (self.name, tuple(in_types), tuple(sorted(attrs.items())),
+                   tuple(sorted((k, np.shape(v), np.asarray(v).dtype.name) for k, v in params.items())))
+            hash(key)
+        except TypeError:  # unhashable attr value: no memo
+            key = None
+        if key is not None and key in _INFER_MEMO:
+            return list(_INFER_MEMO[key])
+        types = self._infer(in_types, attrs, params, where)
+        if key is not None:
+            if len(_INFER_MEMO) > 1 << 14:  # bounded: a long-lived process compiling many models
+                _INFER_MEMO.clear()
+            _INFER_MEMO[key] = tuple(types)
+        return types
+
+    def _infer(self, in_types, attrs, params, where) -> list[TensorType]:
         xs = [torch.empty(t.shape, dtype=torch_dtype(t.dtype), device="meta") for t in in_types]
         ps = {k: torch.empty(np.shape(v), dtype=torch_dtype(np.asarray(v).dtype.name), device="meta")
               for k, v in params.items()}
@@ -143,6 +163,8 @@ class OpDef:
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return [TensorType(tuple(o.shape), numpy_dtype(o.dtype)) for o in outs]
 
+
+_INFER_MEMO: dict[tuple, tuple[TensorType, ...]] = {}
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                  "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int8": torch.int8,

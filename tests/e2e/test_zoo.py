@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import passes
-
 from backends.tvm import build, cuda_source
 from examples import zoo
 from frontend.torch_fx import from_torch
