@@ -84,6 +84,23 @@ class ConvSpec:
     pool_stride: tuple[int, int] = (1, 1)
 
     @property
+    def channels_vectorized(self) -> bool:
+        """Vectorize over output channels (weights packed (C/g, KH, KW, OC)) instead of output columns.
+
+        Pays for ordinary (groups=1) convs whose output rows are too short to fill a vector, and for 1x1 convs,
+        whose few FLOPs per loaded input column would otherwise leave the FMA units idle.
+        """
+        _, oc, _, ow = self.conv_shape
+        one_by_one = self.weight_shape[2:] == (1, 1)
+        return self.groups == 1 and oc % 8 == 0 and (ow < VECTOR_LANES or one_by_one)
+
+    def pack_weight(self, weight):
+        """The weight in the kernel's layout (done once, at compile time)."""
+        import numpy as np
+
+        return np.ascontiguousarray(np.transpose(weight, (1, 2, 3, 0))) if self.channels_vectorized else weight
+
+    @property
     def conv_shape(self) -> tuple[int, int, int, int]:
         n, _, h, w = self.in_shape
         oc, _, kh, kw = self.weight_shape
@@ -106,7 +123,8 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     data = te.placeholder(spec.in_shape, F32, name="data")
-    weight = te.placeholder(spec.weight_shape, F32, name="weight")
+    packed = spec.channels_vectorized
+    weight = te.placeholder((cg, kh, kw, oc) if packed else spec.weight_shape, F32, name="weight")
     args = [data, weight]
     source = data
     if ph or pw:
@@ -118,18 +136,26 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     per_group = oc // spec.groups
-    conv = te.compute(
-        spec.conv_shape,
-        lambda b, o, y, x: te.sum(source[b, (o // per_group) * cg + rc, y * sh + ry * dh, x * sw + rx * dw]
-                                  * weight[o, rc, ry, rx], axis=[rc, ry, rx]), name="conv")
+    n_, oc_, oh, ow = spec.conv_shape
+
+    def dot(b, o, y, x):
+        return te.sum(source[b, (o // per_group) * cg + rc, y * sh + ry * dh, x * sw + rx * dw]
+                      * (weight[rc, ry, rx, o] if packed else weight[o, rc, ry, rx]), axis=[rc, ry, rx])
+
+    if packed:  # accumulate channels-last so a tile's channel vector is contiguous in registers
+        conv = te.compute((n_, oh, ow, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
+        value = lambda b, o, y, x: conv[b, y, x, o]  # noqa: E731
+    else:
+        conv = te.compute(spec.conv_shape, dot, name="conv")
+        value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
     act_fn = TE_ACTIVATIONS[spec.activation]
     if spec.has_bias:
         bias = te.placeholder((oc,), F32, name="bias")
         args.append(bias)
-        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(conv[b, o, y, x] + bias[o],
+        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(value(b, o, y, x) + bias[o],
                                                                          spec.activation_params), name="epilogue")
     else:
-        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(conv[b, o, y, x], spec.activation_params),
+        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(value(b, o, y, x), spec.activation_params),
                               name="epilogue")
     if spec.pool is None:
         return [*args, epilogue]
@@ -165,6 +191,13 @@ class Tile:
 def default_tile(spec: ConvSpec) -> Tile:
     """Heuristic register tile: about 16 accumulator vectors, the conv tile row a whole vector when possible."""
     _, oc, oh, ow = spec.out_shape
+    if spec.channels_vectorized:  # 1-2 vectors of channels x up to 14 pixels: about 14 accumulator vectors
+        oc_block = next(b for b in (2 * VECTOR_LANES, VECTOR_LANES, 8) if oc % b == 0)
+        max_pixels = 7 if oc_block > VECTOR_LANES else 14
+        col_scale = spec.pool_stride[1] if spec.pool else 1
+        cols = _largest_divisor(ow, max(1, max_pixels // col_scale))
+        rows = _largest_divisor(oh, max(1, max_pixels // (cols * col_scale)))
+        return Tile(oc_block=oc_block, rows=rows, cols=cols)
     if spec.pool:  # measured on Zen 4: 4 channels x 2 pooled rows x one vector of conv columns
         cols = _largest_divisor(ow, max(1, VECTOR_LANES // spec.pool_stride[1]))
         return Tile(oc_block=_largest_divisor(oc, 4), rows=_largest_divisor(oh, 2), cols=cols)
@@ -184,23 +217,29 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     o_outer, o_inner = sch.split(o, [None, tile.oc_block])
     y_outer, y_inner = sch.split(y, [None, tile.rows])
     x_outer, x_inner = sch.split(x, [None, tile.cols])
+    by_channel = spec.channels_vectorized
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
     if pooled:
         sch.compute_at(epilogue, x_outer)
     sch.compute_at(conv, x_outer)
-    # Under x_outer: the tile's spatial loops (compute_at omits unit extents) then the 3 reduction loops.
+    # Under x_outer: the tile's spatial loops in the conv's own order ((o, y, x), or (y, x, o) when channels are
+    # vectorized), unit extents omitted, then the reductions. The last spatial loop becomes the vector.
+    # compute_at drops unit-extent loops, reductions included (1x1 kernels, depthwise channels).
     tile_loops = sch.get_loops(conv)[4:]
-    spatial, reduction = tile_loops[:-3], tile_loops[-3:]
+    reductions = sum(extent > 1 for extent in spec.weight_shape[1:])
+    split_at = len(tile_loops) - reductions
+    spatial, reduction = tile_loops[:split_at], tile_loops[split_at:]
     sch.reorder(*reduction, *spatial)
     if spatial:
         sch.vectorize(spatial[-1])
     sch.set_scope(conv, 0, "local")
     if pooled:
         sch.compute_inline(epilogue)
-    else:
+    elif not by_channel:
         sch.vectorize(x_inner)
     sch.parallel(sch.fuse(n, o_outer, y_outer))
-    sch.decompose_reduction(conv, reduction[0])
+    if reduction:
+        sch.decompose_reduction(conv, reduction[0])
     if spec.padding != (0, 0):
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)

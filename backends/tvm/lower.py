@@ -116,7 +116,7 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec) -> relax.
     name = ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node
     func = conv_kernel(spec, ctx.target_kind).with_attr("global_symbol", name)
     gv = ctx.bb.add_func(func, name)
-    args = [x, ctx.const(ctx.params["weight"], "float32")]
+    args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), "float32")]
     if spec.has_bias:
         args.append(ctx.const(ctx.params["bias"], "float32"))
     return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "float32")))

@@ -1,0 +1,166 @@
+"""Latency benchmark: PyTorch eager vs ONNX Runtime vs ours, same run, interleaved, medians.
+
+    python benchmarks/run.py [--models resnet,mobilenetv2,vgg,bilstm] [--rounds 20] [--torch-compile]
+
+Batch 1, fp32, the zoo models at full size. Every runner is timed by wall clock around one call (inputs already in
+the runner's format), rounds interleave the runners so machine noise hits all of them alike, and we report the
+median. Also measures the conv+pool fusion (VGG-style compiled with and without ``fuse-conv-pool``). Writes
+``benchmarks/results/latest.md`` and ``latest.png`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CORES = os.cpu_count() or 1
+os.environ.setdefault("TVM_NUM_THREADS", str(CORES))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import passes  # noqa: E402
+from examples import zoo  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+NO_CONV_POOL = ["remove-identities", "fold-constants", "eliminate-common-subexpressions", "fold-batch-norm",
+                "fuse-conv-activation", "eliminate-dead-nodes"]
+
+
+def onnx_runtime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[[], object]:
+    import onnxruntime as ort
+
+    buffer = io.BytesIO()
+    names = [f"input_{i}" for i in range(len(inputs))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, buffer, input_names=names, dynamo=False, opset_version=17)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = CORES
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    feed = {n: x.numpy() for n, x in zip(names, inputs)}
+    return lambda: session.run(None, feed)
+
+
+def interleaved_medians(runners: dict[str, Callable[[], object]], rounds: int, block: int = 3
+                        ) -> dict[str, float]:
+    """Median ms per call. Each round gives every runner a short block of calls after a pause and one untimed
+    warm-up call: each runtime keeps worker threads spinning after a call, and without the pause those threads
+    would steal the cores from whichever runtime runs next."""
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            time.sleep(0.05)
+            run()
+            for _ in range(block):
+                start = time.perf_counter()
+                run()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def bench_model(name: str, rounds: int, torch_compile: bool) -> dict[str, float]:
+    model, inputs = zoo.make(name, full=True)
+    numpy_inputs = [x.numpy() for x in inputs]
+    start = time.perf_counter()
+    ours = passes.optimize(model, target="llvm", example_inputs=inputs, measure=False)
+    build_s = time.perf_counter() - start
+    with torch.no_grad():
+        expected = model(*inputs)
+    error = passes.api._accuracy(expected if isinstance(expected, tuple) else (expected,),
+                                 ours(*numpy_inputs) if isinstance(expected, tuple) else (ours(*numpy_inputs),))
+    runners = {"pytorch": lambda: model(*inputs), "onnxruntime": onnx_runtime_runner(model, inputs),
+               "ours": lambda: ours(*numpy_inputs)}
+    if torch_compile:
+        compiled = torch.compile(model)
+        runners["torch.compile"] = lambda: compiled(*inputs)
+    with torch.no_grad():
+        medians = interleaved_medians(runners, rounds)
+    flops = ours.report.flops["before"]
+    print(f"  {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items())
+          + f" (compile {build_s:.1f} s, max rel error {error['max_rel_error']:.1e})", flush=True)
+    return {**medians, "gflop": flops / 1e9, "compile_s": build_s, "rel_error": error["max_rel_error"]}
+
+
+def bench_conv_pool(rounds: int) -> dict[str, float]:
+    model, inputs = zoo.make("vgg", full=True)
+    x = inputs[0].numpy()
+    unfused = passes.optimize(model, passes=NO_CONV_POOL, example_inputs=inputs, measure=False)
+    fused = passes.optimize(model, passes="default", example_inputs=inputs, measure=False)
+    fusions = {p.name: p.stats for p in fused.report.passes}["fuse-conv-pool"]["fused"]
+    medians = interleaved_medians({"unfused": lambda: unfused(x), "fused": lambda: fused(x)}, rounds)
+    print(f"  conv+pool on vgg: unfused {medians['unfused']:.2f} ms, fused {medians['fused']:.2f} ms "
+          f"({fusions} fusions), ratio {medians['fused'] / medians['unfused']:.3f}", flush=True)
+    return {**medians, "fusions": fusions}
+
+
+def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float] | None, machine: str) -> str:
+    columns = [c for c in ("pytorch", "onnxruntime", "torch.compile", "ours") if any(c in r for r in rows.values())]
+    lines = [f"Machine: {machine}. Batch 1, fp32, median ms of interleaved rounds; ours = default pipeline, "
+             "untuned (no autotuning yet). Each runner uses all cores.", "",
+             "| model | GFLOP | " + " | ".join(columns) + " | ours / ONNX Runtime | ours / PyTorch |",
+             "|---" * (len(columns) + 4) + "|"]
+    for name, r in rows.items():
+        cells = " | ".join(f"{r[c]:.2f}" for c in columns)
+        lines.append(f"| {name} | {r['gflop']:.2f} | {cells} | {r['ours'] / r['onnxruntime']:.2f}x | "
+                     f"{r['ours'] / r['pytorch']:.2f}x |")
+    if conv_pool:
+        lines += ["", f"Conv+pool fusion (VGG-style, 224x224, {conv_pool['fusions']} fused layers): unfused "
+                      f"{conv_pool['unfused']:.2f} ms, fused {conv_pool['fused']:.2f} ms, fused/unfused "
+                      f"{conv_pool['fused'] / conv_pool['unfused']:.3f}."]
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.md").write_text(text)
+    _plot(rows, columns)
+    return text
+
+
+def _plot(rows: dict[str, dict[str, float]], columns: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / len(columns)
+    for i, column in enumerate(columns):
+        ratios = [rows[m][column] / rows[m]["onnxruntime"] for m in rows]
+        ax.bar(np.arange(len(rows)) + i * width, ratios, width, label=column)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks(np.arange(len(rows)) + width * (len(columns) - 1) / 2, list(rows))
+    ax.set_ylabel("latency / ONNX Runtime (lower is better)")
+    ax.set_title("Batch-1 fp32 latency relative to ONNX Runtime")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "latest.png", dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet,mobilenetv2,vgg,bilstm")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--torch-compile", action="store_true", help="add a torch.compile column (slow to build)")
+    parser.add_argument("--skip-conv-pool", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(CORES)
+    machine = f"{platform.processor() or platform.machine()}, {CORES} cores, torch {torch.__version__}"
+    print(f"benchmarking on {machine}", flush=True)
+    rows = {name: bench_model(name, args.rounds, args.torch_compile) for name in args.models.split(",")}
+    conv_pool = None if args.skip_conv_pool else bench_conv_pool(args.rounds)
+    print(write_results(rows, conv_pool, machine))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
