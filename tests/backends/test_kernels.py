@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 
@@ -36,6 +37,8 @@ def compile_and_compare(model: nn.Module, x: torch.Tensor, passes: str = FUSE, e
     nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, stride=2, bias=False), nn.Conv2d(8, 8, 3, groups=8, padding=1),
     nn.Conv2d(8, 12, 3, groups=4, dilation=2, padding=2), nn.Conv2d(5, 7, (1, 3), padding=(0, 1)),
     nn.Conv2d(6, 10, 1), nn.Conv2d(3, 5, 5, stride=3, padding=2),
+    # channel-vectorized schedule (groups=1, OC % 8 == 0, short rows or 1x1): 8/16/32-channel blocks
+    nn.Conv2d(12, 32, 1), nn.Conv2d(12, 64, 3, padding=1), nn.Conv2d(16, 48, 1, stride=2), nn.Conv2d(5, 24, 3),
 ], ids=repr)
 def test_conv_kernel_matches_pytorch(conv):
     compile_and_compare(conv, torch.randn(1, conv.in_channels, 13, 11), passes="")
@@ -55,22 +58,40 @@ def test_conv_pool_kernel_matches_pytorch(pool):
     compile_and_compare(model, torch.randn(1, 4, 18, 18), expect_op="conv2d_pool")
 
 
+@pytest.mark.parametrize("conv, pool", [
+    (nn.Conv2d(8, 32, 3, padding=1), nn.MaxPool2d(2)),    # channel-vectorized (rows of 10 < 16) + pool
+    (nn.Conv2d(8, 64, 1), nn.AvgPool2d(2)),
+    (nn.Conv2d(4, 8, 3, padding=1, groups=4), nn.MaxPool2d(2)),
+], ids=repr)
+def test_conv_pool_both_schedules(conv, pool):
+    compile_and_compare(nn.Sequential(conv, nn.ReLU(), pool), torch.randn(1, conv.in_channels, 10, 10),
+                        expect_op="conv2d_pool")
+
+
+@pytest.mark.parametrize("m, k, n, act", [(1, 64, 10, nn.Identity()), (5, 33, 48, nn.ReLU()), (2, 7, 3, nn.Tanh()),
+                                          (40, 128, 96, nn.SiLU())], ids=str)
+def test_dense_kernel_matches_pytorch(m, k, n, act):
+    compile_and_compare(nn.Sequential(nn.Linear(k, n), act), torch.randn(m, k))
+
+
 def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
     graph = compile_and_compare(model, torch.randn(1, 8, 32, 32), expect_op="conv2d_pool")
     prim_funcs = [gv.name_hint for gv, f in lower(graph).functions.items() if gv.name_hint != "main"]
     assert len(prim_funcs) == 1 and prim_funcs[0].startswith("conv2d_pool_")
 
-    spec = ConvSpec(in_shape=(1, 8, 32, 32), weight_shape=(16, 8, 3, 3), stride=(1, 1), padding=(1, 1),
-                    dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max", pool_kernel=(2, 2),
-                    pool_stride=(2, 2))
-    for target in ("llvm", "cuda"):
-        buffers = compacted_buffers(conv_kernel(spec, target))
-        shapes = {shape for _, shape, _ in buffers}
-        assert spec.conv_shape not in shapes, buffers          # (1, 16, 32, 32) never exists
-        conv_tiles = [shape for name, shape, scope in buffers if name.startswith("conv")]
-        assert conv_tiles and all(scope == "local" for name, _, scope in buffers if name.startswith("conv"))
-        assert all(t[1] * t[2] * t[3] <= 16 * 4 * 32 for t in conv_tiles)  # a register/local tile
+    for out_channels, width in ((16, 32), (32, 12)):  # column-vectorized and channel-vectorized schedules
+        spec = ConvSpec(in_shape=(1, 8, 32, width), weight_shape=(out_channels, 8, 3, 3), stride=(1, 1),
+                        padding=(1, 1), dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max",
+                        pool_kernel=(2, 2), pool_stride=(2, 2))
+        for target in ("llvm", "cuda"):
+            buffers = compacted_buffers(conv_kernel(spec, target))
+            conv_buffers = [(shape, scope) for name, shape, scope in buffers if name.startswith("conv")]
+            full = math.prod(spec.conv_shape)
+            # the conv output exists only as a small local tile, never at full size
+            assert conv_buffers and all(scope == "local" and math.prod(shape) <= 512 < full
+                                        for shape, scope in conv_buffers), buffers
+            assert all(math.prod(shape) < full for name, shape, _ in buffers if name != "pad"), buffers
 
 
 @pytest.mark.cuda
