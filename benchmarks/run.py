@@ -70,18 +70,25 @@ def interleaved_medians(runners: dict[str, Callable[[], object]], rounds: int, b
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def bench_model(name: str, rounds: int, torch_compile: bool) -> dict[str, float]:
+def bench_model(name: str, rounds: int, torch_compile: bool, tune_trials: int, database: str) -> dict[str, float]:
     model, inputs = zoo.make(name, full=True)
     numpy_inputs = [x.numpy() for x in inputs]
     start = time.perf_counter()
     ours = passes.optimize(model, target="llvm", example_inputs=inputs, measure=False)
     build_s = time.perf_counter() - start
+    tuned, tune_report = None, {}
+    if tune_trials:
+        tuned = passes.optimize(model, target="llvm", example_inputs=inputs, measure=False,
+                                tune=passes.Tune(trials=tune_trials, database=database))
+        tune_report = tuned.report.tune
     with torch.no_grad():
         expected = model(*inputs)
     error = passes.api._accuracy(expected if isinstance(expected, tuple) else (expected,),
                                  ours(*numpy_inputs) if isinstance(expected, tuple) else (ours(*numpy_inputs),))
     runners = {"pytorch": lambda: model(*inputs), "onnxruntime": onnx_runtime_runner(model, inputs),
                "ours": lambda: ours(*numpy_inputs)}
+    if tuned is not None:
+        runners["ours tuned"] = lambda: tuned(*numpy_inputs)
     if torch_compile:
         compiled = torch.compile(model)
         runners["torch.compile"] = lambda: compiled(*inputs)
@@ -90,7 +97,8 @@ def bench_model(name: str, rounds: int, torch_compile: bool) -> dict[str, float]
     flops = ours.report.flops["before"]
     print(f"  {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items())
           + f" (compile {build_s:.1f} s, max rel error {error['max_rel_error']:.1e})", flush=True)
-    return {**medians, "gflop": flops / 1e9, "compile_s": build_s, "rel_error": error["max_rel_error"]}
+    return {**medians, "gflop": flops / 1e9, "compile_s": build_s, "rel_error": error["max_rel_error"],
+            "tune_trials": tune_report.get("new_trials", 0), "tune_s": tune_report.get("seconds", 0.0)}
 
 
 def bench_conv_pool(rounds: int) -> dict[str, float]:
@@ -106,15 +114,22 @@ def bench_conv_pool(rounds: int) -> dict[str, float]:
 
 
 def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float] | None, machine: str) -> str:
-    columns = [c for c in ("pytorch", "onnxruntime", "torch.compile", "ours") if any(c in r for r in rows.values())]
+    columns = [c for c in ("pytorch", "onnxruntime", "torch.compile", "ours", "ours tuned")
+               if any(c in r for r in rows.values())]
     lines = [f"Machine: {machine}. Batch 1, fp32, median ms of interleaved rounds; ours = default pipeline, "
              "untuned (no autotuning yet). Each runner uses all cores.", "",
              "| model | GFLOP | " + " | ".join(columns) + " | ours / ONNX Runtime | ours / PyTorch |",
              "|---" * (len(columns) + 4) + "|"]
     for name, r in rows.items():
         cells = " | ".join(f"{r[c]:.2f}" for c in columns)
-        lines.append(f"| {name} | {r['gflop']:.2f} | {cells} | {r['ours'] / r['onnxruntime']:.2f}x | "
-                     f"{r['ours'] / r['pytorch']:.2f}x |")
+        best = min(r["ours"], r.get("ours tuned", r["ours"]))
+        lines.append(f"| {name} | {r['gflop']:.2f} | {cells} | {best / r['onnxruntime']:.2f}x | "
+                     f"{best / r['pytorch']:.2f}x |")
+    tuned = {n: r for n, r in rows.items() if "ours tuned" in r}
+    if tuned:
+        lines += ["", "Tuning (trials measured this run / tuning wall time): " + ", ".join(
+            f"{n} {r['tune_trials']} / {r['tune_s']:.0f} s" for n, r in tuned.items())
+            + ". Ratios use the faster of ours and ours tuned."]
     if conv_pool:
         lines += ["", f"Conv+pool fusion (VGG-style, 224x224, {conv_pool['fusions']} fused layers): unfused "
                       f"{conv_pool['unfused']:.2f} ms, fused {conv_pool['fused']:.2f} ms, fused/unfused "
@@ -152,11 +167,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--torch-compile", action="store_true", help="add a torch.compile column (slow to build)")
     parser.add_argument("--skip-conv-pool", action="store_true")
+    parser.add_argument("--tune-trials", type=int, default=0, help="add an 'ours tuned' column with this budget")
+    parser.add_argument("--tuning-db", default=str(RESULTS / "tuning-db"))
     args = parser.parse_args()
     torch.set_num_threads(CORES)
     machine = f"{platform.processor() or platform.machine()}, {CORES} cores, torch {torch.__version__}"
     print(f"benchmarking on {machine}", flush=True)
-    rows = {name: bench_model(name, args.rounds, args.torch_compile) for name in args.models.split(",")}
+    rows = {name: bench_model(name, args.rounds, args.torch_compile, args.tune_trials, args.tuning_db)
+            for name in args.models.split(",")}
     conv_pool = None if args.skip_conv_pool else bench_conv_pool(args.rounds)
     print(write_results(rows, conv_pool, machine))
     return 0

@@ -31,6 +31,7 @@ class Tune:
     database: str = "~/.cache/passes/tuning"
     rpc: str | None = None
     timeout: float = 30.0
+    progress: bool = True
 
 
 class OptimizedModel:
@@ -174,12 +175,14 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     report.flops["after"], report.params["after"] = graph_flops(optimized), graph_params(optimized)
     report.nodes["after"] = optimized.number_of_nodes()
 
+    tiles = None
+    if tune is not None:
+        start = time.perf_counter()
+        tiles, report.tune = _tune(optimized, target, tune)
+        seconds["tune"] = time.perf_counter() - start
     start = time.perf_counter()
-    compiled = build(optimized, target)
+    compiled = build(optimized, target, tiles)
     seconds["build"] = time.perf_counter() - start
-    if tune is not None and tune.trials:
-        report.tune = {"requested_trials": tune.trials, "new_trials": 0, "database": tune.database,
-                       "note": "tuning arrives with the kernels issue"}
     if measure and compiled.target_kind != "cuda":
         reference = _original_outputs(model, graph, example_inputs)
         report.accuracy = _accuracy(reference, compiled(*[_to_numpy(x) for x in example_inputs]))
@@ -188,6 +191,22 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
             report.baselines_ms["pytorch-eager"] = _torch_latency_ms(model, example_inputs)
     report.seconds = seconds
     return OptimizedModel(optimized, compiled, report)
+
+
+def _tune(graph, target: str, tune: Tune) -> tuple[dict, dict]:
+    """Tune (``trials > 0``) or just apply what the database knows (``trials == 0``); CPU targets only."""
+    from backends.tvm.target import make_target
+    from backends.tvm.tune import tune_graph, tuned_tiles
+
+    tvm_target = make_target(target)
+    if tvm_target.kind.name != "llvm":
+        return {}, {"new_trials": 0, "note": f"tuning is implemented for llvm targets, not {tvm_target.kind.name}"}
+    cores = int(tvm_target.attrs.get("num-cores", 1))
+    if tune.trials <= 0:
+        tiles = tuned_tiles(graph, tvm_target, tune.database)
+        return tiles, {"new_trials": 0, "tuned_tasks": len(tiles), "database": str(tune.database)}
+    return tune_graph(graph, tvm_target, tune.trials, tune.database, tune.rpc, tune.timeout, cores,
+                      progress=tune.progress)
 
 
 def _to_numpy(x: Any) -> Any:

@@ -334,13 +334,17 @@ def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
     return [*args, out]
 
 
-def dense_kernel(spec: DenseSpec, cores: int = 1) -> tirx.PrimFunc:
+def default_dense_tile(spec: DenseSpec) -> Tile:
+    return Tile(oc_block=1, rows=_largest_divisor(spec.m, 4), cols=_largest_divisor(spec.n, 2 * VECTOR_LANES))
+
+
+def dense_kernel(spec: DenseSpec, cores: int = 1, tile: Tile | None = None) -> tirx.PrimFunc:
     """CPU: tiles of rows x (one or two vectors of) columns accumulated in registers over k; parallel over tiles."""
     sch = Schedule(te.create_prim_func(dense_compute(spec)))
     acc, out = sch.get_sblock("acc"), sch.get_sblock("epilogue")
     i, j = sch.get_loops(out)
-    cols = _largest_divisor(spec.n, 2 * VECTOR_LANES)
-    rows = _largest_divisor(spec.m, 4)
+    tile = tile or default_dense_tile(spec)
+    rows, cols = tile.rows, tile.cols
     i_outer, i_inner = sch.split(i, [None, rows])
     j_outer, j_inner = sch.split(j, [None, cols])
     sch.reorder(i_outer, j_outer, i_inner, j_inner)

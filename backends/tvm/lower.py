@@ -11,8 +11,8 @@ The generated function ``main`` takes the graph inputs in order and returns a fl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,7 @@ class LowerContext:
     node: str
     target_kind: str = "llvm"
     cores: int = 1
+    tiles: Mapping[Any, Any] = field(default_factory=dict)  # kernel spec -> tuned Tile (backends.tvm.tune)
 
     @property
     def data(self) -> dict:
@@ -114,7 +115,7 @@ def conv_spec(ctx: LowerContext) -> ConvSpec:
 def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec) -> relax.Expr:
     """``call_tir`` of our scheduled conv kernel, weights and bias as constants."""
     name = ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node
-    func = conv_kernel(spec, ctx.target_kind).with_attr("global_symbol", name)
+    func = conv_kernel(spec, ctx.target_kind, ctx.tiles.get(spec)).with_attr("global_symbol", name)
     gv = ctx.bb.add_func(func, name)
     args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), "float32")]
     if spec.has_bias:
@@ -175,7 +176,7 @@ def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...
     m = int(np.prod(in_shape[:-1]))
     spec = DenseSpec(m, k, n, bias is not None, activation, tuple(activation_params))
     name = f"dense_{ctx.node}_{len(ctx.bb.get().functions)}"
-    func = dense_kernel(spec, ctx.cores).with_attr("global_symbol", name)
+    func = dense_kernel(spec, ctx.cores, ctx.tiles.get(spec)).with_attr("global_symbol", name)
     gv = ctx.bb.add_func(func, name)
     args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(np.ascontiguousarray(weight.T), "float32")]
     if bias is not None:
@@ -565,7 +566,8 @@ def missing_lowerings(graph: Graph) -> list[str]:
                    if d["op"] != "input" and d["op"] not in LOWERINGS})
 
 
-def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1) -> tvm.IRModule:
+def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
+                tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
     """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
     missing = missing_lowerings(graph)
     if missing:
@@ -580,7 +582,7 @@ def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1) -> tvm.
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target_kind, cores)
+                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {})
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):
@@ -601,8 +603,9 @@ def check_types(graph: Graph, mod: tvm.IRModule) -> None:
                                 f"the IR says {expected}")
 
 
-def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1) -> tvm.IRModule:
-    mod = lower_graph(graph, target_kind, cores)
+def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1,
+          tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
+    mod = lower_graph(graph, target_kind, cores, tiles)
     check_types(graph, mod)
     return mod
 

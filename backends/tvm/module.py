@@ -168,14 +168,14 @@ class CompiledModule:
                    _from_json_structure(signature["structure"]))
 
 
-def build(graph: Graph, target: Any = "llvm") -> CompiledModule:
-    """Lower ``graph`` to Relax and build it for ``target`` with TVM's default pipeline for that target."""
+def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> CompiledModule:
+    """Lower ``graph`` to Relax and build it for ``target``; ``tiles`` are tuned kernel tiles (``tune.py``)."""
     from backends.tvm.lower import lower
     from backends.tvm.schedule import optimize_relax_cpu
 
     tvm_target = make_target(target)
     cores = int(tvm_target.attrs.get("num-cores", 1)) if tvm_target.kind.name == "llvm" else 1
-    mod = lower(graph, tvm_target.kind.name, cores)
+    mod = lower(graph, tvm_target.kind.name, cores, tiles)
     if tvm_target.kind.name == "llvm":
         with tvm_target:
             mod = optimize_relax_cpu(mod, cores)

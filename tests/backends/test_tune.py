@@ -1,0 +1,149 @@
+"""Autotuning: database round trip, keys that prevent stale reuse, resume after a kill, tuning over TVM RPC."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import passes
+from backends.tvm.kernels import DenseSpec, default_dense_tile, default_tile
+from backends.tvm.target import make_target
+from backends.tvm.tune import Database, extract_tasks, plan, task_key
+from frontend.torch_fx import from_torch
+from tests.conftest import ROOT
+from tests.helpers import assert_outputs_close
+
+pytestmark = pytest.mark.tvm
+
+
+def small_cnn() -> tuple[nn.Module, tuple]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(32 * 6 * 6, 10)).eval()
+    return model, (torch.randn(1, 3, 16, 16),)
+
+
+def test_tuning_persists_and_a_second_compile_runs_zero_trials(tmp_path):
+    model, xs = small_cnn()
+    tune = passes.Tune(trials=8, database=str(tmp_path / "db"), progress=False)
+    first = passes.optimize(model, example_inputs=xs, tune=tune, measure=False)
+    report = first.report.to_dict()["tune"]
+    assert report["new_trials"] >= 8 and report["tasks"] == 3 and report["tuned_tasks"] == 3
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), first(*xs))
+    second = passes.optimize(model, example_inputs=xs, tune=tune, measure=False)
+    assert second.report.to_dict()["tune"]["new_trials"] == 0
+    records = Database(tmp_path / "db").records()
+    assert len(records) == report["new_trials"] and all(r["ms"] is not None for r in records)
+
+
+def test_keys_include_target_and_tvm_version(monkeypatch):
+    model, xs = small_cnn()
+    graph = from_torch(model, xs)
+    spec = extract_tasks(graph)[0].spec
+    here = make_target("llvm")
+    other = make_target({"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2})
+    assert task_key(spec, here) != task_key(spec, other)
+    before = task_key(spec, here)
+    monkeypatch.setattr("tvm.__version__", "0.0.0-other")
+    assert task_key(spec, here) != before
+
+
+def test_hottest_tasks_get_the_most_trials():
+    model, xs = small_cnn()
+    work = plan(extract_tasks(from_torch(model, xs)), trials=20)
+    flops = [task.flops for task, _ in work]
+    assert flops == sorted(flops, reverse=True)
+    assert len(work[0][1]) >= len(work[-1][1]) >= 1
+    for task, tiles in work:  # the search starts from our default schedule
+        default = default_dense_tile(task.spec) if isinstance(task.spec, DenseSpec) else default_tile(task.spec)
+        assert tiles[0] == default
+
+
+def test_resume_after_kill_keeps_finished_records(tmp_path):
+    db = tmp_path / "db"
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from tests.backends.test_tune import small_cnn
+        import passes
+        model, xs = small_cnn()
+        passes.optimize(model, example_inputs=xs, measure=False,
+                        tune=passes.Tune(trials=40, database={str(db)!r}, progress=False))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    records = db / "records.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or len(records.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    finished = len(Database(db).records())
+    assert finished >= 3
+    with open(records, "a") as f:  # a record torn by the kill
+        f.write('{"key": "abc", "tile": {"oc_blo')
+    model, xs = small_cnn()
+    resumed = passes.optimize(model, example_inputs=xs, measure=False,
+                              tune=passes.Tune(trials=40, database=str(db), progress=False))
+    report = resumed.report.to_dict()["tune"]
+    total = len(Database(db).records())
+    assert report["new_trials"] == total - finished > 0  # nothing measured twice, nothing lost
+    assert len({(r["key"], json.dumps(r["tile"], sort_keys=True)) for r in Database(db).records()}) == total
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), resumed(*xs))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tuning_through_an_rpc_tracker_and_two_servers(tmp_path):
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                               str(port), "--port-end", str(port + 1)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        time.sleep(1.5)
+        for _ in range(2):
+            server_port = _free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", "loopback",
+                 "--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        import tvm
+
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                queue = tvm.rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]
+                if queue.get("loopback", {}).get("free", 0) == 2:
+                    break
+            except (RuntimeError, OSError):
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("RPC servers did not register with the tracker")
+        model, xs = small_cnn()
+        opt = passes.optimize(model, example_inputs=xs, measure=False, tune=passes.Tune(
+            trials=6, database=str(tmp_path / "db"), rpc=f"127.0.0.1:{port}:loopback", progress=False))
+        report = opt.report.to_dict()["tune"]
+        assert report["runner"] == f"rpc:loopback@127.0.0.1:{port}" and report["failed_trials"] == 0
+        records = Database(tmp_path / "db").records()
+        assert records and all(r["runner"].startswith("rpc:") and r["ms"] > 0 for r in records)
+        with torch.no_grad():
+            assert_outputs_close(model(*xs), opt(*xs))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
