@@ -509,7 +509,8 @@ def _recurrent(ctx, xs):
 
 
 def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
-    """CPU: per layer and direction, one input-projection matmul and one ``recurrent_kernel`` call (the time loop)."""
+    """CPU: per layer, one input-projection dense kernel for both directions and one ``recurrent_kernel`` call
+    (the whole time loop, directions in parallel)."""
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
     hidden, layers = a["hidden_size"], a["num_layers"]
@@ -519,45 +520,41 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
     if a["batch_first"]:
         x = ctx.emit(R.permute_dims(x, [1, 0, 2]))
     steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
-    state_type = relax.TensorType((batch, hidden), "float32")
+    state_type = relax.TensorType((directions, batch, hidden), "float32")
+    zeros = np.zeros(gates, np.float32)
 
-    def initial(slot: int, index: int):
+    def initial(slot: int, layer: int):
         if len(xs) <= slot:
-            return ctx.const(np.zeros((batch, hidden), np.float32))
-        return ctx.emit(R.reshape(R.strided_slice(xs[slot], axes=[0], begin=[index], end=[index + 1]),
-                                  (batch, hidden)))
+            return ctx.const(np.zeros((directions, batch, hidden), np.float32))
+        return ctx.emit(R.strided_slice(xs[slot], axes=[0], begin=[layer * directions],
+                                        end=[(layer + 1) * directions]))
 
     final_h, final_c = [], []
     for layer in range(layers):
-        features = ctx.emit(R.reshape(x, (steps * batch, -1)))
-        outputs = []
-        for direction in range(directions):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            b_ih = p.get("bias_ih" + suffix, np.zeros(gates, np.float32)) if a["bias"] else np.zeros(gates, np.float32)
-            b_hh = p.get("bias_hh" + suffix, np.zeros(gates, np.float32)) if a["bias"] else np.zeros(gates, np.float32)
-            if kind != "gru":  # b_hh adds to every gate pre-activation: fold it into the projection
-                b_ih, b_hh = b_ih + b_hh, np.zeros_like(b_hh)
-            xp = call_dense_kernel(ctx, features, (steps * batch, p["weight_ih" + suffix].shape[1]),
-                                   p["weight_ih" + suffix], b_ih.astype(np.float32))
-            xp = ctx.emit(R.reshape(xp, (steps, batch, gates)))
-            index = layer * directions + direction
-            name = f"{kind}_{ctx.node}{suffix}"
-            func = recurrent_kernel(kind, steps, batch, hidden, bool(direction), a.get("nonlinearity", "tanh"))
-            func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
-            gv = ctx.bb.add_func(func, name)
-            args = [xp, ctx.const(np.ascontiguousarray(p["weight_hh" + suffix].T), "float32"),
-                    ctx.const(b_hh, "float32"), initial(1, index), initial(2, index)]
-            result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[
-                relax.TensorType((steps, batch, hidden), "float32"), state_type, state_type]))
-            outputs.append(ctx.emit(relax.TupleGetItem(result, 0)))
-            final_h.append(ctx.emit(relax.TupleGetItem(result, 1)))
-            final_c.append(ctx.emit(relax.TupleGetItem(result, 2)))
-        x = outputs[0] if directions == 1 else ctx.emit(R.concat(outputs, axis=-1))
+        suffixes = [f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
+        w_ih = np.concatenate([p["weight_ih" + s] for s in suffixes])
+        b_ih = [p.get("bias_ih" + s, zeros) if a["bias"] else zeros for s in suffixes]
+        b_hh = [p.get("bias_hh" + s, zeros) if a["bias"] else zeros for s in suffixes]
+        if kind != "gru":  # b_hh adds to every gate pre-activation: fold it into the projection
+            b_ih, b_hh = [i + h for i, h in zip(b_ih, b_hh)], [zeros] * directions
+        xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, np.concatenate(b_ih).astype(np.float32))
+        name = f"{kind}_{ctx.node}_l{layer}"
+        func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
+        func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
+        gv = ctx.bb.add_func(func, name)
+        w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
+        args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(np.stack(b_hh), "float32"), initial(1, layer),
+                initial(2, layer)]
+        result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[
+            relax.TensorType((steps, batch, directions * hidden), "float32"), state_type, state_type]))
+        x = ctx.emit(relax.TupleGetItem(result, 0))
+        final_h.append(ctx.emit(relax.TupleGetItem(result, 1)))
+        final_c.append(ctx.emit(relax.TupleGetItem(result, 2)))
     y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if a["batch_first"] else x
-    h_n = ctx.emit(R.concat([R.expand_dims(h, 0) for h in final_h], axis=0))
+    h_n = final_h[0] if layers == 1 else ctx.emit(R.concat(final_h, axis=0))
     if kind != "lstm":
         return y, h_n
-    return y, h_n, ctx.emit(R.concat([R.expand_dims(c, 0) for c in final_c], axis=0))
+    return y, h_n, final_c[0] if layers == 1 else ctx.emit(R.concat(final_c, axis=0))
 
 
 # ------------------------------------------------------------------------------------------------ driver

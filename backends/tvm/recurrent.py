@@ -1,17 +1,21 @@
-"""One TIR kernel per RNN layer and direction: the whole time loop, weights packed once.
+"""One TIR kernel per RNN layer (both directions): the whole time loop, weights packed once.
 
-The input projection of all time steps, ``xp = X W_ih^T + b`` ((T*B, I) x (I, G*H)), is one matmul outside this
-kernel. The kernel then runs the recurrence in place, with no per-step kernel launches:
+The input projection of all time steps and both directions, ``xp = X [W_ih_fwd; W_ih_bwd]^T + b``
+((T*B, I) x (I, D*G)), is one dense kernel call before this one. The kernel then runs the recurrence with no
+per-step kernel launches, the two directions in parallel on separate cores:
 
-    h, c = h0, c0
-    for step in 0..T-1 (reversed for the backward direction):
-        gates[0:G*H] = xp[t] (+ h W_hh^T, as H rank-1 updates of a vector: gates += h[k] * W_hh^T[k, :])
-        LSTM: c = sigmoid(f) * c + sigmoid(i) * tanh(g); h = sigmoid(o) * tanh(c)        (gates i, f, g, o)
-        GRU:  r = sigmoid(xr + hr); z = sigmoid(xz + hz); n = tanh(xn + r * hn); h = n + z * (h - n)
-        RNN:  h = tanh(xp + h W_hh^T) (or relu)
-        y[t] = h
+    for d in parallel(directions):                # forward, and backward over reversed time
+        h, c = h0[d], c0[d]
+        for step in 0..T-1:  t = step if d == 0 else T-1-step
+            for each block of GATE_BLOCK gate rows:   # a GEMV tile that stays in vector registers
+                acc = xp[t, d*G + block]  (GRU: b_hh[block])
+                for k in 0..H-1: acc += h[k] * W_hh^T[d, k, block]
+            LSTM: c = sigmoid(f) * c + sigmoid(i) * tanh(g); h = sigmoid(o) * tanh(c)      (gates i, f, g, o)
+            GRU:  r = sigmoid(xr + hr); z = sigmoid(xz + hz); n = tanh(xn + r * hn); h = n + z * (h - n)
+            RNN:  h = tanh(acc) (or relu)
+            y[t, d*H:(d+1)*H] = h
 
-``W_hh^T`` is laid out (H, G*H) so each rank-1 update is a contiguous vector FMA over all gates.
+``W_hh^T`` is laid out (D, H, G) so each rank-1 update of a gate block is a contiguous vector FMA.
 """
 
 from __future__ import annotations
@@ -20,100 +24,123 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators
 
 
-def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, reverse: bool,
+def gate_block(gates: int) -> int:
+    return max(d for d in range(1, min(gates, GATE_BLOCK) + 1) if gates % d == 0)
+
+
+def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions: int,
                      nonlinearity: str = "tanh") -> tirx.PrimFunc:
-    """PrimFunc ``(xp, w_hh_t, b_hh, h0, c0, y, h_n, c_n)``; ``b_hh`` is used by GRU only (others fold it in xp)."""
-    H = hidden
+    """PrimFunc ``(xp, w_hh_t, b_hh, h0, c0, y, h_n, c_n)`` with shapes
+    xp (T, B, D*G), w_hh_t (D, H, G), b_hh (D, G) [GRU only; others fold it into xp], h0/c0 (D, B, H),
+    y (T, B, D*H), h_n/c_n (D, B, H)."""
+    H, D = hidden, directions
     G = GATES[kind] * H
+    GB = gate_block(G)
+    blocks = G // GB
     last = steps - 1
-
-    def time_index(step):
-        return last - step if reverse else step
 
     if kind == "lstm":
         @T.prim_func
-        def kernel(xp: T.Buffer((steps, batch, G), "float32"), w: T.Buffer((H, G), "float32"),
-                   b_hh: T.Buffer((G,), "float32"), h0: T.Buffer((batch, H), "float32"),
-                   c0: T.Buffer((batch, H), "float32"), y: T.Buffer((steps, batch, H), "float32"),
-                   h_n: T.Buffer((batch, H), "float32"), c_n: T.Buffer((batch, H), "float32")):
+        def kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, H, G), "float32"),
+                   b_hh: T.Buffer((D, G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
+                   c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
+                   h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
             T.func_attr({"tirx.noalias": True})
-            gates = T.alloc_buffer((G,), "float32", scope="local")
-            h = T.alloc_buffer((H,), "float32")
-            c = T.alloc_buffer((H,), "float32")
-            for b in range(batch):
-                for j in T.vectorized(H):
-                    h[j] = h0[b, j]
-                    c[j] = c0[b, j]
-                for step in range(steps):
-                    for g in T.vectorized(G):
-                        gates[g] = xp[time_index(step), b, g]
-                    for k in range(H):
-                        for g in T.vectorized(G):
-                            gates[g] = gates[g] + h[k] * w[k, g]
+            for d in T.parallel(D):
+                gates = T.alloc_buffer((G,), "float32")
+                acc = T.alloc_buffer((GB,), "float32", scope="local")
+                h = T.alloc_buffer((H,), "float32")
+                c = T.alloc_buffer((H,), "float32")
+                for b in range(batch):
                     for j in T.vectorized(H):
-                        c[j] = T.sigmoid(gates[H + j]) * c[j] + T.sigmoid(gates[j]) * T.tanh(gates[2 * H + j])
-                        h[j] = T.sigmoid(gates[3 * H + j]) * T.tanh(c[j])
-                        y[time_index(step), b, j] = h[j]
-                for j in T.vectorized(H):
-                    h_n[b, j] = h[j]
-                    c_n[b, j] = c[j]
+                        h[j] = h0[d, b, j]
+                        c[j] = c0[d, b, j]
+                    for step in range(steps):
+                        for blk in range(blocks):
+                            for g in T.vectorized(GB):
+                                acc[g] = xp[step + d * (last - 2 * step), b, d * G + blk * GB + g]
+                            for k in range(H):
+                                for g in T.vectorized(GB):
+                                    acc[g] = acc[g] + h[k] * w[d, k, blk * GB + g]
+                            for g in T.vectorized(GB):
+                                gates[blk * GB + g] = acc[g]
+                        for j in T.vectorized(H):
+                            c[j] = T.sigmoid(gates[H + j]) * c[j] + T.sigmoid(gates[j]) * T.tanh(gates[2 * H + j])
+                            h[j] = T.sigmoid(gates[3 * H + j]) * T.tanh(c[j])
+                            y[step + d * (last - 2 * step), b, d * H + j] = h[j]
+                    for j in T.vectorized(H):
+                        h_n[d, b, j] = h[j]
+                        c_n[d, b, j] = c[j]
         return kernel
 
     if kind == "gru":
         @T.prim_func
-        def kernel(xp: T.Buffer((steps, batch, G), "float32"), w: T.Buffer((H, G), "float32"),
-                   b_hh: T.Buffer((G,), "float32"), h0: T.Buffer((batch, H), "float32"),
-                   c0: T.Buffer((batch, H), "float32"), y: T.Buffer((steps, batch, H), "float32"),
-                   h_n: T.Buffer((batch, H), "float32"), c_n: T.Buffer((batch, H), "float32")):
+        def kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, H, G), "float32"),
+                   b_hh: T.Buffer((D, G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
+                   c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
+                   h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
             T.func_attr({"tirx.noalias": True})
-            hp = T.alloc_buffer((G,), "float32", scope="local")
-            n = T.alloc_buffer((H,), "float32", scope="local")
-            h = T.alloc_buffer((H,), "float32")
-            for b in range(batch):
-                for j in T.vectorized(H):
-                    h[j] = h0[b, j]
-                for step in range(steps):
-                    for g in T.vectorized(G):
-                        hp[g] = b_hh[g]
-                    for k in range(H):
-                        for g in T.vectorized(G):
-                            hp[g] = hp[g] + h[k] * w[k, g]
+            for d in T.parallel(D):
+                hp = T.alloc_buffer((G,), "float32")
+                acc = T.alloc_buffer((GB,), "float32", scope="local")
+                n = T.alloc_buffer((H,), "float32")
+                h = T.alloc_buffer((H,), "float32")
+                for b in range(batch):
                     for j in T.vectorized(H):
-                        n[j] = T.tanh(xp[time_index(step), b, 2 * H + j]
-                                      + T.sigmoid(xp[time_index(step), b, j] + hp[j]) * hp[2 * H + j])
+                        h[j] = h0[d, b, j]
+                    for step in range(steps):
+                        for blk in range(blocks):
+                            for g in T.vectorized(GB):
+                                acc[g] = b_hh[d, blk * GB + g]
+                            for k in range(H):
+                                for g in T.vectorized(GB):
+                                    acc[g] = acc[g] + h[k] * w[d, k, blk * GB + g]
+                            for g in T.vectorized(GB):
+                                hp[blk * GB + g] = acc[g]
+                        for j in T.vectorized(H):
+                            n[j] = T.tanh(xp[step + d * (last - 2 * step), b, d * G + 2 * H + j]
+                                          + T.sigmoid(xp[step + d * (last - 2 * step), b, d * G + j] + hp[j])
+                                          * hp[2 * H + j])
+                        for j in T.vectorized(H):
+                            h[j] = n[j] + T.sigmoid(xp[step + d * (last - 2 * step), b, d * G + H + j]
+                                                    + hp[H + j]) * (h[j] - n[j])
+                            y[step + d * (last - 2 * step), b, d * H + j] = h[j]
                     for j in T.vectorized(H):
-                        h[j] = n[j] + T.sigmoid(xp[time_index(step), b, H + j] + hp[H + j]) * (h[j] - n[j])
-                        y[time_index(step), b, j] = h[j]
-                for j in T.vectorized(H):
-                    h_n[b, j] = h[j]
-                    c_n[b, j] = T.float32(0)
+                        h_n[d, b, j] = h[j]
+                        c_n[d, b, j] = T.float32(0)
         return kernel
 
     relu = nonlinearity == "relu"
 
     @T.prim_func
-    def kernel(xp: T.Buffer((steps, batch, G), "float32"), w: T.Buffer((H, G), "float32"),
-               b_hh: T.Buffer((G,), "float32"), h0: T.Buffer((batch, H), "float32"),
-               c0: T.Buffer((batch, H), "float32"), y: T.Buffer((steps, batch, H), "float32"),
-               h_n: T.Buffer((batch, H), "float32"), c_n: T.Buffer((batch, H), "float32")):
+    def kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, H, G), "float32"),
+               b_hh: T.Buffer((D, G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
+               c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
+               h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
         T.func_attr({"tirx.noalias": True})
-        pre = T.alloc_buffer((G,), "float32", scope="local")
-        h = T.alloc_buffer((H,), "float32")
-        for b in range(batch):
-            for j in T.vectorized(H):
-                h[j] = h0[b, j]
-            for step in range(steps):
-                for g in T.vectorized(G):
-                    pre[g] = xp[time_index(step), b, g]
-                for k in range(H):
-                    for g in T.vectorized(G):
-                        pre[g] = pre[g] + h[k] * w[k, g]
+        for d in T.parallel(D):
+            pre = T.alloc_buffer((G,), "float32")
+            acc = T.alloc_buffer((GB,), "float32", scope="local")
+            h = T.alloc_buffer((H,), "float32")
+            for b in range(batch):
                 for j in T.vectorized(H):
-                    h[j] = T.max(pre[j], T.float32(0)) if relu else T.tanh(pre[j])
-                    y[time_index(step), b, j] = h[j]
-            for j in T.vectorized(H):
-                h_n[b, j] = h[j]
-                c_n[b, j] = T.float32(0)
+                    h[j] = h0[d, b, j]
+                for step in range(steps):
+                    for blk in range(blocks):
+                        for g in T.vectorized(GB):
+                            acc[g] = xp[step + d * (last - 2 * step), b, d * G + blk * GB + g]
+                        for k in range(H):
+                            for g in T.vectorized(GB):
+                                acc[g] = acc[g] + h[k] * w[d, k, blk * GB + g]
+                        for g in T.vectorized(GB):
+                            pre[blk * GB + g] = acc[g]
+                    for j in T.vectorized(H):
+                        h[j] = T.max(pre[j], T.float32(0)) if relu else T.tanh(pre[j])
+                        y[step + d * (last - 2 * step), b, d * H + j] = h[j]
+                for j in T.vectorized(H):
+                    h_n[d, b, j] = h[j]
+                    c_n[d, b, j] = T.float32(0)
     return kernel
