@@ -48,6 +48,7 @@ LEAF_MODULES: tuple[type[nn.Module], ...] = (
     nn.Hardsigmoid, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
     nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding,
+    nn.LocalResponseNorm,
 )
 
 
@@ -646,6 +647,7 @@ MODULE_HANDLERS: dict[type, Callable] = {
     nn.AdaptiveMaxPool1d: _m_adaptive("max", 1), nn.AdaptiveMaxPool2d: _m_adaptive("max", 2),
     nn.Flatten: _m_flatten, nn.Dropout: _m_dropout, nn.Dropout1d: _m_dropout, nn.Dropout2d: _m_dropout,
     nn.Identity: _unary("identity"), nn.Embedding: _m_embedding,
+    nn.LocalResponseNorm: _module_unary("lrn", {"size": "size", "alpha": "alpha", "beta": "beta", "k": "k"}),
     nn.LSTM: _rnn_module("lstm"), nn.GRU: _rnn_module("gru"), nn.RNN: _rnn_module("rnn"),
 }
 
@@ -917,6 +919,7 @@ _register(_unary("hardsigmoid"), F.hardsigmoid, aten.hardsigmoid)
 _register(_unary("exp"), torch.exp, aten.exp)
 _register(_unary("sqrt"), torch.sqrt, aten.sqrt)
 _register(_unary("abs"), torch.abs, aten.abs)
+_register(_unary("erf"), torch.erf, torch.special.erf, aten.erf)
 _register(_unary_attrs("leaky_relu", [("negative_slope", 0.01)]), F.leaky_relu, aten.leaky_relu)
 _register(_unary_attrs("elu", [("alpha", 1.0)]), F.elu, aten.elu)
 _register(_unary_attrs("gelu", [("approximate", "none")]), F.gelu, aten.gelu)

@@ -118,6 +118,8 @@ CASES = [
     Case("batch_norm1d_2d_input", lambda: _bn(nn.BatchNorm1d(5)), ((2, 5),)),
     Case("batch_norm1d_3d_input", lambda: _bn(nn.BatchNorm1d(4)), ((1, 4, 10),)),
     Case("batch_norm_no_affine", lambda: _bn(nn.BatchNorm2d(3, affine=False)), (IMG,)),
+    Case("local_response_norm", lambda: nn.LocalResponseNorm(3, alpha=0.01, beta=0.75, k=2.0), ((1, 6, 5, 5),),
+         ("lrn",)),
     Case("linear", lambda: nn.Linear(6, 5), ((2, 6),), ("linear",)),
     Case("linear_3d_nobias", lambda: nn.Linear(4, 3, bias=False), ((2, 5, 4),)),
     Case("linear_functional", lambda: Fn(lambda s, x: F.linear(x, s.l.weight, s.l.bias), l=nn.Linear(6, 2)),
@@ -182,7 +184,8 @@ CASES = [
                                   + torch.add(x, y, alpha=2) + torch.sub(x, 1.5) + x.mul(y) + x.div(2.0)
                                   + (-x)), ((2, 3, 4), (2, 3, 4)), ("add", "mul", "sub", "div")),
     Case("broadcast", lambda: Fn(lambda s, x, y: x * y + x / (y.abs() + 1)), ((2, 3, 4), (3, 1))),
-    Case("exp_sqrt", lambda: Fn(lambda s, x: torch.exp(x * 0.1) + (x * x + 1).sqrt()), ((2, 4),)),
+    Case("exp_sqrt_erf", lambda: Fn(lambda s, x: torch.exp(x * 0.1) + (x * x + 1).sqrt() + torch.erf(x)), ((2, 4),),
+         ("erf",)),
     Case("pad_functional", lambda: Fn(lambda s, x: F.pad(x, (1, 2, 0, 1)) + 0 * F.pad(x, (1, 2, 0, 1),
                                                                                      mode="reflect")),
          (IMG,), ("pad",)),

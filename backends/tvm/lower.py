@@ -185,6 +185,19 @@ def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...
     return ctx.emit(R.reshape(y, (*in_shape[:-1], n)))
 
 
+@lowering("lrn")
+def _lrn(ctx, xs):
+    """x / (k + alpha/size * sum of x^2 over a channel window of ``size``)^beta, the window sum as an avg pool."""
+    a = ctx.attrs
+    shape = ctx.in_type(0).shape
+    n, c, spatial = shape[0], shape[1], int(np.prod(shape[2:]))
+    square = ctx.emit(R.reshape(R.multiply(xs[0], xs[0]), (n, 1, c, spatial)))
+    padded = ctx.emit(R.nn.pad(square, [0, 0, 0, 0, a["size"] // 2, (a["size"] - 1) // 2, 0, 0]))
+    window = ctx.emit(R.nn.avg_pool2d(padded, pool_size=(a["size"], 1), strides=(1, 1), count_include_pad=True))
+    scale = ctx.emit(R.add(ctx.scalar(a["k"]), R.multiply(ctx.scalar(a["alpha"]), R.reshape(window, shape))))
+    return ctx.emit(R.divide(xs[0], R.power(scale, ctx.scalar(a["beta"]))))
+
+
 @lowering("linear")
 def _linear(ctx, xs):
     if ctx.target_kind == "llvm" and ctx.in_type(0).dtype == "float32":
@@ -272,7 +285,7 @@ def _activation(ctx, xs):
     return ACTIVATION_LOWERINGS[name](ctx, xs[0], params)
 
 
-_UNARY = {"exp": R.exp, "sqrt": R.sqrt, "neg": R.negative, "abs": R.abs}
+_UNARY = {"exp": R.exp, "sqrt": R.sqrt, "neg": R.negative, "abs": R.abs, "erf": R.erf}
 
 
 @lowering(*_UNARY)

@@ -351,6 +351,10 @@ register_op(OpDef(
     attrs={"eps": 1e-5}, params=("running_mean", "running_var"), optional_params=("weight", "bias"),
     flops=lambda i, o, a, p: 2 * o[0].numel,
     doc="Inference batch norm: y = (x - mean) / sqrt(var + eps) * weight + bias, channels on dim 1."))
+register_op(OpDef("lrn", lambda xs, a, p: F.local_response_norm(xs[0], a["size"], a["alpha"], a["beta"], a["k"]),
+                  attrs={"size": REQUIRED, "alpha": 1e-4, "beta": 0.75, "k": 1.0},
+                  flops=lambda i, o, a, p: o[0].numel * (a["size"] + 4),
+                  doc="Local response normalization across channels (torch.nn.functional.local_response_norm)."))
 register_op(OpDef("linear", lambda xs, a, p: apply_activation(F.linear(xs[0], p["weight"], p.get("bias")), a),
                   attrs=dict(_FUSED_ACTIVATION), params=("weight",), optional_params=("bias",), flops=_linear_flops,
                   doc="x W^T [+ bias] [+ fused activation]."))
@@ -378,6 +382,7 @@ _unary("exp", lambda x: torch.exp(x))
 _unary("sqrt", lambda x: torch.sqrt(x))
 _unary("neg", lambda x: torch.neg(x))
 _unary("abs", lambda x: torch.abs(x))
+_unary("erf", lambda x: torch.erf(x))
 _unary("clamp", lambda x, min, max: torch.clamp(x, min, max), {"min": None, "max": None},
        doc="Clamp to [min, max]; None leaves that side open (hardtanh is clamp).")
 _unary("softmax", lambda x, dim: F.softmax(x, dim), {"dim": REQUIRED})

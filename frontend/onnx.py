@@ -1,0 +1,880 @@
+"""ONNX frontend: an ``.onnx`` file (untrusted input) -> verified IR.
+
+Safety first: the file is size-checked and parsed without external data; external-data locations must be relative
+paths that stay inside the model's folder (the CVE-2022-25882 family is refused) and their sizes must match the
+declared dims; every initializer's dims are bounded before any array is built; the graph is topologically sorted
+by us (cycles, undefined tensors and doubly-produced tensors are errors, naming the node). Every unsupported op
+is collected and reported in one error.
+
+Conversion: initializers and ``Constant`` outputs are numpy constants; any node whose inputs are all constants
+(shape arithmetic: Shape, Gather, Concat, Unsqueeze...) is evaluated at import by ONNX's reference evaluator, so
+static shapes fold away. The remaining nodes map onto IR ops with torch semantics; where ONNX differs (gate order
+of LSTM/GRU weights, asymmetric pads, HardSigmoid's alpha, opset<13 Softmax), the handler converts explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from frontend.errors import FrontendError, UnsupportedModelError
+from passes.ir.graph import Graph, IRError, TensorType, Value
+from passes.ir.verify import verify
+
+MIN_OPSET = 9
+MAX_FILE_BYTES = 4 << 30
+MAX_TENSOR_BYTES = 2 << 30
+MAX_FOLD_ELEMENTS = 1 << 22
+
+DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
+          TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
+          TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16"}
+
+
+class _Unsupported(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Parse ``path`` safely; every failure is a ``FrontendError`` naming the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise FrontendError(f"model file '{path}' does not exist")
+    if path.is_dir():
+        raise FrontendError(f"model path '{path}' is a folder; give an .onnx file")
+    size = path.stat().st_size
+    if size == 0:
+        raise FrontendError(f"model file '{path}' is empty")
+    if size > MAX_FILE_BYTES:
+        raise FrontendError(f"model file '{path}' is {size} bytes, over the {MAX_FILE_BYTES}-byte limit")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: the file is not an ONNX model
+        raise FrontendError(f"'{path}' is not a valid ONNX model (truncated or not protobuf): "
+                            f"{type(exc).__name__}") from None
+    if not model.HasField("graph") or not model.graph.node and not model.graph.output:
+        raise FrontendError(f"'{path}' holds no ONNX graph")
+    _load_external_data(model, path.parent)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path) -> None:
+    base = base.resolve()
+    for tensor in _all_initializers(model.graph):
+        if tensor.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        where = f"initializer '{tensor.name}'"
+        if not location or os.path.isabs(location) or location.startswith(("/", "\\")) or ":" in location:
+            raise FrontendError(f"{where}: external data location {location!r} must be a relative path inside "
+                                "the model's folder")
+        target = (base / location).resolve()
+        if base not in target.parents and target != base:
+            raise FrontendError(f"{where}: external data location {location!r} escapes the model's folder")
+        if not target.is_file():
+            raise FrontendError(f"{where}: external data file {location!r} not found next to the model")
+        expected = _expected_bytes(tensor, where)
+        offset, length = int(info.get("offset", 0)), int(info.get("length", expected))
+        if length != expected or offset < 0 or offset + length > target.stat().st_size:
+            raise FrontendError(f"{where}: external data ({length} bytes at offset {offset}) does not match its "
+                                f"dims {list(tensor.dims)} ({expected} bytes)")
+        with open(target, "rb") as f:
+            f.seek(offset)
+            tensor.raw_data = f.read(length)
+        tensor.data_location = TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
+def _all_initializers(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+
+
+def _expected_bytes(tensor: TensorProto, where: str) -> int:
+    if any(d < 0 for d in tensor.dims):
+        raise FrontendError(f"{where}: negative dims {list(tensor.dims)}")
+    dtype = DTYPES.get(tensor.data_type)
+    if dtype is None:
+        raise FrontendError(f"{where}: unsupported data type {TensorProto.DataType.Name(tensor.data_type)}")
+    count = math.prod(tensor.dims)
+    nbytes = count * np.dtype(dtype if dtype != "bool" else "bool").itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise FrontendError(f"{where}: dims {list(tensor.dims)} would need {nbytes} bytes (limit "
+                            f"{MAX_TENSOR_BYTES}); refusing to allocate")
+    return nbytes
+
+
+def tensor_to_numpy(tensor: TensorProto, where: str) -> np.ndarray:
+    """Validate sizes before numpy builds anything: data that does not match its dims is an error."""
+    nbytes = _expected_bytes(tensor, where)
+    count = math.prod(tensor.dims)
+    if tensor.HasField("raw_data"):
+        if len(tensor.raw_data) != nbytes:
+            raise FrontendError(f"{where}: holds {len(tensor.raw_data)} bytes of data but its dims "
+                                f"{list(tensor.dims)} need {nbytes}")
+    else:
+        fields = [tensor.float_data, tensor.int64_data, tensor.int32_data, tensor.double_data]
+        stored = max(len(f) for f in fields)
+        if stored != count and not (tensor.data_type in (TensorProto.FLOAT16,) and len(tensor.int32_data) == count):
+            raise FrontendError(f"{where}: holds {stored} values but its dims {list(tensor.dims)} need {count}")
+    try:
+        return np.array(numpy_helper.to_array(tensor))
+    except Exception as exc:
+        raise FrontendError(f"{where}: cannot decode tensor data: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------ converter
+class _Converter:
+    def __init__(self, model: onnx.ModelProto, name: str):
+        self.model = model
+        self.graph = Graph(name=name)
+        self.opset = _default_opset(model)
+        self.env: dict[str, Value | np.ndarray] = {}
+        self.unsupported: list[str] = []
+        self.node: onnx.NodeProto | None = None
+
+    # -------------------------------------------------------------------------------- helpers
+    @property
+    def where(self) -> str:
+        return f"node '{self.node.name or self.node.output[0]}' ({self.node.op_type})"
+
+    def origin(self) -> tuple[str, ...]:
+        return (self.node.name or self.node.output[0],)
+
+    def emit(self, op: str, operands: list, attrs: dict | None = None, params: dict | None = None):
+        values = [self.value(x) for x in operands]
+        params = {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
+                  for k, v in (params or {}).items() if v is not None}
+        return self.graph.add_op(op, values, attrs=attrs or {}, params=params, origin=self.origin(),
+                                 name=_safe_name(self.node.name or self.node.output[0]))
+
+    def value(self, x) -> Value:
+        if isinstance(x, Value):
+            return x
+        array = np.asarray(x)
+        if array.dtype == np.float64:
+            array = array.astype(np.float32)
+        return self.graph.add_op("constant", [], params={"value": array}, origin=self.origin(), name="const")
+
+    def shape(self, x) -> tuple[int, ...]:
+        return self.graph.value_type(x).shape if isinstance(x, Value) else tuple(np.shape(x))
+
+    def const(self, x, what: str) -> np.ndarray:
+        if isinstance(x, Value):
+            raise _Unsupported(f"{what} must be a constant (an initializer or computable at import)")
+        return np.asarray(x)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        for a in self.node.attribute:
+            if a.name == name:
+                value = helper.get_attribute_value(a)
+                return value.decode() if isinstance(value, bytes) else value
+        return default
+
+    # -------------------------------------------------------------------------------- walk
+    def run(self) -> Graph:
+        g = self.model.graph
+        initializers = {}
+        for tensor in g.initializer:
+            initializers[tensor.name] = tensor_to_numpy(tensor, f"initializer '{tensor.name}'")
+        self.env.update(initializers)
+        for inp in g.input:
+            if inp.name in initializers:
+                continue  # an input that is also an initializer: a constant (ONNX < IR 4 style)
+            self.env[inp.name] = self.graph.add_input(_safe_name(inp.name), _input_type(inp), origin=(inp.name,))
+        for node in _topological(g):
+            self.node = node
+            self.convert(node)
+        if self.unsupported:
+            raise UnsupportedModelError(self.graph.name, self.unsupported)
+        outputs = []
+        for out in g.output:
+            if out.name not in self.env:
+                raise FrontendError(f"graph output '{out.name}' is not produced by any node")
+            outputs.append(self.value(self.env[out.name]))
+        if not outputs:
+            raise FrontendError("the graph has no outputs")
+        self.graph.set_outputs(outputs[0] if len(outputs) == 1 else tuple(outputs))
+        return verify(self.graph)
+
+    def convert(self, node: onnx.NodeProto) -> None:
+        if node.domain not in ("", "ai.onnx"):
+            self.unsupported.append(f"{node.domain}::{node.op_type} (node '{node.name}')")
+            self._mark_unknown(node)
+            return
+        inputs = [self.env.get(name) if name else None for name in node.input]
+        if any(name and name not in self.env for name in node.input):
+            self._mark_unknown(node)
+            return
+        handler = HANDLERS.get(node.op_type)
+        if handler is None:
+            self.unsupported.append(f"{node.op_type} (node '{node.name or node.output[0]}')")
+            self._mark_unknown(node)
+            return
+        live = [x for x in inputs if x is not None]
+        try:
+            if live and all(not isinstance(x, Value) for x in live) and node.op_type not in NO_FOLD:
+                results = self.fold(node, inputs)
+            else:
+                results = handler(self, inputs)
+        except _Unsupported as exc:
+            self.unsupported.append(f"{node.op_type}: {exc} (node '{node.name or node.output[0]}')")
+            self._mark_unknown(node)
+            return
+        except (IRError, ValueError, IndexError, KeyError, TypeError) as exc:
+            raise FrontendError(f"{self.where}: {exc}") from None
+        results = results if isinstance(results, (tuple, list)) else (results,)
+        for name, result in zip(node.output, results):
+            if name:
+                self.env[name] = result
+
+    def _mark_unknown(self, node: onnx.NodeProto) -> None:
+        for name in node.output:  # users of an unsupported node are still scanned, not converted
+            self.env.pop(name, None)
+        self._unknown = getattr(self, "_unknown", set()) | set(node.output)
+
+    def fold(self, node: onnx.NodeProto, inputs: list) -> list[np.ndarray]:
+        """Evaluate a node whose inputs are all constants with ONNX's reference implementation."""
+        from onnx.reference import ReferenceEvaluator
+
+        if sum(np.asarray(x).size for x in inputs if x is not None) > MAX_FOLD_ELEMENTS:
+            raise _Unsupported("constant folding of a very large tensor")
+        names = [n if n else "" for n in node.input]
+        values = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(x).dtype),
+                                                np.shape(x)) for n, x in zip(names, inputs) if n]
+        outs = [helper.make_tensor_value_info(n, TensorProto.UNDEFINED, None) for n in node.output if n]
+        graph = helper.make_graph([node], "fold", values, outs)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
+        feeds = {n: np.asarray(x) for n, x in zip(names, inputs) if n}
+        return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise FrontendError("the model imports no ONNX opset")
+    version = versions[0]
+    newest = onnx.defs.onnx_opset_version()
+    if version < MIN_OPSET or version > newest:
+        raise FrontendError(f"opset {version} is not supported (supported: {MIN_OPSET}..{newest}); convert the "
+                            "model with onnx.version_converter")
+    return version
+
+
+def _input_type(inp: onnx.ValueInfoProto) -> TensorType:
+    t = inp.type.tensor_type
+    dtype = DTYPES.get(t.elem_type)
+    if dtype is None:
+        raise FrontendError(f"input '{inp.name}': unsupported element type "
+                            f"{TensorProto.DataType.Name(t.elem_type) if t.elem_type else 'none'}")
+    if not t.HasField("shape"):
+        raise FrontendError(f"input '{inp.name}': no shape; export the model with static input shapes")
+    dims = []
+    for i, d in enumerate(t.shape.dim):
+        if not d.HasField("dim_value") or d.dim_value <= 0:
+            label = d.dim_param or "?"
+            raise FrontendError(f"input '{inp.name}': dim {i} is dynamic ({label}); export the model with static "
+                                "input shapes (batch 1)")
+        if d.dim_value > 1 << 24:
+            raise FrontendError(f"input '{inp.name}': dim {i} = {d.dim_value} is absurdly large")
+        dims.append(d.dim_value)
+    if math.prod(dims) * 4 > MAX_TENSOR_BYTES:
+        raise FrontendError(f"input '{inp.name}': shape {dims} is too large")
+    return TensorType(tuple(dims), dtype)
+
+
+def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Nodes in dependency order; errors for undefined tensors, tensors produced twice, and cycles."""
+    available = {t.name for t in g.initializer} | {i.name for i in g.input}
+    producer: dict[str, int] = {}
+    for index, node in enumerate(g.node):
+        for name in node.output:
+            if not name:
+                continue
+            if name in producer or name in available:
+                raise FrontendError(f"tensor '{name}' is produced twice (node '{node.name}')")
+            producer[name] = index
+    for node in g.node:
+        for name in node.input:
+            if name and name not in producer and name not in available:
+                raise FrontendError(f"node '{node.name or node.op_type}' reads undefined tensor '{name}'")
+    order, state = [], {}
+
+    def visit(index: int, path: list[int]) -> None:
+        stack = [(index, iter(g.node[index].input))]
+        state[index] = 1
+        while stack:
+            current, inputs = stack[-1]
+            for name in inputs:
+                dep = producer.get(name)
+                if dep is None:
+                    continue
+                if state.get(dep) == 1:
+                    raise FrontendError(f"the graph has a cycle through node '{g.node[dep].name or name}'")
+                if state.get(dep) is None:
+                    state[dep] = 1
+                    stack.append((dep, iter(g.node[dep].input)))
+                    break
+            else:
+                stack.pop()
+                state[current] = 2
+                order.append(g.node[current])
+
+    for index in range(len(g.node)):
+        if state.get(index) is None:
+            visit(index, [])
+    return order
+
+
+def _safe_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "node"
+
+
+# ------------------------------------------------------------------------------------------------ handlers
+Handler = Callable[[_Converter, list], Any]
+HANDLERS: dict[str, Handler] = {}
+NO_FOLD = {"LSTM", "GRU", "RNN", "Dropout"}
+
+
+def handles(*names: str):
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            HANDLERS[name] = fn
+        return fn
+    return register
+
+
+def _spatial_pads(cv: _Converter, nd: int, kernel, strides, dilations, in_spatial) -> list[tuple[int, int]]:
+    auto = cv.attr("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for n, k, s, d in zip(in_spatial, kernel, strides, dilations):
+            out = -(-n // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+            small, big = total // 2, total - total // 2
+            pads.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        return pads
+    if auto == "VALID":
+        return [(0, 0)] * nd
+    flat = list(cv.attr("pads", [0] * (2 * nd)))
+    return [(flat[i], flat[i + nd]) for i in range(nd)]
+
+
+def _pad_first(cv: _Converter, x, pads: list[tuple[int, int]], value: float = 0.0):
+    """Asymmetric padding as an explicit ``pad`` op; returns (x, symmetric per-dim padding)."""
+    if all(lo == hi for lo, hi in pads):
+        return x, tuple(lo for lo, _ in pads)
+    flat = tuple(p for lo_hi in reversed(pads) for p in lo_hi)
+    return cv.emit("pad", [x], {"pad": flat, "mode": "constant", "value": value}), (0,) * len(pads)
+
+
+@handles("Conv")
+def _conv(cv, xs):
+    x, w = xs[0], cv.const(xs[1], "Conv weight")
+    b = cv.const(xs[2], "Conv bias") if len(xs) > 2 and xs[2] is not None else None
+    nd = w.ndim - 2
+    if nd not in (1, 2):
+        raise _Unsupported(f"{nd}-d convolution")
+    kernel = tuple(cv.attr("kernel_shape", w.shape[2:]))
+    strides = tuple(cv.attr("strides", [1] * nd))
+    dilations = tuple(cv.attr("dilations", [1] * nd))
+    pads = _spatial_pads(cv, nd, kernel, strides, dilations, cv.shape(x)[2:])
+    x, padding = _pad_first(cv, x, pads)
+    return cv.emit(f"conv{nd}d", [x], {"stride": strides, "padding": padding, "dilation": dilations,
+                                       "groups": int(cv.attr("group", 1))}, {"weight": w, "bias": b})
+
+
+@handles("ConvTranspose")
+def _conv_transpose(cv, xs):
+    x, w = xs[0], cv.const(xs[1], "ConvTranspose weight")
+    b = cv.const(xs[2], "ConvTranspose bias") if len(xs) > 2 and xs[2] is not None else None
+    nd = w.ndim - 2
+    if nd not in (1, 2) or cv.attr("output_shape") is not None or cv.attr("auto_pad", "NOTSET") != "NOTSET":
+        raise _Unsupported("output_shape/auto_pad or 3-d transposed convolution")
+    pads = list(cv.attr("pads", [0] * (2 * nd)))
+    if pads[:nd] != pads[nd:]:
+        raise _Unsupported("asymmetric pads on a transposed convolution")
+    return cv.emit(f"conv_transpose{nd}d", [x], {
+        "stride": tuple(cv.attr("strides", [1] * nd)), "padding": tuple(pads[:nd]),
+        "output_padding": tuple(cv.attr("output_padding", [0] * nd)), "groups": int(cv.attr("group", 1)),
+        "dilation": tuple(cv.attr("dilations", [1] * nd))}, {"weight": w, "bias": b})
+
+
+@handles("BatchNormalization")
+def _batch_norm(cv, xs):
+    if cv.attr("training_mode", 0):
+        raise _Unsupported("training_mode=1")
+    scale, bias, mean, var = (cv.const(v, "BatchNormalization statistics") for v in xs[1:5])
+    return cv.emit("batch_norm", [xs[0]], {"eps": float(cv.attr("epsilon", 1e-5))},
+                   {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var})
+
+
+@handles("Gemm")
+def _gemm(cv, xs):
+    a, b = xs[0], xs[1]
+    c = xs[2] if len(xs) > 2 else None
+    alpha, beta = float(cv.attr("alpha", 1.0)), float(cv.attr("beta", 1.0))
+    if cv.attr("transA", 0):
+        a = cv.emit("permute", [a], {"dims": (1, 0)})
+    b = cv.const(b, "Gemm B")
+    weight = (b if cv.attr("transB", 0) else b.T) * alpha
+    bias = None
+    if c is not None:
+        c = cv.const(c, "Gemm C")
+        if c.size == weight.shape[0] or c.size == 1:
+            bias = np.broadcast_to(c.reshape(-1), (weight.shape[0],)) * beta
+        else:
+            y = cv.emit("linear", [a], {}, {"weight": weight})
+            return cv.emit("add", [y, c * beta])
+    return cv.emit("linear", [a], {}, {"weight": weight, "bias": bias})
+
+
+@handles("MatMul")
+def _matmul(cv, xs):
+    a, b = xs
+    if not isinstance(b, Value) and np.ndim(b) == 2:
+        return cv.emit("linear", [a], {}, {"weight": np.asarray(b).T})
+    return cv.emit("matmul", [a, b])
+
+
+def _simple(op: str, **attrs_from_onnx):
+    def handler(cv, xs):
+        attrs = {ir: type(default)(cv.attr(onnx_name, default)) for ir, (onnx_name, default) in attrs_from_onnx.items()}
+        return cv.emit(op, [xs[0]], attrs)
+    return handler
+
+
+for _onnx, _ir in (("Relu", "relu"), ("Sigmoid", "sigmoid"), ("Tanh", "tanh"), ("HardSwish", "hardswish"),
+                   ("Exp", "exp"), ("Sqrt", "sqrt"), ("Neg", "neg"), ("Abs", "abs"), ("Erf", "erf")):
+    HANDLERS[_onnx] = _simple(_ir)
+HANDLERS["LeakyRelu"] = _simple("leaky_relu", negative_slope=("alpha", 0.01))
+HANDLERS["Elu"] = _simple("elu", alpha=("alpha", 1.0))
+HANDLERS["Identity"] = _simple("identity")
+
+
+@handles("Dropout")
+def _dropout(cv, xs):
+    if len(cv.node.output) > 1 and cv.node.output[1]:
+        raise _Unsupported("the mask output")
+    return cv.emit("dropout", [xs[0]], {"p": float(cv.attr("ratio", 0.5))})
+
+
+@handles("HardSigmoid")
+def _hard_sigmoid(cv, xs):
+    alpha, beta = float(cv.attr("alpha", 0.2)), float(cv.attr("beta", 0.5))
+    if abs(alpha - 1 / 6) < 1e-7 and abs(beta - 0.5) < 1e-7:
+        return cv.emit("hardsigmoid", [xs[0]])
+    scaled = cv.emit("add", [cv.emit("mul", [xs[0], np.float32(alpha)]), np.float32(beta)])
+    return cv.emit("clamp", [scaled], {"min": 0.0, "max": 1.0})
+
+
+@handles("Clip")
+def _clip(cv, xs):
+    lo, hi = cv.attr("min"), cv.attr("max")
+    if len(xs) > 1 and xs[1] is not None:
+        lo = float(cv.const(xs[1], "Clip min"))
+    if len(xs) > 2 and xs[2] is not None:
+        hi = float(cv.const(xs[2], "Clip max"))
+    return cv.emit("clamp", [xs[0]], {"min": None if lo is None else float(lo),
+                                      "max": None if hi is None else float(hi)})
+
+
+def _softmax(op: str):
+    def handler(cv, xs):
+        x = xs[0]
+        shape = cv.shape(x)
+        rank = len(shape)
+        axis = int(cv.attr("axis", -1 if cv.opset >= 13 else 1)) % rank
+        if cv.opset >= 13 or axis == rank - 1:
+            return cv.emit(op, [x], {"dim": axis})
+        # opset < 13: softmax over the flattened trailing dims [axis:]
+        flat = cv.emit("reshape", [x], {"shape": (math.prod(shape[:axis]), math.prod(shape[axis:]))})
+        return cv.emit("reshape", [cv.emit(op, [flat], {"dim": 1})], {"shape": shape})
+    return handler
+
+
+HANDLERS["Softmax"] = _softmax("softmax")
+HANDLERS["LogSoftmax"] = _softmax("log_softmax")
+
+
+def _pool(kind: str):
+    def handler(cv, xs):
+        x = xs[0]
+        if len(cv.node.output) > 1 and cv.node.output[1]:
+            raise _Unsupported("the Indices output")
+        kernel = tuple(cv.attr("kernel_shape"))
+        nd = len(kernel)
+        if nd not in (1, 2):
+            raise _Unsupported(f"{nd}-d pooling")
+        strides = tuple(cv.attr("strides", [1] * nd))
+        dilations = tuple(cv.attr("dilations", [1] * nd))
+        pads = _spatial_pads(cv, nd, kernel, strides, dilations, cv.shape(x)[2:])
+        include_pad = bool(cv.attr("count_include_pad", 0))
+        if kind == "avg" and not include_pad and any(lo != hi for lo, hi in pads):
+            raise _Unsupported("asymmetric pads with count_include_pad=0")
+        x, padding = _pad_first(cv, x, pads, value=-3.4e38 if kind == "max" else 0.0)
+        if any(2 * p > k for p, k in zip(padding, kernel)):  # torch's limit; pad explicitly instead
+            x, padding = _pad_first(cv, x, [(p, p + 1) for p in padding], -3.4e38 if kind == "max" else 0.0)
+        attrs = {"kernel_size": kernel, "stride": strides, "padding": padding,
+                 "ceil_mode": bool(cv.attr("ceil_mode", 0))}
+        if kind == "max":
+            attrs["dilation"] = dilations
+        else:
+            attrs["count_include_pad"] = include_pad
+        return cv.emit(f"{kind}_pool{nd}d", [x], attrs)
+    return handler
+
+
+HANDLERS["MaxPool"] = _pool("max")
+HANDLERS["AveragePool"] = _pool("avg")
+
+
+def _global_pool(kind: str):
+    def handler(cv, xs):
+        nd = len(cv.shape(xs[0])) - 2
+        if nd not in (1, 2):
+            raise _Unsupported(f"{nd}-d global pooling")
+        return cv.emit(f"adaptive_{kind}_pool{nd}d", [xs[0]], {"output_size": (1,) * nd})
+    return handler
+
+
+HANDLERS["GlobalAveragePool"] = _global_pool("avg")
+HANDLERS["GlobalMaxPool"] = _global_pool("max")
+
+
+@handles("LRN")
+def _lrn(cv, xs):
+    return cv.emit("lrn", [xs[0]], {"size": int(cv.attr("size")), "alpha": float(cv.attr("alpha", 1e-4)),
+                                    "beta": float(cv.attr("beta", 0.75)), "k": float(cv.attr("bias", 1.0))})
+
+
+@handles("Flatten")
+def _flatten(cv, xs):
+    shape = cv.shape(xs[0])
+    axis = int(cv.attr("axis", 1)) % (len(shape) + 1) if shape else 0
+    return _reshape_to(cv, xs[0], (math.prod(shape[:axis]), math.prod(shape[axis:])))
+
+
+def _reshape_to(cv, x, shape):
+    shape = tuple(int(s) for s in shape)
+    if math.prod(shape) != math.prod(cv.shape(x)):
+        raise ValueError(f"cannot reshape {cv.shape(x)} to {shape}")
+    return x if shape == cv.shape(x) else cv.emit("reshape", [x], {"shape": shape})
+
+
+@handles("Reshape")
+def _reshape(cv, xs):
+    x = xs[0]
+    target = [int(s) for s in (cv.const(xs[1], "Reshape shape") if len(xs) > 1 else cv.attr("shape"))]
+    in_shape = cv.shape(x)
+    allow_zero = int(cv.attr("allowzero", 0))
+    shape = [in_shape[i] if s == 0 and not allow_zero else s for i, s in enumerate(target)]
+    if shape.count(-1) > 1:
+        raise ValueError(f"reshape target {target} has more than one -1")
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = math.prod(in_shape) // known if known else 0
+    return _reshape_to(cv, x, shape)
+
+
+@handles("Transpose")
+def _transpose(cv, xs):
+    rank = len(cv.shape(xs[0]))
+    perm = tuple(cv.attr("perm", list(range(rank))[::-1]))
+    return xs[0] if perm == tuple(range(rank)) else cv.emit("permute", [xs[0]], {"dims": perm})
+
+
+@handles("Concat")
+def _concat(cv, xs):
+    rank = len(cv.shape(next(x for x in xs if x is not None)))
+    return cv.emit("concat", [x for x in xs if x is not None], {"dim": int(cv.attr("axis")) % rank})
+
+
+@handles("Split")
+def _split(cv, xs):
+    x = xs[0]
+    shape = cv.shape(x)
+    axis = int(cv.attr("axis", 0)) % len(shape)
+    split = cv.attr("split")
+    if len(xs) > 1 and xs[1] is not None:
+        split = cv.const(xs[1], "Split sizes").tolist()
+    if split is None:
+        parts = int(cv.attr("num_outputs", len(cv.node.output)))
+        step = -(-shape[axis] // parts)
+        split = [min(step, shape[axis] - i * step) for i in range(parts)]
+    outs = cv.emit("split", [x], {"split_sizes": tuple(int(s) for s in split), "dim": axis})
+    return outs if isinstance(outs, tuple) else (outs,)
+
+
+@handles("Slice")
+def _slice(cv, xs):
+    x = xs[0]
+    shape = cv.shape(x)
+    if cv.opset < 10:
+        starts, ends = cv.attr("starts"), cv.attr("ends")
+        axes, steps = cv.attr("axes", list(range(len(starts)))), [1] * len(starts)
+    else:
+        starts, ends = cv.const(xs[1], "Slice starts").tolist(), cv.const(xs[2], "Slice ends").tolist()
+        axes = cv.const(xs[3], "Slice axes").tolist() if len(xs) > 3 and xs[3] is not None else list(
+            range(len(starts)))
+        steps = cv.const(xs[4], "Slice steps").tolist() if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = int(axis) % len(shape)
+        if step <= 0:
+            raise _Unsupported("negative slice steps")
+        s, e, st = slice(int(start), int(min(end, 1 << 62)), int(step)).indices(cv.shape(x)[axis])
+        if (s, e, st) != (0, cv.shape(x)[axis], 1):
+            x = cv.emit("slice", [x], {"dim": axis, "start": s, "end": max(e, s), "step": st})
+    return x
+
+
+def _axes(cv, xs, rank: int) -> list[int]:
+    axes = cv.attr("axes")
+    if len(xs) > 1 and xs[1] is not None:
+        axes = cv.const(xs[1], "axes").tolist()
+    return [int(a) % rank for a in (axes or [])]
+
+
+@handles("Squeeze")
+def _squeeze(cv, xs):
+    shape = cv.shape(xs[0])
+    axes = _axes(cv, xs, len(shape)) or [i for i, s in enumerate(shape) if s == 1]
+    return _reshape_to(cv, xs[0], [s for i, s in enumerate(shape) if i not in axes])
+
+
+@handles("Unsqueeze")
+def _unsqueeze(cv, xs):
+    shape = list(cv.shape(xs[0]))
+    axes = cv.attr("axes")
+    if len(xs) > 1 and xs[1] is not None:
+        axes = cv.const(xs[1], "Unsqueeze axes").tolist()
+    rank = len(shape) + len(axes or [])
+    for axis in sorted(int(a) % rank for a in axes or []):
+        shape.insert(axis, 1)
+    return _reshape_to(cv, xs[0], shape)
+
+
+@handles("Shape")
+def _shape(cv, xs):
+    return np.array(cv.shape(xs[0]), dtype=np.int64)
+
+
+@handles("Gather")
+def _gather(cv, xs):
+    data, indices = xs
+    axis = int(cv.attr("axis", 0)) % len(cv.shape(data))
+    if isinstance(indices, Value):
+        if isinstance(data, Value) or axis != 0 or np.ndim(data) != 2:
+            raise _Unsupported("gathering with run-time indices other than an embedding lookup")
+        return cv.emit("embedding", [indices], {}, {"weight": np.asarray(data, np.float32)})
+    idx = np.asarray(indices)
+    size = cv.shape(data)[axis]
+    if idx.ndim == 0:
+        return cv.emit("select", [data], {"dim": axis, "index": int(idx) % size})
+    if idx.ndim == 1 and len(idx) and np.all(np.diff(idx % size) == 1):
+        start = int(idx[0]) % size
+        return cv.emit("slice", [data], {"dim": axis, "start": start, "end": start + len(idx), "step": 1})
+    raise _Unsupported("non-contiguous gather indices")
+
+
+@handles("Expand")
+def _expand(cv, xs):
+    """Broadcast to a constant shape: ``x + zeros(shape)`` (numpy broadcasting rules, as ONNX's)."""
+    shape = tuple(int(d) for d in cv.const(xs[1], "Expand shape"))
+    target = np.broadcast_shapes(cv.shape(xs[0]), shape)
+    if target == cv.shape(xs[0]):
+        return xs[0]
+    return cv.emit("add", [xs[0], np.zeros(target, dtype=cv.graph.value_type(xs[0]).dtype)])
+
+
+@handles("Constant")
+def _constant(cv, xs):
+    for a in cv.node.attribute:
+        if a.name == "value":
+            return tensor_to_numpy(a.t, cv.where)
+        if a.name in ("value_float", "value_int"):
+            return np.asarray(helper.get_attribute_value(a), np.float32 if a.name == "value_float" else np.int64)
+        if a.name in ("value_floats", "value_ints"):
+            return np.asarray(helper.get_attribute_value(a), np.float32 if a.name == "value_floats" else np.int64)
+    raise _Unsupported("a Constant without a supported value attribute")
+
+
+@handles("ConstantOfShape")
+def _constant_of_shape(cv, xs):  # constant shapes were folded before reaching here
+    raise _Unsupported("a shape computed at run time")
+
+
+@handles("Pad")
+def _pad(cv, xs):
+    x = xs[0]
+    rank = len(cv.shape(x))
+    pads = cv.attr("pads") if cv.opset < 11 else cv.const(xs[1], "Pad pads").tolist()
+    value = cv.attr("value", 0.0) if cv.opset < 11 else (
+        float(cv.const(xs[2], "Pad value")) if len(xs) > 2 and xs[2] is not None else 0.0)
+    if cv.opset >= 18 and len(xs) > 3 and xs[3] is not None:
+        raise _Unsupported("the axes input")
+    mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(cv.attr("mode", "constant"))
+    if mode is None:
+        raise _Unsupported(f"mode {cv.attr('mode')!r}")
+    pairs = [(int(pads[i]), int(pads[i + rank])) for i in range(rank)]
+    if any(lo < 0 or hi < 0 for lo, hi in pairs):
+        raise _Unsupported("negative pads")
+    while pairs and pairs[0] == (0, 0):
+        pairs.pop(0)
+    flat = tuple(p for lo_hi in reversed(pairs) for p in lo_hi)
+    return cv.emit("pad", [x], {"pad": flat, "mode": mode, "value": float(value)}) if flat else x
+
+
+def _binary(op: str):
+    def handler(cv, xs):
+        a, b = xs
+        like = a if isinstance(a, Value) else b
+        dtype = cv.graph.value_type(like).dtype
+        a = a if isinstance(a, Value) else np.asarray(a).astype(dtype)
+        b = b if isinstance(b, Value) else np.asarray(b).astype(dtype)
+        return cv.emit(op, [a, b])
+    return handler
+
+
+for _onnx, _ir in (("Add", "add"), ("Sub", "sub"), ("Mul", "mul"), ("Div", "div")):
+    HANDLERS[_onnx] = _binary(_ir)
+
+
+def _variadic(op: str, mean: bool = False):
+    def handler(cv, xs):
+        result = xs[0]
+        for x in xs[1:]:
+            result = _binary(op)(cv, [result, x])
+        if mean:
+            result = cv.emit("mul", [result, np.float32(1.0 / len(xs))])
+        return result if isinstance(result, Value) else cv.emit("identity", [result])
+    return handler
+
+
+HANDLERS["Sum"] = _variadic("add")
+HANDLERS["Mean"] = _variadic("add", mean=True)
+HANDLERS["Max"] = _variadic("maximum")
+HANDLERS["Min"] = _variadic("minimum")
+
+
+def _reduce(op: str):
+    def handler(cv, xs):
+        rank = len(cv.shape(xs[0]))
+        axes = _axes(cv, xs, rank)
+        if not axes:
+            if cv.attr("noop_with_empty_axes", 0):
+                return xs[0]
+            axes = list(range(rank))
+        return cv.emit(op, [xs[0]], {"dim": tuple(sorted(axes)), "keepdim": bool(cv.attr("keepdims", 1))})
+    return handler
+
+
+HANDLERS["ReduceMean"] = _reduce("mean")
+HANDLERS["ReduceSum"] = _reduce("sum")
+HANDLERS["ReduceMax"] = _reduce("amax")
+
+
+# ONNX gate order -> torch gate order, as row blocks of the weights
+_GATE_ORDER = {"LSTM": [0, 2, 3, 1], "GRU": [1, 0, 2], "RNN": [0]}  # iofc -> ifgo(c=g); zrh -> rzn
+
+
+def _recurrent(kind: str):
+    def handler(cv, xs):
+        x = xs[0]
+        w, r = cv.const(xs[1], f"{kind} W"), cv.const(xs[2], f"{kind} R")
+        b = cv.const(xs[3], f"{kind} B") if len(xs) > 3 and xs[3] is not None else None
+        if len(xs) > 4 and xs[4] is not None:
+            raise _Unsupported("sequence_lens (variable-length sequences)")
+        if kind == "LSTM" and len(xs) > 7 and xs[7] is not None:
+            raise _Unsupported("peephole weights P")
+        if cv.attr("clip") is not None or cv.attr("activations") is not None:
+            defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[kind]
+            acts = cv.attr("activations")
+            if cv.attr("clip") is not None or (acts and [a.capitalize() for a in acts] not in (
+                    defaults, defaults * 2, ["Relu"], ["Relu", "Relu"])):
+                raise _Unsupported(f"non-default activations {acts} or clip")
+        if kind == "GRU" and not cv.attr("linear_before_reset", 0):
+            raise _Unsupported("linear_before_reset=0 (torch GRUs apply the reset gate after the matmul)")
+        if kind == "LSTM" and cv.attr("input_forget", 0):
+            raise _Unsupported("input_forget=1")
+        direction = cv.attr("direction", "forward")
+        if direction == "reverse":
+            raise _Unsupported("direction='reverse' alone")
+        layout = int(cv.attr("layout", 0))
+        hidden = int(cv.attr("hidden_size", r.shape[-1]))
+        gates = len(_GATE_ORDER[kind])
+        params = {}
+        for d, suffix in enumerate(("", "_reverse")[: w.shape[0]]):
+            order = np.concatenate([np.arange(g * hidden, (g + 1) * hidden) for g in _GATE_ORDER[kind]])
+            params[f"weight_ih_l0{suffix}"] = w[d][order]
+            params[f"weight_hh_l0{suffix}"] = r[d][order]
+            bias = b[d] if b is not None else np.zeros(2 * gates * hidden, np.float32)
+            params[f"bias_ih_l0{suffix}"] = bias[: gates * hidden][order]
+            params[f"bias_hh_l0{suffix}"] = bias[gates * hidden:][order]
+        acts = cv.attr("activations")
+        attrs = {"hidden_size": hidden, "num_layers": 1, "bidirectional": direction == "bidirectional",
+                 "batch_first": layout == 1, "bias": True}
+        if kind == "RNN":
+            attrs["nonlinearity"] = "relu" if acts and acts[0].lower() == "relu" else "tanh"
+        states = []
+        for slot in (5, 6) if kind == "LSTM" else (5,):
+            state = xs[slot] if len(xs) > slot else None
+            if state is not None and layout == 1:
+                state = cv.emit("permute", [state], {"dims": (1, 0, 2)})
+            states.append(state)
+        op = kind.lower()
+        if any(s is None for s in states):
+            if any(s is not None for s in states):  # only one of h0/c0 given: the other is zeros
+                shape = (w.shape[0], cv.shape(x)[0 if layout else 1], hidden)
+                states = [np.zeros(shape, np.float32) if s is None else s for s in states]
+            else:
+                states = []
+        outs = cv.emit(op, [x, *states], attrs, params)
+        y, h = outs[0], outs[1]
+        steps, batch = cv.shape(x)[:2] if layout == 0 else cv.shape(x)[:2][::-1]
+        dirs = w.shape[0]
+        # ONNX Y is (T, D, B, H) (layout 0) or (B, T, D, H) (layout 1); torch's is (T, B, D*H) / (B, T, D*H)
+        if layout == 0:
+            y = cv.emit("permute", [cv.emit("reshape", [y], {"shape": (steps, batch, dirs, hidden)})],
+                        {"dims": (0, 2, 1, 3)})
+        else:
+            y = cv.emit("reshape", [y], {"shape": (batch, steps, dirs, hidden)})
+            h = cv.emit("permute", [h], {"dims": (1, 0, 2)})
+        results = [y, h]
+        if kind == "LSTM":
+            c = outs[2] if layout == 0 else cv.emit("permute", [outs[2]], {"dims": (1, 0, 2)})
+            results.append(c)
+        return tuple(results)
+    return handler
+
+
+HANDLERS["LSTM"] = _recurrent("LSTM")
+HANDLERS["GRU"] = _recurrent("GRU")
+HANDLERS["RNN"] = _recurrent("RNN")
+
+
+def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = None) -> Graph:
+    """Import an ONNX model (path or ``ModelProto``) as a verified IR graph.
+
+    Raises ``FrontendError`` (one message naming the problem and the model element) or ``UnsupportedModelError``
+    (every unsupported op at once).
+    """
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+        default_name = proto.graph.name or "onnx_model"
+    else:
+        proto = load_model(model)
+        default_name = Path(model).stem
+    return _Converter(proto, name or _safe_name(proto.graph.name or default_name)).run()
