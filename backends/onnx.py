@@ -283,6 +283,11 @@ def _select(ex, xs, a, p):
     return ex.one("Gather", [xs[0], ex.const(np.array(a["index"], np.int64))], axis=a["dim"])
 
 
+@exports("gather")
+def _gather(ex, xs, a, p):
+    return ex.one("Gather", [xs[0], ex.const(p["indices"])], axis=a["dim"])
+
+
 @exports("pad")
 def _pad(ex, xs, a, p):
     rank = ex.graph.value_type(ex.graph.operands(ex.node)[0]).rank

@@ -214,25 +214,32 @@ class _Converter:
             self.unsupported.append(f"{node.domain}::{node.op_type} (node '{node.name}')")
             self._mark_unknown(node)
             return
-        inputs = [self.env.get(name) if name else None for name in node.input]
-        if any(name and name not in self.env for name in node.input):
-            self._mark_unknown(node)
-            return
         handler = HANDLERS.get(node.op_type)
         if handler is None:
             self.unsupported.append(f"{node.op_type} (node '{node.name or node.output[0]}')")
             self._mark_unknown(node)
             return
+        inputs = [self.env.get(name) if name else None for name in node.input]
+        if any(name and name not in self.env for name in node.input):  # downstream of an unsupported node
+            self._mark_unknown(node)
+            return
         live = [x for x in inputs if x is not None]
         try:
             if live and all(not isinstance(x, Value) for x in live) and node.op_type not in NO_FOLD:
-                results = self.fold(node, inputs)
+                try:
+                    results = self.fold(node, inputs)
+                except (FrontendError, _Unsupported):
+                    raise
+                except Exception as exc:  # the reference evaluator refused the node's constant inputs
+                    raise FrontendError(f"{self.where}: invalid constant inputs: {str(exc).splitlines()[0]}") from None
             else:
                 results = handler(self, inputs)
         except _Unsupported as exc:
             self.unsupported.append(f"{node.op_type}: {exc} (node '{node.name or node.output[0]}')")
             self._mark_unknown(node)
             return
+        except FrontendError:
+            raise
         except (IRError, ValueError, IndexError, KeyError, TypeError) as exc:
             raise FrontendError(f"{self.where}: {exc}") from None
         results = results if isinstance(results, (tuple, list)) else (results,)
@@ -241,9 +248,8 @@ class _Converter:
                 self.env[name] = result
 
     def _mark_unknown(self, node: onnx.NodeProto) -> None:
-        for name in node.output:  # users of an unsupported node are still scanned, not converted
+        for name in node.output:  # users of an unsupported node are still scanned for support, not converted
             self.env.pop(name, None)
-        self._unknown = getattr(self, "_unknown", set()) | set(node.output)
 
     def fold(self, node: onnx.NodeProto, inputs: list) -> list[np.ndarray]:
         """Evaluate a node whose inputs are all constants with ONNX's reference implementation."""
@@ -251,6 +257,7 @@ class _Converter:
 
         if sum(np.asarray(x).size for x in inputs if x is not None) > MAX_FOLD_ELEMENTS:
             raise _Unsupported("constant folding of a very large tensor")
+        self._check_fold_output_size(node, inputs)
         names = [n if n else "" for n in node.input]
         values = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(x).dtype),
                                                 np.shape(x)) for n, x in zip(names, inputs) if n]
@@ -259,6 +266,21 @@ class _Converter:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         feeds = {n: np.asarray(x) for n, x in zip(names, inputs) if n}
         return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
+
+
+    def _check_fold_output_size(self, node: onnx.NodeProto, inputs: list) -> None:
+        """Ops whose output size is data-dependent must not allocate absurd tensors while folding."""
+        size = None
+        if node.op_type in ("ConstantOfShape", "Expand") and len(inputs) >= 1:
+            shape = np.asarray(inputs[0 if node.op_type == "ConstantOfShape" else 1]).reshape(-1)
+            size = math.prod(int(max(d, 1)) for d in shape.tolist())
+        elif node.op_type == "Tile" and len(inputs) == 2:
+            size = np.asarray(inputs[0]).size * math.prod(int(max(r, 1)) for r in np.asarray(inputs[1]).tolist())
+        elif node.op_type == "Range" and len(inputs) == 3:
+            start, limit, delta = (float(np.asarray(v)) for v in inputs)
+            size = math.ceil((limit - start) / delta) if delta else math.inf
+        if size is not None and size > MAX_FOLD_ELEMENTS:
+            raise FrontendError(f"{self.where}: would create a tensor of {size} elements; refusing to allocate")
 
 
 def _default_opset(model: onnx.ModelProto) -> int:
@@ -487,6 +509,10 @@ def _clip(cv, xs):
         lo = float(cv.const(xs[1], "Clip min"))
     if len(xs) > 2 and xs[2] is not None:
         hi = float(cv.const(xs[2], "Clip max"))
+    if lo is None and hi is None:
+        return cv.emit("identity", [xs[0]])
+    if cv.graph.value_type(cv.value(xs[0])).dtype != "float32":
+        raise _Unsupported("integer Clip")
     return cv.emit("clamp", [xs[0]], {"min": None if lo is None else float(lo),
                                       "max": None if hi is None else float(hi)})
 
@@ -522,11 +548,17 @@ def _pool(kind: str):
         dilations = tuple(cv.attr("dilations", [1] * nd))
         pads = _spatial_pads(cv, nd, kernel, strides, dilations, cv.shape(x)[2:])
         include_pad = bool(cv.attr("count_include_pad", 0))
-        if kind == "avg" and not include_pad and any(lo != hi for lo, hi in pads):
-            raise _Unsupported("asymmetric pads with count_include_pad=0")
-        x, padding = _pad_first(cv, x, pads, value=-3.4e38 if kind == "max" else 0.0)
-        if any(2 * p > k for p, k in zip(padding, kernel)):  # torch's limit; pad explicitly instead
-            x, padding = _pad_first(cv, x, [(p, p + 1) for p in padding], -3.4e38 if kind == "max" else 0.0)
+        if kind == "avg" and any(d != 1 for d in dilations):
+            raise _Unsupported("dilated average pooling")
+        explicit = any(lo != hi for lo, hi in pads) or any(2 * lo > k for (lo, _), k in zip(pads, kernel))
+        if kind == "avg" and not include_pad and explicit:
+            raise _Unsupported("asymmetric or over-half-kernel pads with count_include_pad=0")
+        if explicit:  # torch pools pad symmetrically and at most half a kernel: pad explicitly instead
+            flat = tuple(p for lo_hi in reversed(pads) for p in lo_hi)
+            x = cv.emit("pad", [x], {"pad": flat, "mode": "constant", "value": -3.4e38 if kind == "max" else 0.0})
+            padding = (0,) * nd
+        else:
+            padding = tuple(lo for lo, _ in pads)
         attrs = {"kernel_size": kernel, "stride": strides, "padding": padding,
                  "ceil_mode": bool(cv.attr("ceil_mode", 0))}
         if kind == "max":
@@ -563,7 +595,8 @@ def _lrn(cv, xs):
 @handles("Flatten")
 def _flatten(cv, xs):
     shape = cv.shape(xs[0])
-    axis = int(cv.attr("axis", 1)) % (len(shape) + 1) if shape else 0
+    axis = int(cv.attr("axis", 1))
+    axis = axis + len(shape) if axis < 0 else axis
     return _reshape_to(cv, xs[0], (math.prod(shape[:axis]), math.prod(shape[axis:])))
 
 
@@ -668,7 +701,9 @@ def _unsqueeze(cv, xs):
 
 @handles("Shape")
 def _shape(cv, xs):
-    return np.array(cv.shape(xs[0]), dtype=np.int64)
+    shape = cv.shape(xs[0])
+    start, end = cv.attr("start", 0), cv.attr("end")
+    return np.array(shape[slice(start, end)], dtype=np.int64)
 
 
 @handles("Gather")
@@ -686,7 +721,9 @@ def _gather(cv, xs):
     if idx.ndim == 1 and len(idx) and np.all(np.diff(idx % size) == 1):
         start = int(idx[0]) % size
         return cv.emit("slice", [data], {"dim": axis, "start": start, "end": start + len(idx), "step": 1})
-    raise _Unsupported("non-contiguous gather indices")
+    if np.any(idx < -size) or np.any(idx >= size):
+        raise FrontendError(f"{cv.where}: gather indices out of range for a dim of size {size}")
+    return cv.emit("gather", [data], {"dim": axis}, {"indices": (idx % size).astype(np.int64)})
 
 
 @handles("Expand")
@@ -877,4 +914,5 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = Non
     else:
         proto = load_model(model)
         default_name = Path(model).stem
+        return _Converter(proto, name or _safe_name(default_name)).run()
     return _Converter(proto, name or _safe_name(proto.graph.name or default_name)).run()

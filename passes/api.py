@@ -186,6 +186,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     if measure and compiled.target_kind != "cuda":
         reference = _original_outputs(model, graph, example_inputs)
         report.accuracy = _accuracy(reference, compiled(*[_to_numpy(x) for x in example_inputs]))
+        report.accuracy["reference"] = "onnxruntime" if isinstance(model, (str, os.PathLike)) else "pytorch"
         report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=7)
         if not isinstance(model, (str, os.PathLike)):
             report.baselines_ms["pytorch-eager"] = _torch_latency_ms(model, example_inputs)
@@ -215,10 +216,16 @@ def _to_numpy(x: Any) -> Any:
 
 def _original_outputs(model: Any, graph, example_inputs: tuple) -> Any:
     """The original model's outputs: PyTorch for an nn.Module, the imported graph's reference otherwise."""
-    if isinstance(model, (str, os.PathLike)):
-        from passes.ir.interpret import run_reference
+    if isinstance(model, (str, os.PathLike)):  # an ONNX file: ONNX Runtime is the reference
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            from passes.ir.interpret import run_reference
 
-        return run_reference(graph, example_inputs)
+            return run_reference(graph, example_inputs)
+        session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+        names = [graph.nodes[n]["origin"][0] for n in graph.inputs]
+        return tuple(session.run(None, {n: _to_numpy(x) for n, x in zip(names, example_inputs)}))
     import torch
 
     with torch.no_grad():

@@ -62,8 +62,9 @@ class Report:
             lines.append(f"  FLOPs   {self.flops['before']:,} -> {self.flops['after']:,}")
             lines.append(f"  params  {self.params['before']:,} -> {self.params['after']:,}")
         if self.accuracy:
-            lines.append("  accuracy vs PyTorch: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else
-                                                          f"{k}={v}" for k, v in self.accuracy.items()))
+            numbers = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in self.accuracy.items() if k != "reference")
+            lines.append(f"  accuracy vs {self.accuracy.get('reference', 'reference')}: {numbers}")
         if self.latency_ms is not None:
             lines.append(f"  latency {self.latency_ms:.3f} ms (median, compiled)")
         for name, ms in self.baselines_ms.items():

@@ -65,8 +65,8 @@ class LowerContext:
         return self.bb.emit(expr)
 
     def const(self, array: Any, dtype: str | None = None) -> relax.Constant:
-        array = np.asarray(array)
-        return relax.const(array.astype(dtype) if dtype else array)
+        array = np.asarray(array).astype(dtype) if dtype else np.asarray(array)
+        return relax.const(array, str(array.dtype))  # explicit: relax.const narrows int64 data otherwise
 
     def scalar(self, value: float, dtype: str = "float32") -> relax.Constant:
         return relax.const(np.asarray(value, dtype=dtype))
@@ -230,7 +230,11 @@ def _binary(ctx, xs):
 
 
 def _clip(ctx, x, lo: float, hi: float):
-    return ctx.emit(R.clip(x, max(float(lo), -FLOAT_MAX), min(float(hi), FLOAT_MAX)))
+    """min(max(x, lo), hi): when lo > hi every value becomes hi, as in torch.clamp and ONNX Clip."""
+    lo, hi = max(float(lo), -FLOAT_MAX), min(float(hi), FLOAT_MAX)
+    if lo <= hi:
+        return ctx.emit(R.clip(x, lo, hi))
+    return ctx.emit(R.minimum(R.maximum(x, ctx.scalar(lo)), ctx.scalar(hi)))
 
 
 def _elu(ctx, x, alpha: float):
@@ -371,6 +375,11 @@ def _split(ctx, xs):
     indices = np.cumsum(ctx.attrs["split_sizes"])[:-1].tolist()
     parts = ctx.emit(R.split(xs[0], indices_or_sections=[int(i) for i in indices], axis=ctx.attrs["dim"]))
     return tuple(ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(ctx.attrs["split_sizes"])))
+
+
+@lowering("gather")
+def _gather(ctx, xs):
+    return ctx.emit(R.take(xs[0], ctx.const(ctx.params["indices"]), axis=ctx.attrs["dim"]))
 
 
 @lowering("reshape", "flatten")

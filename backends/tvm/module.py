@@ -120,7 +120,8 @@ class CompiledModule:
                 if not np.can_cast(array.dtype, spec.dtype, casting="same_kind"):
                     raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype.name}")
                 array = array.astype(spec.dtype)
-            converted.append(tvm.runtime.tensor(np.ascontiguousarray(array), self.device))
+            array = array if array.flags.c_contiguous else array.copy()  # ascontiguousarray would make 0-d 1-d
+            converted.append(tvm.runtime.tensor(array, self.device))
         return converted, any_torch
 
     def run_flat(self, *inputs: Any) -> list[np.ndarray]:
@@ -180,7 +181,9 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> Comp
         with tvm_target:
             mod = optimize_relax_cpu(mod, cores)
     executable = tvm.compile(mod, target=tvm_target)
-    inputs = [TensorSpec(n, t.shape, t.dtype) for n, t in zip(graph.inputs, graph.input_types())]
+    # Signature names are the model's own input names (an ONNX input "input.1" keeps its dot).
+    inputs = [TensorSpec(graph.nodes[n]["origin"][0] if graph.nodes[n]["origin"] else n, t.shape, t.dtype)
+              for n, t in zip(graph.inputs, graph.input_types())]
     outputs = [TensorSpec(f"output_{i}", graph.value_type(v).shape, graph.value_type(v).dtype)
                for i, v in enumerate(graph.output_values())]
     structure = _structure_indices(graph)

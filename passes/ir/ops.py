@@ -486,6 +486,14 @@ register_op(OpDef("stack", lambda xs, a, p: torch.stack(xs, a["dim"]), arity=(1,
                   attrs={"dim": REQUIRED}, flops=_no_flops))
 register_op(OpDef("split", _split, attrs={"split_sizes": REQUIRED, "dim": REQUIRED},
                   outputs=lambda a: len(a["split_sizes"]), flops=_no_flops))
+def _gather(xs, a, p):
+    x, idx, dim = xs[0], p["indices"], a["dim"]
+    picked = x.index_select(dim, idx.reshape(-1).to(x.device))
+    return picked.reshape(tuple(x.shape[:dim]) + tuple(idx.shape) + tuple(x.shape[dim + 1:]))
+
+
+register_op(OpDef("gather", _gather, attrs={"dim": REQUIRED}, params=("indices",), flops=_no_flops,
+                  doc="numpy.take(x, indices, axis=dim) with constant, non-negative indices (ONNX Gather)."))
 register_op(OpDef("reshape", lambda xs, a, p: torch.reshape(xs[0], a["shape"]), attrs={"shape": REQUIRED},
                   flops=_no_flops))
 register_op(OpDef("flatten", lambda xs, a, p: torch.flatten(xs[0], a["start_dim"], a["end_dim"]),
