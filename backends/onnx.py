@@ -283,6 +283,15 @@ def _select(ex, xs, a, p):
     return ex.one("Gather", [xs[0], ex.const(np.array(a["index"], np.int64))], axis=a["dim"])
 
 
+@exports("quantize", "dequantize")
+def _quantization(ex, xs, a, p):
+    op = "QuantizeLinear" if ex.graph.nodes[ex.node]["op"] == "quantize" else "DequantizeLinear"
+    zero_dtype = a["dtype"] if op == "QuantizeLinear" else str(np.asarray(p["zero_point"]).dtype)
+    extra = {} if a["axis"] is None else {"axis": int(a["axis"])}
+    return ex.one(op, [xs[0], ex.const(np.asarray(p["scale"], np.float32), "scale"),
+                       ex.const(np.asarray(p["zero_point"]).astype(zero_dtype), "zero_point")], **extra)
+
+
 @exports("gather")
 def _gather(ex, xs, a, p):
     return ex.one("Gather", [xs[0], ex.const(p["indices"])], axis=a["dim"])

@@ -823,6 +823,80 @@ HANDLERS["ReduceSum"] = _reduce("sum")
 HANDLERS["ReduceMax"] = _reduce("amax")
 
 
+def _qparams(cv, xs, scale_slot: int, zero_slot: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    scale = cv.const(xs[scale_slot], f"{what} scale").astype(np.float32)
+    zero = (cv.const(xs[zero_slot], f"{what} zero point") if len(xs) > zero_slot and xs[zero_slot] is not None
+            else np.zeros(scale.shape, np.uint8))
+    return scale, zero
+
+
+def _axis_of(cv, x, scale: np.ndarray) -> int | None:
+    return None if scale.ndim == 0 or scale.size == 1 else int(cv.attr("axis", 1)) % len(cv.shape(x))
+
+
+def _quantize(cv, x, scale, zero, dtype_of=None):
+    dtype = np.asarray(zero).dtype.name
+    if dtype not in ("int8", "uint8"):
+        raise _Unsupported(f"quantization to {dtype}")
+    axis = _axis_of(cv, x, scale)
+    return cv.emit("quantize", [x], {"dtype": dtype, "axis": axis},
+                   {"scale": scale.reshape(-1) if axis is not None else scale.reshape(()),
+                    "zero_point": np.asarray(zero).reshape(-1) if axis is not None else np.asarray(zero).reshape(())})
+
+
+def _dequantize(cv, x, scale, zero):
+    axis = _axis_of(cv, x, scale)
+    return cv.emit("dequantize", [x], {"axis": axis},
+                   {"scale": scale.reshape(-1) if axis is not None else scale.reshape(()),
+                    "zero_point": np.asarray(zero).reshape(-1) if axis is not None else np.asarray(zero).reshape(())})
+
+
+@handles("QuantizeLinear")
+def _quantize_linear(cv, xs):
+    scale, zero = _qparams(cv, xs, 1, 2, "QuantizeLinear")
+    return _quantize(cv, xs[0], scale, zero)
+
+
+@handles("DequantizeLinear")
+def _dequantize_linear(cv, xs):
+    scale, zero = _qparams(cv, xs, 1, 2, "DequantizeLinear")
+    return _dequantize(cv, xs[0], scale, zero)
+
+
+@handles("QLinearConv")
+def _qlinear_conv(cv, xs):
+    """dequantize(x), dequantize(w), conv in float, quantize(y): QLinearConv's meaning with float arithmetic.
+
+    The passes of the quantization issue turn such dequantize-op-quantize chains into integer kernels."""
+    x_scale, x_zero = _qparams(cv, xs, 1, 2, "QLinearConv x")
+    w_scale, w_zero = _qparams(cv, xs, 4, 5, "QLinearConv w")
+    y_scale, y_zero = _qparams(cv, xs, 6, 7, "QLinearConv y")
+    w = cv.const(xs[3], "QLinearConv w").astype(np.float32)
+    w_shape = [-1] + [1] * (w.ndim - 1)
+    weight = (w - np.asarray(w_zero, np.float32).reshape(w_shape if w_zero.size > 1 else ())) * w_scale.reshape(
+        w_shape if w_scale.size > 1 else ())
+    bias = None
+    if len(xs) > 8 and xs[8] is not None:
+        bias = cv.const(xs[8], "QLinearConv bias").astype(np.float32) * (x_scale * w_scale).reshape(-1)
+    x = _dequantize(cv, xs[0], x_scale, x_zero)
+    y = _conv(cv, [x, weight] + ([bias] if bias is not None else []))
+    return _quantize(cv, y, y_scale, y_zero)
+
+
+@handles("QLinearMatMul")
+def _qlinear_matmul(cv, xs):
+    a_scale, a_zero = _qparams(cv, xs, 1, 2, "QLinearMatMul a")
+    b_scale, b_zero = _qparams(cv, xs, 4, 5, "QLinearMatMul b")
+    y_scale, y_zero = _qparams(cv, xs, 6, 7, "QLinearMatMul y")
+    a = _dequantize(cv, xs[0], a_scale, a_zero)
+    b = xs[3]
+    if isinstance(b, Value):
+        b = _dequantize(cv, b, b_scale, b_zero)
+    else:
+        b = (np.asarray(b, np.float32) - np.asarray(b_zero, np.float32)) * b_scale
+    return _quantize(cv, _matmul(cv, [a, b]), y_scale, y_zero)
+
+
 # ONNX gate order -> torch gate order, as row blocks of the weights
 _GATE_ORDER = {"LSTM": [0, 2, 3, 1], "GRU": [1, 0, 2], "RNN": [0]}  # iofc -> ifgo(c=g); zrh -> rzn
 

@@ -377,6 +377,29 @@ def _split(ctx, xs):
     return tuple(ctx.emit(relax.TupleGetItem(parts, i)) for i in range(len(ctx.attrs["split_sizes"])))
 
 
+def _quant_param(ctx: LowerContext, name: str, dtype: str = "float32") -> relax.Expr:
+    value = np.asarray(ctx.params[name], dtype=dtype)
+    axis = ctx.attrs["axis"]
+    if value.ndim == 1 and axis is not None:
+        shape = [1] * ctx.in_type(0).rank
+        shape[axis] = -1
+        value = value.reshape(shape)
+    return ctx.const(value)
+
+
+@lowering("quantize")
+def _quantize(ctx, xs):
+    lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}[ctx.attrs["dtype"]]
+    q = ctx.emit(R.add(R.round(R.divide(xs[0], _quant_param(ctx, "scale"))), _quant_param(ctx, "zero_point")))
+    return ctx.emit(R.astype(R.clip(q, float(lo), float(hi)), ctx.attrs["dtype"]))
+
+
+@lowering("dequantize")
+def _dequantize(ctx, xs):
+    centered = R.subtract(R.astype(xs[0], "float32"), _quant_param(ctx, "zero_point"))
+    return ctx.emit(R.multiply(centered, _quant_param(ctx, "scale")))
+
+
 @lowering("gather")
 def _gather(ctx, xs):
     return ctx.emit(R.take(xs[0], ctx.const(ctx.params["indices"]), axis=ctx.attrs["dim"]))

@@ -486,6 +486,41 @@ register_op(OpDef("stack", lambda xs, a, p: torch.stack(xs, a["dim"]), arity=(1,
                   attrs={"dim": REQUIRED}, flops=_no_flops))
 register_op(OpDef("split", _split, attrs={"split_sizes": REQUIRED, "dim": REQUIRED},
                   outputs=lambda a: len(a["split_sizes"]), flops=_no_flops))
+_QRANGE = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(2 ** 31), 2 ** 31 - 1)}
+
+
+def _per_axis(t: torch.Tensor, x: torch.Tensor, axis) -> torch.Tensor:
+    """Broadcast a per-tensor (0-d) or per-axis (1-d) quantization parameter against ``x``."""
+    if t.dim() == 0 or axis is None:
+        return t
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def _quantize(xs, a, p):
+    x = xs[0]
+    scale = _per_axis(p["scale"].to(torch.float32), x, a["axis"])
+    zero = _per_axis(p["zero_point"].to(torch.float32), x, a["axis"])
+    lo, hi = _QRANGE[a["dtype"]]
+    q = torch.clamp(torch.round(x / scale) + zero, lo, hi)  # torch.round rounds half to even, as ONNX does
+    return q.to(torch_dtype(a["dtype"]))
+
+
+def _dequantize(xs, a, p):
+    x = xs[0]
+    scale = _per_axis(p["scale"].to(torch.float32), x, a["axis"])
+    zero = _per_axis(p["zero_point"].to(torch.float32), x, a["axis"])
+    return (x.to(torch.float32) - zero) * scale
+
+
+register_op(OpDef("quantize", _quantize, attrs={"dtype": "int8", "axis": None}, params=("scale", "zero_point"),
+                  doc="q = clamp(round_half_even(x / scale) + zero_point) as int8/uint8; per-tensor, or per-channel "
+                      "along `axis`."))
+register_op(OpDef("dequantize", _dequantize, attrs={"axis": None}, params=("scale", "zero_point"),
+                  doc="x = (q - zero_point) * scale as float32; per-tensor, or per-channel along `axis`."))
+
+
 def _gather(xs, a, p):
     x, idx, dim = xs[0], p["indices"], a["dim"]
     picked = x.index_select(dim, idx.reshape(-1).to(x.device))

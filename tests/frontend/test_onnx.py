@@ -197,3 +197,42 @@ def test_batch_major_layout_equals_time_major(kind):
     graph = from_onnx(batch_major)
     assert_outputs_close(expected, flatten_structure(run_reference(graph, [torch.from_numpy(v)
                                                                            for v in inputs1.values()])))
+
+
+def _u8(*shape):
+    return RNG.integers(0, 255, shape).astype(np.uint8)
+
+
+QUANTIZED = [
+    ("QuantizeLinear", {"x": f32(2, 8) * 3}, {"s": np.float32(0.05), "z": np.uint8(128)}, {}),
+    ("QuantizeLinear", {"x": f32(1, 4, 3) * 3}, {"s": np.array([0.1, 0.02, 0.05, 0.2], np.float32),
+                                                "z": np.array([0, -3, 5, 1], np.int8)}, {"axis": 1}),
+    ("DequantizeLinear", {"q": _u8(2, 8)}, {"s": np.float32(0.05), "z": np.uint8(120)}, {}),
+    ("QLinearConv", {"x": _u8(1, 3, 8, 8)}, {"xs": np.float32(0.02), "xz": np.uint8(128),
+                                            "w": RNG.integers(-20, 20, (4, 3, 3, 3)).astype(np.int8),
+                                            "ws": np.array([0.01, 0.02, 0.015, 0.03], np.float32),
+                                            "wz": np.zeros(4, np.int8), "ys": np.float32(0.05), "yz": np.uint8(100),
+                                            "b": RNG.integers(-500, 500, 4).astype(np.int32)}, {"pads": [1, 1, 1, 1]}),
+    ("QLinearMatMul", {"a": _u8(16, 64)}, {"as": np.float32(0.02), "az": np.uint8(128),
+                                          "b": RNG.integers(0, 255, (64, 32)).astype(np.uint8), "bs": np.float32(0.01),
+                                         "bz": np.uint8(127), "ys": np.float32(0.1), "yz": np.uint8(128)}, {}),
+]
+
+
+@pytest.mark.parametrize("op, inputs, inits, attrs", QUANTIZED, ids=[f"{q[0]}-{i}" for i, q in enumerate(QUANTIZED)])
+def test_quantized_forms_match_onnx_runtime(op, inputs, inits, attrs):
+    """Integer outputs agree exactly, or by one quantization step where float rounding meets a .5 boundary."""
+    model = one_node(op, inputs, inits, 1, 13, **attrs)
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT if op == "DequantizeLinear" else (
+        TensorProto.INT8 if inits.get("z", inits.get("yz", np.uint8(0))).dtype == np.int8 else TensorProto.UINT8)
+    graph = from_onnx(model)
+    xs = [torch.from_numpy(v) for v in inputs.values()]
+    (expected,) = ort_run(model, inputs)
+    (actual,) = flatten_structure(run_reference(graph, xs))
+    actual = actual.numpy()
+    assert actual.dtype == expected.dtype
+    if expected.dtype == np.float32:
+        np.testing.assert_allclose(actual, expected, rtol=1e-6)
+    else:
+        steps = np.abs(actual.astype(np.int32) - expected.astype(np.int32))
+        assert steps.max() <= 1 and (steps > 0).mean() < 0.02, (steps.max(), (steps > 0).mean())
