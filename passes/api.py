@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,12 +61,24 @@ class OptimizedModel:
             self.compiled.export(staging)
             save_graph(self.graph, staging / "ir")
             (staging / "report.json").write_text(self.report.to_json())
-            (staging / "artifact.json").write_text(json.dumps({"format": ARTIFACT_FORMAT}))
+            manifest = {"format": ARTIFACT_FORMAT, "onnx": _export_onnx(self.graph, staging / "optimized.onnx")}
+            (staging / "artifact.json").write_text(json.dumps(manifest, indent=1))
             staging.rename(path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return path
+
+
+def _export_onnx(graph, path: Path) -> str:
+    """The optimized graph as ONNX next to the TVM library, when every op has an ONNX form."""
+    from backends.onnx import ExportError, export_onnx
+
+    try:
+        export_onnx(graph, path)
+        return path.name
+    except ExportError as exc:
+        return f"not exported: {exc}"
 
 
 class LoadedModel:
@@ -133,7 +145,8 @@ def _accuracy(reference_outputs: Any, outputs: Any) -> dict[str, float]:
 def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, target: str = "llvm",
              example_inputs: Sequence[Any] | None = None, data: Iterable | None = None,
              tune: Tune | None = None, measure: bool = True,
-             instruments: Sequence[Any] = ("verify-each",)) -> OptimizedModel:
+             instruments: Sequence[Any] = ("verify-each",),
+             progress: Callable[[str], None] | None = None) -> OptimizedModel:
     """Optimize and compile ``model`` for ``target``.
 
     Example::
@@ -149,13 +162,16 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     ``data``: iterable of input tuples for passes that calibrate or fine-tune. ``measure``: time the compiled
     model on the example inputs and check it against the original (PyTorch or ONNX Runtime) for the report.
     ``instruments``: ``"verify-each"`` (default), ``"numeric-check-each"``, ``"timing"``, ``"dump-each=DIR"``.
+    ``progress``: called with a short message as each step starts (the CLI prints them).
     """
+    step = progress or (lambda message: None)
     from backends.tvm.module import build
     from passes.core.pipeline import Pipeline, make_instruments, resolve
     from passes.core.stats import graph_flops, graph_params
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
+    step("importing the model")
     graph = import_model(model, example_inputs)
     seconds["import"] = time.perf_counter() - start
     if example_inputs is None:
@@ -170,6 +186,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     ctx = PassContext(example_inputs=example_inputs, data=data, target=str(target))
     optimized = graph.copy_graph()
     start = time.perf_counter()
+    step(f"running {len(pipeline.passes)} passes")
     report.passes = pipeline.run(optimized, ctx)
     seconds["passes"] = time.perf_counter() - start
     report.flops["after"], report.params["after"] = graph_flops(optimized), graph_params(optimized)
@@ -178,18 +195,23 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     tiles = None
     if tune is not None:
         start = time.perf_counter()
+        step(f"tuning ({tune.trials} trials)")
         tiles, report.tune = _tune(optimized, target, tune)
         seconds["tune"] = time.perf_counter() - start
     start = time.perf_counter()
+    step(f"building for {target} with TVM")
     compiled = build(optimized, target, tiles)
     seconds["build"] = time.perf_counter() - start
     if measure and compiled.target_kind != "cuda":
+        step("checking accuracy and measuring latency")
         reference = _original_outputs(model, graph, example_inputs)
         report.accuracy = _accuracy(reference, compiled(*[_to_numpy(x) for x in example_inputs]))
         report.accuracy["reference"] = "onnxruntime" if isinstance(model, (str, os.PathLike)) else "pytorch"
         report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=7)
         if not isinstance(model, (str, os.PathLike)):
             report.baselines_ms["pytorch-eager"] = _torch_latency_ms(model, example_inputs)
+        else:
+            report.baselines_ms["onnxruntime"] = _onnxruntime_latency_ms(model, graph, example_inputs)
     report.seconds = seconds
     return OptimizedModel(optimized, compiled, report)
 
@@ -248,6 +270,25 @@ def _torch_latency_ms(model: Any, example_inputs: tuple, repeat: int = 7) -> flo
             start = time.perf_counter()
             model(*example_inputs)
             times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _onnxruntime_latency_ms(path: Any, graph, example_inputs: tuple, repeat: int = 7) -> float | None:
+    """Median wall time of the original ONNX file in ONNX Runtime (all cores), for the report's baseline."""
+    import statistics
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {graph.nodes[n]["origin"][0]: _to_numpy(x) for n, x in zip(graph.inputs, example_inputs)}
+    session.run(None, feeds)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 

@@ -47,17 +47,24 @@ def _model_and_inputs(spec: str) -> tuple[Any, tuple | None]:
     return str(path), None
 
 
+def _progress(message: str) -> None:
+    """Step messages on stderr when it is a terminal (stdout stays clean for --json; errors stay one line)."""
+    if sys.stderr.isatty():
+        print(f"... {message}", file=sys.stderr, flush=True)
+
+
 def cmd_compile(args) -> int:
     from passes.api import Tune, optimize
 
     model, inputs = _model_and_inputs(args.model)
     passes = [] if args.passes == "" else (None if args.passes is None else args.passes)
-    tune = Tune(trials=args.tune_trials, database=args.tuning_db) if args.tune_trials else None
+    tune = Tune(trials=args.tune_trials, database=args.tuning_db,
+                progress=sys.stderr.isatty()) if args.tune_trials else None
     instruments = ["verify-each", "timing"]
     instruments += ["numeric-check-each"] if args.numeric_check_each else []
     instruments += [f"dump-each={args.dump_each}"] if args.dump_each else []
     opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, tune=tune,
-                   measure=not args.no_measure, instruments=instruments)
+                   measure=not args.no_measure, instruments=instruments, progress=_progress)
     opt.save(args.output)
     print(opt.report.to_json() if args.json else opt.report.summary())
     if not args.json:

@@ -68,6 +68,8 @@ class Report:
         if self.latency_ms is not None:
             lines.append(f"  latency {self.latency_ms:.3f} ms (median, compiled)")
         for name, ms in self.baselines_ms.items():
+            if ms is None:
+                continue
             ratio = f"  -> compiled/{name} = {self.latency_ms / ms:.2f}x" if self.latency_ms and ms else ""
             lines.append(f"  latency {ms:.3f} ms (median, {name}){ratio}")
         for k, v in self.seconds.items():

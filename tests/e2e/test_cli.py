@@ -60,3 +60,28 @@ def test_real_entry_point_exit_code():
     result = subprocess.run([sys.executable, "-m", "passes.cli", "compile", "zoo:missing", "-o", "x"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and result.stderr.startswith("error: unknown zoo model")
+
+
+@pytest.mark.tvm
+def test_compile_a_multi_hundred_node_onnx_cnn_and_run_it(tmp_path, capsys):
+    """A 374-node ONNX ShuffleNet-style graph (torch's exporter) through the CLI, checked against ONNX Runtime."""
+    import json
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    model, xs = zoo.make("shufflenet", full=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, xs, str(tmp_path / "m.onnx"), dynamo=False, opset_version=17,
+                          input_names=["image.in"])
+    assert len(onnx.load(str(tmp_path / "m.onnx")).graph.node) > 300
+    assert main(["compile", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "art"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["accuracy"]["reference"] == "onnxruntime" and report["accuracy"]["max_rel_error"] < 1e-4
+    x = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", **{"image.in": x})
+    assert main(["run", str(tmp_path / "art"), str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz")]) == 0
+    expected = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image.in": x})[0]
+    assert_outputs_close(expected, np.load(tmp_path / "out.npz")["output_0"])
