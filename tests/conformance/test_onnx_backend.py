@@ -48,8 +48,9 @@ EXCLUDED = {
     r"test_softmax_(lastdim|functional_dim3)_": "opset 6 models (supported: opset 9 and newer)",
 }
 
+INCLUDE = r"^test_(" + "|".join(DECLARED_OPS) + r")(_.*)?_cpu$"
 backend_test = onnx.backend.test.BackendTest(PassesBackend, __name__)
-backend_test.include(r"^test_(" + "|".join(DECLARED_OPS) + r")(_.*)?_cpu$")
+backend_test.include(INCLUDE)
 for pattern in EXCLUDED:
     backend_test.exclude(pattern)
 
