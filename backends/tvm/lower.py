@@ -588,7 +588,8 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
         func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
         gv = ctx.bb.add_func(func, name)
         w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
-        args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(np.stack(b_hh), "float32"), initial(1, layer),
+        b_hh_rows = np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1))
+        args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), initial(1, layer),
                 initial(2, layer)]
         result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[
             relax.TensorType((steps, batch, directions * hidden), "float32"), state_type, state_type]))

@@ -15,7 +15,8 @@ per-step kernel launches, the two directions in parallel on separate cores:
             RNN:  h = tanh(acc) (or relu)
             y[t, d*H:(d+1)*H] = h
 
-``W_hh^T`` is laid out (D, H, G) so each rank-1 update of a gate block is a contiguous vector FMA.
+``W_hh^T`` is laid out (D, H, G) so each rank-1 update of a gate block is a contiguous vector FMA. The three
+cells share the projection and state handling (TVMScript macros) and differ only in their gate math.
 """
 
 from __future__ import annotations
@@ -33,114 +34,69 @@ def gate_block(gates: int) -> int:
 
 def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions: int,
                      nonlinearity: str = "tanh") -> tirx.PrimFunc:
-    """PrimFunc ``(xp, w_hh_t, b_hh, h0, c0, y, h_n, c_n)`` with shapes
-    xp (T, B, D*G), w_hh_t (D, H, G), b_hh (D, G) [GRU only; others fold it into xp], h0/c0 (D, B, H),
-    y (T, B, D*H), h_n/c_n (D, B, H)."""
+    """PrimFunc ``(xp, w_hh_t, b_hh, h0, c0, y, h_n, c_n)`` with shapes xp (T, B, D*G), w_hh_t (D, H, G),
+    b_hh (1, B, D*G) [GRU only; the others fold it into xp], h0/c0 (D, B, H), y (T, B, D*H), h_n/c_n (D, B, H)."""
     H, D = hidden, directions
     G = GATES[kind] * H
     GB = gate_block(G)
     blocks = G // GB
     last = steps - 1
-
-    if kind == "lstm":
-        @T.prim_func
-        def kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, H, G), "float32"),
-                   b_hh: T.Buffer((D, G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
-                   c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
-                   h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            for d in T.parallel(D):
-                gates = T.alloc_buffer((G,), "float32")
-                acc = T.alloc_buffer((GB,), "float32", scope="local")
-                h = T.alloc_buffer((H,), "float32")
-                c = T.alloc_buffer((H,), "float32")
-                for b in range(batch):
-                    for j in T.vectorized(H):
-                        h[j] = h0[d, b, j]
-                        c[j] = c0[d, b, j]
-                    for step in range(steps):
-                        for blk in range(blocks):
-                            for g in T.vectorized(GB):
-                                acc[g] = xp[step + d * (last - 2 * step), b, d * G + blk * GB + g]
-                            for k in range(H):
-                                for g in T.vectorized(GB):
-                                    acc[g] = acc[g] + h[k] * w[d, k, blk * GB + g]
-                            for g in T.vectorized(GB):
-                                gates[blk * GB + g] = acc[g]
-                        for j in T.vectorized(H):
-                            c[j] = T.sigmoid(gates[H + j]) * c[j] + T.sigmoid(gates[j]) * T.tanh(gates[2 * H + j])
-                            h[j] = T.sigmoid(gates[3 * H + j]) * T.tanh(c[j])
-                            y[step + d * (last - 2 * step), b, d * H + j] = h[j]
-                    for j in T.vectorized(H):
-                        h_n[d, b, j] = h[j]
-                        c_n[d, b, j] = c[j]
-        return kernel
-
-    if kind == "gru":
-        @T.prim_func
-        def kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, H, G), "float32"),
-                   b_hh: T.Buffer((D, G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
-                   c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
-                   h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
-            T.func_attr({"tirx.noalias": True})
-            for d in T.parallel(D):
-                hp = T.alloc_buffer((G,), "float32")
-                acc = T.alloc_buffer((GB,), "float32", scope="local")
-                n = T.alloc_buffer((H,), "float32")
-                h = T.alloc_buffer((H,), "float32")
-                for b in range(batch):
-                    for j in T.vectorized(H):
-                        h[j] = h0[d, b, j]
-                    for step in range(steps):
-                        for blk in range(blocks):
-                            for g in T.vectorized(GB):
-                                acc[g] = b_hh[d, blk * GB + g]
-                            for k in range(H):
-                                for g in T.vectorized(GB):
-                                    acc[g] = acc[g] + h[k] * w[d, k, blk * GB + g]
-                            for g in T.vectorized(GB):
-                                hp[blk * GB + g] = acc[g]
-                        for j in T.vectorized(H):
-                            n[j] = T.tanh(xp[step + d * (last - 2 * step), b, d * G + 2 * H + j]
-                                          + T.sigmoid(xp[step + d * (last - 2 * step), b, d * G + j] + hp[j])
-                                          * hp[2 * H + j])
-                        for j in T.vectorized(H):
-                            h[j] = n[j] + T.sigmoid(xp[step + d * (last - 2 * step), b, d * G + H + j]
-                                                    + hp[H + j]) * (h[j] - n[j])
-                            y[step + d * (last - 2 * step), b, d * H + j] = h[j]
-                    for j in T.vectorized(H):
-                        h_n[d, b, j] = h[j]
-                        c_n[d, b, j] = T.float32(0)
-        return kernel
-
     relu = nonlinearity == "relu"
+
+    @T.macro
+    def project(out, acc, src, row, b, d, w, h):
+        """out = src[row, b, d's gates] + W_hh h, one register block of gates at a time."""
+        for blk in range(blocks):
+            for g in T.vectorized(GB):
+                acc[g] = src[row, b, d * G + blk * GB + g]
+            for k in range(H):
+                for g in T.vectorized(GB):
+                    acc[g] = acc[g] + h[k] * w[d, k, blk * GB + g]
+            for g in T.vectorized(GB):
+                out[blk * GB + g] = acc[g]
+
+    @T.macro
+    def cell(xp, b_hh, pre, n, h, c, y, t, b, d):
+        if kind == "lstm":
+            for j in T.vectorized(H):
+                c[j] = T.sigmoid(pre[H + j]) * c[j] + T.sigmoid(pre[j]) * T.tanh(pre[2 * H + j])
+                h[j] = T.sigmoid(pre[3 * H + j]) * T.tanh(c[j])
+                y[t, b, d * H + j] = h[j]
+        elif kind == "gru":  # pre holds W_hh h + b_hh; the input part comes from xp
+            for j in T.vectorized(H):
+                n[j] = T.tanh(xp[t, b, d * G + 2 * H + j] + T.sigmoid(xp[t, b, d * G + j] + pre[j]) * pre[2 * H + j])
+            for j in T.vectorized(H):
+                h[j] = n[j] + T.sigmoid(xp[t, b, d * G + H + j] + pre[H + j]) * (h[j] - n[j])
+                y[t, b, d * H + j] = h[j]
+        else:
+            for j in T.vectorized(H):
+                h[j] = T.max(pre[j], T.float32(0)) if relu else T.tanh(pre[j])
+                y[t, b, d * H + j] = h[j]
 
     @T.prim_func
     def kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, H, G), "float32"),
-               b_hh: T.Buffer((D, G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
+               b_hh: T.Buffer((1, batch, D * G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
                c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
                h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
         T.func_attr({"tirx.noalias": True})
         for d in T.parallel(D):
             pre = T.alloc_buffer((G,), "float32")
             acc = T.alloc_buffer((GB,), "float32", scope="local")
+            n = T.alloc_buffer((H,), "float32")
             h = T.alloc_buffer((H,), "float32")
+            c = T.alloc_buffer((H,), "float32")
             for b in range(batch):
                 for j in T.vectorized(H):
                     h[j] = h0[d, b, j]
+                    c[j] = c0[d, b, j]
                 for step in range(steps):
-                    for blk in range(blocks):
-                        for g in T.vectorized(GB):
-                            acc[g] = xp[step + d * (last - 2 * step), b, d * G + blk * GB + g]
-                        for k in range(H):
-                            for g in T.vectorized(GB):
-                                acc[g] = acc[g] + h[k] * w[d, k, blk * GB + g]
-                        for g in T.vectorized(GB):
-                            pre[blk * GB + g] = acc[g]
-                    for j in T.vectorized(H):
-                        h[j] = T.max(pre[j], T.float32(0)) if relu else T.tanh(pre[j])
-                        y[step + d * (last - 2 * step), b, d * H + j] = h[j]
+                    if kind == "gru":
+                        project(pre, acc, b_hh, 0, b, d, w, h)
+                    else:
+                        project(pre, acc, xp, step + d * (last - 2 * step), b, d, w, h)
+                    cell(xp, b_hh, pre, n, h, c, y, step + d * (last - 2 * step), b, d)
                 for j in T.vectorized(H):
                     h_n[d, b, j] = h[j]
-                    c_n[d, b, j] = T.float32(0)
+                    c_n[d, b, j] = c[j]
+
     return kernel

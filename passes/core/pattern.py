@@ -14,7 +14,7 @@ Example (conv followed by batch norm, the conv output used only by the norm)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -76,6 +76,28 @@ class Pattern:
         outputs = {v.node for v in graph.output_values()}
         return [role for role in self.private
                 if match[role] in outputs or any(user not in inside for user, _ in graph.users(match[role]))]
+
+    def scan(self, graph: Graph, decide, check: Callable[[Match], tuple[str, str] | None] | None = None
+             ) -> list[Match]:
+        """Every anchor candidate, decided: matches that are structurally right, private where required, and pass
+        ``check`` (returning ``(reason, detail)`` to refuse) are returned for rewriting; each refusal is counted on
+        ``decide`` (a ``Decisions``) as ``skipped.no_producer``, ``skipped.shared_output`` or ``skipped.<reason>``.
+        """
+        accepted = []
+        for anchor in self.candidates(graph):
+            match = self.match_at(graph, anchor)
+            if match is None:
+                decide.skip(anchor, "no_producer", f"input comes from {graph.operands(anchor)[0].node}")
+                continue
+            shared = self.private_violations(graph, match)
+            why = None if shared else (check(match) if check else None)
+            if shared:
+                decide.skip(anchor, "shared_output", f"{', '.join(match[r] for r in shared)} has other users")
+            elif why is not None:
+                decide.skip(anchor, *why)
+            else:
+                accepted.append(match)
+        return accepted
 
     def find(self, graph: Graph) -> list[Match]:
         """All non-overlapping matches whose private roles are really private, in stable order."""

@@ -48,6 +48,18 @@ def folded_params(op: str, params: dict, scale: np.ndarray, shift: np.ndarray) -
             "bias": (bias * scale + shift).astype(np.float32)}
 
 
+def refusal(graph: Graph, layer: str) -> tuple[str, str] | None:
+    """Why the layer's attributes prevent folding, or None."""
+    data = graph.nodes[layer]
+    if data["attrs"].get("activation", "none") != "none":
+        return "activation_first", f"{layer} applies {data['attrs']['activation']} first"
+    if data["op"] == "linear" and data["out_types"][0].rank != 2:
+        return "channel_axis", f"{layer} output is {data['out_types'][0]}"
+    if data["op"].startswith("conv_transpose") and data["attrs"]["groups"] != 1:
+        return "grouped_transpose", f"{layer} has groups={data['attrs']['groups']}"
+    return None
+
+
 @dataclass(frozen=True)
 class FoldBatchNorm(Pass):
     name = "fold-batch-norm"
@@ -55,24 +67,8 @@ class FoldBatchNorm(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("folded",))
-        folds = []
-        for norm in LAYER_NORM.candidates(graph):
-            match = LAYER_NORM.match_at(graph, norm)
-            if match is None:
-                decide.skip(norm, "no_producer", f"input comes from {graph.operands(norm)[0].node}")
-                continue
-            layer = match["layer"]
-            data = graph.nodes[layer]
-            if LAYER_NORM.private_violations(graph, match):
-                decide.skip(norm, "shared_output", f"{layer} has other users")
-            elif data["attrs"].get("activation", "none") != "none":
-                decide.skip(norm, "activation_first", f"{layer} applies {data['attrs']['activation']} first")
-            elif data["op"] == "linear" and data["out_types"][0].rank != 2:
-                decide.skip(norm, "channel_axis", f"{layer} output is {data['out_types'][0]}")
-            elif data["op"].startswith("conv_transpose") and data["attrs"]["groups"] != 1:
-                decide.skip(norm, "grouped_transpose")
-            else:
-                folds.append((layer, norm))
+        matches = LAYER_NORM.scan(graph, decide, lambda match: refusal(graph, match["layer"]))
+        folds = [(m["layer"], m["norm"]) for m in matches]
         for layer, norm in folds:
             data, norm_data = graph.nodes[layer], graph.nodes[norm]
             scale, shift = affine_of(norm_data["params"], norm_data["attrs"]["eps"], data["out_types"][0].shape[1])

@@ -32,17 +32,9 @@ class FuseConvActivation(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("fused",))
-        fusions = []
-        for act in LAYER_ACTIVATION.candidates(graph):
-            match = LAYER_ACTIVATION.match_at(graph, act)
-            if match is None:
-                decide.skip(act, "no_producer", f"input comes from {graph.operands(act)[0].node}")
-            elif LAYER_ACTIVATION.private_violations(graph, match):
-                decide.skip(act, "shared_output", f"{match['layer']} has other users")
-            elif graph.nodes[match["layer"]]["attrs"]["activation"] != "none":
-                decide.skip(act, "already_fused")
-            else:
-                fusions.append((match["layer"], act))
+        matches = LAYER_ACTIVATION.scan(graph, decide, lambda match: (
+            ("already_fused", "") if graph.nodes[match["layer"]]["attrs"]["activation"] != "none" else None))
+        fusions = [(m["layer"], m["act"]) for m in matches]
         for layer, act in fusions:
             name, params = activation_of(graph.nodes[act]["op"], graph.nodes[act]["attrs"])
             data = graph.nodes[layer]

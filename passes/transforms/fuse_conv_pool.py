@@ -50,18 +50,8 @@ class FuseConvPool(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("fused",))
-        fusions = []
-        for pool in CONV_POOL.candidates(graph):
-            match = CONV_POOL.match_at(graph, pool)
-            why = refusal(graph, pool)
-            if match is None:
-                decide.skip(pool, "no_producer", f"input comes from {graph.operands(pool)[0].node}")
-            elif CONV_POOL.private_violations(graph, match):
-                decide.skip(pool, "shared_output", f"{match['conv']} has other users")
-            elif why is not None:
-                decide.skip(pool, *why)
-            else:
-                fusions.append((match["conv"], pool))
+        matches = CONV_POOL.scan(graph, decide, lambda match: refusal(graph, match["pool"]))
+        fusions = [(m["conv"], m["pool"]) for m in matches]
         for conv, pool in fusions:
             conv_data, pool_data = graph.nodes[conv], graph.nodes[pool]
             pool_attrs = pool_data["attrs"]
