@@ -150,7 +150,10 @@ def _conv_node(ex: _Exporter, x: str, attrs: dict, params: dict, op: str = "Conv
 
 @exports("conv1d", "conv2d")
 def _conv(ex, xs, a, p):
-    return _activation(ex, _conv_node(ex, xs[0], a, p), a["activation"], a["activation_params"])
+    y = _conv_node(ex, xs[0], a, p)
+    if len(xs) > 1:  # residual operand (fuse-conv-add)
+        y = ex.one("Add", [y, xs[1]])
+    return _activation(ex, y, a["activation"], a["activation_params"])
 
 
 @exports("conv_transpose1d", "conv_transpose2d")

@@ -79,6 +79,7 @@ class ConvSpec:
     has_bias: bool
     activation: str = "none"
     activation_params: tuple[float, ...] = ()
+    residual: bool = False                   # a second input added before the activation (fuse-conv-add)
     pool: str | None = None                  # "max" | "avg" | None
     pool_kernel: tuple[int, int] = (1, 1)
     pool_stride: tuple[int, int] = (1, 1)
@@ -149,14 +150,17 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
         conv = te.compute(spec.conv_shape, dot, name="conv")
         value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
     act_fn = TE_ACTIVATIONS[spec.activation]
-    if spec.has_bias:
-        bias = te.placeholder((oc,), F32, name="bias")
-        args.append(bias)
-        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(value(b, o, y, x) + bias[o],
-                                                                         spec.activation_params), name="epilogue")
-    else:
-        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(value(b, o, y, x), spec.activation_params),
-                              name="epilogue")
+    bias = te.placeholder((oc,), F32, name="bias") if spec.has_bias else None
+    residual = te.placeholder(spec.conv_shape, F32, name="residual") if spec.residual else None
+    args += [t for t in (bias, residual) if t is not None]
+
+    def pre_activation(b, o, y, x):
+        v = value(b, o, y, x)
+        v = v + bias[o] if bias is not None else v
+        return v + residual[b, o, y, x] if residual is not None else v
+
+    epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(pre_activation(b, o, y, x),
+                                                                     spec.activation_params), name="epilogue")
     if spec.pool is None:
         return [*args, epilogue]
     (pkh, pkw), (psh, psw) = spec.pool_kernel, spec.pool_stride

@@ -108,11 +108,13 @@ def conv_spec(ctx: LowerContext) -> ConvSpec:
     pool = a.get("pool")
     return ConvSpec(in_shape=ctx.in_type(0).shape, weight_shape=tuple(p["weight"].shape), stride=a["stride"],
                     padding=a["padding"], dilation=a["dilation"], groups=a["groups"], has_bias="bias" in p,
-                    activation=a["activation"], activation_params=tuple(a["activation_params"]), pool=pool,
+                    activation=a["activation"], activation_params=tuple(a["activation_params"]),
+                    residual=len(ctx.graph.operands(ctx.node)) > 1, pool=pool,
                     pool_kernel=a.get("pool_kernel", (1, 1)), pool_stride=a.get("pool_stride", (1, 1)))
 
 
-def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec) -> relax.Expr:
+def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
+                     ) -> relax.Expr:
     """``call_tir`` of our scheduled conv kernel, weights and bias as constants."""
     name = ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node
     func = conv_kernel(spec, ctx.target_kind, ctx.tiles.get(spec)).with_attr("global_symbol", name)
@@ -120,6 +122,8 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec) -> relax.
     args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), "float32")]
     if spec.has_bias:
         args.append(ctx.const(ctx.params["bias"], "float32"))
+    if residual is not None:
+        args.append(residual)
     return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "float32")))
 
 
@@ -137,12 +141,15 @@ def _conv(ctx, xs):
     a, p = ctx.attrs, ctx.params
     nd = len(a["stride"])
     if nd == 2 and ctx.target_kind == "llvm" and ctx.in_type(0).dtype == "float32" and supports(conv_spec(ctx)):
-        return call_conv_kernel(ctx, xs[0], conv_spec(ctx))
+        return call_conv_kernel(ctx, xs[0], conv_spec(ctx), xs[1] if len(xs) > 1 else None)
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
                       dilation=a["dilation"], groups=a["groups"]))
-    return apply_activation(ctx, _channel_bias(ctx, y, p.get("bias"), nd + 2))
+    y = _channel_bias(ctx, y, p.get("bias"), nd + 2)
+    if len(xs) > 1:  # residual operand (fuse-conv-add)
+        y = ctx.emit(R.add(y, xs[1]))
+    return apply_activation(ctx, y)
 
 
 @lowering("conv_transpose1d", "conv_transpose2d")

@@ -80,7 +80,8 @@ def conv_spec_of(graph: Graph, node: str) -> ConvSpec | None:
         return None
     spec = ConvSpec(in_shape=x.shape, weight_shape=tuple(p["weight"].shape), stride=a["stride"],
                     padding=a["padding"], dilation=a["dilation"], groups=a["groups"], has_bias="bias" in p,
-                    activation=a["activation"], activation_params=tuple(a["activation_params"]), pool=a.get("pool"),
+                    activation=a["activation"], activation_params=tuple(a["activation_params"]),
+                    residual=len(graph.operands(node)) > 1, pool=a.get("pool"),
                     pool_kernel=a.get("pool_kernel", (1, 1)), pool_stride=a.get("pool_stride", (1, 1)))
     return spec if supports(spec) else None
 

@@ -28,7 +28,7 @@ Match = dict[str, str]  # role -> node
 @dataclass(frozen=True)
 class Pattern:
     roles: Mapping[str, str | tuple[str, ...]]
-    edges: tuple[tuple[str, str, int], ...]  # (producer role, consumer role, consumer operand slot)
+    edges: tuple[tuple[str, str, int | None], ...]  # (producer role, consumer role, operand slot or None: any)
     anchor: str
     private: tuple[str, ...] = ()
     _graph: nx.MultiDiGraph = field(init=False, repr=False, compare=False)
@@ -120,4 +120,4 @@ def _node_match(graph_node: dict, pattern_node: dict) -> bool:
 def _edge_match(graph_edges: dict, pattern_edges: dict) -> bool:
     """Every pattern edge between two roles needs a graph edge into the same operand slot."""
     slots = {d["dst_in"] for d in graph_edges.values()}
-    return all(d["dst_in"] in slots for d in pattern_edges.values())
+    return all(d["dst_in"] is None or d["dst_in"] in slots for d in pattern_edges.values())

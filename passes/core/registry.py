@@ -26,12 +26,13 @@ BUILTIN_PASSES: dict[str, str] = {
     "fold-batch-norm": "passes.transforms.fold_batch_norm:FoldBatchNorm",
     "fuse-conv-activation": "passes.transforms.fuse_conv_activation:FuseConvActivation",
     "fuse-conv-pool": "passes.transforms.fuse_conv_pool:FuseConvPool",
+    "fuse-conv-add": "passes.transforms.fuse_conv_add:FuseConvAdd",
 }
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.
 PRESETS: dict[str, tuple[str, ...]] = {
     "default": ("remove-identities", "fold-constants", "eliminate-common-subexpressions", "fold-batch-norm",
-                "fuse-conv-activation", "fuse-conv-pool", "eliminate-dead-nodes"),
+                "fuse-conv-activation", "fuse-conv-add", "fuse-conv-pool", "eliminate-dead-nodes"),
 }
 
 _registered: dict[str, type[Pass]] = {}

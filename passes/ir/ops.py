@@ -299,15 +299,22 @@ register_op(OpDef("constant", lambda xs, a, p: p["value"], arity=(0, 0), params=
                   doc="A constant tensor held in params['value']."))
 
 _CONV_ATTRS = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": 1}
+def _conv_reference(conv: Callable):
+    """act(conv(x) + bias [+ residual]): an optional second operand is a residual added before the activation."""
+    def reference(xs, a, p):
+        y = conv(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
+        return apply_activation(y + xs[1] if len(xs) > 1 else y, a)
+    return reference
+
+
 for _nd, _conv in ((1, F.conv1d), (2, F.conv2d)):
     register_op(OpDef(
-        f"conv{_nd}d",
-        (lambda conv: lambda xs, a, p: apply_activation(
-            conv(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"]), a))(_conv),
+        f"conv{_nd}d", _conv_reference(_conv), arity=(1, 2),
         attrs={k: ((1,) * _nd if v is REQUIRED and k != "padding" else v) for k, v in _CONV_ATTRS.items()}
         | {"padding": (0,) * _nd} | _FUSED_ACTIVATION,
         params=("weight",), optional_params=("bias",), flops=_conv_flops,
-        doc="Cross-correlation [+ bias] [+ fused activation]; symmetric zero padding (other modes: a `pad` op)."))
+        doc="Cross-correlation [+ bias] [+ residual operand] [+ fused activation]; symmetric zero padding "
+            "(other modes: a `pad` op)."))
 
 def _conv_out_spatial(in_shape: tuple[int, ...], attrs: Mapping[str, Any], kernel: tuple[int, ...]) -> list[int]:
     return [(n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in

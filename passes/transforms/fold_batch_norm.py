@@ -7,8 +7,8 @@ bias with s * b + t (b = 0 when the layer has no bias). Exact up to float roundi
 Preconditions (each refusal counted as ``skipped.<reason>``):
 - ``no_producer``: the norm's input is not a conv1d/conv2d/conv_transpose{1,2}d/linear output.
 - ``shared_output``: the layer's output has other users (they need the un-normalized values) or is a graph output.
-- ``activation_first``: the layer already carries a fused activation; the norm comes after it, and a nonlinear
-  activation does not commute with the affine map.
+- ``activation_first``: the layer already carries a fused activation or residual; the norm comes after it, and
+  neither commutes with the per-channel affine map.
 - ``channel_axis``: a linear's features are not on dim 1 of its output (rank != 2), but the norm normalizes dim 1.
 - ``grouped_transpose``: grouped transposed convolutions (weight slices interleave groups; rare, not folded).
 """
@@ -51,7 +51,7 @@ def folded_params(op: str, params: dict, scale: np.ndarray, shift: np.ndarray) -
 def refusal(graph: Graph, layer: str) -> tuple[str, str] | None:
     """Why the layer's attributes prevent folding, or None."""
     data = graph.nodes[layer]
-    if data["attrs"].get("activation", "none") != "none":
+    if data["attrs"].get("activation", "none") != "none" or len(graph.operands(layer)) > 1:
         return "activation_first", f"{layer} applies {data['attrs']['activation']} first"
     if data["op"] == "linear" and data["out_types"][0].rank != 2:
         return "channel_axis", f"{layer} output is {data['out_types'][0]}"

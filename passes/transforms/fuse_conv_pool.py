@@ -11,6 +11,7 @@ output is computed exactly once, in the tile that pools it. Refusals, each count
 - ``overlapping_windows``: kernel > stride would recompute conv outputs (kernel^2/stride^2 times the FLOPs).
 - ``gapped_windows``: kernel < stride leaves conv outputs no window reads (rare; our kernel tiles need coverage).
 - ``pool_padding``, ``pool_dilation``, ``ceil_mode``: windows reaching outside the conv output are not fused.
+- ``residual``: the conv adds a residual operand (the fused kernel takes one input).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ class FuseConvPool(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("fused",))
-        matches = CONV_POOL.scan(graph, decide, lambda match: refusal(graph, match["pool"]))
+        matches = CONV_POOL.scan(graph, decide, lambda match: (
+            ("residual", f"{match['conv']} adds a residual") if len(graph.operands(match["conv"])) > 1
+            else refusal(graph, match["pool"])))
         fusions = [(m["conv"], m["pool"]) for m in matches]
         for conv, pool in fusions:
             conv_data, pool_data = graph.nodes[conv], graph.nodes[pool]
