@@ -155,8 +155,8 @@ class _Converter:
 
     def emit(self, op: str, operands: list, attrs: dict | None = None, params: dict | None = None):
         values = [self.value(x) for x in operands]
-        params = {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else np.asarray(v)
-                  for k, v in (params or {}).items() if v is not None}
+        params = {k: np.asarray(v) if np.asarray(v).dtype in (np.float64, np.float32) or np.asarray(v).dtype.kind != "f"
+                  else np.asarray(v, np.float32) for k, v in (params or {}).items() if v is not None}
         return self.graph.add_op(op, values, attrs=attrs or {}, params=params, origin=self.origin(),
                                  name=_safe_name(self.node.name or self.node.output[0]))
 
@@ -164,8 +164,6 @@ class _Converter:
         if isinstance(x, Value):
             return x
         array = np.asarray(x)
-        if array.dtype == np.float64:
-            array = array.astype(np.float32)
         return self.graph.add_op("constant", [], params={"value": array}, origin=self.origin(), name="const")
 
     def shape(self, x) -> tuple[int, ...]:
@@ -895,6 +893,40 @@ def _qlinear_matmul(cv, xs):
     else:
         b = (np.asarray(b, np.float32) - np.asarray(b_zero, np.float32)) * b_scale
     return _quantize(cv, _matmul(cv, [a, b]), y_scale, y_zero)
+
+
+def _integer_operand(cv, x, zero, what: str):
+    """(x - zero_point) as float64: exact for 8-bit integers, and float64 sums of their products are exact up to
+    2^53, so the int32 results of ConvInteger/MatMulInteger come out exactly."""
+    if isinstance(x, Value):
+        centered = cv.emit("cast", [x], {"dtype": "float64"})
+        if zero is not None and np.any(np.asarray(zero) != 0):
+            centered = cv.emit("sub", [centered, np.asarray(zero, np.float64)])
+        return centered
+    return np.asarray(x, np.float64) - (0.0 if zero is None else np.asarray(zero, np.float64))
+
+
+def _zero_point(cv, xs, slot: int, what: str):
+    return cv.const(xs[slot], f"{what} zero point") if len(xs) > slot and xs[slot] is not None else None
+
+
+@handles("ConvInteger")
+def _conv_integer(cv, xs):
+    x = _integer_operand(cv, xs[0], _zero_point(cv, xs, 2, "ConvInteger x"), "x")
+    w_zero = _zero_point(cv, xs, 3, "ConvInteger w")
+    w = cv.const(xs[1], "ConvInteger w").astype(np.float64)
+    if w_zero is not None:
+        w = w - np.asarray(w_zero, np.float64).reshape([-1] + [1] * (w.ndim - 1) if np.size(w_zero) > 1 else ())
+    y = _conv(cv, [x, w])
+    return cv.emit("cast", [y], {"dtype": "int32"})
+
+
+@handles("MatMulInteger")
+def _matmul_integer(cv, xs):
+    a = _integer_operand(cv, xs[0], _zero_point(cv, xs, 2, "MatMulInteger a"), "a")
+    b = _integer_operand(cv, xs[1], _zero_point(cv, xs, 3, "MatMulInteger b"), "b")
+    y = cv.emit("matmul", [a, b]) if isinstance(b, Value) else cv.emit("linear", [a], {}, {"weight": b.T})
+    return cv.emit("cast", [y], {"dtype": "int32"})
 
 
 # ONNX gate order -> torch gate order, as row blocks of the weights

@@ -17,6 +17,7 @@ DECLARED_OPS = [
     "gather", "constant", "constantofshape", "identity", "dropout", "pad", "add", "sub", "mul", "div", "sum", "mean",
     "max", "min", "reduce_mean", "reduce_sum", "lrn", "lstm", "gru", "rnn", "simple_rnn", "exp", "sqrt", "neg",
     "abs", "erf", "expand", "quantizelinear", "dequantizelinear", "qlinearconv", "qlinearmatmul",
+    "convinteger", "matmulinteger",
 ]
 
 EXCLUDED = {

@@ -236,3 +236,23 @@ def test_quantized_forms_match_onnx_runtime(op, inputs, inits, attrs):
     else:
         steps = np.abs(actual.astype(np.int32) - expected.astype(np.int32))
         assert steps.max() <= 1 and (steps > 0).mean() < 0.02, (steps.max(), (steps > 0).mean())
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("op, inputs, inits, attrs", [
+    ("ConvInteger", {"x": _u8(1, 3, 9, 9)}, {"w": RNG.integers(0, 255, (4, 3, 3, 3)).astype(np.uint8),
+                                           "xz": np.uint8(128), "wz": np.uint8(127)}, {"pads": [1, 1, 1, 1]}),
+    ("MatMulInteger", {"a": _u8(8, 300)}, {"b": RNG.integers(0, 255, (300, 16)).astype(np.uint8),
+                                          "az": np.uint8(120), "bz": np.uint8(130)}, {}),
+], ids=["ConvInteger", "MatMulInteger"])
+def test_integer_ops_are_exact_in_interpreter_and_tvm(op, inputs, inits, attrs):
+    from backends.tvm import build
+
+    model = one_node(op, inputs, inits, 1, 13, **attrs)
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.INT32
+    (expected,) = ort_run(model, inputs)
+    graph = from_onnx(model)
+    xs = [torch.from_numpy(v) for v in inputs.values()]
+    (interpreted,) = flatten_structure(run_reference(graph, xs))
+    np.testing.assert_array_equal(interpreted.numpy(), expected)
+    np.testing.assert_array_equal(build(graph, "llvm")(*inputs.values()), expected)
