@@ -38,9 +38,35 @@ def _f(value: float):
     return tirx.const(value, F32)
 
 
+# tanh as Eigen's rational approximation (a few ulp in float32). Why: LLVM scalarizes a vector exp into one libm
+# call per lane, so exp-based tanh/sigmoid made activations and RNN gates the slowest part of their kernels; this
+# form is pure multiply-adds and one division, all vectorized.
+_TANH_CLAMP = 7.90531110763549805
+_TANH_P = (-2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+           1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03)
+_TANH_Q = (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
+
+
+def fast_tanh(x):
+    x = tirx.max(tirx.min(x, _f(_TANH_CLAMP)), _f(-_TANH_CLAMP))
+    x2 = x * x
+    p = _f(_TANH_P[0])
+    for c in _TANH_P[1:]:
+        p = p * x2 + _f(c)
+    q = _f(_TANH_Q[0])
+    for c in _TANH_Q[1:]:
+        q = q * x2 + _f(c)
+    return x * p / q
+
+
+def fast_sigmoid(x):
+    """sigmoid(x) = (1 + tanh(x / 2)) / 2."""
+    return _f(0.5) + _f(0.5) * fast_tanh(x * _f(0.5))
+
+
 # Activation epilogues in TE: f(x, params) -> expr. Same names and meaning as passes.ir.ops.ACTIVATIONS.
 def _sigmoid(x):
-    return tirx.sigmoid(x)
+    return fast_sigmoid(x)
 
 
 def _softplus(x):
@@ -54,12 +80,12 @@ TE_ACTIVATIONS: dict[str, Callable] = {
     "leaky_relu": lambda x, p: tirx.Select(x > _f(0.0), x, x * _f(p[0])),
     "elu": lambda x, p: tirx.Select(x > _f(0.0), x, _f(p[0]) * (tirx.exp(x) - _f(1.0))),
     "gelu": lambda x, p: _f(0.5) * x * (_f(1.0) + tirx.erf(x * _f(1.0 / math.sqrt(2.0)))),
-    "gelu_tanh": lambda x, p: _f(0.5) * x * (_f(1.0) + tirx.tanh(_f(math.sqrt(2.0 / math.pi))
+    "gelu_tanh": lambda x, p: _f(0.5) * x * (_f(1.0) + fast_tanh(_f(math.sqrt(2.0 / math.pi))
                                                                  * (x + _f(0.044715) * x * x * x))),
     "silu": lambda x, p: x * _sigmoid(x),
-    "mish": lambda x, p: x * tirx.tanh(_softplus(x)),
+    "mish": lambda x, p: x * fast_tanh(_softplus(x)),
     "sigmoid": lambda x, p: _sigmoid(x),
-    "tanh": lambda x, p: tirx.tanh(x),
+    "tanh": lambda x, p: fast_tanh(x),
     "hardswish": lambda x, p: x * tirx.min(tirx.max(x + _f(3.0), _f(0.0)), _f(6.0)) / _f(6.0),
     "hardsigmoid": lambda x, p: tirx.min(tirx.max(x + _f(3.0), _f(0.0)), _f(6.0)) / _f(6.0),
     "clamp": lambda x, p: tirx.min(tirx.max(x, _f(max(p[0], -3.4e38))), _f(min(p[1], 3.4e38))),

@@ -16,13 +16,16 @@ per-step kernel launches, the two directions in parallel on separate cores:
             y[t, d*H:(d+1)*H] = h
 
 ``W_hh^T`` is laid out (D, H, G) so each rank-1 update of a gate block is a contiguous vector FMA. The three
-cells share the projection and state handling (TVMScript macros) and differ only in their gate math.
+cells share the projection and state handling (TVMScript macros) and differ only in their gate math. Gates use the
+vectorizable rational tanh (``kernels.fast_tanh``, a few ulp): exp-based ones are scalarized by LLVM.
 """
 
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
+
+from backends.tvm.kernels import fast_sigmoid, fast_tanh
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators
@@ -59,18 +62,19 @@ def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions:
     def cell(xp, b_hh, pre, n, h, c, y, t, b, d):
         if kind == "lstm":
             for j in T.vectorized(H):
-                c[j] = T.sigmoid(pre[H + j]) * c[j] + T.sigmoid(pre[j]) * T.tanh(pre[2 * H + j])
-                h[j] = T.sigmoid(pre[3 * H + j]) * T.tanh(c[j])
+                c[j] = fast_sigmoid(pre[H + j]) * c[j] + fast_sigmoid(pre[j]) * fast_tanh(pre[2 * H + j])
+                h[j] = fast_sigmoid(pre[3 * H + j]) * fast_tanh(c[j])
                 y[t, b, d * H + j] = h[j]
         elif kind == "gru":  # pre holds W_hh h + b_hh; the input part comes from xp
             for j in T.vectorized(H):
-                n[j] = T.tanh(xp[t, b, d * G + 2 * H + j] + T.sigmoid(xp[t, b, d * G + j] + pre[j]) * pre[2 * H + j])
+                n[j] = fast_tanh(xp[t, b, d * G + 2 * H + j]
+                                 + fast_sigmoid(xp[t, b, d * G + j] + pre[j]) * pre[2 * H + j])
             for j in T.vectorized(H):
-                h[j] = n[j] + T.sigmoid(xp[t, b, d * G + H + j] + pre[H + j]) * (h[j] - n[j])
+                h[j] = n[j] + fast_sigmoid(xp[t, b, d * G + H + j] + pre[H + j]) * (h[j] - n[j])
                 y[t, b, d * H + j] = h[j]
         else:
             for j in T.vectorized(H):
-                h[j] = T.max(pre[j], T.float32(0)) if relu else T.tanh(pre[j])
+                h[j] = T.max(pre[j], T.float32(0)) if relu else fast_tanh(pre[j])
                 y[t, b, d * H + j] = h[j]
 
     @T.prim_func
