@@ -107,3 +107,24 @@ def test_conv_pool_builds_for_cuda_and_nvcc_accepts_it(tmp_path):
     result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", str(tmp_path / "k.cu"), "-o", str(tmp_path / "k.ptx")],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_fast_tanh_and_sigmoid_are_accurate_to_a_few_ulp():
+    import numpy as np
+    import tvm
+    from tvm import te
+
+    from backends.tvm.kernels import fast_sigmoid, fast_tanh
+
+    n = 40001
+    a = te.placeholder((n,), name="a")
+    t = te.compute((n,), lambda i: fast_tanh(a[i]), name="t")
+    s = te.compute((n,), lambda i: fast_sigmoid(a[i]), name="s")
+    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([a, t, s]).with_attr("global_symbol", "main")}),
+                      target="llvm")
+    x = np.linspace(-40, 40, n).astype(np.float32)
+    out = [tvm.runtime.empty((n,), "float32") for _ in range(2)]
+    lib["main"](tvm.runtime.tensor(x), *out)
+    exact = x.astype(np.float64)
+    assert np.abs(out[0].numpy() - np.tanh(exact)).max() < 4e-7
+    assert np.abs(out[1].numpy() - 1 / (1 + np.exp(-exact))).max() < 2e-7
