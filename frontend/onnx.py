@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from frontend.errors import FrontendError, UnsupportedModelError
-from passes.ir.graph import Graph, IRError, TensorType, Value
+from passes.ir.graph import OUTPUT_NAMES, Graph, IRError, TensorType, Value
 from passes.ir.verify import verify
 
 MIN_OPSET = 9
@@ -201,7 +201,13 @@ class _Converter:
         for out in g.output:
             if out.name not in self.env:
                 raise FrontendError(f"graph output '{out.name}' is not produced by any node")
-            outputs.append(self.value(self.env[out.name]))
+            value = self.value(self.env[out.name])
+            if value in outputs or self.graph.nodes[value.node]["op"] in ("input", "constant"):
+                value = self.graph.add_op("identity", [value], origin=(out.name,), name=_safe_name(out.name))
+            # the model's output names, kept for the compiled signature (npz keys of `passes.cli run`)
+            names = self.graph.nodes[value.node]["meta"].setdefault(OUTPUT_NAMES, {})
+            names[str(value.index)] = out.name
+            outputs.append(value)
         if not outputs:
             raise FrontendError("the graph has no outputs")
         self.graph.set_outputs(outputs[0] if len(outputs) == 1 else tuple(outputs))

@@ -184,7 +184,7 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> Comp
     # Signature names are the model's own input names (an ONNX input "input.1" keeps its dot).
     inputs = [TensorSpec(graph.nodes[n]["origin"][0] if graph.nodes[n]["origin"] else n, t.shape, t.dtype)
               for n, t in zip(graph.inputs, graph.input_types())]
-    outputs = [TensorSpec(f"output_{i}", graph.value_type(v).shape, graph.value_type(v).dtype)
+    outputs = [TensorSpec(graph.output_name(v, f"output_{i}"), graph.value_type(v).shape, graph.value_type(v).dtype)
                for i, v in enumerate(graph.output_values())]
     structure = _structure_indices(graph)
     return CompiledModule(executable, tvm_target.kind.name, inputs, outputs, structure)

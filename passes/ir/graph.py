@@ -29,6 +29,9 @@ import numpy as np
 NODE_KEYS = ("op", "attrs", "params", "out_types", "origin", "meta")
 EDGE_KEYS = ("src_out", "dst_in")
 GRAPH_KEYS = ("name", "inputs", "outputs")
+# meta key of a node whose outputs are model outputs with names of their own (ONNX): {"<output index>": "name"}.
+# replace_all_uses moves an entry to the replacement value, so names survive rewrites.
+OUTPUT_NAMES = "io.output_names"
 
 
 class IRError(ValueError):
@@ -230,6 +233,12 @@ class Graph(nx.MultiDiGraph):
             self.remove_edge(src, dst, key)
             self.add_edge(new.node, dst, src_out=new.index, dst_in=d["dst_in"])
         self.graph["outputs"] = map_structure(lambda v: new if v == old else v, self.outputs)
+        name = self.nodes[old.node]["meta"].get(OUTPUT_NAMES, {}).pop(str(old.index), None)
+        if name is not None:
+            self.nodes[new.node]["meta"].setdefault(OUTPUT_NAMES, {})[str(new.index)] = name
+
+    def output_name(self, value: Value, default: str) -> str:
+        return self.nodes[value.node]["meta"].get(OUTPUT_NAMES, {}).get(str(value.index), default)
 
     def set_operands(self, node: str, operands: Iterable[Value]) -> None:
         for src, dst, key in list(self.in_edges(node, keys=True)):
