@@ -1,0 +1,48 @@
+"""Where the time goes: our conv/dense kernels of a zoo model timed one by one, against the whole model.
+
+    python benchmarks/profile_kernels.py resnet
+
+Each kernel spec of the optimized graph (``backends.tvm.tune.extract_tasks``) is built with its default tile and
+timed with TVM's time evaluator, times the number of nodes using it; the remainder of the end-to-end time is every
+other kernel (elementwise, pools, pads, copies).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+
+import passes  # noqa: E402
+from backends.tvm.kernels import DenseSpec, default_dense_tile, default_tile  # noqa: E402
+from backends.tvm.target import make_target  # noqa: E402
+from backends.tvm.tune import LocalRunner, build_candidate, extract_tasks  # noqa: E402
+from examples import zoo  # noqa: E402
+
+
+def main() -> int:
+    name = sys.argv[1] if len(sys.argv) > 1 else "resnet"
+    model, inputs = zoo.make(name, full=True)
+    opt = passes.optimize(model, example_inputs=inputs, measure=False)
+    target, runner = make_target("llvm"), LocalRunner(number=10, repeat=3)
+    cores = int(target.attrs.get("num-cores", 1))
+    rows = []
+    for task in extract_tasks(opt.graph):
+        tile = default_dense_tile(task.spec) if isinstance(task.spec, DenseSpec) else default_tile(task.spec)
+        lib, func = build_candidate(task, tile, target, cores)
+        ms = runner.measure(lib, func) * len(task.nodes)
+        rows.append((ms, task.kind, getattr(task.spec, "out_shape", ""), len(task.nodes), task.flops / ms / 1e6))
+    total = opt.compiled.time_ms(*inputs, number=5, repeat=5)
+    ours = sum(r[0] for r in rows)
+    print(f"{name}: end-to-end {total:.2f} ms; conv/dense kernels {ours:.2f} ms ({ours / total:.0%}); "
+          f"everything else {total - ours:.2f} ms")
+    for ms, kind, shape, count, gflops in sorted(rows, reverse=True)[:12]:
+        print(f"  {ms:6.2f} ms  {kind:<12} out {shape} x{count}  {gflops:.0f} GFLOP/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
