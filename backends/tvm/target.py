@@ -24,8 +24,8 @@ def make_target(target: str | dict | tvm.target.Target) -> tvm.target.Target:
     if target == "llvm":
         return tvm.target.Target({"kind": "llvm", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1})
     if target == "cuda":
-        return tvm.target.Target({"kind": "cuda", "arch": DEFAULT_CUDA_ARCH},
-                                 host={"kind": "llvm", "mcpu": host_cpu()})
+        return tvm.target.Target({"kind": "cuda", "arch": DEFAULT_CUDA_ARCH, "max_shared_memory_per_block": 49152,
+                                  "max_threads_per_block": 1024}, host={"kind": "llvm", "mcpu": host_cpu()})
     raise ValueError(f"unknown target {target!r}: use 'llvm' (CPU) or 'cuda' (NVIDIA GPU), or a TVM target dict")
 
 

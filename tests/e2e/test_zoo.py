@@ -12,6 +12,8 @@ import passes
 from backends.tvm import build, cuda_source
 from examples import zoo
 from frontend.torch_fx import from_torch
+from passes.core.pass_base import PassContext
+from passes.core.pipeline import Pipeline, resolve
 from passes.core.registry import PRESETS
 from passes.ir.interpret import run_reference
 from passes.ir.verify import verify
@@ -66,7 +68,10 @@ def test_zoo_default_pipeline_matches_pytorch(name):
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", NAMES)
 def test_zoo_builds_for_cuda_and_nvcc_accepts_the_source(imported, name, tmp_path):
+    """After the default pipeline, so fused convs (activation, residual, conv2d_pool kernel) are covered too."""
     graph, _, _ = imported(name)
+    graph = graph.copy_graph()
+    Pipeline(resolve("default")).run(graph, PassContext())
     compiled = build(graph, "cuda")
     source = cuda_source(compiled)
     assert source.count("__global__") >= 1 and "threadIdx" in source
