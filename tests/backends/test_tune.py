@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -109,9 +111,10 @@ def _free_port() -> int:
 
 def test_tuning_through_an_rpc_tracker_and_two_servers(tmp_path):
     port = _free_port()
+    # Each in its own process group: the tracker and servers fork workers that must die with them.
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
                                str(port), "--port-end", str(port + 1)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
     try:
         time.sleep(1.5)
         for _ in range(2):
@@ -119,7 +122,7 @@ def test_tuning_through_an_rpc_tracker_and_two_servers(tmp_path):
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", "loopback",
                  "--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         import tvm
 
         deadline = time.time() + 30
@@ -144,6 +147,6 @@ def test_tuning_through_an_rpc_tracker_and_two_servers(tmp_path):
             assert_outputs_close(model(*xs), opt(*xs))
     finally:
         for p in procs:
-            p.terminate()
+            os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             p.wait(timeout=10)
