@@ -16,3 +16,8 @@ class UnsupportedModelError(FrontendError):
         super().__init__(f"{model_name}: {len(unsupported)} unsupported construct(s):\n  {lines}\n"
                          "Replace them with supported ops (`python -m passes.cli list-ops`) "
                          "or register a conversion.")
+
+
+class UnsupportedConstruct(Exception):
+    """Raised inside a converter for an op used in a way we cannot import; the frontend collects each one into
+    the single ``UnsupportedModelError`` it raises at the end."""

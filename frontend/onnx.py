@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from frontend.errors import FrontendError, UnsupportedModelError
+from frontend.errors import FrontendError, UnsupportedConstruct, UnsupportedModelError
 from passes.ir.graph import OUTPUT_NAMES, Graph, IRError, TensorType, Value
 from passes.ir.verify import verify
 
@@ -36,10 +36,6 @@ MAX_FOLD_ELEMENTS = 1 << 22
 DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
           TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
           TensorProto.DOUBLE: "float64", TensorProto.FLOAT16: "float16"}
-
-
-class _Unsupported(Exception):
-    pass
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -171,7 +167,7 @@ class _Converter:
 
     def const(self, x, what: str) -> np.ndarray:
         if isinstance(x, Value):
-            raise _Unsupported(f"{what} must be a constant (an initializer or computable at import)")
+            raise UnsupportedConstruct(f"{what} must be a constant (an initializer or computable at import)")
         return np.asarray(x)
 
     def attr(self, name: str, default: Any = None) -> Any:
@@ -232,13 +228,13 @@ class _Converter:
             if live and all(not isinstance(x, Value) for x in live) and node.op_type not in NO_FOLD:
                 try:
                     results = self.fold(node, inputs)
-                except (FrontendError, _Unsupported):
+                except (FrontendError, UnsupportedConstruct):
                     raise
                 except Exception as exc:  # the reference evaluator refused the node's constant inputs
                     raise FrontendError(f"{self.where}: invalid constant inputs: {str(exc).splitlines()[0]}") from None
             else:
                 results = handler(self, inputs)
-        except _Unsupported as exc:
+        except UnsupportedConstruct as exc:
             self.unsupported.append(f"{node.op_type}: {exc} (node '{node.name or node.output[0]}')")
             self._mark_unknown(node)
             return
@@ -260,7 +256,7 @@ class _Converter:
         from onnx.reference import ReferenceEvaluator
 
         if sum(np.asarray(x).size for x in inputs if x is not None) > MAX_FOLD_ELEMENTS:
-            raise _Unsupported("constant folding of a very large tensor")
+            raise UnsupportedConstruct("constant folding of a very large tensor")
         self._check_fold_output_size(node, inputs)
         names = [n if n else "" for n in node.input]
         values = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(np.asarray(x).dtype),
@@ -338,7 +334,7 @@ def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
                 raise FrontendError(f"node '{node.name or node.op_type}' reads undefined tensor '{name}'")
     order, state = [], {}
 
-    def visit(index: int, path: list[int]) -> None:
+    def visit(index: int) -> None:
         stack = [(index, iter(g.node[index].input))]
         state[index] = 1
         while stack:
@@ -360,7 +356,7 @@ def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
 
     for index in range(len(g.node)):
         if state.get(index) is None:
-            visit(index, [])
+            visit(index)
     return order
 
 
@@ -412,7 +408,7 @@ def _conv(cv, xs):
     b = cv.const(xs[2], "Conv bias") if len(xs) > 2 and xs[2] is not None else None
     nd = w.ndim - 2
     if nd not in (1, 2):
-        raise _Unsupported(f"{nd}-d convolution")
+        raise UnsupportedConstruct(f"{nd}-d convolution")
     kernel = tuple(cv.attr("kernel_shape", w.shape[2:]))
     strides = tuple(cv.attr("strides", [1] * nd))
     dilations = tuple(cv.attr("dilations", [1] * nd))
@@ -428,10 +424,10 @@ def _conv_transpose(cv, xs):
     b = cv.const(xs[2], "ConvTranspose bias") if len(xs) > 2 and xs[2] is not None else None
     nd = w.ndim - 2
     if nd not in (1, 2) or cv.attr("output_shape") is not None or cv.attr("auto_pad", "NOTSET") != "NOTSET":
-        raise _Unsupported("output_shape/auto_pad or 3-d transposed convolution")
+        raise UnsupportedConstruct("output_shape/auto_pad or 3-d transposed convolution")
     pads = list(cv.attr("pads", [0] * (2 * nd)))
     if pads[:nd] != pads[nd:]:
-        raise _Unsupported("asymmetric pads on a transposed convolution")
+        raise UnsupportedConstruct("asymmetric pads on a transposed convolution")
     return cv.emit(f"conv_transpose{nd}d", [x], {
         "stride": tuple(cv.attr("strides", [1] * nd)), "padding": tuple(pads[:nd]),
         "output_padding": tuple(cv.attr("output_padding", [0] * nd)), "groups": int(cv.attr("group", 1)),
@@ -441,7 +437,7 @@ def _conv_transpose(cv, xs):
 @handles("BatchNormalization")
 def _batch_norm(cv, xs):
     if cv.attr("training_mode", 0):
-        raise _Unsupported("training_mode=1")
+        raise UnsupportedConstruct("training_mode=1")
     scale, bias, mean, var = (cv.const(v, "BatchNormalization statistics") for v in xs[1:5])
     return cv.emit("batch_norm", [xs[0]], {"eps": float(cv.attr("epsilon", 1e-5))},
                    {"weight": scale, "bias": bias, "running_mean": mean, "running_var": var})
@@ -493,7 +489,7 @@ HANDLERS["Identity"] = _simple("identity")
 @handles("Dropout")
 def _dropout(cv, xs):
     if len(cv.node.output) > 1 and cv.node.output[1]:
-        raise _Unsupported("the mask output")
+        raise UnsupportedConstruct("the mask output")
     return cv.emit("dropout", [xs[0]], {"p": float(cv.attr("ratio", 0.5))})
 
 
@@ -516,7 +512,7 @@ def _clip(cv, xs):
     if lo is None and hi is None:
         return cv.emit("identity", [xs[0]])
     if cv.graph.value_type(cv.value(xs[0])).dtype != "float32":
-        raise _Unsupported("integer Clip")
+        raise UnsupportedConstruct("integer Clip")
     return cv.emit("clamp", [xs[0]], {"min": None if lo is None else float(lo),
                                       "max": None if hi is None else float(hi)})
 
@@ -543,20 +539,20 @@ def _pool(kind: str):
     def handler(cv, xs):
         x = xs[0]
         if len(cv.node.output) > 1 and cv.node.output[1]:
-            raise _Unsupported("the Indices output")
+            raise UnsupportedConstruct("the Indices output")
         kernel = tuple(cv.attr("kernel_shape"))
         nd = len(kernel)
         if nd not in (1, 2):
-            raise _Unsupported(f"{nd}-d pooling")
+            raise UnsupportedConstruct(f"{nd}-d pooling")
         strides = tuple(cv.attr("strides", [1] * nd))
         dilations = tuple(cv.attr("dilations", [1] * nd))
         pads = _spatial_pads(cv, nd, kernel, strides, dilations, cv.shape(x)[2:])
         include_pad = bool(cv.attr("count_include_pad", 0))
         if kind == "avg" and any(d != 1 for d in dilations):
-            raise _Unsupported("dilated average pooling")
+            raise UnsupportedConstruct("dilated average pooling")
         explicit = any(lo != hi for lo, hi in pads) or any(2 * lo > k for (lo, _), k in zip(pads, kernel))
         if kind == "avg" and not include_pad and explicit:
-            raise _Unsupported("asymmetric or over-half-kernel pads with count_include_pad=0")
+            raise UnsupportedConstruct("asymmetric or over-half-kernel pads with count_include_pad=0")
         if explicit:  # torch pools pad symmetrically and at most half a kernel: pad explicitly instead
             flat = tuple(p for lo_hi in reversed(pads) for p in lo_hi)
             x = cv.emit("pad", [x], {"pad": flat, "mode": "constant", "value": -3.4e38 if kind == "max" else 0.0})
@@ -581,7 +577,7 @@ def _global_pool(kind: str):
     def handler(cv, xs):
         nd = len(cv.shape(xs[0])) - 2
         if nd not in (1, 2):
-            raise _Unsupported(f"{nd}-d global pooling")
+            raise UnsupportedConstruct(f"{nd}-d global pooling")
         return cv.emit(f"adaptive_{kind}_pool{nd}d", [xs[0]], {"output_size": (1,) * nd})
     return handler
 
@@ -670,7 +666,7 @@ def _slice(cv, xs):
     for start, end, axis, step in zip(starts, ends, axes, steps):
         axis = int(axis) % len(shape)
         if step <= 0:
-            raise _Unsupported("negative slice steps")
+            raise UnsupportedConstruct("negative slice steps")
         s, e, st = slice(int(start), int(min(end, 1 << 62)), int(step)).indices(cv.shape(x)[axis])
         if (s, e, st) != (0, cv.shape(x)[axis], 1):
             x = cv.emit("slice", [x], {"dim": axis, "start": s, "end": max(e, s), "step": st})
@@ -716,7 +712,7 @@ def _gather(cv, xs):
     axis = int(cv.attr("axis", 0)) % len(cv.shape(data))
     if isinstance(indices, Value):
         if isinstance(data, Value) or axis != 0 or np.ndim(data) != 2:
-            raise _Unsupported("gathering with run-time indices other than an embedding lookup")
+            raise UnsupportedConstruct("gathering with run-time indices other than an embedding lookup")
         return cv.emit("embedding", [indices], {}, {"weight": np.asarray(data, np.float32)})
     idx = np.asarray(indices)
     size = cv.shape(data)[axis]
@@ -749,12 +745,12 @@ def _constant(cv, xs):
             return np.asarray(helper.get_attribute_value(a), np.float32 if a.name == "value_float" else np.int64)
         if a.name in ("value_floats", "value_ints"):
             return np.asarray(helper.get_attribute_value(a), np.float32 if a.name == "value_floats" else np.int64)
-    raise _Unsupported("a Constant without a supported value attribute")
+    raise UnsupportedConstruct("a Constant without a supported value attribute")
 
 
 @handles("ConstantOfShape")
 def _constant_of_shape(cv, xs):  # constant shapes were folded before reaching here
-    raise _Unsupported("a shape computed at run time")
+    raise UnsupportedConstruct("a shape computed at run time")
 
 
 @handles("Pad")
@@ -765,13 +761,13 @@ def _pad(cv, xs):
     value = cv.attr("value", 0.0) if cv.opset < 11 else (
         float(cv.const(xs[2], "Pad value")) if len(xs) > 2 and xs[2] is not None else 0.0)
     if cv.opset >= 18 and len(xs) > 3 and xs[3] is not None:
-        raise _Unsupported("the axes input")
+        raise UnsupportedConstruct("the axes input")
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}.get(cv.attr("mode", "constant"))
     if mode is None:
-        raise _Unsupported(f"mode {cv.attr('mode')!r}")
+        raise UnsupportedConstruct(f"mode {cv.attr('mode')!r}")
     pairs = [(int(pads[i]), int(pads[i + rank])) for i in range(rank)]
     if any(lo < 0 or hi < 0 for lo, hi in pairs):
-        raise _Unsupported("negative pads")
+        raise UnsupportedConstruct("negative pads")
     while pairs and pairs[0] == (0, 0):
         pairs.pop(0)
     flat = tuple(p for lo_hi in reversed(pairs) for p in lo_hi)
@@ -838,10 +834,10 @@ def _axis_of(cv, x, scale: np.ndarray) -> int | None:
     return None if scale.ndim == 0 or scale.size == 1 else int(cv.attr("axis", 1)) % len(cv.shape(x))
 
 
-def _quantize(cv, x, scale, zero, dtype_of=None):
+def _quantize(cv, x, scale, zero):
     dtype = np.asarray(zero).dtype.name
     if dtype not in ("int8", "uint8"):
-        raise _Unsupported(f"quantization to {dtype}")
+        raise UnsupportedConstruct(f"quantization to {dtype}")
     axis = _axis_of(cv, x, scale)
     return cv.emit("quantize", [x], {"dtype": dtype, "axis": axis},
                    {"scale": scale.reshape(-1) if axis is not None else scale.reshape(()),
@@ -901,7 +897,7 @@ def _qlinear_matmul(cv, xs):
     return _quantize(cv, _matmul(cv, [a, b]), y_scale, y_zero)
 
 
-def _integer_operand(cv, x, zero, what: str):
+def _integer_operand(cv, x, zero):
     """(x - zero_point) as float64: exact for 8-bit integers, and float64 sums of their products are exact up to
     2^53, so the int32 results of ConvInteger/MatMulInteger come out exactly."""
     if isinstance(x, Value):
@@ -918,7 +914,7 @@ def _zero_point(cv, xs, slot: int, what: str):
 
 @handles("ConvInteger")
 def _conv_integer(cv, xs):
-    x = _integer_operand(cv, xs[0], _zero_point(cv, xs, 2, "ConvInteger x"), "x")
+    x = _integer_operand(cv, xs[0], _zero_point(cv, xs, 2, "ConvInteger x"))
     w_zero = _zero_point(cv, xs, 3, "ConvInteger w")
     w = cv.const(xs[1], "ConvInteger w").astype(np.float64)
     if w_zero is not None:
@@ -929,8 +925,8 @@ def _conv_integer(cv, xs):
 
 @handles("MatMulInteger")
 def _matmul_integer(cv, xs):
-    a = _integer_operand(cv, xs[0], _zero_point(cv, xs, 2, "MatMulInteger a"), "a")
-    b = _integer_operand(cv, xs[1], _zero_point(cv, xs, 3, "MatMulInteger b"), "b")
+    a = _integer_operand(cv, xs[0], _zero_point(cv, xs, 2, "MatMulInteger a"))
+    b = _integer_operand(cv, xs[1], _zero_point(cv, xs, 3, "MatMulInteger b"))
     y = cv.emit("matmul", [a, b]) if isinstance(b, Value) else cv.emit("linear", [a], {}, {"weight": b.T})
     return cv.emit("cast", [y], {"dtype": "int32"})
 
@@ -945,22 +941,22 @@ def _recurrent(kind: str):
         w, r = cv.const(xs[1], f"{kind} W"), cv.const(xs[2], f"{kind} R")
         b = cv.const(xs[3], f"{kind} B") if len(xs) > 3 and xs[3] is not None else None
         if len(xs) > 4 and xs[4] is not None:
-            raise _Unsupported("sequence_lens (variable-length sequences)")
+            raise UnsupportedConstruct("sequence_lens (variable-length sequences)")
         if kind == "LSTM" and len(xs) > 7 and xs[7] is not None:
-            raise _Unsupported("peephole weights P")
+            raise UnsupportedConstruct("peephole weights P")
         if cv.attr("clip") is not None or cv.attr("activations") is not None:
             defaults = {"LSTM": ["Sigmoid", "Tanh", "Tanh"], "GRU": ["Sigmoid", "Tanh"], "RNN": ["Tanh"]}[kind]
             acts = cv.attr("activations")
             if cv.attr("clip") is not None or (acts and [a.capitalize() for a in acts] not in (
                     defaults, defaults * 2, ["Relu"], ["Relu", "Relu"])):
-                raise _Unsupported(f"non-default activations {acts} or clip")
+                raise UnsupportedConstruct(f"non-default activations {acts} or clip")
         if kind == "GRU" and not cv.attr("linear_before_reset", 0):
-            raise _Unsupported("linear_before_reset=0 (torch GRUs apply the reset gate after the matmul)")
+            raise UnsupportedConstruct("linear_before_reset=0 (torch GRUs apply the reset gate after the matmul)")
         if kind == "LSTM" and cv.attr("input_forget", 0):
-            raise _Unsupported("input_forget=1")
+            raise UnsupportedConstruct("input_forget=1")
         direction = cv.attr("direction", "forward")
         if direction == "reverse":
-            raise _Unsupported("direction='reverse' alone")
+            raise UnsupportedConstruct("direction='reverse' alone")
         layout = int(cv.attr("layout", 0))
         hidden = int(cv.attr("hidden_size", r.shape[-1]))
         gates = len(_GATE_ORDER[kind])

@@ -25,7 +25,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from frontend.errors import FrontendError, UnsupportedModelError
+from frontend.errors import FrontendError, UnsupportedConstruct, UnsupportedModelError
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import numpy_dtype
 from passes.ir.verify import verify
@@ -217,7 +217,7 @@ class _Converter:
             return UNKNOWN
         try:
             return handler(self, args, kwargs, node)
-        except _Unsupported as exc:
+        except UnsupportedConstruct as exc:
             self.unsupported.append(f"{what}: {exc} (at {self.origin()[0]})")
             return UNKNOWN
         except IRError as exc:
@@ -260,10 +260,6 @@ class _Converter:
         self.graph.set_outputs(to_value(result))
 
 
-class _Unsupported(Exception):
-    """Raised by a handler for a supported op used in an unsupported way (message says how)."""
-
-
 def _contains_unknown(x: Any) -> bool:
     if x is UNKNOWN:
         return True
@@ -294,7 +290,7 @@ def _get_attr(cv: _Converter, args, kwargs, node):
 # ------------------------------------------------------------------------------------------------ op helpers
 def _conv(cv: _Converter, x, weight, bias, stride, padding, dilation, groups, nd: int, padding_mode="zeros"):
     if isinstance(weight, Value) or isinstance(bias, Value):
-        raise _Unsupported("weights computed at run time (weights must be parameters or constants)")
+        raise UnsupportedConstruct("weights computed at run time (weights must be parameters or constants)")
     kernel = tuple(weight.shape[2:])
     stride, dilation = _tuple(stride, nd), _tuple(dilation, nd)
     if isinstance(padding, str):
@@ -358,14 +354,14 @@ def _softmax(op: str):
     def handler(cv: _Converter, args, kwargs, node):
         dim = _arg(args, kwargs, 1, "dim")
         if dim is None:
-            raise _Unsupported("implicit softmax dim (pass dim=...)")
+            raise UnsupportedConstruct("implicit softmax dim (pass dim=...)")
         return cv.emit(op, [args[0]], {"dim": cv.dim(args[0], dim)})
     return handler
 
 
 def _clamp(cv, x, lo, hi):
     if isinstance(lo, Value) or isinstance(hi, Value):
-        raise _Unsupported("tensor-valued clamp bounds")
+        raise UnsupportedConstruct("tensor-valued clamp bounds")
     return cv.emit("clamp", [x], {"min": None if lo is None else float(lo), "max": None if hi is None
                                   else float(hi)})
 
@@ -373,9 +369,9 @@ def _clamp(cv, x, lo, hi):
 def _pool(cv, kind: str, nd: int, x, kernel, stride, padding, dilation=1, ceil_mode=False,
           count_include_pad=True, divisor_override=None, return_indices=False):
     if return_indices:
-        raise _Unsupported("return_indices=True")
+        raise UnsupportedConstruct("return_indices=True")
     if divisor_override:
-        raise _Unsupported("divisor_override")
+        raise UnsupportedConstruct("divisor_override")
     kernel = _tuple(kernel, nd)
     stride = _tuple(stride, nd) if stride not in (None, [], ()) else kernel
     attrs = {"kernel_size": kernel, "stride": stride, "padding": _tuple(padding, nd), "ceil_mode": bool(ceil_mode)}
@@ -455,7 +451,7 @@ def _reduce(op: str):
         dim = _arg(args, kwargs, 1, "dim")
         keepdim = bool(_arg(args, kwargs, 2, "keepdim", False))
         if kwargs.get("dtype") is not None:
-            raise _Unsupported("dtype= on reductions")
+            raise UnsupportedConstruct("dtype= on reductions")
         rank = len(cv.shape(x))
         dims = tuple(range(rank)) if dim is None or dim == [] else tuple(
             sorted(cv.dim(x, d) for d in (dim if isinstance(dim, (tuple, list)) else (dim,))))
@@ -468,7 +464,7 @@ def _getitem(cv: _Converter, args, kwargs, node):
     if not isinstance(obj, Value):
         if _is_const(index):
             return obj[index]
-        raise _Unsupported("indexing a constant with a tensor")
+        raise UnsupportedConstruct("indexing a constant with a tensor")
     return _index_tensor(cv, obj, index)
 
 
@@ -476,7 +472,7 @@ def _index_tensor(cv: _Converter, x: Value, index) -> Value:
     """Basic indexing ``x[i, a:b, None, ...]`` as select / slice / reshape ops (advanced indexing refused)."""
     items = list(index) if isinstance(index, tuple) else [index]
     if any(isinstance(i, (Value, torch.Tensor, list)) for i in items):
-        raise _Unsupported("advanced (tensor or list) indexing")
+        raise UnsupportedConstruct("advanced (tensor or list) indexing")
     if Ellipsis in items:
         at = items.index(Ellipsis)
         explicit = sum(1 for i in items if i is not None and i is not Ellipsis)
@@ -488,7 +484,7 @@ def _index_tensor(cv: _Converter, x: Value, index) -> Value:
             new_axes.append(dim)
             continue
         if isinstance(item, bool) or not isinstance(item, (int, slice)):
-            raise _Unsupported(f"index of type {type(item).__name__}")
+            raise UnsupportedConstruct(f"index of type {type(item).__name__}")
         if isinstance(item, int):
             if not -shape[dim] <= item < shape[dim]:
                 raise FrontendError(f"{cv.where()}: index {item} out of range for dim {dim} of size {shape[dim]}")
@@ -496,7 +492,7 @@ def _index_tensor(cv: _Converter, x: Value, index) -> Value:
             continue
         start, stop, step = item.indices(shape[dim])
         if step <= 0:
-            raise _Unsupported("negative slice steps")
+            raise UnsupportedConstruct("negative slice steps")
         if (start, stop, step) != (0, shape[dim], 1):
             x = cv.emit("slice", [x], {"dim": dim, "start": start, "end": max(stop, start), "step": step})
         dim += 1
@@ -512,11 +508,11 @@ def _rnn_module(kind: str):
     def handler(cv: _Converter, args, kwargs, node):
         module = cv.modules[node.target]
         if getattr(module, "proj_size", 0):
-            raise _Unsupported("LSTM proj_size > 0")
+            raise UnsupportedConstruct("LSTM proj_size > 0")
         x = args[0]
         hx = _arg(args, kwargs, 1, "hx")
         if isinstance(x, Value) and len(cv.shape(x)) != 3:
-            raise _Unsupported("unbatched (2-d) RNN input; add a batch dimension")
+            raise UnsupportedConstruct("unbatched (2-d) RNN input; add a batch dimension")
         attrs = {"hidden_size": module.hidden_size, "num_layers": module.num_layers,
                  "bidirectional": module.bidirectional, "batch_first": module.batch_first, "bias": module.bias}
         if kind == "rnn":
@@ -547,9 +543,9 @@ def _m_conv_transpose(nd: int):
     def handler(cv, args, kwargs, node):
         m = cv.modules[node.target]
         if len(args) > 1 or kwargs.get("output_size") is not None:
-            raise _Unsupported("output_size argument")
+            raise UnsupportedConstruct("output_size argument")
         if m.padding_mode != "zeros":
-            raise _Unsupported(f"padding_mode={m.padding_mode!r}")
+            raise UnsupportedConstruct(f"padding_mode={m.padding_mode!r}")
         return cv.emit(f"conv_transpose{nd}d", [args[0]],
                        {"stride": _tuple(m.stride, nd), "padding": _tuple(m.padding, nd),
                         "output_padding": _tuple(m.output_padding, nd), "groups": m.groups,
@@ -561,7 +557,7 @@ def _m_conv_transpose(nd: int):
 def _m_batch_norm(cv, args, kwargs, node):
     m = cv.modules[node.target]
     if m.running_mean is None:
-        raise _Unsupported("BatchNorm without running statistics (track_running_stats=False)")
+        raise UnsupportedConstruct("BatchNorm without running statistics (track_running_stats=False)")
     return cv.emit("batch_norm", [args[0]], {"eps": float(m.eps)},
                    {"running_mean": m.running_mean, "running_var": m.running_var,
                     "weight": cv.param(m, "weight"), "bias": cv.param(m, "bias")})
@@ -585,7 +581,7 @@ def _m_adaptive(kind: str, nd: int):
     def handler(cv, args, kwargs, node):
         m = cv.modules[node.target]
         if getattr(m, "return_indices", False):
-            raise _Unsupported("return_indices=True")
+            raise UnsupportedConstruct("return_indices=True")
         return _adaptive(cv, kind, nd, args[0], m.output_size)
     return handler
 
@@ -609,7 +605,7 @@ def _m_softmax(op: str):
     def handler(cv, args, kwargs, node):
         m = cv.modules[node.target]
         if m.dim is None:
-            raise _Unsupported("implicit softmax dim (set dim=...)")
+            raise UnsupportedConstruct("implicit softmax dim (set dim=...)")
         return cv.emit(op, [args[0]], {"dim": cv.dim(args[0], m.dim)})
     return handler
 
@@ -622,7 +618,7 @@ def _m_hardtanh(cv, args, kwargs, node):
 def _m_embedding(cv, args, kwargs, node):
     m = cv.modules[node.target]
     if m.max_norm is not None:
-        raise _Unsupported("Embedding max_norm (it renormalizes weights during the forward pass)")
+        raise UnsupportedConstruct("Embedding max_norm (it renormalizes weights during the forward pass)")
     return cv.emit("embedding", [args[0]], {}, {"weight": cv.param(m, "weight")})
 
 
@@ -666,7 +662,7 @@ def _f_linear(cv, args, kwargs, node):
     if isinstance(weight, Value) or isinstance(bias, Value):
         if bias is None:  # x @ w.T with a computed weight: a plain matmul
             return cv.emit("matmul", [args[0], _transpose(cv, weight, -1, -2)])
-        raise _Unsupported("linear with weights computed at run time")
+        raise UnsupportedConstruct("linear with weights computed at run time")
     return cv.emit("linear", [args[0]], {}, {"weight": weight, "bias": bias})
 
 
@@ -686,7 +682,7 @@ def _f_pool(kind: str, nd: int):
 def _f_adaptive(kind: str, nd: int):
     def handler(cv, args, kwargs, node):
         if _arg(args, kwargs, 2, "return_indices", False):
-            raise _Unsupported("return_indices=True")
+            raise UnsupportedConstruct("return_indices=True")
         return _adaptive(cv, kind, nd, args[0], _arg(args, kwargs, 1, "output_size"))
     return handler
 
@@ -778,7 +774,7 @@ def _f_getattr(cv, args, kwargs, node):
             return len(cv.shape(obj))
         if name == "dtype":
             return getattr(torch, cv.type(obj).dtype)
-        raise _Unsupported(f"tensor attribute .{name}")
+        raise UnsupportedConstruct(f"tensor attribute .{name}")
     return getattr(obj, name)
 
 
@@ -805,7 +801,7 @@ def _f_to(cv, args, kwargs, node):
 def _f_embedding(cv, args, kwargs, node):
     weight = _arg(args, kwargs, 1, "weight")
     if isinstance(weight, Value):
-        raise _Unsupported("embedding with a computed weight")
+        raise UnsupportedConstruct("embedding with a computed weight")
     return cv.emit("embedding", [args[0]], {}, {"weight": weight})
 
 
@@ -823,7 +819,7 @@ def _f_max(cv, args, kwargs, node):
     dim = _arg(args, kwargs, 1, "dim")
     if dim is None:
         return cv.emit("amax", [args[0]], {"dim": tuple(range(len(cv.shape(args[0])))), "keepdim": False})
-    raise _Unsupported("max over a dim (returns indices); use amax")
+    raise UnsupportedConstruct("max over a dim (returns indices); use amax")
 
 
 def _f_matmul(cv, args, kwargs, node):
@@ -841,7 +837,7 @@ def _f_const_only(fn: Callable):
     """Tensor factories (``torch.zeros(...)``): evaluated at import, they become constants."""
     def handler(cv, args, kwargs, node):
         if not (_is_const(args) and _is_const(list(kwargs.values()))):
-            raise _Unsupported("used on run-time values")
+            raise UnsupportedConstruct("used on run-time values")
         return fn(*args, **kwargs)
     return handler
 
@@ -851,7 +847,7 @@ def _a_batch_norm(cv, args, kwargs, node):
     x, weight, bias, mean, var = args[:5]
     training, eps = (args[5], args[7]) if node.target.overloadpacket == aten.batch_norm else (False, args[6])
     if training:
-        raise _Unsupported("BatchNorm in training mode (call model.eval())")
+        raise UnsupportedConstruct("BatchNorm in training mode (call model.eval())")
     out = cv.emit("batch_norm", [x], {"eps": float(eps)},
                   {"running_mean": mean, "running_var": var, "weight": weight, "bias": bias})
     return out if node.target.overloadpacket == aten.batch_norm else (out, None, None)
@@ -861,7 +857,7 @@ def _a_rnn(kind: str):
     def handler(cv, args, kwargs, node):
         x, hx, flat, has_biases, num_layers, _dropout, training, bidirectional, batch_first = args[:9]
         if training:
-            raise _Unsupported("RNN in training mode (call model.eval())")
+            raise UnsupportedConstruct("RNN in training mode (call model.eval())")
         directions = ("", "_reverse")[: 2 if bidirectional else 1]
         names = [f"{w}_l{layer}{d}" for layer in range(num_layers) for d in directions
                  for w in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_biases else ())]
@@ -965,10 +961,6 @@ _register(_f_const_only(torch.ones), torch.ones, aten.ones)
 _register(_f_const_only(torch.arange), torch.arange, aten.arange)
 _register(_f_const_only(torch.tensor), torch.tensor)
 _register(_f_const_only(torch.full), torch.full, aten.full)
-
-
-def _method(fn: Callable) -> Callable:
-    return fn
 
 
 METHOD_HANDLERS: dict[str, Callable] = {

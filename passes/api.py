@@ -204,14 +204,19 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     seconds["build"] = time.perf_counter() - start
     if measure and compiled.target_kind != "cuda":
         step("checking accuracy and measuring latency")
-        reference = _original_outputs(model, graph, example_inputs)
-        report.accuracy = _accuracy(reference, compiled(*[_to_numpy(x) for x in example_inputs]))
-        report.accuracy["reference"] = "onnxruntime" if isinstance(model, (str, os.PathLike)) else "pytorch"
-        report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=7)
-        if not isinstance(model, (str, os.PathLike)):
-            report.baselines_ms["pytorch-eager"] = _torch_latency_ms(model, example_inputs)
+        original = _original_runner(model, graph, example_inputs)
+        outputs = compiled(*[_to_numpy(x) for x in example_inputs])
+        if original is None:  # an ONNX file without ONNX Runtime installed: the imported graph is the reference
+            from passes.ir.interpret import run_reference
+
+            report.accuracy = _accuracy(run_reference(graph, example_inputs), outputs)
+            report.accuracy["reference"] = "interpreter"
         else:
-            report.baselines_ms["onnxruntime"] = _onnxruntime_latency_ms(model, graph, example_inputs)
+            name, run = original
+            report.accuracy = _accuracy(run(), outputs)
+            report.accuracy["reference"] = "onnxruntime" if name == "onnxruntime" else "pytorch"
+            report.baselines_ms[name] = _median_ms(run)
+        report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=7)
     report.seconds = seconds
     return OptimizedModel(optimized, compiled, report)
 
@@ -236,58 +241,35 @@ def _to_numpy(x: Any) -> Any:
     return x.detach().cpu().numpy() if type(x).__module__.startswith("torch") else x
 
 
-def _original_outputs(model: Any, graph, example_inputs: tuple) -> Any:
-    """The original model's outputs: PyTorch for an nn.Module, the imported graph's reference otherwise."""
-    if isinstance(model, (str, os.PathLike)):  # an ONNX file: ONNX Runtime is the reference
+def _original_runner(model: Any, graph, example_inputs: tuple) -> tuple[str, Callable[[], Any]] | None:
+    """(baseline name, a zero-argument call of the original model on the example inputs), built once and used for
+    both the accuracy reference and the latency baseline: PyTorch eager for an ``nn.Module``, ONNX Runtime for an
+    ONNX file (None when ONNX Runtime is not installed)."""
+    if isinstance(model, (str, os.PathLike)):
         try:
             import onnxruntime as ort
         except ImportError:
-            from passes.ir.interpret import run_reference
-
-            return run_reference(graph, example_inputs)
+            return None
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-        names = [graph.nodes[n]["origin"][0] for n in graph.inputs]
-        return tuple(session.run(None, {n: _to_numpy(x) for n, x in zip(names, example_inputs)}))
+        feeds = {graph.nodes[n]["origin"][0]: _to_numpy(x) for n, x in zip(graph.inputs, example_inputs)}
+        return "onnxruntime", lambda: tuple(session.run(None, feeds))
     import torch
 
-    with torch.no_grad():
-        out = model(*example_inputs)
-    from passes.ir.graph import map_structure
+    def run():
+        with torch.no_grad():
+            return model(*example_inputs)
+    return "pytorch-eager", run
 
-    return map_structure(lambda t: t.detach().cpu().numpy(), out)
 
-
-def _torch_latency_ms(model: Any, example_inputs: tuple, repeat: int = 7) -> float:
-    """Median wall time of the eager model (after one warm-up call), for the report's baseline."""
+def _median_ms(run: Callable[[], Any], repeat: int = 7) -> float:
+    """Median wall time of ``run`` after one warm-up call."""
     import statistics
 
-    import torch
-
-    with torch.no_grad():
-        model(*example_inputs)
-        times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            model(*example_inputs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _onnxruntime_latency_ms(path: Any, graph, example_inputs: tuple, repeat: int = 7) -> float | None:
-    """Median wall time of the original ONNX file in ONNX Runtime (all cores), for the report's baseline."""
-    import statistics
-
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {graph.nodes[n]["origin"][0]: _to_numpy(x) for n, x in zip(graph.inputs, example_inputs)}
-    session.run(None, feeds)
+    run()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        session.run(None, feeds)
+        run()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

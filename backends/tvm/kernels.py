@@ -351,6 +351,13 @@ class DenseSpec:
     activation_params: tuple[float, ...] = ()
 
 
+def dense_spec(in_shape: tuple[int, ...], weight_shape: tuple[int, int], has_bias: bool, activation: str = "none",
+               activation_params: tuple = ()) -> DenseSpec:
+    """The dense kernel for ``x @ W^T`` with ``x`` of ``in_shape``: leading dims of ``x`` become rows."""
+    n, k = weight_shape
+    return DenseSpec(int(math.prod(in_shape[:-1])), k, n, has_bias, activation, tuple(activation_params))
+
+
 def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
     x = te.placeholder((spec.m, spec.k), F32, name="x")
     w_t = te.placeholder((spec.k, spec.n), F32, name="w_t")  # packed at compile time: rows of the output vector

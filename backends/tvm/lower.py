@@ -11,7 +11,7 @@ The generated function ``main`` takes the graph inputs in order and returns a fl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, supports
+from backends.tvm.kernels import ConvSpec, conv_kernel, dense_kernel, dense_spec, supports
 from backends.tvm.recurrent import GATES, recurrent_kernel
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import activation_of
@@ -103,14 +103,27 @@ def _constant(ctx, xs):
     return ctx.const(ctx.params["value"])
 
 
-def conv_spec(ctx: LowerContext) -> ConvSpec:
-    a, p = ctx.attrs, ctx.params
-    pool = a.get("pool")
-    return ConvSpec(in_shape=ctx.in_type(0).shape, weight_shape=tuple(p["weight"].shape), stride=a["stride"],
-                    padding=a["padding"], dilation=a["dilation"], groups=a["groups"], has_bias="bias" in p,
-                    activation=a["activation"], activation_params=tuple(a["activation_params"]),
-                    residual=len(ctx.graph.operands(ctx.node)) > 1, pool=pool,
-                    pool_kernel=a.get("pool_kernel", (1, 1)), pool_stride=a.get("pool_stride", (1, 1)))
+def conv_spec_of(graph: Graph, node: str) -> ConvSpec:
+    """The kernel spec of a conv2d / conv2d_pool node (also what the tuner tunes, so the keys agree)."""
+    d = graph.nodes[node]
+    a, p = d["attrs"], d["params"]
+    operands = graph.operands(node)
+    return ConvSpec(in_shape=graph.value_type(operands[0]).shape, weight_shape=tuple(p["weight"].shape),
+                    stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+                    has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
+                    residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
+                    pool_stride=a.get("pool_stride", (1, 1)))
+
+
+def uses_conv_kernel(graph: Graph, node: str, target_kind: str) -> ConvSpec | None:
+    """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d, any conv2d_pool)."""
+    d = graph.nodes[node]
+    if d["op"] not in ("conv2d", "conv2d_pool") or graph.value_type(graph.operands(node)[0]).dtype != "float32":
+        return None
+    if d["op"] == "conv2d" and target_kind != "llvm":
+        return None
+    spec = conv_spec_of(graph, node)
+    return spec if supports(spec) else None
 
 
 def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
@@ -130,7 +143,7 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
     """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
-    spec = conv_spec(ctx)
+    spec = conv_spec_of(ctx.graph, ctx.node)
     if not supports(spec):
         raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r}")
     return call_conv_kernel(ctx, xs[0], spec)
@@ -140,8 +153,9 @@ def _conv2d_pool(ctx, xs):
 def _conv(ctx, xs):
     a, p = ctx.attrs, ctx.params
     nd = len(a["stride"])
-    if nd == 2 and ctx.target_kind == "llvm" and ctx.in_type(0).dtype == "float32" and supports(conv_spec(ctx)):
-        return call_conv_kernel(ctx, xs[0], conv_spec(ctx), xs[1] if len(xs) > 1 else None)
+    spec = uses_conv_kernel(ctx.graph, ctx.node, ctx.target_kind) if nd == 2 else None
+    if spec is not None:
+        return call_conv_kernel(ctx, xs[0], spec, xs[1] if len(xs) > 1 else None)
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
@@ -179,9 +193,8 @@ def _batch_norm(ctx, xs):
 def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...], weight: np.ndarray,
                       bias: np.ndarray | None, activation: str = "none", activation_params: tuple = ()) -> relax.Expr:
     """``act(x W^T + b)`` through our dense kernel; leading dims of ``x`` are flattened into rows."""
-    n, k = weight.shape
-    m = int(np.prod(in_shape[:-1]))
-    spec = DenseSpec(m, k, n, bias is not None, activation, tuple(activation_params))
+    spec = dense_spec(in_shape, weight.shape, bias is not None, activation, activation_params)
+    m, k, n = spec.m, spec.k, spec.n
     name = f"dense_{ctx.node}_{len(ctx.bb.get().functions)}"
     func = dense_kernel(spec, ctx.cores, ctx.tiles.get(spec)).with_attr("global_symbol", name)
     gv = ctx.bb.add_func(func, name)
@@ -658,10 +671,3 @@ def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1,
     mod = lower_graph(graph, target_kind, cores, tiles)
     check_types(graph, mod)
     return mod
-
-
-def flat_output_count(graph: Graph) -> int:
-    return len(graph.output_values())
-
-
-__all__: Sequence[str] = ["LOWERINGS", "LoweringError", "lower", "missing_lowerings"]

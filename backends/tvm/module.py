@@ -124,16 +124,17 @@ class CompiledModule:
             converted.append(tvm.runtime.tensor(array, self.device))
         return converted, any_torch
 
-    def run_flat(self, *inputs: Any) -> list[np.ndarray]:
-        """Outputs as a flat list of numpy arrays (depth-first order of the output structure)."""
-        converted, _ = self._convert_inputs(inputs)
-        result = self.vm["main"](*converted)
-        return [result[i].numpy() for i in range(len(self.outputs))]
-
-    def __call__(self, *inputs: Any) -> Any:
+    def _run(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
         converted, any_torch = self._convert_inputs(inputs)
         result = self.vm["main"](*converted)
-        flat = [result[i].numpy() for i in range(len(self.outputs))]
+        return [result[i].numpy() for i in range(len(self.outputs))], any_torch
+
+    def run_flat(self, *inputs: Any) -> list[np.ndarray]:
+        """Outputs as a flat list of numpy arrays (depth-first order of the output structure)."""
+        return self._run(inputs)[0]
+
+    def __call__(self, *inputs: Any) -> Any:
+        flat, any_torch = self._run(inputs)
         if any_torch:
             import torch  # only when the caller already uses torch
 

@@ -44,8 +44,9 @@ from backends.tvm.kernels import (
     default_dense_tile,
     default_tile,
     dense_kernel,
-    supports,
+    dense_spec,
 )
+from backends.tvm.lower import uses_conv_kernel
 from passes.ir.graph import Graph
 
 SCHEMA = 1
@@ -69,33 +70,16 @@ def task_key(spec: Spec, target: tvm.target.Target) -> str:
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def conv_spec_of(graph: Graph, node: str) -> ConvSpec | None:
-    """The kernel spec the CPU lowering will use for ``node``, or None if it does not use our conv kernel."""
-    d = graph.nodes[node]
-    if d["op"] not in ("conv2d", "conv2d_pool") or len(d["attrs"]["stride"]) != 2:
-        return None
-    a, p = d["attrs"], d["params"]
-    x = graph.value_type(graph.operands(node)[0])
-    if x.dtype != "float32":
-        return None
-    spec = ConvSpec(in_shape=x.shape, weight_shape=tuple(p["weight"].shape), stride=a["stride"],
-                    padding=a["padding"], dilation=a["dilation"], groups=a["groups"], has_bias="bias" in p,
-                    activation=a["activation"], activation_params=tuple(a["activation_params"]),
-                    residual=len(graph.operands(node)) > 1, pool=a.get("pool"),
-                    pool_kernel=a.get("pool_kernel", (1, 1)), pool_stride=a.get("pool_stride", (1, 1)))
-    return spec if supports(spec) else None
-
-
 def dense_spec_of(graph: Graph, node: str) -> DenseSpec | None:
+    """The dense kernel spec the CPU lowering uses for a float32 ``linear`` node, or None."""
     d = graph.nodes[node]
     if d["op"] != "linear":
         return None
     x = graph.value_type(graph.operands(node)[0])
     if x.dtype != "float32":
         return None
-    n, k = d["params"]["weight"].shape
-    return DenseSpec(int(np.prod(x.shape[:-1])), k, n, "bias" in d["params"], d["attrs"]["activation"],
-                     tuple(d["attrs"]["activation_params"]))
+    return dense_spec(x.shape, d["params"]["weight"].shape, "bias" in d["params"], d["attrs"]["activation"],
+                      d["attrs"]["activation_params"])
 
 
 def extract_tasks(graph: Graph) -> list[TuneTask]:
@@ -104,7 +88,7 @@ def extract_tasks(graph: Graph) -> list[TuneTask]:
 
     found: dict[Spec, list[str]] = {}
     for node in graph.topo_order():
-        spec = conv_spec_of(graph, node) or dense_spec_of(graph, node)
+        spec = uses_conv_kernel(graph, node, "llvm") or dense_spec_of(graph, node)
         if spec is not None:
             found.setdefault(spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
@@ -164,15 +148,26 @@ def random_args(func, device) -> list:
 
 # ------------------------------------------------------------------------------------------------ database
 class Database:
-    """Append-only JSON-lines records in ``<folder>/records.jsonl``; safe against kills and concurrent appends."""
+    """Append-only JSON-lines records in ``<folder>/records.jsonl``; safe against kills and concurrent appends.
+
+    The file is read once, when the database is opened; later records are kept in memory as they are appended,
+    indexed by task key, so looking up a task during tuning costs nothing per trial.
+    """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(os.path.expanduser(str(folder)))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "records.jsonl"
         self._lock = threading.Lock()
+        self._records = self._read()
+        self._by_key: dict[str, dict[Tile, float | None]] = {}
+        for record in self._records:
+            self._by_key.setdefault(record["key"], {})[Tile(**record["tile"])] = record["ms"]
 
     def records(self) -> list[dict]:
+        return list(self._records)
+
+    def _read(self) -> list[dict]:
         if not self.path.exists():
             return []
         found = []
@@ -193,6 +188,8 @@ class Database:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+            self._records.append(record)
+            self._by_key.setdefault(record["key"], {})[Tile(**record["tile"])] = record["ms"]
 
     def _ends_with_newline(self) -> bool:
         with open(self.path, "rb") as f:
@@ -200,7 +197,7 @@ class Database:
             return f.read(1) == b"\n"
 
     def measured(self, key: str) -> dict[Tile, float | None]:
-        return {Tile(**r["tile"]): r["ms"] for r in self.records() if r["key"] == key}
+        return dict(self._by_key.get(key, {}))
 
     def best_tile(self, key: str) -> Tile | None:
         valid = [(ms, tile) for tile, ms in self.measured(key).items() if ms is not None]

@@ -149,7 +149,10 @@ class Graph(nx.MultiDiGraph):
             node, index = value_or_node, None
         found = [(dst, d["dst_in"]) for _, dst, d in self.out_edges(node, data=True)
                  if index is None or d["src_out"] == index]
-        return sorted(found, key=lambda u: (self._order(u[0]), u[1]))
+        if len(found) < 2:
+            return found
+        order = {n: i for i, n in enumerate(self._node)}  # insertion order, once per call
+        return sorted(found, key=lambda u: (order[u[0]], u[1]))
 
     def is_graph_output(self, value: Value) -> bool:
         return value in self.output_values()
@@ -161,10 +164,6 @@ class Graph(nx.MultiDiGraph):
         """``'conv2d' node 'layer1_0_conv1' (from layer1.0.conv1)``: how errors name a model element."""
         data = self.nodes[node]
         return f"{data.get('op')!r} node {node!r} (from {origin_text(data.get('origin', ()))})"
-
-    def _order(self, node: str) -> int:
-        # Insertion order of nodes (networkx keeps nodes in an insertion-ordered dict).
-        return list(self._node).index(node)
 
     def topo_order(self) -> list[str]:
         """Deterministic topological order: ties broken by insertion order."""
