@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import tvm
-from tvm import relax
+from tvm.runtime.vm import VirtualMachine  # runtime only: artifacts load without TVM's compiler library
 
 from backends.tvm.target import make_target
 from passes.ir.graph import Graph, map_structure, rebuild_structure
@@ -42,6 +44,35 @@ def _quiet_native_stderr():
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+
+
+def _register_cuda_compiler() -> None:
+    """Let a runtime-only TVM load cuda artifacts.
+
+    TVM 0.27 stores CUDA kernels in the artifact as CUDA C source and compiles them when the module is loaded, through
+    the global ``tvm_callback_cuda_compile``. The full TVM registers one (NVRTC) that needs TVM's compiler library;
+    a deployment machine with only the runtime library gets ours instead: ``nvcc --cubin`` for the GPU's own
+    architecture (the kernels are compiled once per load).
+    """
+    import tvm_ffi
+    from tvm import base
+
+    if not getattr(base, "_RUNTIME_ONLY", False):
+        return
+    if shutil.which("nvcc") is None:
+        raise RuntimeError("loading a cuda artifact with TVM's runtime library alone needs nvcc on PATH to compile "
+                           "its kernels for this GPU (or install the full apache-tvm package)")
+
+    def compile_cuda(code: str, *_unused) -> bytes:
+        arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        with tempfile.TemporaryDirectory() as folder:
+            source, binary = Path(folder, "kernels.cu"), Path(folder, "kernels.cubin")
+            source.write_text(code)
+            subprocess.run(["nvcc", "--cubin", "-O3", f"-arch={arch}", "-o", str(binary), str(source)],
+                           check=True, capture_output=True)
+            return binary.read_bytes()
+
+    tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)
 
 
 class InputError(ValueError):
@@ -96,10 +127,10 @@ class CompiledModule:
         return tvm.cuda(0) if self.target_kind == "cuda" else tvm.cpu(0)
 
     @property
-    def vm(self) -> relax.VirtualMachine:
+    def vm(self) -> VirtualMachine:
         if self._vm is None:
             with _quiet_native_stderr():
-                self._vm = relax.VirtualMachine(self.executable, self.device)
+                self._vm = VirtualMachine(self.executable, self.device)
         return self._vm
 
     def _convert_inputs(self, inputs: Sequence[Any]) -> tuple[list, bool]:
@@ -163,6 +194,8 @@ class CompiledModule:
     def load(cls, directory: str | os.PathLike) -> CompiledModule:
         directory = Path(directory)
         signature = json.loads((directory / cls.SIGNATURE).read_text())
+        if signature["target"] == "cuda":
+            _register_cuda_compiler()
         with _quiet_native_stderr():
             library = tvm.runtime.load_module(str(directory / cls.LIBRARY))
         return cls(library, signature["target"], [TensorSpec.from_json(s) for s in signature["inputs"]],

@@ -12,6 +12,9 @@ output is computed exactly once, in the tile that pools it. Refusals, each count
 - ``gapped_windows``: kernel < stride leaves conv outputs no window reads (rare; our kernel tiles need coverage).
 - ``pool_padding``, ``pool_dilation``, ``ceil_mode``: windows reaching outside the conv output are not fused.
 - ``residual``: the conv adds a residual operand (the fused kernel takes one input).
+- ``cuda_target``: on cuda, unless ``on_cuda=true``. Measured on an H200 (``benchmarks/gpu_check.py``, VGG-style
+  224x224): our fused GPU kernel took 1.69 ms against 1.08 ms unfused, so the pass holds back there until the GPU
+  schedule of ``conv2d_pool`` wins. On CPU it pays where convs are memory-bound (see the README's benchmark).
 """
 
 from __future__ import annotations
@@ -48,11 +51,14 @@ def refusal(graph: Graph, pool: str) -> tuple[str, str] | None:
 class FuseConvPool(Pass):
     name = "fuse-conv-pool"
     summary = "fuse conv2d [+bias] [+activation] + max/avg pool into one conv2d_pool kernel"
+    on_cuda: bool = False
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("fused",))
+        cuda = "cuda" in str(ctx.target) and not self.on_cuda
         matches = CONV_POOL.scan(graph, decide, lambda match: (
-            ("residual", f"{match['conv']} adds a residual") if len(graph.operands(match["conv"])) > 1
+            ("cuda_target", "slower than unfused on GPU so far; on_cuda=true forces it") if cuda
+            else ("residual", f"{match['conv']} adds a residual") if len(graph.operands(match["conv"])) > 1
             else refusal(graph, match["pool"])))
         fusions = [(m["conv"], m["pool"]) for m in matches]
         for conv, pool in fusions:

@@ -66,6 +66,15 @@ def test_refusals_by_structure():
     assert run_pass(FuseConvPool(), graph).stats == {"fused": 0, "skipped.no_producer": 1}
 
 
+def test_cuda_target_is_refused_unless_forced():
+    from passes.core.pass_base import PassContext
+
+    graph = check_numerics(FuseConvActivation(), conv_relu_pool(nn.MaxPool2d(2)), X)
+    cuda = PassContext(target="cuda")
+    assert FuseConvPool().run(graph, cuda).stats == {"fused": 0, "skipped.cuda_target": 1}
+    assert FuseConvPool(on_cuda=True).run(graph, cuda).stats == {"fused": 1}
+
+
 def test_idempotent():
     graph = check_numerics(FuseConvPool(), conv_relu_pool(nn.MaxPool2d(2)), X)
     assert_idempotent(FuseConvPool(), graph)
