@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -38,7 +38,8 @@ class PassResult:
 
 @dataclass
 class PassContext:
-    """What a pass may use besides the graph: example and calibration inputs, the target, a seed, notes."""
+    """What a pass may use besides the graph: example and calibration/training inputs, the target, a seed, notes,
+    the graph as the pipeline received it (``original``: the teacher of ``distill``) and a progress callback."""
 
     example_inputs: tuple = ()
     data: Iterable | None = None
@@ -46,6 +47,8 @@ class PassContext:
     seed: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
     explanations: list[Explanation] | None = None  # set to [] to collect every pass decision (``explain``)
+    original: Graph | None = None  # set by Pipeline.run when not given
+    progress: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Pass:
     requires: ClassVar[tuple[str, ...]] = ()
     preserves: ClassVar[tuple[str, ...]] = ALL_PROPERTIES
     summary: ClassVar[str] = ""
+    lossy: ClassVar[bool] = False  # changes the outputs on purpose (prune, quantize): numeric-check-each skips it
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         raise NotImplementedError

@@ -136,8 +136,8 @@ class NumericCheckEach(Instrument):
     """Run the reference interpreter before and after every pass on seeded inputs; name the first pass whose
     outputs moved beyond ``rtol``/``atol`` (atol relative to the output scale).
 
-    Exact rewrites (folds, fusions) must pass this with float32 rounding tolerances; lossy passes (quantize,
-    prune) are exempt by listing them in ``lossy``.
+    Exact rewrites (folds, fusions) must pass this with float32 rounding tolerances; lossy passes (``Pass.lossy``:
+    quantize, prune, distill) are exempt, and so are the names listed in ``lossy``.
     """
 
     def __init__(self, inputs: tuple = (), rtol: float = 1e-4, atol: float = 1e-5, lossy: tuple[str, ...] = ()):
@@ -155,7 +155,7 @@ class NumericCheckEach(Instrument):
         self._before = self._run(graph, ctx)
 
     def after(self, p, graph, ctx, result, history):
-        if not result.changed or p.name in self.lossy:
+        if not result.changed or p.lossy or p.name in self.lossy:
             return
         import numpy as np
 
@@ -251,6 +251,8 @@ class Pipeline:
         """Run every pass in order on ``graph`` (in place); returns one record per pass."""
         properties = set(ALL_PROPERTIES)
         records, history = [], []
+        if ctx.original is None:
+            ctx.original = graph.copy_graph()
         for p in self.passes:
             missing = [r for r in p.requires if r not in properties]
             if missing:

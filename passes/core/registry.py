@@ -29,6 +29,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-conv-add": "passes.transforms.fuse_conv_add:FuseConvAdd",
     "prune-weights": "passes.transforms.prune_weights:PruneWeights",
     "prune-channels": "passes.transforms.prune_channels:PruneChannels",
+    "distill": "passes.transforms.distill:Distill",
 }
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.

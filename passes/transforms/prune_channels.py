@@ -40,6 +40,7 @@ from passes.transforms.infer_shapes import InferShapes
 class PruneChannels(Pass):
     name = "prune-channels"
     summary = "remove whole channels (conv/linear outputs, RNN hidden units) by dependency group"
+    lossy = True
     ratio: float = 0.5
     importance: str = "l1"
     allocation: str = "uniform"

@@ -25,6 +25,7 @@ PRUNABLE = ("conv1d", "conv2d", "conv2d_pool", "conv_transpose1d", "conv_transpo
 class PruneWeights(Pass):
     name = "prune-weights"
     summary = "zero the smallest-magnitude conv/linear weights (unstructured sparsity)"
+    lossy = True
     sparsity: float = 0.5
     scope: str = "layer"
     min_weights: int = 1024

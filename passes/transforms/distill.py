@@ -1,0 +1,158 @@
+"""distill: fine-tune the graph (the student: pruned, or otherwise changed) against the original model (the teacher).
+
+Knowledge distillation (Hinton et al., 2015). The teacher is the graph the pipeline started from
+(``ctx.original``); the student is the current graph run by the reference interpreter as a trainable
+``nn.Module``. On every batch of ``optimize(..., data=...)`` the loss per output is
+
+    L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, labels)
+
+with teacher logits ``t``, student logits ``s`` and temperature ``T`` (the T^2 keeps the soft-target gradients'
+scale independent of T). Without labels ``alpha`` is 1. A data item is a tuple of the model's inputs, or the
+inputs followed by labels. Adam with learning rate ``lr`` for ``epochs`` passes over the data (shuffled with
+``seed``, cosine-decayed learning rate); then the trained weights are written back into the graph. Normalization
+statistics stay fixed (batch norms are inference ops in the IR). Items may have a batch size other than the
+compiled one: the graph is re-batched for training (input shapes, re-inferred types, the batch entry of reshapes).
+
+Stats: ``steps`` (optimizer steps), ``loss_start_milli`` and ``loss_end_milli`` (mean loss of the first and last
+epoch x 1000); ``ctx.progress`` gets one progress-bar line per epoch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
+from passes.ir.graph import Graph, IRError, TensorType, flatten_structure
+from passes.ir.interpret import GraphModule
+from passes.transforms.infer_shapes import InferShapes
+
+FROZEN_PARAMS = ("running_mean", "running_var")
+
+
+def rebatched(graph: Graph, shapes: list[tuple[int, ...]]) -> Graph:
+    """A copy of ``graph`` whose inputs have ``shapes``; a batch entry in reshape targets follows the new batch."""
+    copy = graph.copy_graph()
+    batch = {}
+    for node, shape in zip(copy.inputs, shapes):
+        old = copy.nodes[node]["out_types"][0]
+        changed = [i for i, (a, b) in enumerate(zip(old.shape, shape)) if a != b]
+        if len(shape) != old.rank or len(changed) > 1:
+            raise PassError(f"distill: data for input {node!r} has shape {list(shape)}, the model takes "
+                            f"{list(old.shape)}; only the batch size may differ")
+        if changed:
+            batch[old.shape[changed[0]]] = shape[changed[0]]
+        copy.nodes[node]["out_types"] = [TensorType(shape, old.dtype)]
+    for node in copy.op_nodes("reshape"):
+        target = list(copy.nodes[node]["attrs"]["shape"])
+        if target and target[0] in batch:
+            copy.nodes[node]["attrs"]["shape"] = (batch[target[0]], *target[1:])
+    try:
+        InferShapes().run(copy, PassContext())
+    except IRError as e:
+        raise PassError(f"distill: the model does not run at the data's batch size ({e}); give batches of the "
+                        "example inputs' size") from e
+    return copy
+
+
+@dataclass(frozen=True)
+class Distill(Pass):
+    name = "distill"
+    summary = "fine-tune the graph against the original model's soft targets (knowledge distillation)"
+    lossy = True
+    epochs: int = 10
+    lr: float = 1e-3
+    temperature: float = 2.0
+    alpha: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.lr <= 0 or self.temperature <= 0 or not 0.0 <= self.alpha <= 1.0:
+            raise PassError("distill: needs epochs >= 1, lr > 0, temperature > 0 and 0 <= alpha <= 1")
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        decide = Decisions(self, graph, ctx, work=("steps",))
+        batches = self._batches(graph, ctx)
+        if ctx.original is None:
+            raise PassError("distill: no teacher (run it in a pipeline or optimize(), or set PassContext.original)")
+        torch.manual_seed(self.seed)
+        student, modules = GraphModule(graph).train(), {}
+        for key, param in student.named_parameters():
+            param.requires_grad_(not key.endswith(FROZEN_PARAMS))
+
+        def module_for(g: Graph, inputs: tuple, shared: GraphModule | None) -> GraphModule:
+            shapes = [tuple(x.shape) for x in inputs]
+            key = (id(g), tuple(shapes))
+            if key not in modules:
+                same = shapes == [t.shape for t in g.input_types()]
+                modules[key] = GraphModule(g if same else rebatched(g, shapes))
+                if shared is not None:
+                    modules[key].node_params = shared.node_params  # one set of weights for every batch size
+            return modules[key]
+
+        teacher = GraphModule(ctx.original).eval()
+        with torch.no_grad():
+            targets = [[t.detach() for t in flatten_structure(module_for(ctx.original, x, teacher)(*x))]
+                       for x, _ in batches]
+        optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=self.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * len(batches))
+        order, losses, steps = list(range(len(batches))), [], 0
+        rng = random.Random(self.seed)
+        for epoch in range(self.epochs):
+            rng.shuffle(order)
+            total = 0.0
+            for i in order:
+                inputs, labels = batches[i]
+                outputs = flatten_structure(module_for(graph, inputs, student)(*inputs))
+                loss = sum(self._loss(s, t, labels) for s, t in zip(outputs, targets[i]))
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach())
+                steps += 1
+            losses.append(total / len(batches))
+            if ctx.progress is not None:
+                filled = round(20 * (epoch + 1) / self.epochs)
+                ctx.progress(f"distill [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{self.epochs} "
+                             f"loss {losses[-1]:.4f}")
+        student.write_back(graph)
+        decide.done(graph.inputs[0], "steps", f"{self.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
+                    count=steps)
+        decide.stats["loss_start_milli"] = round(1000 * losses[0])
+        decide.stats["loss_end_milli"] = round(1000 * losses[-1])
+        return decide.result()
+
+    def _loss(self, student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if not student.is_floating_point():
+            return student.new_zeros(())
+        t = self.temperature
+        soft = F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                        reduction="batchmean") * t * t
+        if labels is None or self.alpha == 1.0:
+            return soft
+        return self.alpha * soft + (1 - self.alpha) * F.cross_entropy(student, labels)
+
+    @staticmethod
+    def _batches(graph: Graph, ctx: PassContext) -> list[tuple[tuple, torch.Tensor | None]]:
+        """``(inputs, labels or None)`` per data item, as tensors of the graph's input dtypes."""
+        if ctx.data is None:
+            raise PassError("distill needs training data: optimize(..., data=[(x,), (x, labels), ...])")
+        from passes.ir.ops import torch_dtype
+
+        n, dtypes = len(graph.inputs), [torch_dtype(t.dtype) for t in graph.input_types()]
+        batches = []
+        for item in ctx.data:
+            item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+            if len(item) not in (n, n + 1):
+                raise PassError(f"distill: a data item has {len(item)} tensors; the model takes {n} input(s) "
+                                "(optionally followed by labels)")
+            inputs = tuple(torch.as_tensor(x).to(dtype) for x, dtype in zip(item[:n], dtypes))
+            labels = torch.as_tensor(item[n]).long() if len(item) > n else None
+            batches.append((inputs, labels))
+        if not batches:
+            raise PassError("distill: the data is empty (a generator can be read only once: pass a list)")
+        return batches
