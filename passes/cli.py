@@ -53,17 +53,42 @@ def _progress(message: str) -> None:
         print(f"... {message}", file=sys.stderr, flush=True)
 
 
+def _load_data(path: str | None, batch_size: int) -> list[tuple] | None:
+    """``--data FILE.npz``: arrays in the model's input order (any names) and optionally ``labels``, cut into
+    batches of ``batch_size`` along the first axis (for passes that calibrate or fine-tune: quantize, distill)."""
+    import numpy as np
+
+    if path is None:
+        return None
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        with np.load(path) as archive:
+            arrays = {k: archive[k] for k in archive.files}
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--data {path!r}: cannot read it as .npz ({e})") from e
+    labels = arrays.pop("labels", None)
+    if not arrays:
+        raise UsageError(f"--data {path!r} holds no input arrays")
+    count = {len(a) for a in arrays.values()} | ({len(labels)} if labels is not None else set())
+    if len(count) != 1:
+        raise UsageError(f"--data {path!r}: arrays differ in length along axis 0 ({sorted(count)})")
+    columns = list(arrays.values()) + ([labels] if labels is not None else [])
+    return [tuple(c[i:i + batch_size] for c in columns) for i in range(0, count.pop(), batch_size)]
+
+
 def cmd_compile(args) -> int:
     from passes.api import Tune, optimize
 
     model, inputs = _model_and_inputs(args.model)
+    data = _load_data(args.data, args.batch_size)
     passes = [] if args.passes == "" else (None if args.passes is None else args.passes)
     tune = Tune(trials=args.tune_trials, database=args.tuning_db,
                 progress=sys.stderr.isatty()) if args.tune_trials else None
     instruments = ["verify-each", "timing"]
     instruments += ["numeric-check-each"] if args.numeric_check_each else []
     instruments += [f"dump-each={args.dump_each}"] if args.dump_each else []
-    opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, tune=tune,
+    opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, data=data, tune=tune,
                    measure=not args.no_measure, instruments=instruments, progress=_progress)
     opt.save(args.output)
     print(opt.report.to_json() if args.json else opt.report.summary())
@@ -187,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--numeric-check-each", action="store_true",
                    help="run the reference before/after each pass and name the pass that changed the outputs")
     p.add_argument("--dump-each", metavar="DIR", help="write the IR after each pass into DIR")
+    p.add_argument("--data", metavar="NPZ", help="calibration/training data for quantize and distill: arrays in the "
+                   "model's input order along axis 0, optionally 'labels'")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size to cut --data into (default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-o", "--output", required=True, help="artifact folder to create (must not exist)")
     p.set_defaults(func=cmd_compile)

@@ -86,3 +86,40 @@ def test_compile_a_multi_hundred_node_onnx_cnn_and_run_it(tmp_path, capsys):
     expected = ort.InferenceSession(str(tmp_path / "m.onnx")).run(None, {"image.in": x})[0]
     output_name = onnx.load(str(tmp_path / "m.onnx")).graph.output[0].name  # npz keys: the model's output names
     assert_outputs_close(expected, np.load(tmp_path / "out.npz")[output_name])
+
+
+@pytest.mark.tvm
+def test_prune_and_distill_an_onnx_cnn_from_the_cli_and_export_it(tmp_path):
+    """ONNX in -> prune-channels + distill (on --data) + default passes -> a smaller optimized.onnx that ONNX
+    Runtime runs equal to the compiled artifact."""
+    import onnx
+    import onnxruntime as ort
+
+    from passes.api import load
+
+    model, (x,) = zoo.make("resnet")
+    path = tmp_path / "resnet.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["image"], dynamo=False, opset_version=17)
+    np.savez(tmp_path / "data.npz", image=torch.randn(64, *x.shape[1:]).numpy())
+    artifact = tmp_path / "art"
+    assert main(["compile", str(path), "--passes", "prune-channels{ratio=0.5},distill{epochs=2},default",
+                 "--data", str(tmp_path / "data.npz"), "--batch-size", "16", "-o", str(artifact),
+                 "--no-measure"]) == 0
+
+    def weights(onnx_path):
+        return sum(np.prod(t.dims) for t in onnx.load(str(onnx_path)).graph.initializer)
+
+    assert weights(artifact / "optimized.onnx") < 0.4 * weights(path)
+    session = ort.InferenceSession(str(artifact / "optimized.onnx"), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert_outputs_close(exported, load(artifact)(x.numpy()))
+    report = __import__("json").loads((artifact / "report.json").read_text())
+    assert report["params"]["after"] < 0.4 * report["params"]["before"]
+
+
+def test_bad_data_file_exits_2(tmp_path, capsys):
+    (tmp_path / "data.npz").write_text("not an npz")
+    assert main(["compile", "zoo:vgg", "--passes", "distill", "--data", str(tmp_path / "data.npz"),
+                 "-o", str(tmp_path / "out")]) == 2
+    assert "cannot read it as .npz" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
