@@ -4,7 +4,8 @@
 
 Batch 1, fp32, the zoo models at full size. Every runner is timed by wall clock around one call (inputs already in
 the runner's format), rounds interleave the runners so machine noise hits all of them alike, and we report the
-median. Also measures the conv+pool fusion (VGG-style compiled with and without ``fuse-conv-pool``). Writes
+median. Also measures the conv+pool fusion (VGG-style compiled with and without ``fuse-conv-pool``) and channel
+pruning (ResNet-18-like with and without ``prune-channels{ratio=0.5}``). Writes
 ``benchmarks/results/latest.md`` and ``latest.png`` and prints the table.
 """
 
@@ -113,7 +114,25 @@ def bench_conv_pool(rounds: int) -> dict[str, float]:
     return {**medians, "fusions": fusions}
 
 
-def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float] | None, machine: str) -> str:
+def bench_pruning(rounds: int) -> dict[str, float]:
+    """ResNet-18-like with half of every prunable channel group removed (prune-channels{ratio=0.5}) vs unpruned,
+    both through the default pipeline; latency and FLOPs ratios from the same run."""
+    model, inputs = zoo.make("resnet", full=True)
+    x = inputs[0].numpy()
+    unpruned = passes.optimize(model, example_inputs=inputs, measure=False)
+    pruned = passes.optimize(model, passes=["prune-channels{ratio=0.5}", "default"], example_inputs=inputs,
+                             measure=False)
+    medians = interleaved_medians({"unpruned": lambda: unpruned(x), "pruned": lambda: pruned(x)}, rounds)
+    result = {**medians, "flops": pruned.report.flops["after"] / unpruned.report.flops["after"],
+              "params": pruned.report.params["after"] / unpruned.report.params["after"]}
+    print(f"  prune-channels 50% on resnet: unpruned {medians['unpruned']:.2f} ms, pruned {medians['pruned']:.2f} ms, "
+          f"latency ratio {medians['pruned'] / medians['unpruned']:.3f}, FLOPs ratio {result['flops']:.3f}, "
+          f"params ratio {result['params']:.3f}", flush=True)
+    return result
+
+
+def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float] | None, machine: str,
+                  pruning: dict[str, float] | None = None) -> str:
     columns = [c for c in ("pytorch", "onnxruntime", "torch.compile", "ours", "ours tuned")
                if any(c in r for r in rows.values())]
     lines = [f"Machine: {machine}. Batch 1, fp32, median ms of interleaved rounds; ours = default pipeline with our "
@@ -134,6 +153,11 @@ def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float]
         lines += ["", f"Conv+pool fusion (VGG-style, 224x224, {conv_pool['fusions']} fused layers): unfused "
                       f"{conv_pool['unfused']:.2f} ms, fused {conv_pool['fused']:.2f} ms, fused/unfused "
                       f"{conv_pool['fused'] / conv_pool['unfused']:.3f}."]
+    if pruning:
+        lines += ["", f"Channel pruning (ResNet-18-like, prune-channels{{ratio=0.5}} + default pipeline, same run): "
+                      f"unpruned {pruning['unpruned']:.2f} ms, pruned {pruning['pruned']:.2f} ms, latency ratio "
+                      f"{pruning['pruned'] / pruning['unpruned']:.3f}, FLOPs ratio {pruning['flops']:.3f}, params "
+                      f"ratio {pruning['params']:.3f}."]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.md").write_text(text)
@@ -167,6 +191,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--torch-compile", action="store_true", help="add a torch.compile column (slow to build)")
     parser.add_argument("--skip-conv-pool", action="store_true")
+    parser.add_argument("--skip-pruning", action="store_true")
     parser.add_argument("--tune-trials", type=int, default=0, help="add an 'ours tuned' column with this budget")
     parser.add_argument("--tuning-db", default=str(RESULTS / "tuning-db"))
     args = parser.parse_args()
@@ -176,7 +201,8 @@ def main() -> int:
     rows = {name: bench_model(name, args.rounds, args.torch_compile, args.tune_trials, args.tuning_db)
             for name in args.models.split(",")}
     conv_pool = None if args.skip_conv_pool else bench_conv_pool(args.rounds)
-    print(write_results(rows, conv_pool, machine))
+    pruning = None if args.skip_pruning else bench_pruning(args.rounds)
+    print(write_results(rows, conv_pool, machine, pruning))
     return 0
 
 
