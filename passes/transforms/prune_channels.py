@@ -61,11 +61,11 @@ class PruneChannels(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("pruned_groups", "removed_channels"))
         cg, keep = self.plan(graph, decide)
-        groups = cg.groups()
+        groups, order = cg.groups(), {n: i for i, n in enumerate(graph.topo_order())}
         for root, kept in keep.items():
-            size, producers = cg.size[root], groups[root].producers
+            size, producers = cg.size[root], sorted(groups[root].producers, key=order.__getitem__)
             decide.done(producers[0], "pruned_groups", f"{size} -> {len(kept)} channels, layers {producers}")
-            decide.done(producers[0], "removed_channels", count=size - len(kept))
+            decide.stats["removed_channels"] += size - len(kept)
             for node in producers:
                 graph.nodes[node]["meta"]["prune.channels"] = [size, len(kept)]
         if keep:

@@ -245,8 +245,9 @@ def test_explain_lists_every_group():
     graph = from_torch(Block(4).eval(), (torch.randn(1, 4, 6, 6),))
     ctx = PassContext(explanations=[])
     PruneChannels().run(graph, ctx)
-    assert {(e.node, e.outcome) for e in ctx.explanations} == {("a", "pruned_groups"), ("a", "removed_channels"),
-                                                              ("b", "skipped.opaque_operand")}
+    assert [(e.node, e.outcome, e.detail) for e in ctx.explanations] == [
+        ("b", "skipped.opaque_operand", "'add' node 'add' (from add) operand %x"),
+        ("a", "pruned_groups", "4 -> 2 channels, layers ['a']")]
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))
