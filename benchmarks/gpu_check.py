@@ -32,7 +32,8 @@ from examples import zoo  # noqa: E402
 # The default pipeline refuses fuse-conv-pool on cuda (measured slower there); "vgg-fused" forces it for comparison.
 VARIANTS = {"vgg-fused": ("vgg", ["remove-identities", "fold-constants", "eliminate-common-subexpressions",
                                   "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add",
-                                  "fuse-conv-pool{on_cuda=true}", "eliminate-dead-nodes"])}
+                                  "fuse-conv-pool{on_cuda=true}", "eliminate-dead-nodes"]),
+            "resnet-pruned50": ("resnet", ["prune-channels{ratio=0.5}", "default"])}
 
 
 def _checksum(model: torch.nn.Module) -> float:
