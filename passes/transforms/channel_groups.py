@@ -314,10 +314,13 @@ class _Analysis:
                 self.site("param", node, f"weight_hh_l{layer}{suffix}", 1, Space(1, one), importance=True)
         self.site("attr", node, "hidden_size", 0, Space(0, one))
         state = Space(2, one)
-        for initial in spaces[1:]:
-            if initial is None:
-                self.cg.freeze(state, "opaque_operand", f"{self.graph.describe(node)} initial state")
-            self.cg.unify(state, initial, self.graph.describe(node))
+        for value, initial in zip(self.graph.operands(node)[1:], spaces[1:]):
+            if initial is not None:
+                self.cg.unify(state, initial, self.graph.describe(node))
+            elif self.graph.nodes[value.node]["op"] == "constant" and len(self.graph.users(value)) == 1:
+                self.site("constant", value.node, "value", 2, state)  # ONNX spells zero states as constants
+            else:
+                self.cg.freeze(state, "opaque_operand", f"{self.graph.describe(node)} initial state {value}")
         return [Space(2, one * len(directions))] + [state] * (len(self.graph.nodes[node]["out_types"]) - 1)
 
     def elementwise(self, node: str, spaces: list[Space | None]) -> Space | None:
@@ -377,16 +380,35 @@ class _Analysis:
         in_shape = graph.value_type(graph.operands(node)[0]).shape
         out_shape = graph.nodes[node]["out_types"][0].shape
         axis = space.axis
-        if out_shape[:axis] != in_shape[:axis]:
+        out = None
+        if out_shape[:axis] == in_shape[:axis]:
+            for end in range(axis + 1, len(in_shape) + 1):
+                if out_shape[axis] == math.prod(in_shape[axis:end]) and out_shape[axis + 1:] == in_shape[end:]:
+                    repeat = math.prod(in_shape[axis + 1:end])
+                    out = Space(axis, tuple((d, r * repeat) for d, r in space.segments))
+                    break
+        if out is None and op == "reshape":
+            out = self.regroup(space, in_shape, out_shape)
+        if out is None:
             return self.opaque(node, [space], "channel_axis_changed") or None
-        for end in range(axis + 1, len(in_shape) + 1):
-            if out_shape[axis] == math.prod(in_shape[axis:end]) and out_shape[axis + 1:] == in_shape[end:]:
-                repeat = math.prod(in_shape[axis + 1:end])
-                out = Space(axis, tuple((d, r * repeat) for d, r in space.segments))
-                if op == "reshape":
-                    self.site("attr", node, "shape", axis, out)
-                return out
-        return self.opaque(node, [space], "channel_axis_changed") or None
+        if op == "reshape":
+            self.site("attr", node, "shape", out.axis, out)
+        return out
+
+    @staticmethod
+    def regroup(space: Space, in_shape: tuple, out_shape: tuple) -> Space | None:
+        """Reshapes that move whole segments between the channel axis and the axis before it (ONNX spells a
+        bidirectional RNN's output (T, N, 2H) as (T, N, 2, H) and back): merging (k, C) -> k*C repeats the
+        segments k times; splitting C -> (k, C/k) needs k identical runs of segments and keeps one."""
+        axis, segments = space.axis, space.segments
+        if (axis > 0 and out_shape[:axis - 1] == in_shape[:axis - 1] and out_shape[axis:] == in_shape[axis + 1:]
+                and out_shape[axis - 1] == in_shape[axis - 1] * in_shape[axis]):
+            return Space(axis - 1, segments * in_shape[axis - 1])
+        if out_shape[:axis] == in_shape[:axis] and out_shape[axis + 2:] == in_shape[axis + 1:]:
+            k = out_shape[axis] if len(out_shape) > axis + 1 else 0
+            if k > 1 and len(segments) % k == 0 and segments == segments[:len(segments) // k] * k:
+                return Space(axis + 1, segments[:len(segments) // k])
+        return None
 
 
 def analyze(graph: Graph) -> ChannelGroups:

@@ -258,3 +258,19 @@ def test_zoo_models_shrink_and_match_their_masked_originals(name):
         assert stats["removed_channels"] > 0
         assert graph_flops(graph) < 0.75 * graph_flops(original)
         assert graph.num_params() < 0.75 * original.num_params()
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenetv2", "squeezenet", "efficientnet", "bilstm"])
+def test_graphs_imported_from_onnx_prune_alike(name, tmp_path):
+    """ONNX graphs carry the same couplings in other spellings (Gemm, Flatten, Reshape from shape arithmetic)."""
+    from frontend.onnx import from_onnx
+    from tests.frontend.test_onnx import export_torch
+
+    model, xs = zoo.make(name)
+    export_torch(model, xs, 17, tmp_path / "m.onnx")
+    original = from_onnx(tmp_path / "m.onnx")
+    p = PruneChannels(ratio=0.5)
+    reference = run_reference(masked(original, p), xs)
+    stats = run_pass(p, original).stats
+    assert stats["removed_channels"] > 0, stats
+    assert_outputs_close(reference, run_reference(original, xs), rtol=1e-5, atol=1e-6)
