@@ -131,8 +131,61 @@ def bench_pruning(rounds: int) -> dict[str, float]:
     return result
 
 
+INT8_PIPELINE = ["quantize", "default"]  # our static int8 (per-channel weights) then the usual fusions
+
+
+def onnx_runtime_int8_runner(model: torch.nn.Module, inputs: tuple, calibration: list[tuple]
+                             ) -> Callable[[], object]:
+    """ONNX Runtime's own int8: quantize_static, QDQ format, per-channel int8 weights, calibrated on the same
+    batches as ours (min-max)."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{"input_0": x[0].numpy()} for x in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32, int8 = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "int8.onnx")
+        torch.onnx.export(model, inputs, fp32, input_names=["input_0"], dynamo=False, opset_version=17)
+        quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = CORES
+        session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+    feed = {"input_0": inputs[0].numpy()}
+    return lambda: session.run(None, feed)
+
+
+def bench_int8(rounds: int, calibration_batches: int = 8) -> dict[str, float]:
+    """ResNet-18-like: ours int8 vs ours fp32 vs ONNX Runtime int8 and fp32, same run, same calibration inputs."""
+    model, inputs = zoo.make("resnet", full=True)
+    x = inputs[0].numpy()
+    gen = torch.Generator().manual_seed(1)
+    calibration = [(torch.randn(inputs[0].shape, generator=gen),) for _ in range(calibration_batches)]
+    ours_fp32 = passes.optimize(model, example_inputs=inputs, measure=False)
+    ours_int8 = passes.optimize(model, passes=INT8_PIPELINE, example_inputs=inputs, data=calibration,
+                                measure=False)
+    runners = {"ours fp32": lambda: ours_fp32(x), "ours int8": lambda: ours_int8(x),
+               "onnxruntime fp32": onnx_runtime_runner(model, inputs),
+               "onnxruntime int8": onnx_runtime_int8_runner(model, inputs, calibration)}
+    with torch.no_grad():
+        medians = interleaved_medians(runners, rounds)
+        expected = model(*inputs).numpy()
+    medians["int8_rel_error"] = float(np.abs(ours_int8(x) - expected).max() / np.abs(expected).max())
+    print("  int8 on resnet: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items() if k.endswith(("32", "8")))
+          + f"; ours int8 / ONNX Runtime int8 {medians['ours int8'] / medians['onnxruntime int8']:.3f}", flush=True)
+    return medians
+
+
 def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float] | None, machine: str,
-                  pruning: dict[str, float] | None = None) -> str:
+                  pruning: dict[str, float] | None = None, int8: dict[str, float] | None = None) -> str:
     columns = [c for c in ("pytorch", "onnxruntime", "torch.compile", "ours", "ours tuned")
                if any(c in r for r in rows.values())]
     lines = [f"Machine: {machine}. Batch 1, fp32, median ms of interleaved rounds; ours = default pipeline with our "
@@ -158,6 +211,12 @@ def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float]
                       f"unpruned {pruning['unpruned']:.2f} ms, pruned {pruning['pruned']:.2f} ms, latency ratio "
                       f"{pruning['pruned'] / pruning['unpruned']:.3f}, FLOPs ratio {pruning['flops']:.3f}, params "
                       f"ratio {pruning['params']:.3f}."]
+    if int8:
+        times = ", ".join(f"{k} {int8[k]:.2f} ms" for k in ("ours fp32", "ours int8", "onnxruntime fp32",
+                                                             "onnxruntime int8"))
+        lines += ["", "Int8 (ResNet-18-like, static, per-channel weights, same run and calibration inputs): " + times
+            + f"; ours int8 / ONNX Runtime int8 {int8['ours int8'] / int8['onnxruntime int8']:.2f}x; ours int8 max "
+              f"relative error vs PyTorch fp32 {int8['int8_rel_error']:.3f}."]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.md").write_text(text)
@@ -192,6 +251,7 @@ def main() -> int:
     parser.add_argument("--torch-compile", action="store_true", help="add a torch.compile column (slow to build)")
     parser.add_argument("--skip-conv-pool", action="store_true")
     parser.add_argument("--skip-pruning", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true")
     parser.add_argument("--tune-trials", type=int, default=0, help="add an 'ours tuned' column with this budget")
     parser.add_argument("--tuning-db", default=str(RESULTS / "tuning-db"))
     args = parser.parse_args()
@@ -202,7 +262,8 @@ def main() -> int:
             for name in args.models.split(",")}
     conv_pool = None if args.skip_conv_pool else bench_conv_pool(args.rounds)
     pruning = None if args.skip_pruning else bench_pruning(args.rounds)
-    print(write_results(rows, conv_pool, machine, pruning))
+    int8 = None if args.skip_int8 else bench_int8(args.rounds)
+    print(write_results(rows, conv_pool, machine, pruning, int8))
     return 0
 
 
