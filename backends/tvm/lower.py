@@ -21,6 +21,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from backends.tvm.kernels import ConvSpec, conv_kernel, dense_kernel, dense_spec, supports
+from backends.tvm.qkernels import QConvSpec, qconv_kernel
 from backends.tvm.recurrent import GATES, recurrent_kernel
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import activation_of
@@ -42,6 +43,7 @@ class LowerContext:
     target_kind: str = "llvm"
     cores: int = 1
     tiles: Mapping[Any, Any] = field(default_factory=dict)  # kernel spec -> tuned Tile (backends.tvm.tune)
+    vnni: bool = False  # the CPU target has AVX-512 VNNI (integer kernels use vpdpbusd)
 
     @property
     def data(self) -> dict:
@@ -420,6 +422,78 @@ def _dequantize(ctx, xs):
     return ctx.emit(R.multiply(centered, _quant_param(ctx, "scale")))
 
 
+def _integer_spec(ctx: LowerContext) -> QConvSpec:
+    """qconv2d as itself; qlinear over rows x[M, K] as a 1x1 conv on (M, K, 1, 1)."""
+    a, weight = ctx.attrs, ctx.params["weight"]
+    common = {"input_zero_point": a["input_zero_point"], "output_zero_point": a["output_zero_point"],
+              "out_min": a["out_min"], "out_max": a["out_max"], "in_dtype": ctx.in_type(0).dtype,
+              "vnni": ctx.vnni and ctx.in_type(0).dtype == "uint8"}  # vpdpbusd reads its activations unsigned
+    if ctx.data["op"] == "qconv2d":
+        return QConvSpec(ctx.in_type(0).shape, weight.shape, a["stride"], a["padding"], a["dilation"], **common)
+    rows = int(np.prod(ctx.in_type(0).shape[:-1]))
+    return QConvSpec((rows, weight.shape[1], 1, 1), (*weight.shape, 1, 1), (1, 1), (0, 0), (1, 1), **common)
+
+
+def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int) -> relax.Expr:
+    """``passes.ir.ops.requantize`` in Relax integer ops: (acc * M + 2^(shift-1)) >> shift in int64."""
+    shape = [1] * len(ctx.out_type().shape)
+    shape[channel_axis] = -1
+    multiplier = ctx.const(ctx.params["multiplier"].astype(np.int64).reshape(shape))
+    shift = ctx.params["shift"].astype(np.int64).reshape(shape)
+    scaled = R.add(R.multiply(R.astype(acc, "int64"), multiplier), ctx.const(np.left_shift(1, shift - 1)))
+    int64 = lambda value: ctx.const(np.asarray(value, np.int64))  # noqa: E731
+    shifted = R.add(R.right_shift(scaled, ctx.const(shift)), int64(ctx.attrs["output_zero_point"]))
+    clamped = R.minimum(R.maximum(shifted, int64(ctx.attrs["out_min"])), int64(ctx.attrs["out_max"]))
+    return ctx.emit(R.astype(clamped, ctx.attrs["out_dtype"]))
+
+
+@lowering("qconv2d", "qlinear")
+def _integer_layer(ctx, xs):
+    """uint8/int8 x int8 -> int32 -> requantized, integer arithmetic throughout. CPU, groups = 1: our kernel
+    (``qkernels.py``, vpdpbusd where the CPU has VNNI); otherwise (grouped convs, cuda) Relax integer ops."""
+    a, p = ctx.attrs, ctx.params
+    if a["out_dtype"] != "uint8":
+        raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8)")
+    is_conv = ctx.data["op"] == "qconv2d"
+    if ctx.target_kind == "llvm" and (not is_conv or a["groups"] == 1):
+        spec = _integer_spec(ctx)
+        name = f"{ctx.data['op']}_{ctx.node}"
+        gv = ctx.bb.add_func(qconv_kernel(spec, ctx.cores).with_attr("global_symbol", name), name)
+        weight = p["weight"] if is_conv else p["weight"][:, :, None, None]
+        x = xs[0] if is_conv else ctx.emit(R.reshape(xs[0], spec.in_shape))
+        args = [x, ctx.const(spec.pack_weight(weight), "int8"), ctx.const(spec.fold_bias(weight, p["bias"]), "int32"),
+                ctx.const(p["multiplier"], "int32"), ctx.const(p["shift"], "int32")]
+        y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "uint8")))
+        return y if is_conv else ctx.emit(R.reshape(y, ctx.out_type().shape))
+    x = ctx.emit(R.subtract(R.astype(xs[0], "int32"), ctx.const(np.asarray(a["input_zero_point"], np.int32))))
+    weight = ctx.const(p["weight"].astype(np.int32))
+    if is_conv:
+        acc = ctx.emit(R.nn.conv2d(x, weight, strides=a["stride"], padding=tuple(a["padding"]) * 2,
+                                   dilation=a["dilation"], groups=a["groups"], out_dtype="int32"))
+        acc = ctx.emit(R.add(acc, ctx.const(p["bias"].astype(np.int32).reshape(1, -1, 1, 1))))
+        return _requantize(ctx, acc, channel_axis=1)
+    acc = ctx.emit(R.add(R.matmul(x, R.permute_dims(weight), out_dtype="int32"), ctx.const(p["bias"], "int32")))
+    return _requantize(ctx, acc, channel_axis=len(ctx.out_type().shape) - 1)
+
+
+@lowering("qlinear_dynamic")
+def _qlinear_dynamic(ctx, xs):
+    """``passes.ir.ops.dynamic_uint8`` at run time (a min and a max over x), then an int32 matmul of the centered
+    uint8 rows with the int8 weights, scaled once by s_x * s_w in float."""
+    x, p = xs[0], ctx.params
+    zero = ctx.scalar(0.0)
+    low, high = ctx.emit(R.minimum(R.min(x), zero)), ctx.emit(R.maximum(R.max(x), zero))
+    scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0)))
+    scale = ctx.emit(R.where(R.greater(scale, zero), scale, ctx.scalar(1.0)))
+    zero_point = ctx.emit(R.clip(R.round(R.divide(R.negative(low), scale)), 0.0, 255.0))
+    q = ctx.emit(R.clip(R.add(R.round(R.divide(x, scale)), zero_point), 0.0, 255.0))
+    centered = ctx.emit(R.subtract(R.astype(q, "int32"), R.astype(zero_point, "int32")))
+    weight_t = ctx.const(np.ascontiguousarray(p["weight"].T).astype(np.int32))
+    acc = ctx.emit(R.matmul(centered, weight_t, out_dtype="int32"))
+    y = ctx.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, ctx.const(p["weight_scale"], "float32"))))
+    return apply_activation(ctx, y if "bias" not in p else ctx.emit(R.add(y, ctx.const(p["bias"], "float32"))))
+
+
 @lowering("gather")
 def _gather(ctx, xs):
     return ctx.emit(R.take(xs[0], ctx.const(ctx.params["indices"]), axis=ctx.attrs["dim"]))
@@ -630,7 +704,7 @@ def missing_lowerings(graph: Graph) -> list[str]:
 
 
 def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-                tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
+                tiles: Mapping[Any, Any] | None = None, vnni: bool = False) -> tvm.IRModule:
     """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
     missing = missing_lowerings(graph)
     if missing:
@@ -645,7 +719,7 @@ def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {})
+                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {}, vnni)
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):
@@ -667,7 +741,7 @@ def check_types(graph: Graph, mod: tvm.IRModule) -> None:
 
 
 def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-          tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
-    mod = lower_graph(graph, target_kind, cores, tiles)
+          tiles: Mapping[Any, Any] | None = None, vnni: bool = False) -> tvm.IRModule:
+    mod = lower_graph(graph, target_kind, cores, tiles, vnni)
     check_types(graph, mod)
     return mod

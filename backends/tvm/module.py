@@ -23,7 +23,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine  # runtime only: artifacts load without TVM's compiler library
 
-from backends.tvm.target import make_target
+from backends.tvm.target import cpu_has, make_target
 from passes.ir.graph import Graph, map_structure, rebuild_structure
 
 
@@ -210,7 +210,7 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> Comp
 
     tvm_target = make_target(target)
     cores = int(tvm_target.attrs.get("num-cores", 1)) if tvm_target.kind.name == "llvm" else 1
-    mod = lower(graph, tvm_target.kind.name, cores, tiles)
+    mod = lower(graph, tvm_target.kind.name, cores, tiles, cpu_has("avx512vnni", tvm_target))
     if tvm_target.kind.name == "llvm":
         with tvm_target:
             mod = optimize_relax_cpu(mod, cores)

@@ -34,3 +34,11 @@ def make_target(target: str | dict | tvm.target.Target) -> tvm.target.Target:
 
 def target_kind(target: Any) -> str:
     return make_target(target).kind.name
+
+
+def cpu_has(feature: str, target: Any = "llvm") -> bool:
+    """Whether an llvm ``target`` (default: this host) has a CPU feature such as ``avx512vnni``."""
+    from tvm.target.codegen import target_has_features
+
+    tvm_target = make_target(target)
+    return tvm_target.kind.name == "llvm" and bool(target_has_features([feature], tvm_target))

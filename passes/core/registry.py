@@ -28,6 +28,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-conv-pool": "passes.transforms.fuse_conv_pool:FuseConvPool",
     "fuse-conv-add": "passes.transforms.fuse_conv_add:FuseConvAdd",
     "prune-weights": "passes.transforms.prune_weights:PruneWeights",
+    "quantize": "passes.transforms.quantize:Quantize",
     "prune-channels": "passes.transforms.prune_channels:PruneChannels",
     "distill": "passes.transforms.distill:Distill",
 }

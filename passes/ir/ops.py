@@ -528,6 +528,82 @@ register_op(OpDef("dequantize", _dequantize, attrs={"axis": None}, params=("scal
                   doc="x = (q - zero_point) * scale as float32; per-tensor, or per-channel along `axis`."))
 
 
+def requantize(acc: torch.Tensor, p: Mapping[str, torch.Tensor], a: Mapping[str, Any], channel_dim: int
+               ) -> torch.Tensor:
+    """int32 accumulator -> int8/uint8 with a per-channel fixed-point multiplier, integer arithmetic only.
+
+    ``out = clamp(zp_out + ((acc * M + 2^(shift-1)) >> shift), out_min, out_max)``: ``M`` (int32, in [2^30, 2^31))
+    and ``shift`` (1..62) encode the real scale ``s_x * s_w[c] / s_y = M * 2^-shift``; the product is formed in 64
+    bits and rounded once, half up (TVM QNN's "UPWARD" rounding; TFLite's doubling-high-mul rounds twice). The clamp
+    range carries the fused activation (relu: ``out_min = zp_out``; relu6: ``out_max = zp_out + round(6 / s_y)``).
+    """
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    multiplier = p["multiplier"].to(torch.int64).reshape(shape)
+    shift = p["shift"].to(torch.int64).reshape(shape)
+    rounding = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
+    scaled = torch.bitwise_right_shift(acc.to(torch.int64) * multiplier + rounding, shift)
+    out = torch.clamp(scaled + a["output_zero_point"], a["out_min"], a["out_max"])
+    return out.to(torch_dtype(a["out_dtype"]))
+
+
+def _exact_integer(x: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """``x - zero_point`` in float64: integer sums below 2^53 are exact, and CPU torch has no integer conv."""
+    return x.to(torch.float64) - zero_point
+
+
+def _qconv2d(xs, a, p):
+    acc = F.conv2d(_exact_integer(xs[0], a["input_zero_point"]), p["weight"].to(torch.float64),
+                   p["bias"].to(torch.float64), a["stride"], a["padding"], a["dilation"], a["groups"])
+    return requantize(acc.to(torch.int64), p, a, channel_dim=1)
+
+
+def _qlinear(xs, a, p):
+    acc = F.linear(_exact_integer(xs[0], a["input_zero_point"]), p["weight"].to(torch.float64),
+                   p["bias"].to(torch.float64))
+    return requantize(acc.to(torch.int64), p, a, channel_dim=-1)
+
+
+_REQUANTIZE_ATTRS = {"input_zero_point": 0, "output_zero_point": 0, "out_dtype": "uint8", "out_min": 0,
+                     "out_max": 255}
+_INTEGER_PARAMS = ("weight", "bias", "multiplier", "shift")
+register_op(OpDef(
+    "qconv2d", _qconv2d,
+    attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1} | _REQUANTIZE_ATTRS,
+    params=_INTEGER_PARAMS, flops=_conv_flops,
+    doc="Integer conv2d: acc = sum (x - input_zero_point) * weight + bias in int32 (x uint8/int8, weight int8 "
+        "symmetric per output channel, bias int32 at scale s_x * s_w), then `requantize` per channel to out_dtype; "
+        "padding pads x with input_zero_point (real zero)."))
+register_op(OpDef(
+    "qlinear", _qlinear, attrs=dict(_REQUANTIZE_ATTRS), params=_INTEGER_PARAMS, flops=_linear_flops,
+    doc="Integer linear: acc = (x - input_zero_point) W^T + bias in int32, then `requantize` per output feature."))
+
+
+def dynamic_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero_point) quantizing ``x`` per tensor over its own [min(x, 0), max(x, 0)] to uint8, at run
+    time: scale = (max - min) / 255 (1 for an all-zero tensor), zero_point = clamp(round(-min / scale), 0, 255)."""
+    low = torch.clamp(x.amin(), max=0.0)
+    high = torch.clamp(x.amax(), min=0.0)
+    scale = (high - low) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, 255), scale, zero_point
+
+
+def _qlinear_dynamic(xs, a, p):
+    q, scale, zero_point = dynamic_uint8(xs[0].to(torch.float32))
+    acc = F.linear((q - zero_point).to(torch.float64), p["weight"].to(torch.float64))  # exact integer sums
+    y = acc.to(torch.float32) * (scale * p["weight_scale"].to(torch.float32))
+    return apply_activation(y + p["bias"] if "bias" in p else y, a)
+
+
+register_op(OpDef(
+    "qlinear_dynamic", _qlinear_dynamic, attrs=dict(_FUSED_ACTIVATION), params=("weight", "weight_scale"),
+    optional_params=("bias",), flops=_linear_flops,
+    doc="Dynamic int8 linear: x (float) quantized per tensor at run time (`dynamic_uint8`), int8 weights "
+        "symmetric per output feature (`weight_scale`), int32 accumulation, y = acc * s_x * s_w + bias in float."))
+
+
 def _gather(xs, a, p):
     x, idx, dim = xs[0], p["indices"], a["dim"]
     picked = x.index_select(dim, idx.reshape(-1).to(x.device))

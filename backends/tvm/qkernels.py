@@ -1,0 +1,203 @@
+"""Integer conv2d / linear kernels for ``qconv2d`` and ``qlinear``: uint8 x int8 -> int32 -> requantized uint8.
+
+One TIR kernel serves both ops (a linear over rows ``x[M, K]`` is a 1x1 conv on ``(M, K, 1, 1)``). Stages:
+
+    pad:  A[n, y, x, c] = data[n, c, y - ph, x - pw] inside, else z_x        # NHWC, C padded to a multiple of 4
+    acc:  acc[n, oh, ow, oo, oi] = sum_{ry, rx, rco, rci} A[n, oh*sh + ry*dh, ow*sw + rx*dw, 4 rco + rci]
+                                                          * W[oo, ry, rx, rco, oi, rci]          (int32)
+    out:  out[n, o, oh, ow] = requantize(acc[n, oh, ow, o / 16, o % 16] + b'[o])                (uint8, NCHW)
+
+The weight is packed at compile time to ``(OC/16, KH, KW, C/4, 16, 4)`` (zero padded): for one output pixel,
+the 16 output channels x 4 input channels of one step are 64 contiguous bytes, exactly the operand of AVX-512
+VNNI's ``vpdpbusd``, which adds four u8 x s8 products into each of 16 int32 lanes. Padding with ``z_x`` makes the
+kernel's plain sum ``sum x w`` equal ``sum (x - z_x) w + z_x sum w`` everywhere, so the zero-point correction is a
+constant folded into the bias at compile time: ``b' = q_b - z_x sum_{c, ry, rx} q_w``.
+
+Requantization is integer only: ``clamp(z_y + ((acc * M + 2^(shift-1)) >> shift), out_min, out_max)`` in int64
+(``passes.ir.ops.requantize``), so the compiled result equals the torch reference bit for bit.
+
+Schedule (CPU): per (n, oh) in parallel, tiles of ``cols`` output columns x 16 channels held in ``cols`` int32
+vector registers; the reduction loops (ry, rx, rco) run outside the tile, the tile's inner 16 x 4 step is
+tensorized to ``vpdpbusd`` when the target has VNNI (``vnni_intrinsic``), otherwise vectorized over the 16 lanes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+from tvm.target.codegen import llvm_version_major
+
+LANES = 16  # int32 accumulators per AVX-512 register = output channels per vpdpbusd
+DEPTH = 4   # bytes multiplied into each int32 lane per vpdpbusd = input channels per step
+MAX_COLS = 8  # register tile: 8 accumulators + the weight block + broadcast input
+
+
+@functools.cache
+def vnni_intrinsic() -> str:
+    """Register (once) and name the tensor intrinsic ``C[0:16] += sum_k A[k] * B[0:16, k]`` (u8 x s8 -> i32) as
+    one ``vpdpbusd``.
+
+    Ours rather than TVM's ``dot_16x4_vnni``: LLVM 22 declares the intrinsic's operands as <64 x i8> and rejects
+    TVM's <16 x i32> call. Defined on first use, not at import: importing ``tvm.s_tir.tensor_intrin`` parses
+    ~500 TVMScript functions (minutes under a deep call stack such as pytest's).
+    """
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def vpdpbusd(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                 C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_word = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_word, 16), dtype=BYTE_OPERANDS),
+                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=BYTE_OPERANDS), dtype="int32x16")
+
+    TensorIntrin.register(VNNI_INTRINSIC, desc, vpdpbusd, override=True)
+    return VNNI_INTRINSIC
+
+
+VNNI_INTRINSIC = "passes_dot_16x4_u8i8i32_vpdpbusd"
+BYTE_OPERANDS = "int8x64" if llvm_version_major() >= 22 else "int32x16"  # the intrinsic's operand type
+
+
+def _ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class QConvSpec:
+    """Static description of one integer conv (groups = 1) or linear (as a 1x1 conv on (M, K, 1, 1))."""
+
+    in_shape: tuple[int, int, int, int]      # N, C, H, W
+    weight_shape: tuple[int, int, int, int]  # OC, C, KH, KW
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    input_zero_point: int
+    output_zero_point: int
+    out_min: int
+    out_max: int
+    in_dtype: str = "uint8"
+    vnni: bool = False
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        n, _, h, w = self.in_shape
+        oc, _, kh, kw = self.weight_shape
+        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        return n, oc, oh, ow
+
+    @property
+    def padded_channels(self) -> tuple[int, int]:
+        """(input channels padded to DEPTH, output channels padded to LANES)."""
+        return _ceil_to(self.in_shape[1], DEPTH), _ceil_to(self.weight_shape[0], LANES)
+
+    def pack_weight(self, weight: np.ndarray) -> np.ndarray:
+        """(OC, C, KH, KW) int8 -> (OCp/16, KH, KW, Cp/4, 16, 4), zero padded."""
+        oc, c, kh, kw = weight.shape
+        cp, ocp = self.padded_channels
+        padded = np.zeros((ocp, cp, kh, kw), np.int8)
+        padded[:oc, :c] = weight
+        blocks = padded.reshape(ocp // LANES, LANES, cp // DEPTH, DEPTH, kh, kw)
+        return np.ascontiguousarray(blocks.transpose(0, 4, 5, 2, 1, 3))
+
+    def fold_bias(self, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """b' = q_b - z_x * sum_k q_w: the kernel sums x * w with x padded by z_x (see the module docstring)."""
+        weight_sums = weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
+        return (bias.astype(np.int64) - self.input_zero_point * weight_sums).astype(np.int32)
+
+    @property
+    def cols(self) -> int:
+        ow = self.out_shape[3]
+        return max(d for d in range(1, min(ow, MAX_COLS) + 1) if ow % d == 0)
+
+
+def requantize_expr(acc, multiplier, shift, spec: QConvSpec):
+    """clamp(z_y + ((acc * M + 2^(shift-1)) >> shift), out_min, out_max) as uint8, in int64 arithmetic."""
+    shift64 = shift.astype("int64")
+    rounding = tirx.const(1, "int64") << (shift64 - tirx.const(1, "int64"))
+    scaled = (acc.astype("int64") * multiplier.astype("int64") + rounding) >> shift64
+    clamped = tirx.max(tirx.min(scaled + tirx.const(spec.output_zero_point, "int64"),
+                                tirx.const(spec.out_max, "int64")), tirx.const(spec.out_min, "int64"))
+    return clamped.astype("uint8")
+
+
+def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
+    """TE stages; the PrimFunc arguments are [data, packed weight, folded bias, multiplier, shift, out]."""
+    n, c, h, w = spec.in_shape
+    oc, _, kh, kw = spec.weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    cp, ocp = spec.padded_channels
+    _, _, oh, ow = spec.out_shape
+    data = te.placeholder(spec.in_shape, spec.in_dtype, name="data")
+    weight = te.placeholder((ocp // LANES, kh, kw, cp // DEPTH, LANES, DEPTH), "int8", name="weight")
+    bias = te.placeholder((oc,), "int32", name="bias")
+    multiplier = te.placeholder((oc,), "int32", name="multiplier")
+    shift = te.placeholder((oc,), "int32", name="shift")
+    zero = tirx.const(spec.input_zero_point, spec.in_dtype)
+    padded = te.compute(
+        (n, h + 2 * ph, w + 2 * pw, cp),
+        lambda b, y, x, ch: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw, ch < c),
+                                              data[b, tirx.min(ch, c - 1), y - ph, x - pw], zero), name="pad")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rco = te.reduce_axis((0, cp // DEPTH), "rco")
+    rci = te.reduce_axis((0, DEPTH), "rci")
+    acc = te.compute(
+        (n, oh, ow, ocp // LANES, LANES),
+        lambda b, y, x, oo, oi: te.sum(
+            padded[b, y * sh + ry * dh, x * sw + rx * dw, rco * DEPTH + rci].astype("int32")
+            * weight[oo, ry, rx, rco, oi, rci].astype("int32"), axis=[ry, rx, rco, rci]), name="acc")
+    out = te.compute(
+        spec.out_shape,
+        lambda b, o, y, x: requantize_expr(acc[b, y, x, o // LANES, o % LANES] + bias[o], multiplier[o], shift[o],
+                                           spec), name="requantize")
+    return [data, weight, bias, multiplier, shift, out]
+
+
+def qconv_kernel(spec: QConvSpec, cores: int = 1) -> tirx.PrimFunc:
+    sch = Schedule(te.create_prim_func(qconv_compute(spec)))
+    acc = sch.get_sblock("acc")
+    b, y, x, oo, oi, ry, rx, rco, rci = sch.get_loops(acc)
+    x_outer, x_inner = sch.split(x, [None, spec.cols])
+    if spec.vnni:  # the tensorized step: 16 lanes x 4 reduction bytes
+        sch.reorder(b, y, x_outer, oo, ry, rx, rco, x_inner, oi, rci)
+    else:  # without VNNI: one widening multiply-add per reduction byte, vectorized over the 16 lanes
+        sch.reorder(b, y, x_outer, oo, ry, rx, rco, x_inner, rci, oi)
+        sch.vectorize(oi)
+    sch.reverse_compute_at(sch.get_sblock("requantize"), oo)
+    sch.unroll(x_inner)
+    pad_loops = sch.get_loops(sch.get_sblock("pad"))
+    sch.vectorize(pad_loops[-1])
+    if cores > 1:
+        sch.parallel(sch.fuse(b, y))
+        sch.parallel(sch.fuse(*pad_loops[:2]))
+    # decompose and tensorize last (loop primitives need the reduction block whole), then move the accumulator
+    # to registers (the intrinsic declares its operands in global scope, so not before tensorize)
+    init = sch.decompose_reduction(acc, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if spec.vnni:
+        sch.tensorize(oi, vnni_intrinsic())
+    sch.set_scope(init, 0, "local")
+    return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})

@@ -1,0 +1,165 @@
+"""Calibration for post-training quantization: observe tensors on real inputs, choose each one's clipping range.
+
+``observe(graph, values, batches, observer)`` runs the reference interpreter on a copy of the graph whose outputs
+are the observed values, so every intermediate tensor is seen exactly as the float model computes it. Observers:
+
+- ``minmax``: the observed [min, max]. Never clips; one outlier stretches the step size for every other value.
+- ``percentile``: the [(100 - p)-th, p-th] percentile of a 2048-bin histogram over the min-max range; clips the
+  rare tails (p = 99.99 by default).
+- ``entropy``: TensorRT's KL-divergence calibration. For a candidate threshold T (a histogram bin edge), P is the
+  histogram clipped at T (the tail folded into the last bin) and Q is P merged into the number of quantization
+  levels and expanded back (each merged level spread evenly over its non-empty bins); the chosen T minimizes
+  KL(P || Q), the information lost by representing the distribution with that many levels. The zero bin is
+  discounted (see ``entropy_threshold``). Non-negative tensors
+  (after ReLU) get 255 levels over [0, T]; signed tensors use |x| and 128 levels per side over [-T, T]. A tensor
+  whose histogram has no more non-empty bins than levels (discrete data such as pixels) keeps its full range.
+
+Ranges always include 0, so real zero is exactly representable (zero padding, ReLU's floor).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from passes.ir.graph import Graph, Value
+from passes.ir.interpret import interpret
+
+OBSERVERS = ("minmax", "percentile", "entropy")
+HISTOGRAM_BINS = 2048
+
+
+@dataclass
+class TensorObservation:
+    """What calibration saw of one tensor: its range and, for percentile/entropy, a histogram over it."""
+
+    low: float = np.inf
+    high: float = -np.inf
+    histogram: np.ndarray | None = None
+    edges: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def signed(self) -> bool:
+        return self.low < 0
+
+    def update_range(self, x: np.ndarray) -> None:
+        self.low, self.high = min(self.low, float(x.min())), max(self.high, float(x.max()))
+
+    def update_histogram(self, x: np.ndarray, low: float, high: float) -> None:
+        counts, edges = np.histogram(x, bins=HISTOGRAM_BINS, range=(low, max(high, low + 1e-12)))
+        self.histogram = counts if self.histogram is None else self.histogram + counts
+        self.edges = edges
+
+
+def run_probe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple]):
+    """The observed values, one list per batch, as float numpy arrays."""
+    import torch
+
+    probe = graph.copy_graph()
+    probe.set_outputs(tuple(values))
+    module = interpret(probe)
+    for batch in batches:
+        with torch.no_grad():  # never across a yield: grad mode is global, and a generator may be left suspended
+            outs = module(*batch)
+        yield [np.asarray(t.numpy(), np.float64) for t in outs]
+
+
+def observe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple], observer: str
+            ) -> dict[Value, TensorObservation]:
+    """Observe ``values`` over ``batches``: one pass for ranges, a second for histograms when the observer needs
+    them (the histogram range must be known before the first count)."""
+    seen = {v: TensorObservation() for v in values}
+    for outs in run_probe(graph, values, batches):
+        for v, x in zip(values, outs):
+            seen[v].update_range(x)
+    if observer == "minmax":
+        return seen
+    for outs in run_probe(graph, values, batches):
+        for v, x in zip(values, outs):
+            obs = seen[v]
+            if observer == "entropy" and obs.signed:
+                obs.update_histogram(np.abs(x), 0.0, max(-obs.low, obs.high))
+            else:
+                obs.update_histogram(x, obs.low, obs.high)
+    return seen
+
+
+def percentile_range(obs: TensorObservation, percentile: float) -> tuple[float, float]:
+    cdf = np.cumsum(obs.histogram) / max(obs.histogram.sum(), 1)
+    tail = (100.0 - percentile) / 100.0
+    low_bin = int(np.searchsorted(cdf, tail, side="right"))
+    high_bin = int(np.searchsorted(cdf, 1.0 - tail, side="left"))
+    return float(obs.edges[low_bin]), float(obs.edges[min(high_bin + 1, len(obs.edges) - 1)])
+
+
+def _kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    p, q = p / p.sum(), q / max(q.sum(), 1e-300)
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-12))))
+
+
+def entropy_threshold(histogram: np.ndarray, edges: np.ndarray, levels: int) -> float:
+    """The bin edge T minimizing KL(P || Q) over thresholds from ``levels`` bins to the whole histogram."""
+    histogram = histogram.astype(np.float64)
+    # exact zeros (ReLU's spike, often half the tensor) are represented exactly whatever T is, but spread over
+    # their merged level they would dominate the divergence and push T down: bin 0 takes its neighbour's count
+    # (as NVIDIA's pytorch-quantization does)
+    histogram[0] = histogram[1]
+    best_kl, best = np.inf, len(histogram)
+    for end in range(levels, len(histogram) + 1):
+        p = histogram[:end].copy()
+        p[-1] += histogram[end:].sum()  # values beyond T clip to T
+        if p.sum() == 0:
+            continue
+        # merge the `end` bins into `levels` groups, then spread each group's mass over its non-empty bins
+        group = (np.arange(end) * levels) // end
+        nonzero = (histogram[:end] > 0).astype(np.float64)
+        mass = np.bincount(group, weights=histogram[:end], minlength=levels)
+        counts = np.bincount(group, weights=nonzero, minlength=levels)
+        q = np.where(nonzero > 0, mass[group] / np.maximum(counts[group], 1), 0.0)
+        kl = _kl_divergence(p, q)
+        if kl < best_kl:
+            best_kl, best = kl, end
+    return float(edges[best])
+
+
+def clipping_range(obs: TensorObservation, observer: str, percentile: float) -> tuple[float, float]:
+    """The [low, high] to quantize this tensor over (always containing 0)."""
+    if observer == "minmax" or obs.histogram is None or obs.histogram.sum() == 0:
+        low, high = obs.low, obs.high
+    elif observer == "percentile":
+        low, high = percentile_range(obs, percentile)
+    elif np.count_nonzero(obs.histogram) <= (128 if obs.signed else 255):
+        # already discrete with no more values than levels (image pixels): KL's premise, a continuous density to
+        # discretize, does not hold (it picks thresholds between the spikes), and the full range loses nothing
+        low, high = obs.low, obs.high
+    elif obs.signed:
+        threshold = entropy_threshold(obs.histogram, obs.edges, levels=128)
+        low, high = -threshold, threshold
+    else:
+        low, high = 0.0, entropy_threshold(obs.histogram, obs.edges, levels=255)
+    return min(low, 0.0), max(high, 0.0)
+
+
+def affine_params(low: float, high: float, qmin: int = 0, qmax: int = 255) -> tuple[float, int]:
+    """(scale, zero_point) with real = (q - zero_point) * scale covering [low, high]; 0 maps exactly to the zero
+    point. An all-zero tensor gets scale 1 (any scale represents it)."""
+    scale = (high - low) / (qmax - qmin)
+    if scale <= 0 or not np.isfinite(scale):
+        return 1.0, qmin if low >= 0 else (qmin + qmax + 1) // 2
+    zero_point = int(np.clip(np.round(qmin - low / scale), qmin, qmax))
+    return float(np.float32(scale)), zero_point
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(sum ref^2 / sum (ref - quantized)^2), in dB (noise floored
+    at 1e-30 so an exact layer reports a large finite number)."""
+    return float(10.0 * np.log10(max(signal_power, 1e-30) / max(noise_power, 1e-30)))
+
+
+def collect_batches(data: Iterable) -> list[tuple]:
+    """Calibration inputs as a list of tuples (a bare tensor counts as a one-input tuple); read once, reused by
+    every calibration pass."""
+    return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]

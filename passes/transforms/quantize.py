@@ -1,0 +1,291 @@
+"""quantize: post-training static int8 quantization of conv2d and linear layers, calibrated on real inputs.
+
+For a layer ``y = act(conv(x, W) + b)`` (linear alike), with observed clipping ranges for ``x`` and ``y``
+(``calibrate.py``: minmax, percentile or entropy):
+
+- activations: per-tensor affine uint8, ``x = (q_x - z_x) s_x``, ``y = (q_y - z_y) s_y``;
+- weights: per output channel symmetric int8, ``s_w[c] = max |W_c| / 127``, ``q_w = round(W / s_w)`` (zero point 0,
+  so the accumulator has no weight-zero-point cross term);
+- bias: int32 at the accumulator's scale, ``q_b = round(b / (s_x s_w[c]))``;
+- ``acc[c] = sum (q_x - z_x) q_w + q_b`` (int32) ``= (conv(x, W) + b)[c] / (s_x s_w[c])`` up to rounding, so
+  ``q_y = z_y + acc * s_x s_w[c] / s_y``: the real multiplier becomes a fixed-point ``M 2^-shift`` applied with
+  integer arithmetic only (``passes.ir.ops.requantize``); a fused relu/relu6/clamp becomes the output clamp range.
+
+The layer becomes ``quantize(x) -> qconv2d | qlinear -> dequantize``. Where a quantized layer feeds another one
+directly, both observed the same tensor, so their params agree and the dequantize/quantize pair between them is
+dropped (exact: ``quantize(dequantize(q)) = q`` for equal params): the integer tensor passes straight through.
+
+Why uint8 activations: x86's VNNI dot product (``vpdpbusd``) multiplies unsigned by signed bytes, so u8 x s8 is
+the native form on this CPU (ONNX Runtime's x86 default too); and an affine uint8 range spends all 256 levels on
+a post-ReLU tensor, where symmetric int8 would leave half of them unused.
+
+``mode=dynamic`` (linear layers, no calibration): weights as above, x quantized per tensor at run time over its
+own range, ``y = (sum (q_x - z_x) q_w) s_x s_w + b`` in float (``qlinear_dynamic``); convs are refused there
+(``dynamic_conv``).
+
+Run it after ``fold-batch-norm`` and ``fuse-conv-activation`` and before ``fuse-conv-add``/``fuse-conv-pool``.
+Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual`` (a fused residual add),
+``activation`` (a fused activation other than relu/relu6/clamp, which are not clamps of the integer output),
+``not_float`` (input not float32), ``accumulator_overflow`` (``K * 255 * 127 + |q_b|`` could exceed int32),
+``requantize_range`` (``s_x s_w / s_y`` outside what a shift of 1..62 encodes).
+
+Reports: stats ``quantized``, ``skipped.*`` and ``sqnr_db.min`` (the worst layer, floored); node meta
+``quantize.sqnr_db`` (the layer's dequantized output against the float model's, over the calibration data, with
+every earlier layer quantized too), ``quantize.input``/``quantize.output`` ((scale, zero_point)) and
+``quantize.observer``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
+from passes.core.rewrite import replace_node
+from passes.ir.graph import Graph, Value
+from passes.transforms.calibrate import (
+    OBSERVERS,
+    affine_params,
+    clipping_range,
+    collect_batches,
+    observe,
+    run_probe,
+    sqnr_db,
+)
+
+MODES = ("static", "dynamic")
+CANDIDATES = ("conv2d", "conv2d_pool", "linear")
+INTEGER_OP = {"conv2d": "qconv2d", "linear": "qlinear"}
+ACTIVATION_RANGE = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}
+INT32_MAX = 2 ** 31 - 1
+QMIN, QMAX = 0, 255  # uint8 activations
+WEIGHT_MAX = 127     # symmetric int8 weights, -128 unused so that -q_w is representable
+
+
+def fixed_point(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(M, shift) with real = M * 2^-shift, M an int32 in [2^30, 2^31): ``frexp`` gives real = m 2^e, m in
+    [0.5, 1), so M = round(m 2^31) and shift = 31 - e (M renormalized when rounding reaches 2^31)."""
+    mantissa, exponent = np.frexp(np.asarray(real, np.float64))
+    multiplier = np.round(mantissa * 2.0 ** 31).astype(np.int64)
+    carry = multiplier == 2 ** 31
+    multiplier[carry] //= 2
+    exponent = exponent + carry
+    return multiplier.astype(np.int32), (31 - exponent).astype(np.int32)
+
+
+def reduction_size(data: dict) -> int:
+    """Products summed into one accumulator: C/groups * KH * KW for a conv, in_features for a linear."""
+    return int(np.prod(np.shape(data["params"]["weight"])[1:]))
+
+
+def refusal(graph: Graph, node: str, mode: str) -> tuple[str, str] | None:
+    """Why ``node`` cannot be quantized in ``mode``, judged before calibration; None if it can."""
+    data = graph.nodes[node]
+    operands = graph.operands(node)
+    if mode == "dynamic" and data["op"] != "linear":
+        return "dynamic_conv", "dynamic mode quantizes linear layers; convs need calibrated static int8"
+    if data["op"] == "conv2d_pool":
+        return "fused_pool", "the pool is fused into the conv kernel; run quantize before fuse-conv-pool"
+    if len(operands) > 1:
+        return "residual", "a fused residual add; run quantize before fuse-conv-add"
+    activation = data["attrs"]["activation"]
+    if mode == "static" and activation not in ACTIVATION_RANGE and activation != "clamp":
+        return "activation", f"fused {activation} is not a clamp of the integer output"
+    if graph.value_type(operands[0]).dtype != "float32":
+        return "not_float", f"input is {graph.value_type(operands[0])}"
+    if reduction_size(data) * QMAX * WEIGHT_MAX > INT32_MAX:
+        return "accumulator_overflow", f"{reduction_size(data)} products per output"
+    return None
+
+
+def output_clamp(attrs: dict, scale: float, zero_point: int) -> tuple[int, int]:
+    """The fused activation as a clamp of q_y: real bound r maps to z_y + round(r / s_y)."""
+    low, high = attrs["activation_params"] if attrs["activation"] == "clamp" else ACTIVATION_RANGE[attrs["activation"]]
+    q_low = QMIN if math.isinf(low) else max(QMIN, zero_point + round(low / scale))
+    q_high = QMAX if math.isinf(high) else min(QMAX, zero_point + round(high / scale))
+    return q_low, max(q_low, q_high)
+
+
+def per_channel_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(q_w int8, s_w float64 per output channel): symmetric, s_w = max |W_c| / 127 (1 for an all-zero channel)."""
+    weight = np.asarray(weight, np.float64)
+    s_w = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1) / WEIGHT_MAX
+    s_w = np.where(s_w > 0, s_w, 1.0)
+    per_channel = (-1,) + (1,) * (weight.ndim - 1)
+    return np.clip(np.round(weight / s_w.reshape(per_channel)), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8), s_w
+
+
+def dynamic_layer(data: dict) -> tuple[dict, dict]:
+    """(attrs, params) of ``qlinear_dynamic`` for a float linear node: int8 weights, float scales and bias; the
+    fused activation stays (it applies to the float output)."""
+    q_w, s_w = per_channel_int8(data["params"]["weight"])
+    params = {"weight": q_w, "weight_scale": s_w.astype(np.float32)}
+    if "bias" in data["params"]:
+        params["bias"] = np.asarray(data["params"]["bias"], np.float32)
+    return {k: data["attrs"][k] for k in ("activation", "activation_params")}, params
+
+
+def integer_layer(data: dict, input_q: tuple[float, int], output_q: tuple[float, int]
+                  ) -> tuple[dict, dict] | tuple[str, str]:
+    """(attrs, params) of the integer op for a float conv2d/linear node, or a (reason, detail) refusal."""
+    (s_x, z_x), (s_y, z_y) = input_q, output_q
+    q_w, s_w = per_channel_int8(data["params"]["weight"])
+    channels = len(s_w)
+    acc_scale = s_x * s_w
+    q_b = np.round(np.asarray(data["params"].get("bias", np.zeros(channels)), np.float64) / acc_scale)
+    if reduction_size(data) * QMAX * WEIGHT_MAX + np.abs(q_b).max() > INT32_MAX:
+        return "accumulator_overflow", f"bias up to {np.abs(q_b).max():.3g} accumulator units"
+    multiplier, shift = fixed_point(acc_scale / s_y)
+    if shift.min() < 1 or shift.max() > 62:
+        return "requantize_range", f"s_x s_w / s_y spans {acc_scale.min() / s_y:.3g}..{acc_scale.max() / s_y:.3g}"
+    out_min, out_max = output_clamp(data["attrs"], s_y, z_y)
+    attrs = {"input_zero_point": z_x, "output_zero_point": z_y, "out_dtype": "uint8", "out_min": out_min,
+             "out_max": out_max}
+    if data["op"] == "conv2d":
+        attrs |= {k: data["attrs"][k] for k in ("stride", "padding", "dilation", "groups")}
+    params = {"weight": q_w, "bias": q_b.astype(np.int32), "multiplier": multiplier, "shift": shift}
+    return attrs, params
+
+
+def _qparams(scale: float, zero_point: int) -> dict:
+    return {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero_point, np.uint8)}
+
+
+def _same_qparams(data: dict, scale: float, zero_point: int) -> bool:
+    params = data["params"]
+    return float(params["scale"]) == float(np.float32(scale)) and int(params["zero_point"]) == zero_point
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    node: str
+    input_q: tuple[float, int] | None  # None: dynamic (quantized at run time, float output)
+    output_q: tuple[float, int] | None
+    attrs: dict
+    params: dict
+
+
+def rewrite_layer(graph: Graph, plan: LayerPlan, quantized: dict[tuple, Value]) -> str:
+    """quantize -> integer op (keeping the node's name) -> dequantize (returned); an input that is the dequantized
+    output of an integer layer with the same params is read as the integer tensor directly."""
+    data = graph.nodes[plan.node]
+    x = graph.operands(plan.node)[0]
+    producer = graph.nodes[x.node]
+    if producer["op"] == "dequantize" and _same_qparams(producer, *plan.input_q):
+        q_x = graph.operands(x.node)[0]
+    else:
+        key = (x, plan.input_q)
+        if key not in quantized:
+            quantized[key] = graph.add_op("quantize", [x], attrs={"dtype": "uint8"}, params=_qparams(*plan.input_q),
+                                          origin=data["origin"], name=f"{plan.node}_quantize")
+        q_x = quantized[key]
+    meta, origin = dict(data["meta"]), data["origin"]
+    q_y = replace_node(graph, plan.node, INTEGER_OP[data["op"]], [q_x], plan.attrs, plan.params, origin)
+    graph.nodes[q_y.node]["meta"] = meta
+    y = graph.add_op("dequantize", [q_y], params=_qparams(*plan.output_q), origin=origin,
+                     name=f"{plan.node}_dequantize")
+    graph.replace_all_uses(q_y, y)
+    graph.set_operands(y.node, [q_y])  # replace_all_uses also moved the dequantize's own operand edge
+    return y.node
+
+
+def remove_unused_dequantize(graph: Graph, nodes: list[str]) -> None:
+    outputs = {v.node for v in graph.output_values()}
+    for node in nodes:
+        if node in graph and graph.out_degree(node) == 0 and node not in outputs:
+            graph.remove_node(node)
+
+
+def layer_sqnr(float_graph: Graph, graph: Graph, plans: list[LayerPlan], batches: list[tuple]) -> dict[str, float]:
+    """Per layer: SQNR of the (dequantized) quantized output against the float layer output, over all batches."""
+    values = [Value(plan.node, 0) for plan in plans]
+    signal, noise = np.zeros(len(plans)), np.zeros(len(plans))
+    for ref, out in zip(run_probe(float_graph, values, batches), run_probe(graph, values, batches)):
+        for i, plan in enumerate(plans):
+            scale, zero_point = plan.output_q or (1.0, 0)
+            dequantized = (out[i] - zero_point) * np.float64(np.float32(scale))
+            signal[i] += np.sum(ref[i] ** 2)
+            noise[i] += np.sum((ref[i] - dequantized) ** 2)
+    return {plan.node: sqnr_db(s, n) for plan, s, n in zip(plans, signal, noise)}
+
+
+def annotate(graph: Graph, decide: Decisions, plans: list[LayerPlan], sqnr: dict[str, float], notes: dict) -> None:
+    for plan in plans:
+        meta = graph.nodes[plan.node]["meta"]
+        meta |= notes | ({"quantize.sqnr_db": round(sqnr[plan.node], 2)} if sqnr else {})
+        if plan.input_q is not None:
+            meta |= {"quantize.input": plan.input_q, "quantize.output": plan.output_q}
+        decide.done(plan.node, "quantized", f"SQNR {sqnr[plan.node]:.1f} dB" if sqnr else "")
+    if sqnr:
+        decide.stats["sqnr_db.min"] = math.floor(min(sqnr.values()))
+
+
+@dataclass(frozen=True)
+class Quantize(Pass):
+    """``mode=static``: calibrated integer layers (above). ``mode=dynamic``: linear layers only, weights int8 per
+    channel, activations quantized per tensor at run time (``qlinear_dynamic``); no calibration needed, SQNR
+    reported when ``data`` is given."""
+
+    name = "quantize"
+    summary = "int8: static (calibrated uint8 activations, per-channel int8 weights, integer ops) or dynamic"
+    requires = ("shapes", "inference")
+    preserves = ("shapes", "inference")
+    mode: str = "static"
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    def run(self, graph: Graph, ctx: PassContext) -> PassResult:
+        if self.mode not in MODES or self.observer not in OBSERVERS:
+            raise PassError(f"quantize: mode={self.mode!r}, observer={self.observer!r}; modes: {', '.join(MODES)}; "
+                            f"observers: {', '.join(OBSERVERS)}")
+        decide = Decisions(self, graph, ctx, work=("quantized",))
+        accepted = []
+        for node in graph.op_nodes(CANDIDATES):
+            why = refusal(graph, node, self.mode)
+            if why is not None:
+                decide.skip(node, *why)
+            else:
+                accepted.append(node)
+        if not accepted:
+            return decide.result()
+        batches = collect_batches(ctx.data) if ctx.data is not None else []
+        float_graph = graph.copy_graph()
+        if self.mode == "dynamic":
+            plans = [LayerPlan(node, None, None, *dynamic_layer(graph.nodes[node])) for node in accepted]
+            for plan in plans:
+                data = graph.nodes[plan.node]
+                meta = dict(data["meta"])
+                replace_node(graph, plan.node, "qlinear_dynamic", graph.operands(plan.node), plan.attrs, plan.params,
+                             data["origin"])
+                graph.nodes[plan.node]["meta"] = meta
+            sqnr = layer_sqnr(float_graph, graph, plans, batches) if batches else {}
+            annotate(graph, decide, plans, sqnr, {"quantize.mode": "dynamic"})
+            return decide.result()
+        if not batches:
+            raise PassError(f"quantize needs calibration inputs for {len(accepted)} layers of {graph.name!r}: "
+                            "pass data=[(x,), ...] to optimize() or --data NPZ to the CLI")
+        plans = self._static_plans(graph, accepted, batches, decide)
+        quantized: dict[tuple, Value] = {}
+        remove_unused_dequantize(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
+        sqnr = layer_sqnr(float_graph, graph, plans, batches) if plans else {}
+        annotate(graph, decide, plans, sqnr, {"quantize.observer": self.observer})
+        return decide.result()
+
+    def _static_plans(self, graph: Graph, accepted: list[str], batches: list[tuple], decide: Decisions
+                      ) -> list[LayerPlan]:
+        """Calibrate every accepted layer's input and output, then build its integer form (or refuse it)."""
+        values = list(dict.fromkeys(v for node in accepted for v in (graph.operands(node)[0], Value(node, 0))))
+        seen = observe(graph, values, batches, self.observer)
+        qparams = {v: affine_params(*clipping_range(seen[v], self.observer, self.percentile), QMIN, QMAX)
+                   for v in values}
+        plans = []
+        for node in accepted:
+            input_q, output_q = qparams[graph.operands(node)[0]], qparams[Value(node, 0)]
+            built = integer_layer(graph.nodes[node], input_q, output_q)
+            if isinstance(built[0], str):
+                decide.skip(node, *built)
+            else:
+                plans.append(LayerPlan(node, input_q, output_q, *built))
+        return plans
