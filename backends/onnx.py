@@ -22,7 +22,7 @@ from passes.ir.graph import Graph, IRError
 OPSET = 17
 _ELEM = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
          "int8": TensorProto.INT8, "uint8": TensorProto.UINT8, "bool": TensorProto.BOOL,
-         "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
+         "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE, "bfloat16": TensorProto.BFLOAT16}
 
 
 class ExportError(IRError):
@@ -387,6 +387,10 @@ def _recurrent(ex, xs, a, p):
 
 def to_onnx(graph: Graph) -> onnx.ModelProto:
     """The graph as a checked ONNX model (opset 17)."""
+    for node, data in graph.nodes(data=True):
+        if data["op"] != "cast" and any(t.dtype == "bfloat16" for t in data["out_types"]):
+            raise ExportError(f"{graph.describe(node)} computes in bfloat16, which ONNX opset {OPSET} types only "
+                              "for casts (export the float32 or float16 graph instead)")
     return _Exporter(graph).run()
 
 

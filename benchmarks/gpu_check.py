@@ -15,6 +15,7 @@ plus a device synchronize, median of ``repeat`` runs, for ours, PyTorch eager an
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -33,7 +34,8 @@ from examples import zoo  # noqa: E402
 VARIANTS = {"vgg-fused": ("vgg", ["remove-identities", "fold-constants", "eliminate-common-subexpressions",
                                   "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add",
                                   "fuse-conv-pool{on_cuda=true}", "eliminate-dead-nodes"]),
-            "resnet-pruned50": ("resnet", ["prune-channels{ratio=0.5}", "default"])}
+            "resnet-pruned50": ("resnet", ["prune-channels{ratio=0.5}", "default"]),
+            **{f"{m}-fp16": (m, ["default", "mixed-precision{dtype=fp16}"]) for m in ("resnet", "mobilenetv2", "vgg")}}
 
 
 def _checksum(model: torch.nn.Module) -> float:
@@ -62,6 +64,10 @@ def prepare(directory: Path, entries: list[str], small: bool) -> None:
                  **{f"expected_{i}": y.numpy() for i, y in enumerate(expected)})
         (folder / "meta.json").write_text(json.dumps({"checksum": _checksum(model), "small": small}))
         print(f"{entry}: built for cuda in {time.perf_counter() - start:.1f} s", flush=True)
+
+
+def _caller(model, inputs):
+    return lambda: model(*inputs)
 
 
 def _wall_ms(call, sync, number: int, repeat: int) -> float:
@@ -127,16 +133,19 @@ def run(directory: Path, number: int, repeat: int) -> None:
             reference = reference if isinstance(reference, tuple) else (reference,)
             row["rel_error_vs_torch_gpu"] = _max_rel_error(got, [r.cpu().numpy() for r in reference])
             row["torch_gpu_vs_cpu_reference"] = _max_rel_error([r.cpu().numpy() for r in reference], expected)
-            sync, call = torch.cuda.synchronize, (lambda m=model, xs=torch_inputs: m(*xs))
+            sync, call = torch.cuda.synchronize, _caller(model, torch_inputs)
             row["torch_eager_ms"] = _wall_ms(call, sync, number, repeat)
             torch.backends.cudnn.benchmark = True
             row["torch_cudnn_benchmark_ms"] = _wall_ms(call, sync, number, repeat)
             torch.backends.cudnn.benchmark = False
+            half = _caller(copy.deepcopy(model).half(), [x.half() for x in torch_inputs])
+            row["torch_fp16_eager_ms"] = _wall_ms(half, sync, number, repeat)
         row["ours_ms"] = ours.time_ms(*inputs, number=number, repeat=repeat)
         row["ours_vs_torch_eager"] = row["ours_ms"] / row["torch_eager_ms"]
         results[entry] = row
         print(f"{entry}: ours {row['ours_ms']:.3f} ms, torch eager {row['torch_eager_ms']:.3f} ms, cudnn.benchmark "
-              f"{row['torch_cudnn_benchmark_ms']:.3f} ms, ratio {row['ours_vs_torch_eager']:.2f}; max rel error vs "
+              f"{row['torch_cudnn_benchmark_ms']:.3f} ms, torch fp16 {row['torch_fp16_eager_ms']:.3f} ms, ratio "
+              f"{row['ours_vs_torch_eager']:.2f}; max rel error vs "
               f"torch GPU {row['rel_error_vs_torch_gpu']:.1e}, vs CPU reference {row['rel_error_vs_cpu_reference']:.1e}"
               f" (same weights: {same_weights})", flush=True)
     (directory / "results.json").write_text(json.dumps(results, indent=1))

@@ -34,3 +34,19 @@ def structure_of(x: Any) -> Any:
     if isinstance(x, (tuple, list)):
         return tuple(structure_of(i) for i in x)
     return "tensor"
+
+
+def assert_nvcc_accepts(source: str, folder) -> str:
+    """Compile generated CUDA source to PTX for sm_90 with nvcc (skips the test when nvcc is absent); the PTX."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not installed: CUDA source generated but not compiled")
+    (folder / "kernels.cu").write_text(source)
+    result = subprocess.run(["nvcc", "-ptx", "-arch=sm_90", str(folder / "kernels.cu"), "-o",
+                             str(folder / "kernels.ptx")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return (folder / "kernels.ptx").read_text()

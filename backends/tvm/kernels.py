@@ -109,6 +109,7 @@ class ConvSpec:
     pool: str | None = None                  # "max" | "avg" | None
     pool_kernel: tuple[int, int] = (1, 1)
     pool_stride: tuple[int, int] = (1, 1)
+    dtype: str = F32                         # storage of data, weight, bias, residual, output; accumulation is fp32
 
     @property
     def channels_vectorized(self) -> bool:
@@ -149,16 +150,17 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
-    data = te.placeholder(spec.in_shape, F32, name="data")
+    dtype = spec.dtype
+    data = te.placeholder(spec.in_shape, dtype, name="data")
     packed = spec.channels_vectorized
-    weight = te.placeholder((cg, kh, kw, oc) if packed else spec.weight_shape, F32, name="weight")
+    weight = te.placeholder((cg, kh, kw, oc) if packed else spec.weight_shape, dtype, name="weight")
     args = [data, weight]
     source = data
     if ph or pw:
         source = te.compute(
             (n, c, h + 2 * ph, w + 2 * pw),
             lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
-                                                  data[b, ch, y - ph, x - pw], _f(0.0)), name="pad")
+                                                  data[b, ch, y - ph, x - pw], tirx.const(0.0, dtype)), name="pad")
     rc = te.reduce_axis((0, cg), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -166,8 +168,9 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     n_, oc_, oh, ow = spec.conv_shape
 
     def dot(b, o, y, x):
-        return te.sum(source[b, (o // per_group) * cg + rc, y * sh + ry * dh, x * sw + rx * dw]
-                      * (weight[rc, ry, rx, o] if packed else weight[o, rc, ry, rx]), axis=[rc, ry, rx])
+        w = weight[rc, ry, rx, o] if packed else weight[o, rc, ry, rx]
+        return te.sum(_wide(source[b, (o // per_group) * cg + rc, y * sh + ry * dh, x * sw + rx * dw]) * _wide(w),
+                      axis=[rc, ry, rx])
 
     if packed:  # accumulate channels-last so a tile's channel vector is contiguous in registers
         conv = te.compute((n_, oh, ow, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
@@ -176,17 +179,18 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
         conv = te.compute(spec.conv_shape, dot, name="conv")
         value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
     act_fn = TE_ACTIVATIONS[spec.activation]
-    bias = te.placeholder((oc,), F32, name="bias") if spec.has_bias else None
-    residual = te.placeholder(spec.conv_shape, F32, name="residual") if spec.residual else None
+    bias = te.placeholder((oc,), dtype, name="bias") if spec.has_bias else None
+    residual = te.placeholder(spec.conv_shape, dtype, name="residual") if spec.residual else None
     args += [t for t in (bias, residual) if t is not None]
 
     def pre_activation(b, o, y, x):
         v = value(b, o, y, x)
-        v = v + bias[o] if bias is not None else v
-        return v + residual[b, o, y, x] if residual is not None else v
+        v = v + _wide(bias[o]) if bias is not None else v
+        return v + _wide(residual[b, o, y, x]) if residual is not None else v
 
-    epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: act_fn(pre_activation(b, o, y, x),
-                                                                     spec.activation_params), name="epilogue")
+    epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: _narrow(act_fn(pre_activation(b, o, y, x),
+                                                                             spec.activation_params), dtype),
+                          name="epilogue")
     if spec.pool is None:
         return [*args, epilogue]
     (pkh, pkw), (psh, psw) = spec.pool_kernel, spec.pool_stride
@@ -196,10 +200,19 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
         pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(epilogue[b, o, y * psh + wy, x * psw + wx],
                                                                       axis=[wy, wx]), name="pool")
     else:  # mean of the window, as a sum of pre-scaled values (one reduction stage, no window-sum buffer)
-        scale = _f(1.0 / (pkh * pkw))
+        scale = tirx.const(1.0 / (pkh * pkw), dtype)
         pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(
             epilogue[b, o, y * psh + wy, x * psw + wx] * scale, axis=[wy, wx]), name="pool")
     return [*args, pooled]
+
+
+def _wide(x):
+    """Low-precision storage (bf16/fp16) is widened to fp32 before it is multiplied and accumulated."""
+    return x if x.dtype == F32 else x.astype(F32)
+
+
+def _narrow(x, dtype: str):
+    return x if dtype == F32 else x.astype(dtype)
 
 
 def _largest_divisor(n: int, limit: int) -> int:
@@ -349,29 +362,33 @@ class DenseSpec:
     has_bias: bool
     activation: str = "none"
     activation_params: tuple[float, ...] = ()
+    dtype: str = F32  # storage; accumulation is fp32
 
 
 def dense_spec(in_shape: tuple[int, ...], weight_shape: tuple[int, int], has_bias: bool, activation: str = "none",
-               activation_params: tuple = ()) -> DenseSpec:
+               activation_params: tuple = (), dtype: str = F32) -> DenseSpec:
     """The dense kernel for ``x @ W^T`` with ``x`` of ``in_shape``: leading dims of ``x`` become rows."""
     n, k = weight_shape
-    return DenseSpec(int(math.prod(in_shape[:-1])), k, n, has_bias, activation, tuple(activation_params))
+    return DenseSpec(int(math.prod(in_shape[:-1])), k, n, has_bias, activation, tuple(activation_params), dtype)
 
 
 def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
-    x = te.placeholder((spec.m, spec.k), F32, name="x")
-    w_t = te.placeholder((spec.k, spec.n), F32, name="w_t")  # packed at compile time: rows of the output vector
+    x = te.placeholder((spec.m, spec.k), spec.dtype, name="x")
+    w_t = te.placeholder((spec.k, spec.n), spec.dtype, name="w_t")  # packed at compile time: rows of the output
     rk = te.reduce_axis((0, spec.k), "rk")
-    acc = te.compute((spec.m, spec.n), lambda i, j: te.sum(x[i, rk] * w_t[rk, j], axis=rk), name="acc")
+    acc = te.compute((spec.m, spec.n), lambda i, j: te.sum(_wide(x[i, rk]) * _wide(w_t[rk, j]), axis=rk),
+                     name="acc")
     act_fn = TE_ACTIVATIONS[spec.activation]
     args = [x, w_t]
     if spec.has_bias:
-        bias = te.placeholder((spec.n,), F32, name="bias")
+        bias = te.placeholder((spec.n,), spec.dtype, name="bias")
         args.append(bias)
-        out = te.compute((spec.m, spec.n), lambda i, j: act_fn(acc[i, j] + bias[j], spec.activation_params),
+        out = te.compute((spec.m, spec.n), lambda i, j: _narrow(act_fn(acc[i, j] + _wide(bias[j]),
+                                                                       spec.activation_params), spec.dtype),
                          name="epilogue")
     else:
-        out = te.compute((spec.m, spec.n), lambda i, j: act_fn(acc[i, j], spec.activation_params), name="epilogue")
+        out = te.compute((spec.m, spec.n), lambda i, j: _narrow(act_fn(acc[i, j], spec.activation_params),
+                                                                spec.dtype), name="epilogue")
     return [*args, out]
 
 

@@ -114,13 +114,24 @@ def conv_spec_of(graph: Graph, node: str) -> ConvSpec:
                     stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
                     has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
                     residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
-                    pool_stride=a.get("pool_stride", (1, 1)))
+                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype)
+
+
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")  # our kernels store these and accumulate in fp32
+
+
+def _kernel_dtype(graph: Graph, node: str) -> bool:
+    """The node's float operands and params all have one dtype our kernels take (mixed-precision graphs)."""
+    d = graph.nodes[node]
+    dtypes = {graph.value_type(v).dtype for v in graph.operands(node)}
+    dtypes |= {str(p.dtype) for k, p in d["params"].items() if k in ("weight", "bias")}
+    return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
 
 
 def uses_conv_kernel(graph: Graph, node: str, target_kind: str) -> ConvSpec | None:
     """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d, any conv2d_pool)."""
     d = graph.nodes[node]
-    if d["op"] not in ("conv2d", "conv2d_pool") or graph.value_type(graph.operands(node)[0]).dtype != "float32":
+    if d["op"] not in ("conv2d", "conv2d_pool") or not _kernel_dtype(graph, node):
         return None
     if d["op"] == "conv2d" and target_kind != "llvm":
         return None
@@ -134,12 +145,12 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
     name = ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node
     func = conv_kernel(spec, ctx.target_kind, ctx.tiles.get(spec)).with_attr("global_symbol", name)
     gv = ctx.bb.add_func(func, name)
-    args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), "float32")]
+    args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), spec.dtype)]
     if spec.has_bias:
-        args.append(ctx.const(ctx.params["bias"], "float32"))
+        args.append(ctx.const(ctx.params["bias"], spec.dtype))
     if residual is not None:
         args.append(residual)
-    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "float32")))
+    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, spec.dtype)))
 
 
 @lowering("conv2d_pool")
@@ -193,17 +204,18 @@ def _batch_norm(ctx, xs):
 
 
 def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...], weight: np.ndarray,
-                      bias: np.ndarray | None, activation: str = "none", activation_params: tuple = ()) -> relax.Expr:
+                      bias: np.ndarray | None, activation: str = "none", activation_params: tuple = (),
+                      dtype: str = "float32") -> relax.Expr:
     """``act(x W^T + b)`` through our dense kernel; leading dims of ``x`` are flattened into rows."""
-    spec = dense_spec(in_shape, weight.shape, bias is not None, activation, activation_params)
+    spec = dense_spec(in_shape, weight.shape, bias is not None, activation, activation_params, dtype)
     m, k, n = spec.m, spec.k, spec.n
     name = f"dense_{ctx.node}_{len(ctx.bb.get().functions)}"
     func = dense_kernel(spec, ctx.cores, ctx.tiles.get(spec)).with_attr("global_symbol", name)
     gv = ctx.bb.add_func(func, name)
-    args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(np.ascontiguousarray(weight.T), "float32")]
+    args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(np.ascontiguousarray(weight.T), dtype)]
     if bias is not None:
-        args.append(ctx.const(bias, "float32"))
-    y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType((m, n), "float32")))
+        args.append(ctx.const(bias, dtype))
+    y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType((m, n), dtype)))
     return ctx.emit(R.reshape(y, (*in_shape[:-1], n)))
 
 
@@ -222,9 +234,9 @@ def _lrn(ctx, xs):
 
 @lowering("linear")
 def _linear(ctx, xs):
-    if ctx.target_kind == "llvm" and ctx.in_type(0).dtype == "float32":
+    if ctx.target_kind == "llvm" and _kernel_dtype(ctx.graph, ctx.node):
         return call_dense_kernel(ctx, xs[0], ctx.in_type(0).shape, ctx.params["weight"], ctx.params.get("bias"),
-                                 ctx.attrs["activation"], ctx.attrs["activation_params"])
+                                 ctx.attrs["activation"], ctx.attrs["activation_params"], ctx.in_type(0).dtype)
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
     y = ctx.emit(R.matmul(xs[0], ctx.const(weight_t)))
     bias = ctx.params.get("bias")

@@ -31,6 +31,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize": "passes.transforms.quantize:Quantize",
     "prune-channels": "passes.transforms.prune_channels:PruneChannels",
     "distill": "passes.transforms.distill:Distill",
+    "mixed-precision": "passes.transforms.mixed_precision:MixedPrecision",
 }
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.

@@ -22,7 +22,24 @@ from passes.ir.ops import get_op, torch_dtype
 def _as_tensor(x: Any, dtype: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
-    return torch.as_tensor(np.asarray(x), dtype=torch_dtype(dtype))
+    return to_torch(np.asarray(x)).to(torch_dtype(dtype))
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """numpy -> torch, bfloat16 (ml_dtypes) included: torch cannot read it, so go through its bit pattern."""
+    array = np.array(array)
+    if array.dtype.name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.as_tensor(array)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16).copy()
+    return tensor.numpy().copy()
 
 
 class _NodeParams(nn.Module):
@@ -31,7 +48,7 @@ class _NodeParams(nn.Module):
     def __init__(self, params: dict[str, np.ndarray]):
         super().__init__()
         for key, value in params.items():
-            tensor = torch.as_tensor(np.array(value))
+            tensor = to_torch(value)
             if tensor.is_floating_point():
                 setattr(self, key, nn.Parameter(tensor))
             else:
@@ -80,7 +97,7 @@ class GraphModule(nn.Module):
         graph = graph if graph is not None else self.graph
         for node, module in self.node_params.items():
             for key, tensor in module.as_dict().items():
-                graph.nodes[node]["params"][key] = tensor.detach().cpu().numpy().copy()
+                graph.nodes[node]["params"][key] = to_numpy(tensor)
         return graph
 
 

@@ -81,6 +81,9 @@ def save_graph(graph: Graph, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     doc, arrays = graph_to_json(graph)
+    # npz has no bfloat16: such params are stored as their uint16 bit patterns and listed in the JSON
+    doc["bfloat16_params"] = sorted(k for k, a in arrays.items() if a.dtype.name == "bfloat16")
+    arrays = {k: a.view(np.uint16) if k in doc["bfloat16_params"] else a for k, a in arrays.items()}
     (directory / "graph.json").write_text(json.dumps(doc, indent=1, sort_keys=True))
     np.savez(directory / "params.npz", **arrays)
     return directory
@@ -94,4 +97,9 @@ def load_graph(directory: str | os.PathLike) -> Graph:
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError) as exc:
         raise IRError(f"cannot read a saved graph from {str(directory)!r}: {exc}") from None
+    if doc.get("bfloat16_params"):
+        import ml_dtypes
+
+        for key in doc["bfloat16_params"]:
+            arrays[key] = arrays[key].view(ml_dtypes.bfloat16)
     return graph_from_json(doc, arrays)
