@@ -367,7 +367,7 @@ def _safe_name(name: str) -> str:
 # ------------------------------------------------------------------------------------------------ handlers
 Handler = Callable[[_Converter, list], Any]
 HANDLERS: dict[str, Handler] = {}
-NO_FOLD = {"LSTM", "GRU", "RNN", "Dropout"}
+NO_FOLD = {"LSTM", "GRU", "RNN", "Dropout", "DequantizeLinear"}  # DequantizeLinear: see _dequantize_linear
 
 
 def handles(*names: str):
@@ -859,8 +859,14 @@ def _quantize_linear(cv, xs):
 
 @handles("DequantizeLinear")
 def _dequantize_linear(cv, xs):
+    """A constant (a QDQ model's int8 weight or int32 bias) is dequantized here in float32, as ONNX defines it:
+    ONNX's reference evaluator has no DequantizeLinear for every opset, and ``fold-qdq`` recovers the integers."""
     scale, zero = _qparams(cv, xs, 1, 2, "DequantizeLinear")
-    return _dequantize(cv, xs[0], scale, zero)
+    if isinstance(xs[0], Value):
+        return _dequantize(cv, xs[0], scale, zero)
+    q = np.asarray(xs[0])
+    shape = (-1,) + (1,) * (q.ndim - 1 - _axis_of(cv, q, scale)) if scale.size > 1 else ()
+    return (q.astype(np.float32) - np.asarray(zero, np.float32).reshape(shape)) * scale.reshape(shape)
 
 
 @handles("QLinearConv")

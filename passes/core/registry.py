@@ -29,6 +29,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-conv-add": "passes.transforms.fuse_conv_add:FuseConvAdd",
     "prune-weights": "passes.transforms.prune_weights:PruneWeights",
     "quantize": "passes.transforms.quantize:Quantize",
+    "fold-qdq": "passes.transforms.fold_qdq:FoldQdq",
     "prune-channels": "passes.transforms.prune_channels:PruneChannels",
     "distill": "passes.transforms.distill:Distill",
     "mixed-precision": "passes.transforms.mixed_precision:MixedPrecision",
@@ -36,8 +37,8 @@ BUILTIN_PASSES: dict[str, str] = {
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.
 PRESETS: dict[str, tuple[str, ...]] = {
-    "default": ("remove-identities", "fold-constants", "eliminate-common-subexpressions", "fold-batch-norm",
-                "fuse-conv-activation", "fuse-conv-add", "fuse-conv-pool", "eliminate-dead-nodes"),
+    "default": ("fold-qdq", "remove-identities", "fold-constants", "eliminate-common-subexpressions",
+                "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add", "fuse-conv-pool", "eliminate-dead-nodes"),
 }
 
 _registered: dict[str, type[Pass]] = {}
