@@ -34,8 +34,14 @@ class Report:
     accuracy: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def layer_sqnr_db(self) -> dict[str, int]:
+        """Per-layer SQNR (dB, floored) of the quantized layers, from the ``layer_sqnr_db.<node>`` pass stats."""
+        prefix = "layer_sqnr_db."
+        return {k[len(prefix):]: v for p in self.passes for k, v in p.stats.items() if k.startswith(prefix)}
+
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "target": self.target, "passes": [p.to_dict() for p in self.passes],
+                "sqnr_db": self.layer_sqnr_db(),
                 "flops": dict(self.flops), "params": dict(self.params), "nodes": dict(self.nodes),
                 "tune": dict(self.tune), "latency_ms": self.latency_ms,
                 "baselines_ms": dict(self.baselines_ms), "accuracy": dict(self.accuracy),
@@ -56,8 +62,11 @@ class Report:
         """Human-readable lines for the CLI and examples."""
         lines = [f"model {self.model} -> target {self.target}"]
         for p in self.passes:
-            stats = ", ".join(f"{k}={v}" for k, v in sorted(p.stats.items())) or "-"
+            stats = ", ".join(f"{k}={v}" for k, v in sorted(p.stats.items())
+                              if not k.startswith("layer_sqnr_db.")) or "-"
             lines.append(f"  pass {p.spec:<32} changed={str(p.changed):<5} {stats}  ({p.seconds * 1e3:.1f} ms)")
+        if sqnr := self.layer_sqnr_db():
+            lines.append("  SQNR dB per quantized layer: " + ", ".join(f"{k}={v}" for k, v in sqnr.items()))
         if self.flops:
             lines.append(f"  FLOPs   {self.flops['before']:,} -> {self.flops['after']:,}")
             lines.append(f"  params  {self.params['before']:,} -> {self.params['after']:,}")

@@ -15,15 +15,20 @@ are the observed values, so every intermediate tensor is seen exactly as the flo
   whose histogram has no more non-empty bins than levels (discrete data such as pixels) keeps its full range.
 
 Ranges always include 0, so real zero is exactly representable (zero padding, ReLU's floor).
+
+Data items (``split_items``, shared with ``distill``): the model's inputs, optionally followed by labels.
+``evaluate`` averages a metric over them through the reference interpreter (accuracy-aware quantization).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from passes.core.pass_base import PassError
 from passes.ir.graph import Graph, Value
 from passes.ir.interpret import interpret
 
@@ -159,7 +164,37 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
     return float(10.0 * np.log10(max(signal_power, 1e-30) / max(noise_power, 1e-30)))
 
 
-def collect_batches(data: Iterable) -> list[tuple]:
-    """Calibration inputs as a list of tuples (a bare tensor counts as a one-input tuple); read once, reused by
-    every calibration pass."""
-    return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in data]
+def split_items(data: Iterable, graph: Graph, pass_name: str) -> list[tuple[tuple, Any]]:
+    """``(inputs, labels or None)`` per data item, inputs as tensors of the graph's input dtypes. An item is a
+    tuple of the model's inputs, optionally followed by labels (a bare tensor is a one-input item); labels are
+    passed on as given (``torch.as_tensor``). Read once: every pass that calibrates or trains reuses the list."""
+    import torch
+
+    from passes.ir.ops import torch_dtype
+
+    n, dtypes = len(graph.inputs), [torch_dtype(t.dtype) for t in graph.input_types()]
+    items = []
+    for item in data:
+        item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+        if len(item) not in (n, n + 1):
+            raise PassError(f"{pass_name}: a data item has {len(item)} tensors; the model takes {n} input(s) "
+                            "(optionally followed by labels)")
+        inputs = tuple(torch.as_tensor(x).to(dtype) for x, dtype in zip(item[:n], dtypes))
+        items.append((inputs, torch.as_tensor(item[n]) if len(item) > n else None))
+    return items
+
+
+def evaluate(graph: Graph, metric: Callable[..., float], items: list[tuple]) -> float:
+    """``metric(outputs, labels or None)`` per data item through the reference interpreter, averaged weighted
+    by batch size (so a per-batch accuracy averages to the accuracy over all items)."""
+    import torch
+
+    module, total, count = interpret(graph), 0.0, 0
+    for inputs, labels in items:
+        with torch.no_grad():
+            outputs = module(*inputs)
+        first = labels if labels is not None else inputs[0]
+        size = int(first.shape[0]) if first.ndim else 1
+        total += size * float(metric(outputs, labels))
+        count += size
+    return total / max(count, 1)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
 from passes.ir.graph import Graph, IRError, TensorType, flatten_structure
 from passes.ir.interpret import GraphModule
+from passes.transforms.calibrate import split_items
 from passes.transforms.infer_shapes import InferShapes
 
 FROZEN_PARAMS = ("running_mean", "running_var")
@@ -138,21 +139,11 @@ class Distill(Pass):
 
     @staticmethod
     def _batches(graph: Graph, ctx: PassContext) -> list[tuple[tuple, torch.Tensor | None]]:
-        """``(inputs, labels or None)`` per data item, as tensors of the graph's input dtypes."""
+        """``(inputs, labels or None)`` per data item (``calibrate.split_items``), labels as class indices."""
         if ctx.data is None:
             raise PassError("distill needs training data: optimize(..., data=[(x,), (x, labels), ...])")
-        from passes.ir.ops import torch_dtype
-
-        n, dtypes = len(graph.inputs), [torch_dtype(t.dtype) for t in graph.input_types()]
-        batches = []
-        for item in ctx.data:
-            item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
-            if len(item) not in (n, n + 1):
-                raise PassError(f"distill: a data item has {len(item)} tensors; the model takes {n} input(s) "
-                                "(optionally followed by labels)")
-            inputs = tuple(torch.as_tensor(x).to(dtype) for x, dtype in zip(item[:n], dtypes))
-            labels = torch.as_tensor(item[n]).long() if len(item) > n else None
-            batches.append((inputs, labels))
+        batches = [(inputs, None if labels is None else labels.long())
+                   for inputs, labels in split_items(ctx.data, graph, "distill")]
         if not batches:
             raise PassError("distill: the data is empty (a generator can be read only once: pass a list)")
         return batches

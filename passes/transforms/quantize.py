@@ -29,7 +29,11 @@ Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual
 ``not_float`` (input not float32), ``accumulator_overflow`` (``K * 255 * 127 + |q_b|`` could exceed int32),
 ``requantize_range`` (``s_x s_w / s_y`` outside what a shift of 1..62 encodes).
 
-Reports: stats ``quantized``, ``skipped.*`` and ``sqnr_db.min`` (the worst layer, floored); node meta
+Accuracy-aware (``metric``, ``tolerance``; see ``Quantize``): the most sensitive layers go back to float until
+the metric is within tolerance of the float graph's; ``keep_float`` names layers to leave float up front.
+
+Reports: stats ``quantized``, ``skipped.*``, ``sqnr_db.min`` (the worst layer, floored) and ``layer_sqnr_db.<node>``
+(every quantized layer, floored; ``Report.to_dict()["sqnr_db"]`` gathers them); node meta
 ``quantize.sqnr_db`` (the layer's dequantized output against the float model's, over the calibration data, with
 every earlier layer quantized too), ``quantize.input``/``quantize.output`` ((scale, zero_point)) and
 ``quantize.observer``.
@@ -37,7 +41,9 @@ every earlier layer quantized too), ``quantize.input``/``quantize.output`` ((sca
 
 from __future__ import annotations
 
+import fnmatch
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,9 +55,10 @@ from passes.transforms.calibrate import (
     OBSERVERS,
     affine_params,
     clipping_range,
-    collect_batches,
+    evaluate,
     observe,
     run_probe,
+    split_items,
     sqnr_db,
 )
 
@@ -198,6 +205,20 @@ def remove_unused_dequantize(graph: Graph, nodes: list[str]) -> None:
             graph.remove_node(node)
 
 
+def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
+    """Rewrite the planned layers of ``graph`` in place: integer ops (static) or ``qlinear_dynamic`` (dynamic)."""
+    if plans and plans[0].input_q is None:
+        for plan in plans:
+            data = graph.nodes[plan.node]
+            meta = dict(data["meta"])
+            replace_node(graph, plan.node, "qlinear_dynamic", graph.operands(plan.node), plan.attrs, plan.params,
+                         data["origin"])
+            graph.nodes[plan.node]["meta"] = meta
+        return
+    quantized: dict[tuple, Value] = {}
+    remove_unused_dequantize(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
+
+
 def layer_sqnr(float_graph: Graph, graph: Graph, plans: list[LayerPlan], batches: list[tuple]) -> dict[str, float]:
     """Per layer: SQNR of the (dequantized) quantized output against the float layer output, over all batches."""
     values = [Value(plan.node, 0) for plan in plans]
@@ -220,13 +241,38 @@ def annotate(graph: Graph, decide: Decisions, plans: list[LayerPlan], sqnr: dict
         decide.done(plan.node, "quantized", f"SQNR {sqnr[plan.node]:.1f} dB" if sqnr else "")
     if sqnr:
         decide.stats["sqnr_db.min"] = math.floor(min(sqnr.values()))
+        for node, value in sqnr.items():
+            decide.stats[f"layer_sqnr_db.{node}"] = math.floor(value)
+
+
+def sensitivity(float_graph: Graph, plans: list[LayerPlan], batches: list[tuple]) -> dict[str, float]:
+    """Per layer: its SQNR when it alone is quantized (float input). The cumulative SQNR of ``layer_sqnr`` also
+    charges a layer with every earlier layer's noise, so ranking by it would put the last layers back first."""
+    alone = {}
+    for plan in plans:
+        trial = float_graph.copy_graph()
+        apply_plans(trial, [plan])
+        alone |= layer_sqnr(float_graph, trial, [plan], batches)
+    return alone
 
 
 @dataclass(frozen=True)
 class Quantize(Pass):
     """``mode=static``: calibrated integer layers (above). ``mode=dynamic``: linear layers only, weights int8 per
     channel, activations quantized per tensor at run time (``qlinear_dynamic``); no calibration needed, SQNR
-    reported when ``data`` is given."""
+    reported when ``data`` is given.
+
+    ``keep_float``: node names or origins (fnmatch patterns) that stay float (``skipped.kept_float``).
+
+    Accuracy-aware (Python only): ``metric(outputs, labels or None) -> float`` (higher is better), evaluated on
+    every ``data`` item (inputs, optionally followed by labels) through the reference interpreter, and
+    ``tolerance``, the allowed drop of the metric from the float graph. While the quantized graph's metric is
+    more than ``tolerance`` below the float graph's, the most sensitive quantized layer (lowest SQNR when
+    quantized alone) goes back to float. Calibration ranges are observed on the float graph, so the remaining
+    layers keep their params; a layer between two kept ones quantizes its float input afresh. Stats
+    ``kept_for_accuracy``, ``metric_float_milli``, ``metric_int8_milli`` (every candidate quantized) and
+    ``metric_final_milli`` (metric x 1000); kept layers get meta ``quantize.kept_float = "accuracy"`` and
+    ``quantize.sqnr_db_alone``, and a later quantize run leaves them float (``skipped.kept_float``)."""
 
     name = "quantize"
     summary = "int8: static (calibrated uint8 activations, per-channel int8 weights, integer ops) or dynamic"
@@ -235,6 +281,28 @@ class Quantize(Pass):
     mode: str = "static"
     observer: str = "minmax"
     percentile: float = 99.99
+    keep_float: tuple[str, ...] = ()
+    metric: Callable | None = None
+    tolerance: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.keep_float, str) or not all(isinstance(k, str) for k in self.keep_float):
+            raise PassError(f"quantize: keep_float must be a tuple of node names or origin patterns, got "
+                            f"{self.keep_float!r}")
+        if self.metric is not None and not callable(self.metric):
+            raise PassError(f"quantize: metric must be a function (outputs, labels) -> float, got {self.metric!r}")
+        if not (isinstance(self.tolerance, (int, float)) and math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise PassError(f"quantize: tolerance must be a finite number >= 0, got {self.tolerance!r}")
+        if self.tolerance and self.metric is None:
+            raise PassError("quantize: tolerance needs a metric (a Python function: Quantize(metric=..., "
+                            "tolerance=...))")
+
+    def spec(self) -> str:
+        """As ``Pass.spec``, with the metric named by its function name (a function has no text form)."""
+        text = super().spec()
+        if self.metric is None:
+            return text
+        return text.replace(f"metric={self.metric}", f"metric={getattr(self.metric, '__qualname__', 'function')}")
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         if self.mode not in MODES or self.observer not in OBSERVERS:
@@ -243,35 +311,74 @@ class Quantize(Pass):
         decide = Decisions(self, graph, ctx, work=("quantized",))
         accepted = []
         for node in graph.op_nodes(CANDIDATES):
-            why = refusal(graph, node, self.mode)
+            why = self._kept(graph, node) or refusal(graph, node, self.mode)
             if why is not None:
                 decide.skip(node, *why)
             else:
                 accepted.append(node)
         if not accepted:
             return decide.result()
-        batches = collect_batches(ctx.data) if ctx.data is not None else []
+        items = split_items(ctx.data, graph, "quantize") if ctx.data is not None else []
+        batches = [inputs for inputs, _ in items]
+        if self.metric is not None and not items:
+            raise PassError(f"quantize: the accuracy metric needs data to evaluate on for {graph.name!r}: pass "
+                            "data=[(x,), (x, labels), ...] to optimize()")
         float_graph = graph.copy_graph()
         if self.mode == "dynamic":
             plans = [LayerPlan(node, None, None, *dynamic_layer(graph.nodes[node])) for node in accepted]
-            for plan in plans:
-                data = graph.nodes[plan.node]
-                meta = dict(data["meta"])
-                replace_node(graph, plan.node, "qlinear_dynamic", graph.operands(plan.node), plan.attrs, plan.params,
-                             data["origin"])
-                graph.nodes[plan.node]["meta"] = meta
-            sqnr = layer_sqnr(float_graph, graph, plans, batches) if batches else {}
-            annotate(graph, decide, plans, sqnr, {"quantize.mode": "dynamic"})
-            return decide.result()
-        if not batches:
+        elif not batches:
             raise PassError(f"quantize needs calibration inputs for {len(accepted)} layers of {graph.name!r}: "
                             "pass data=[(x,), ...] to optimize() or --data NPZ to the CLI")
-        plans = self._static_plans(graph, accepted, batches, decide)
-        quantized: dict[tuple, Value] = {}
-        remove_unused_dequantize(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
-        sqnr = layer_sqnr(float_graph, graph, plans, batches) if plans else {}
-        annotate(graph, decide, plans, sqnr, {"quantize.observer": self.observer})
-        return decide.result()
+        else:
+            plans = self._static_plans(graph, accepted, batches, decide)
+        if self.metric is not None and plans:
+            plans = self._accuracy_search(graph, float_graph, plans, items, decide)
+        apply_plans(graph, plans)
+        sqnr = layer_sqnr(float_graph, graph, plans, batches) if batches and plans else {}
+        notes = {"quantize.mode": "dynamic"} if self.mode == "dynamic" else {"quantize.observer": self.observer}
+        annotate(graph, decide, plans, sqnr, notes)
+        # kept layers and metric values are reported, not work: the graph changed only if a layer was quantized
+        return PassResult(decide.stats["quantized"] > 0, dict(decide.stats))
+
+    def _kept(self, graph: Graph, node: str) -> tuple[str, str] | None:
+        data = graph.nodes[node]
+        if data["meta"].get("quantize.kept_float") == "accuracy":
+            return "kept_float", "kept float by an earlier accuracy-aware quantize"
+        names = (node, *data["origin"])
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in self.keep_float):
+            return "kept_float", f"{node} matches keep_float={list(self.keep_float)}"
+        return None
+
+    def _accuracy_search(self, graph: Graph, float_graph: Graph, plans: list[LayerPlan], items: list[tuple],
+                         decide: Decisions) -> list[LayerPlan]:
+        """The plans to apply: every plan, less the most sensitive layers until the metric is within tolerance."""
+        baseline = evaluate(float_graph, self.metric, items)
+        alone = sensitivity(float_graph, plans, [inputs for inputs, _ in items])
+        order = sorted(plans, key=lambda plan: alone[plan.node])  # most sensitive first
+        final, kept = baseline, []
+        for count in range(len(plans)):
+            active = [plan for plan in plans if plan.node not in kept]
+            trial = float_graph.copy_graph()
+            apply_plans(trial, active)
+            final = evaluate(trial, self.metric, items)
+            if count == 0:
+                decide.stats["metric_int8_milli"] = round(1000 * final)
+            if baseline - final <= self.tolerance:
+                break
+            kept.append(order[count].node)
+        else:
+            final = baseline  # every layer is back in float: the float graph itself
+        for node in kept:
+            graph.nodes[node]["meta"] |= {"quantize.kept_float": "accuracy",
+                                          "quantize.sqnr_db_alone": round(alone[node], 2)}
+            decide.done(node, "kept_for_accuracy", f"SQNR {alone[node]:.1f} dB alone; metric "
+                        f"{baseline:.4g} float, {final:.4g} with it kept")
+        for plan in plans:
+            graph.nodes[plan.node]["meta"]["quantize.sqnr_db_alone"] = round(alone[plan.node], 2)
+        decide.stats["kept_for_accuracy"] += 0
+        decide.stats["metric_float_milli"] = round(1000 * baseline)
+        decide.stats["metric_final_milli"] = round(1000 * final)
+        return [plan for plan in plans if plan.node not in kept]
 
     def _static_plans(self, graph: Graph, accepted: list[str], batches: list[tuple], decide: Decisions
                       ) -> list[LayerPlan]:
