@@ -364,7 +364,11 @@ def _pool(ctx, xs):
         kwargs["dilation"] = a["dilation"]
     else:
         kwargs["count_include_pad"] = a["count_include_pad"]
-    y = ctx.emit(fn(xs[0], **kwargs))
+    dtype = ctx.in_type(0).dtype
+    if kind == "max" and dtype in ("uint8", "int8"):  # LLVM scalarizes an 8-bit max pool; in float (exact) not
+        y = ctx.emit(R.astype(fn(R.astype(xs[0], "float32"), **kwargs), dtype))
+    else:
+        y = ctx.emit(fn(xs[0], **kwargs))
     if static_shape(y) != ctx.out_type().shape:
         raise ctx.fail(f"TVM's pooling gives shape {static_shape(y)}, torch {ctx.out_type().shape}")
     return y

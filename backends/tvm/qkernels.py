@@ -16,9 +16,11 @@ constant folded into the bias at compile time: ``b' = q_b - z_x sum_{c, ry, rx} 
 Requantization is integer only: ``clamp(z_y + ((acc * M + 2^(shift-1)) >> shift), out_min, out_max)`` in int64
 (``passes.ir.ops.requantize``), so the compiled result equals the torch reference bit for bit.
 
-Schedule (CPU): per (n, oh) in parallel, tiles of ``cols`` output columns x 16 channels held in ``cols`` int32
-vector registers; the reduction loops (ry, rx, rco) run outside the tile, the tile's inner 16 x 4 step is
-tensorized to ``vpdpbusd`` when the target has VNNI (``vnni_intrinsic``), otherwise vectorized over the 16 lanes.
+Schedule (CPU): per (n, oh) in parallel (per 16-channel block where there are few rows: ``loop_order``), tiles
+of ``cols`` output columns x 16 channels held in ``cols`` int32 vector registers; the reduction loops (ry, rx,
+rco) run outside the tile, the tile's inner 16 x 4 step is tensorized to ``vpdpbusd`` when the target has VNNI
+(``vnni_intrinsic``), otherwise vectorized over the 16 lanes. The tile's requantization runs right after it, 16
+channels at a time in vector registers (columns unrolled).
 """
 
 from __future__ import annotations
@@ -176,22 +178,42 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     return [data, weight, bias, multiplier, shift, out]
 
 
-def qconv_kernel(spec: QConvSpec, cores: int = 1) -> tirx.PrimFunc:
+def loop_order(spec: QConvSpec, cores: int) -> str:
+    """``rows``: (n, output row) in parallel, every 16-channel weight block streamed once per row; ``channels``
+    (weight-stationary): 16-channel blocks in parallel, each block reused for every output pixel. Rows unless
+    there are fewer than 4 output rows per core (ResNet's 7x7 stage): rows balance badly there (7 rows on 2
+    cores) and the weights (up to 2.4 MB for 512 x 512 x 3 x 3) no longer stay in cache from row to row."""
+    return "channels" if spec.out_shape[0] * spec.out_shape[2] < 4 * cores else "rows"
+
+
+def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> tirx.PrimFunc:
+    """The scheduled kernel; ``order`` as in ``loop_order`` (its choice when None)."""
+    order = order or loop_order(spec, cores)
     sch = Schedule(te.create_prim_func(qconv_compute(spec)))
     acc = sch.get_sblock("acc")
     b, y, x, oo, oi, ry, rx, rco, rci = sch.get_loops(acc)
     x_outer, x_inner = sch.split(x, [None, spec.cols])
-    if spec.vnni:  # the tensorized step: 16 lanes x 4 reduction bytes
-        sch.reorder(b, y, x_outer, oo, ry, rx, rco, x_inner, oi, rci)
-    else:  # without VNNI: one widening multiply-add per reduction byte, vectorized over the 16 lanes
-        sch.reorder(b, y, x_outer, oo, ry, rx, rco, x_inner, rci, oi)
+    inner = (oi, rci) if spec.vnni else (rci, oi)  # VNNI: the tensorized 16 lanes x 4 bytes step
+    if order == "channels":  # weight-stationary: one 16-channel weight block stays in cache for every pixel
+        sch.reorder(oo, b, y, x_outer, ry, rx, rco, x_inner, *inner)
+        outer, tile = (oo, b), x_outer
+    else:
+        sch.reorder(b, y, x_outer, oo, ry, rx, rco, x_inner, *inner)
+        outer, tile = (b, y), oo
+    if not spec.vnni:  # without VNNI: one widening multiply-add per reduction byte, vectorized over the 16 lanes
         sch.vectorize(oi)
-    sch.reverse_compute_at(sch.get_sblock("requantize"), oo)
+    requantize = sch.get_sblock("requantize")
+    sch.reverse_compute_at(requantize, tile)
+    epilogue = sch.get_loops(requantize)[4:]  # the loops under ``tile``, the 4th loop in either order
+    if len(epilogue) == 2 and spec.weight_shape[0] % LANES == 0:  # 16 channels x cols: vectorize the channels
+        sch.reorder(epilogue[1], epilogue[0])
+        sch.vectorize(epilogue[0])
+        sch.unroll(epilogue[1])
     sch.unroll(x_inner)
     pad_loops = sch.get_loops(sch.get_sblock("pad"))
     sch.vectorize(pad_loops[-1])
     if cores > 1:
-        sch.parallel(sch.fuse(b, y))
+        sch.parallel(sch.fuse(*outer))
         sch.parallel(sch.fuse(*pad_loops[:2]))
     # decompose and tensorize last (loop primitives need the reduction block whole), then move the accumulator
     # to registers (the intrinsic declares its operands in global scope, so not before tensorize)

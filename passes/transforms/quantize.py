@@ -23,6 +23,9 @@ a post-ReLU tensor, where symmetric int8 would leave half of them unused.
 own range, ``y = (sum (q_x - z_x) q_w) s_x s_w + b`` in float (``qlinear_dynamic``); convs are refused there
 (``dynamic_conv``).
 
+A max pool of a dequantized integer output runs on the integer tensor instead (``integer_max_pools``, exact: max
+commutes with the monotone dequantize), so ResNet's stem pools uint8 and its first conv reads the pool directly.
+
 Run it after ``fold-batch-norm`` and ``fuse-conv-activation`` and before ``fuse-conv-add``/``fuse-conv-pool``.
 Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual`` (a fused residual add),
 ``activation`` (a fused activation other than relu/relu6/clamp, which are not clamps of the integer output),
@@ -32,11 +35,11 @@ Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual
 Accuracy-aware (``metric``, ``tolerance``; see ``Quantize``): the most sensitive layers go back to float until
 the metric is within tolerance of the float graph's; ``keep_float`` names layers to leave float up front.
 
-Reports: stats ``quantized``, ``skipped.*``, ``sqnr_db.min`` (the worst layer, floored) and ``layer_sqnr_db.<node>``
-(every quantized layer, floored; ``Report.to_dict()["sqnr_db"]`` gathers them); node meta
-``quantize.sqnr_db`` (the layer's dequantized output against the float model's, over the calibration data, with
-every earlier layer quantized too), ``quantize.input``/``quantize.output`` ((scale, zero_point)) and
-``quantize.observer``.
+Reports: stats ``quantized``, ``skipped.*``, ``integer_max_pools`` (when any), ``sqnr_db.min`` (the worst
+layer, floored) and ``layer_sqnr_db.<node>`` (every quantized layer, floored; ``Report.to_dict()["sqnr_db"]``
+gathers them); node meta ``quantize.sqnr_db`` (the layer's dequantized output against the float model's, over
+the calibration data, with every earlier layer quantized too), ``quantize.input``/``quantize.output`` ((scale,
+zero_point)) and ``quantize.observer``.
 """
 
 from __future__ import annotations
@@ -219,6 +222,36 @@ def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
     remove_unused_dequantize(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
 
 
+def integer_max_pools(graph: Graph) -> int:
+    """``dequantize(q) -> max_pool2d`` becomes ``max_pool2d(q) -> dequantize`` (same params): exact, since a
+    per-tensor dequantize is monotone (max commutes with it) and a real value's uint8 is never below the pool's
+    integer padding (the dtype's minimum). A ``quantize`` of the pooled tensor with the dequantize's params then
+    reads the integer pool directly. Returns the number of pools moved to uint8."""
+    moved = 0
+    for pool in graph.op_nodes("max_pool2d"):
+        x = graph.operands(pool)[0]
+        producer = graph.nodes[x.node]
+        if producer["op"] != "dequantize" or producer["attrs"].get("axis") is not None or \
+                not float(producer["params"]["scale"]) > 0:
+            continue
+        data, params = graph.nodes[pool], producer["params"]
+        q_y = replace_node(graph, pool, "max_pool2d", [graph.operands(x.node)[0]], dict(data["attrs"]),
+                           dict(data["params"]), data["origin"])
+        y = graph.add_op("dequantize", [q_y], params=dict(params), origin=data["origin"], name=f"{pool}_dequantize")
+        graph.replace_all_uses(q_y, y)
+        graph.set_operands(y.node, [q_y])
+        for user, _ in graph.users(y):
+            user_data = graph.nodes[user]
+            if user_data["op"] == "quantize" and user_data["attrs"].get("axis") is None and \
+                    user_data["attrs"]["dtype"] == graph.value_type(q_y).dtype and \
+                    _same_qparams(user_data, float(params["scale"]), int(params["zero_point"])):
+                graph.replace_all_uses(Value(user, 0), q_y)
+                graph.remove_node(user)
+        remove_unused_dequantize(graph, [x.node, y.node])
+        moved += 1
+    return moved
+
+
 def layer_sqnr(float_graph: Graph, graph: Graph, plans: list[LayerPlan], batches: list[tuple]) -> dict[str, float]:
     """Per layer: SQNR of the (dequantized) quantized output against the float layer output, over all batches."""
     values = [Value(plan.node, 0) for plan in plans]
@@ -334,6 +367,9 @@ class Quantize(Pass):
         if self.metric is not None and plans:
             plans = self._accuracy_search(graph, float_graph, plans, items, decide)
         apply_plans(graph, plans)
+        pools = integer_max_pools(graph) if self.mode == "static" else 0
+        if pools:
+            decide.stats["integer_max_pools"] = pools
         sqnr = layer_sqnr(float_graph, graph, plans, batches) if batches and plans else {}
         notes = {"quantize.mode": "dynamic"} if self.mode == "dynamic" else {"quantize.observer": self.observer}
         annotate(graph, decide, plans, sqnr, notes)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from backends.tvm import build
+from backends.tvm import build, qkernels
+from backends.tvm.qkernels import QConvSpec
 from backends.tvm.target import cpu_has
 from frontend.torch_fx import from_torch
 from passes.ir.graph import Graph, TensorType
@@ -79,6 +80,39 @@ def test_qconv2d_is_exact_with_vnni(case):
 @pytest.mark.parametrize("case", CONVS[:3], ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
 def test_qconv2d_is_exact_without_vnni(case):
     assert_exact(qconv_graph(**case), NO_VNNI)
+
+
+@needs_avx512
+@pytest.mark.parametrize("order", ["rows", "channels"])
+@pytest.mark.parametrize("case", [CONVS[1], CONVS[2], CONVS[4]], ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
+def test_both_loop_orders_are_exact(case, order, monkeypatch):
+    monkeypatch.setattr(qkernels, "loop_order", lambda spec, cores: order)
+    assert_exact(qconv_graph(**case))
+    assert_exact(qconv_graph(**case), NO_VNNI)
+
+
+def test_loop_order_is_weight_stationary_only_where_rows_are_few():
+    def order(in_shape, out_channels, stride=1, cores=2):
+        spec = QConvSpec(in_shape, (out_channels, in_shape[1], 3, 3), (stride, stride), (1, 1), (1, 1), 0, 0, 0, 255)
+        return qkernels.loop_order(spec, cores)
+
+    assert order((1, 64, 56, 56), 64) == order((1, 256, 14, 14), 256) == "rows"
+    assert order((1, 512, 7, 7), 512) == order((1, 256, 14, 14), 512, stride=2) == "channels"  # 7 rows on 2 cores
+    assert order((2, 512, 7, 7), 512) == "rows" and order((1, 512, 7, 7), 512, cores=1) == "rows"
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+def test_integer_max_pool_is_exact(dtype):
+    g = Graph(name="pool")
+    x = g.add_input("x", TensorType((2, 5, 11, 11), dtype))
+    g.set_outputs(g.add_op("max_pool2d", [x], attrs={"kernel_size": (3, 3), "stride": (2, 2), "padding": (1, 1)}))
+    info = np.iinfo(dtype)
+    data = RNG.integers(info.min, info.max + 1, (2, 5, 11, 11)).astype(dtype)
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(data), 3, 2, 1).numpy()
+    actual = build(g, "llvm")(data)
+    assert actual.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(actual, expected)
+    np.testing.assert_array_equal(run_reference(g, (torch.from_numpy(data),)).numpy(), expected)
 
 
 def test_int8_activations_are_exact_too():  # signed inputs (an imported model's choice) skip vpdpbusd
