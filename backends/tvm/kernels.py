@@ -130,11 +130,7 @@ class ConvSpec:
 
     @property
     def conv_shape(self) -> tuple[int, int, int, int]:
-        n, _, h, w = self.in_shape
-        oc, _, kh, kw = self.weight_shape
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return n, oc, oh, ow
+        return conv_output_shape(self.in_shape, self.weight_shape, self.stride, self.padding, self.dilation)
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -143,6 +139,16 @@ class ConvSpec:
             return n, oc, oh, ow
         (kh, kw), (sh, sw) = self.pool_kernel, self.pool_stride
         return n, oc, (oh - kh) // sh + 1, (ow - kw) // sw + 1
+
+
+def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, padding: tuple, dilation: tuple
+                      ) -> tuple[int, int, int, int]:
+    """NCHW output shape of a 2-d convolution (symmetric padding)."""
+    n, _, h, w = in_shape
+    oc, _, kh, kw = weight_shape
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return n, oc, oh, ow
 
 
 def conv_compute(spec: ConvSpec) -> list[te.Tensor]:

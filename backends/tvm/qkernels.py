@@ -33,6 +33,8 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 from tvm.target.codegen import llvm_version_major
 
+from backends.tvm.kernels import conv_output_shape
+
 LANES = 16  # int32 accumulators per AVX-512 register = output channels per vpdpbusd
 DEPTH = 4   # bytes multiplied into each int32 lane per vpdpbusd = input channels per step
 MAX_COLS = 8  # register tile: 8 accumulators + the weight block + broadcast input
@@ -104,11 +106,7 @@ class QConvSpec:
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
-        n, _, h, w = self.in_shape
-        oc, _, kh, kw = self.weight_shape
-        oh = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        ow = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        return n, oc, oh, ow
+        return conv_output_shape(self.in_shape, self.weight_shape, self.stride, self.padding, self.dilation)
 
     @property
     def padded_channels(self) -> tuple[int, int]:
