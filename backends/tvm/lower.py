@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm.kernels import ConvSpec, conv_kernel, dense_kernel, dense_spec, supports
+from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, dense_spec, supports
 from backends.tvm.qkernels import QConvSpec, qconv_kernel
 from backends.tvm.recurrent import GATES, recurrent_kernel
 from passes.ir.graph import Graph, IRError, TensorType, Value
@@ -139,6 +139,16 @@ def uses_conv_kernel(graph: Graph, node: str, target_kind: str) -> ConvSpec | No
     return spec if supports(spec) else None
 
 
+def uses_dense_kernel(graph: Graph, node: str, target_kind: str) -> DenseSpec | None:
+    """The spec when a ``linear`` node lowers to our dense kernel on ``target_kind`` (CPU; the tuner asks too)."""
+    d = graph.nodes[node]
+    if d["op"] != "linear" or target_kind != "llvm" or not _kernel_dtype(graph, node):
+        return None
+    x = graph.value_type(graph.operands(node)[0])
+    return dense_spec(x.shape, d["params"]["weight"].shape, "bias" in d["params"], d["attrs"]["activation"],
+                      d["attrs"]["activation_params"], x.dtype)
+
+
 def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
                      ) -> relax.Expr:
     """``call_tir`` of our scheduled conv kernel, weights and bias as constants."""
@@ -234,7 +244,7 @@ def _lrn(ctx, xs):
 
 @lowering("linear")
 def _linear(ctx, xs):
-    if ctx.target_kind == "llvm" and _kernel_dtype(ctx.graph, ctx.node):
+    if uses_dense_kernel(ctx.graph, ctx.node, ctx.target_kind) is not None:
         return call_dense_kernel(ctx, xs[0], ctx.in_type(0).shape, ctx.params["weight"], ctx.params.get("bias"),
                                  ctx.attrs["activation"], ctx.attrs["activation_params"], ctx.in_type(0).dtype)
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T

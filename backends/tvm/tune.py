@@ -44,9 +44,8 @@ from backends.tvm.kernels import (
     default_dense_tile,
     default_tile,
     dense_kernel,
-    dense_spec,
 )
-from backends.tvm.lower import uses_conv_kernel
+from backends.tvm.lower import uses_conv_kernel, uses_dense_kernel
 from passes.ir.graph import Graph
 
 SCHEMA = 1
@@ -70,25 +69,13 @@ def task_key(spec: Spec, target: tvm.target.Target) -> str:
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def dense_spec_of(graph: Graph, node: str) -> DenseSpec | None:
-    """The dense kernel spec the CPU lowering uses for a float32 ``linear`` node, or None."""
-    d = graph.nodes[node]
-    if d["op"] != "linear":
-        return None
-    x = graph.value_type(graph.operands(node)[0])
-    if x.dtype != "float32":
-        return None
-    return dense_spec(x.shape, d["params"]["weight"].shape, "bias" in d["params"], d["attrs"]["activation"],
-                      d["attrs"]["activation_params"])
-
-
 def extract_tasks(graph: Graph) -> list[TuneTask]:
     """One task per distinct kernel spec, hottest (most FLOPs, all its nodes together) first."""
     from passes.core.stats import node_flops
 
     found: dict[Spec, list[str]] = {}
     for node in graph.topo_order():
-        spec = uses_conv_kernel(graph, node, "llvm") or dense_spec_of(graph, node)
+        spec = uses_conv_kernel(graph, node, "llvm") or uses_dense_kernel(graph, node, "llvm")
         if spec is not None:
             found.setdefault(spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]

@@ -37,16 +37,7 @@ from passes.core.pattern import Match, Pattern
 from passes.core.rewrite import join_origin, replace_node
 from passes.ir.graph import Graph, Value
 from passes.ir.ops import activation_of
-from passes.transforms.quantize import (
-    ACTIVATION_RANGE,
-    INT32_MAX,
-    INTEGER_OP,
-    QMAX,
-    WEIGHT_MAX,
-    fixed_point,
-    output_clamp,
-    reduction_size,
-)
+from passes.transforms.quantize import ACTIVATION_RANGE, INTEGER_OP, WEIGHT_MAX, integer_params
 
 LAYER_OPS = ("conv2d", "linear")
 CLAMP_OPS = ("relu", "relu6", "clamp")
@@ -120,22 +111,9 @@ def integer_form(graph: Graph, match: Match) -> tuple[dict, dict] | tuple[str, s
     recovered = symmetric_int8(layer["params"]["weight"])
     if recovered is None:
         return "weights_not_int8", "weights are not symmetric int8 multiples of a per-tensor or per-channel scale"
-    q_w, s_w = recovered
-    s_x, z_x = float(dq["params"]["scale"]), int(dq["params"]["zero_point"])
-    s_y, z_y = float(q["params"]["scale"]), int(q["params"]["zero_point"])
-    acc_scale = s_x * s_w
-    q_b = np.round(np.asarray(layer["params"].get("bias", np.zeros(len(s_w))), np.float64) / acc_scale)
-    if reduction_size(layer) * QMAX * WEIGHT_MAX + np.abs(q_b).max() > INT32_MAX:
-        return "accumulator_overflow", f"bias up to {np.abs(q_b).max():.3g} accumulator units"
-    multiplier, shift = fixed_point(acc_scale / s_y)
-    if shift.min() < 1 or shift.max() > 62:
-        return "requantize_range", f"s_x s_w / s_y spans {acc_scale.min() / s_y:.3g}..{acc_scale.max() / s_y:.3g}"
-    out_min, out_max = output_clamp(activation, s_y, z_y)
-    attrs = {"input_zero_point": z_x, "output_zero_point": z_y, "out_dtype": "uint8", "out_min": out_min,
-             "out_max": out_max}
-    if layer["op"] == "conv2d":
-        attrs |= {k: layer["attrs"][k] for k in ("stride", "padding", "dilation", "groups")}
-    return attrs, {"weight": q_w, "bias": q_b.astype(np.int32), "multiplier": multiplier, "shift": shift}
+    input_q = (float(dq["params"]["scale"]), int(dq["params"]["zero_point"]))
+    output_q = (float(q["params"]["scale"]), int(q["params"]["zero_point"]))
+    return integer_params(layer, input_q, output_q, *recovered, activation)
 
 
 @dataclass(frozen=True)

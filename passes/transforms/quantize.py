@@ -140,17 +140,23 @@ def dynamic_layer(data: dict) -> tuple[dict, dict]:
 def integer_layer(data: dict, input_q: tuple[float, int], output_q: tuple[float, int]
                   ) -> tuple[dict, dict] | tuple[str, str]:
     """(attrs, params) of the integer op for a float conv2d/linear node, or a (reason, detail) refusal."""
+    return integer_params(data, input_q, output_q, *per_channel_int8(data["params"]["weight"]), data["attrs"])
+
+
+def integer_params(data: dict, input_q: tuple[float, int], output_q: tuple[float, int], q_w: np.ndarray,
+                   s_w: np.ndarray, activation: dict) -> tuple[dict, dict] | tuple[str, str]:
+    """(attrs, params) of the integer op for conv2d/linear ``data`` with int8 weights ``q_w`` (scales ``s_w``) and
+    the fused ``activation`` (``{"activation", "activation_params"}``) as output clamp; or a (reason, detail)
+    refusal. Shared by ``quantize`` (weights quantized here) and ``fold-qdq`` (weights recovered from ONNX)."""
     (s_x, z_x), (s_y, z_y) = input_q, output_q
-    q_w, s_w = per_channel_int8(data["params"]["weight"])
-    channels = len(s_w)
     acc_scale = s_x * s_w
-    q_b = np.round(np.asarray(data["params"].get("bias", np.zeros(channels)), np.float64) / acc_scale)
+    q_b = np.round(np.asarray(data["params"].get("bias", np.zeros(len(s_w))), np.float64) / acc_scale)
     if reduction_size(data) * QMAX * WEIGHT_MAX + np.abs(q_b).max() > INT32_MAX:
         return "accumulator_overflow", f"bias up to {np.abs(q_b).max():.3g} accumulator units"
     multiplier, shift = fixed_point(acc_scale / s_y)
     if shift.min() < 1 or shift.max() > 62:
         return "requantize_range", f"s_x s_w / s_y spans {acc_scale.min() / s_y:.3g}..{acc_scale.max() / s_y:.3g}"
-    out_min, out_max = output_clamp(data["attrs"], s_y, z_y)
+    out_min, out_max = output_clamp(activation, s_y, z_y)
     attrs = {"input_zero_point": z_x, "output_zero_point": z_y, "out_dtype": "uint8", "out_min": out_min,
              "out_max": out_max}
     if data["op"] == "conv2d":
@@ -194,11 +200,15 @@ def rewrite_layer(graph: Graph, plan: LayerPlan, quantized: dict[tuple, Value]) 
     meta, origin = dict(data["meta"]), data["origin"]
     q_y = replace_node(graph, plan.node, INTEGER_OP[data["op"]], [q_x], plan.attrs, plan.params, origin)
     graph.nodes[q_y.node]["meta"] = meta
-    y = graph.add_op("dequantize", [q_y], params=_qparams(*plan.output_q), origin=origin,
-                     name=f"{plan.node}_dequantize")
+    return _dequantize_after(graph, q_y, _qparams(*plan.output_q), origin, f"{plan.node}_dequantize").node
+
+
+def _dequantize_after(graph: Graph, q_y: Value, params: dict, origin: tuple, name: str) -> Value:
+    """A dequantize of integer ``q_y`` that every former user of ``q_y`` (and the graph outputs) now reads."""
+    y = graph.add_op("dequantize", [q_y], params=params, origin=origin, name=name)
     graph.replace_all_uses(q_y, y)
     graph.set_operands(y.node, [q_y])  # replace_all_uses also moved the dequantize's own operand edge
-    return y.node
+    return y
 
 
 def remove_unused_dequantize(graph: Graph, nodes: list[str]) -> None:
@@ -237,9 +247,7 @@ def integer_max_pools(graph: Graph) -> int:
         data, params = graph.nodes[pool], producer["params"]
         q_y = replace_node(graph, pool, "max_pool2d", [graph.operands(x.node)[0]], dict(data["attrs"]),
                            dict(data["params"]), data["origin"])
-        y = graph.add_op("dequantize", [q_y], params=dict(params), origin=data["origin"], name=f"{pool}_dequantize")
-        graph.replace_all_uses(q_y, y)
-        graph.set_operands(y.node, [q_y])
+        y = _dequantize_after(graph, q_y, dict(params), data["origin"], f"{pool}_dequantize")
         for user, _ in graph.users(y):
             user_data = graph.nodes[user]
             if user_data["op"] == "quantize" and user_data["attrs"].get("axis") is None and \
@@ -411,7 +419,7 @@ class Quantize(Pass):
                         f"{baseline:.4g} float, {final:.4g} with it kept")
         for plan in plans:
             graph.nodes[plan.node]["meta"]["quantize.sqnr_db_alone"] = round(alone[plan.node], 2)
-        decide.stats["kept_for_accuracy"] += 0
+        decide.stats.setdefault("kept_for_accuracy", 0)  # reported even when nothing had to be kept
         decide.stats["metric_float_milli"] = round(1000 * baseline)
         decide.stats["metric_final_milli"] = round(1000 * final)
         return [plan for plan in plans if plan.node not in kept]
