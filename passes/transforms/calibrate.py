@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from passes.core.pass_base import PassError
-from passes.ir.graph import Graph, Value
-from passes.ir.interpret import interpret
+from passes.core.pass_base import PassContext, PassError
+from passes.ir.graph import Graph, IRError, TensorType, Value
+from passes.ir.interpret import GraphModule, interpret
+from passes.transforms.infer_shapes import InferShapes
 
 OBSERVERS = ("minmax", "percentile", "entropy")
 HISTOGRAM_BINS = 2048
@@ -58,13 +59,57 @@ class TensorObservation:
         self.edges = edges
 
 
+def rebatched(graph: Graph, shapes: list[tuple[int, ...]], pass_name: str = "distill") -> Graph:
+    """A copy of ``graph`` whose inputs have ``shapes``; a batch entry in reshape targets follows the new batch."""
+    copy = graph.copy_graph()
+    batch = {}
+    for node, shape in zip(copy.inputs, shapes):
+        old = copy.nodes[node]["out_types"][0]
+        changed = [i for i, (a, b) in enumerate(zip(old.shape, shape)) if a != b]
+        if len(shape) != old.rank or len(changed) > 1:
+            raise PassError(f"{pass_name}: data for input {node!r} has shape {list(shape)}, the model takes "
+                            f"{list(old.shape)}; only the batch size may differ")
+        if changed:
+            batch[old.shape[changed[0]]] = shape[changed[0]]
+        copy.nodes[node]["out_types"] = [TensorType(shape, old.dtype)]
+    for node in copy.op_nodes("reshape"):
+        target = list(copy.nodes[node]["attrs"]["shape"])
+        if target and target[0] in batch:
+            copy.nodes[node]["attrs"]["shape"] = (batch[target[0]], *target[1:])
+    try:
+        InferShapes().run(copy, PassContext())
+    except IRError as e:
+        raise PassError(f"{pass_name}: the model does not run at the data's batch size ({e}); give batches of the "
+                        "example inputs' size") from e
+    return copy
+
+
+class BatchedInterpreter:
+    """Runs ``graph`` through the reference interpreter at whatever batch size the data has: one re-batched graph
+    per input shape (cached), every one sharing the parameters of ``module`` (so training one trains them all).
+    Data batches need not match the example inputs the model is compiled for."""
+
+    def __init__(self, graph: Graph, module: GraphModule | None = None, pass_name: str = "quantize"):
+        self.graph, self.module, self.pass_name = graph, module or interpret(graph), pass_name
+        self.shapes = tuple(t.shape for t in graph.input_types())
+        self.modules: dict[tuple, GraphModule] = {self.shapes: self.module}
+
+    def __call__(self, *inputs):
+        shapes = tuple(tuple(x.shape) for x in inputs)
+        if shapes not in self.modules:
+            module = GraphModule(rebatched(self.graph, list(shapes), self.pass_name)).train(self.module.training)
+            module.node_params = self.module.node_params
+            self.modules[shapes] = module
+        return self.modules[shapes](*inputs)
+
+
 def run_probe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple]):
     """The observed values, one list per batch, as float numpy arrays."""
     import torch
 
     probe = graph.copy_graph()
     probe.set_outputs(tuple(values))
-    module = interpret(probe)
+    module = BatchedInterpreter(probe)
     for batch in batches:
         with torch.no_grad():  # never across a yield: grad mode is global, and a generator may be left suspended
             outs = module(*batch)
@@ -189,7 +234,7 @@ def evaluate(graph: Graph, metric: Callable[..., float], items: list[tuple]) -> 
     by batch size (so a per-batch accuracy averages to the accuracy over all items)."""
     import torch
 
-    module, total, count = interpret(graph), 0.0, 0
+    module, total, count = BatchedInterpreter(graph), 0.0, 0
     for inputs, labels in items:
         with torch.no_grad():
             outputs = module(*inputs)

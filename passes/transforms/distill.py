@@ -26,37 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
-from passes.ir.graph import Graph, IRError, TensorType, flatten_structure
+from passes.ir.graph import Graph, flatten_structure
 from passes.ir.interpret import GraphModule
-from passes.transforms.calibrate import split_items
-from passes.transforms.infer_shapes import InferShapes
+from passes.transforms.calibrate import BatchedInterpreter, split_items
 
 FROZEN_PARAMS = ("running_mean", "running_var")
-
-
-def rebatched(graph: Graph, shapes: list[tuple[int, ...]]) -> Graph:
-    """A copy of ``graph`` whose inputs have ``shapes``; a batch entry in reshape targets follows the new batch."""
-    copy = graph.copy_graph()
-    batch = {}
-    for node, shape in zip(copy.inputs, shapes):
-        old = copy.nodes[node]["out_types"][0]
-        changed = [i for i, (a, b) in enumerate(zip(old.shape, shape)) if a != b]
-        if len(shape) != old.rank or len(changed) > 1:
-            raise PassError(f"distill: data for input {node!r} has shape {list(shape)}, the model takes "
-                            f"{list(old.shape)}; only the batch size may differ")
-        if changed:
-            batch[old.shape[changed[0]]] = shape[changed[0]]
-        copy.nodes[node]["out_types"] = [TensorType(shape, old.dtype)]
-    for node in copy.op_nodes("reshape"):
-        target = list(copy.nodes[node]["attrs"]["shape"])
-        if target and target[0] in batch:
-            copy.nodes[node]["attrs"]["shape"] = (batch[target[0]], *target[1:])
-    try:
-        InferShapes().run(copy, PassContext())
-    except IRError as e:
-        raise PassError(f"distill: the model does not run at the data's batch size ({e}); give batches of the "
-                        "example inputs' size") from e
-    return copy
 
 
 @dataclass(frozen=True)
@@ -80,24 +54,13 @@ class Distill(Pass):
         if ctx.original is None:
             raise PassError("distill: no teacher (run it in a pipeline or optimize(), or set PassContext.original)")
         torch.manual_seed(self.seed)
-        student, modules = GraphModule(graph).train(), {}
+        student = GraphModule(graph).train()
         for key, param in student.named_parameters():
             param.requires_grad_(not key.endswith(FROZEN_PARAMS))
-
-        def module_for(g: Graph, inputs: tuple, shared: GraphModule | None) -> GraphModule:
-            shapes = [tuple(x.shape) for x in inputs]
-            key = (id(g), tuple(shapes))
-            if key not in modules:
-                same = shapes == [t.shape for t in g.input_types()]
-                modules[key] = GraphModule(g if same else rebatched(g, shapes))
-                if shared is not None:
-                    modules[key].node_params = shared.node_params  # one set of weights for every batch size
-            return modules[key]
-
-        teacher = GraphModule(ctx.original).eval()
+        run_student = BatchedInterpreter(graph, student, "distill")
+        run_teacher = BatchedInterpreter(ctx.original, GraphModule(ctx.original).eval(), "distill")
         with torch.no_grad():
-            targets = [[t.detach() for t in flatten_structure(module_for(ctx.original, x, teacher)(*x))]
-                       for x, _ in batches]
+            targets = [[t.detach() for t in flatten_structure(run_teacher(*x))] for x, _ in batches]
         optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=self.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * len(batches))
         order, losses, steps = list(range(len(batches))), [], 0
@@ -107,7 +70,7 @@ class Distill(Pass):
             total = 0.0
             for i in order:
                 inputs, labels = batches[i]
-                outputs = flatten_structure(module_for(graph, inputs, student)(*inputs))
+                outputs = flatten_structure(run_student(*inputs))
                 loss = sum(self._loss(s, t, labels) for s, t in zip(outputs, targets[i]))
                 optimizer.zero_grad()
                 loss.backward()

@@ -13,7 +13,8 @@ from frontend.torch_fx import from_torch
 from passes.core.pass_base import PassContext, PassError
 from passes.core.pipeline import Pipeline
 from passes.ir.interpret import run_reference
-from passes.transforms.distill import Distill, rebatched
+from passes.transforms.calibrate import rebatched
+from passes.transforms.distill import Distill
 from passes.transforms.prune_channels import PruneChannels
 from tests.cases import Fn
 from tests.passes.helpers import run_pass

@@ -320,3 +320,11 @@ def test_avg_pool_and_pools_of_float_tensors_stay_float():
     assert result.stats["quantized"] == 1 and "integer_max_pools" not in result.stats
     pool = next(n for n in graph.topo_order() if graph.nodes[n]["op"] == "max_pool2d")
     assert str(graph.nodes[pool]["out_types"][0]).startswith("f32")
+
+
+def test_calibration_batches_may_differ_from_the_compiled_batch_size():
+    """Data cut into batches of 8 (the CLI's --batch-size) calibrates a graph compiled for batch 1."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    graph = from_torch(model, (torch.randn(1, 3, 8, 8),))
+    data = [(torch.randn(8, 3, 8, 8),) for _ in range(2)]
+    assert Quantize().run(graph, PassContext(data=data)).stats["quantized"] == 2
