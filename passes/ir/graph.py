@@ -231,10 +231,20 @@ class Graph(nx.MultiDiGraph):
                 continue
             self.remove_edge(src, dst, key)
             self.add_edge(new.node, dst, src_out=new.index, dst_in=d["dst_in"])
+        self.replace_output(old, new)
+
+    def replace_output(self, old: Value, new: Value) -> None:
+        """Make the graph return ``new`` where it returned ``old``; the output's name (ONNX) moves along."""
         self.graph["outputs"] = map_structure(lambda v: new if v == old else v, self.outputs)
         name = self.nodes[old.node]["meta"].get(OUTPUT_NAMES, {}).pop(str(old.index), None)
         if name is not None:
             self.nodes[new.node]["meta"].setdefault(OUTPUT_NAMES, {})[str(new.index)] = name
+
+    def matches(self, node: str, patterns: Iterable[str]) -> bool:
+        """Whether the node's name or one of its origins matches a shell-style pattern (``layer1.*``)."""
+        import fnmatch
+
+        return any(fnmatch.fnmatchcase(n, p) for n in (node, *self.nodes[node]["origin"]) for p in patterns)
 
     def output_name(self, value: Value, default: str) -> str:
         return self.nodes[value.node]["meta"].get(OUTPUT_NAMES, {}).get(str(value.index), default)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
-from passes.ir.graph import OUTPUT_NAMES, Graph, Value, map_structure
+from passes.ir.graph import Graph, Value
 from passes.ir.ops import get_op
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
@@ -98,13 +98,6 @@ class MixedPrecision(Pass):
 
     @staticmethod
     def _outputs_stay_fp32(graph: Graph, low: str, cast) -> None:
-        def restore(value: Value) -> Value:
-            if graph.value_type(value).dtype != low:
-                return value
-            back = cast(value, "float32")
-            name = graph.nodes[value.node]["meta"].get(OUTPUT_NAMES, {}).pop(str(value.index), None)
-            if name is not None:
-                graph.nodes[back.node]["meta"].setdefault(OUTPUT_NAMES, {})[str(back.index)] = name
-            return back
-
-        graph.set_outputs(map_structure(restore, graph.outputs))
+        for value in graph.output_values():
+            if graph.value_type(value).dtype == low:
+                graph.replace_output(value, cast(value, "float32"))

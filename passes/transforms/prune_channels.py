@@ -25,7 +25,6 @@ with a graph input or an unprunable tensor), ``shared_constant``, ``unsupported_
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,8 +93,7 @@ class PruneChannels(Pass):
         if group.frozen:
             return group.frozen, group.frozen_detail
         for node in group.producers:
-            names = (node, *graph.nodes[node]["origin"])
-            if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in self.skip):
+            if graph.matches(node, self.skip):
                 return "skipped_by_name", f"{node} matches skip={list(self.skip)}"
         if group.size <= self.min_channels:
             return "too_small", f"{group.size} channels <= min_channels={self.min_channels}"

@@ -44,7 +44,6 @@ zero_point)) and ``quantize.observer``.
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -388,8 +387,7 @@ class Quantize(Pass):
         data = graph.nodes[node]
         if data["meta"].get("quantize.kept_float") == "accuracy":
             return "kept_float", "kept float by an earlier accuracy-aware quantize"
-        names = (node, *data["origin"])
-        if any(fnmatch.fnmatchcase(n, pattern) for n in names for pattern in self.keep_float):
+        if graph.matches(node, self.keep_float):
             return "kept_float", f"{node} matches keep_float={list(self.keep_float)}"
         return None
 
