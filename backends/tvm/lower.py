@@ -21,7 +21,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, dense_spec, supports
-from backends.tvm.qkernels import QConvSpec, qconv_kernel
+from backends.tvm.qkernels import QConvSpec, integer_max_pool2d_kernel, qconv_kernel
 from backends.tvm.recurrent import GATES, recurrent_kernel
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import activation_of
@@ -375,6 +375,8 @@ def _pool(ctx, xs):
     else:
         kwargs["count_include_pad"] = a["count_include_pad"]
     dtype = ctx.in_type(0).dtype
+    if kind == "max" and dtype in ("uint8", "int8") and nd == 2 and ctx.target_kind == "llvm":
+        return _integer_max_pool2d(ctx, xs[0])
     if kind == "max" and dtype in ("uint8", "int8"):  # LLVM scalarizes an 8-bit max pool; in float (exact) not
         y = ctx.emit(R.astype(fn(R.astype(xs[0], "float32"), **kwargs), dtype))
     else:
@@ -382,6 +384,16 @@ def _pool(ctx, xs):
     if static_shape(y) != ctx.out_type().shape:
         raise ctx.fail(f"TVM's pooling gives shape {static_shape(y)}, torch {ctx.out_type().shape}")
     return y
+
+
+def _integer_max_pool2d(ctx: LowerContext, x: relax.Expr) -> relax.Expr:
+    """8-bit max pool as our vectorized kernel (``qkernels.integer_max_pool2d_kernel``)."""
+    a, out = ctx.attrs, ctx.out_type()
+    func = integer_max_pool2d_kernel(ctx.in_type(0).shape, out.shape, out.dtype, a["kernel_size"], a["stride"],
+                                     a["padding"], a["dilation"], ctx.cores)
+    name = f"max_pool2d_{ctx.node}"
+    gv = ctx.bb.add_func(func.with_attr("global_symbol", name), name)
+    return ctx.emit(R.call_tir(gv, relax.Tuple([x]), out_ty=relax.TensorType(out.shape, out.dtype)))
 
 
 @lowering("adaptive_avg_pool1d", "adaptive_avg_pool2d")

@@ -9,9 +9,11 @@ One TIR kernel serves both ops (a linear over rows ``x[M, K]`` is a 1x1 conv on 
 
 The weight is packed at compile time to ``(OC/16, KH, KW, C/4, 16, 4)`` (zero padded): for one output pixel,
 the 16 output channels x 4 input channels of one step are 64 contiguous bytes, exactly the operand of AVX-512
-VNNI's ``vpdpbusd``, which adds four u8 x s8 products into each of 16 int32 lanes. Padding with ``z_x`` makes the
-kernel's plain sum ``sum x w`` equal ``sum (x - z_x) w + z_x sum w`` everywhere, so the zero-point correction is a
-constant folded into the bias at compile time: ``b' = q_b - z_x sum_{c, ry, rx} q_w``.
+VNNI's ``vpdpbusd``, which adds four u8 x s8 products into each of 16 int32 lanes. Where C is not a multiple of
+4 (an RGB stem), a kernel row's columns x channels are one packed reduction instead (``QConvSpec.packs_width``:
+A is unpadded NHWC, a step reads 4 consecutive bytes of ``(rx, c)``), so no step multiplies padding channels.
+Padding with ``z_x`` makes the kernel's plain sum ``sum x w`` equal ``sum (x - z_x) w + z_x sum w`` everywhere,
+so the zero-point correction is a constant folded into the bias at compile time: ``b' = q_b - z_x sum q_w``.
 
 Requantization is integer only: ``clamp(z_y + ((acc * M + 2^(shift-1)) >> shift), out_min, out_max)`` in int64
 (``passes.ir.ops.requantize``), so the compiled result equals the torch reference bit for bit.
@@ -113,13 +115,49 @@ class QConvSpec:
         """(input channels padded to DEPTH, output channels padded to LANES)."""
         return _ceil_to(self.in_shape[1], DEPTH), _ceil_to(self.weight_shape[0], LANES)
 
+    @property
+    def packs_width(self) -> bool:
+        """Whether the kernel's columns and input channels form one reduction axis (``rx * C + c``, padded to
+        DEPTH once per kernel row) instead of each column's channels being padded to DEPTH. Pays where C is not a
+        multiple of 4: ResNet's RGB stem (7x7, C = 3) takes 7 x 6 instead of 7 x 7 vpdpbusd steps per output
+        pixel, a 1-channel 3x3 conv 3 x 1 instead of 3 x 3. Needs unit column dilation (the packed columns are
+        adjacent in memory)."""
+        c, kw, dw = self.in_shape[1], self.weight_shape[3], self.dilation[1]
+        return dw == 1 and _ceil_to(kw * c, DEPTH) // DEPTH < kw * (_ceil_to(c, DEPTH) // DEPTH)
+
+    @property
+    def reduction(self) -> tuple[int, int, int]:
+        """(pixel stride P of the padded NHWC rows, kernel columns reduced one by one, DEPTH-byte steps per
+        column): a reduction step reads bytes ``(x*sw + rx*dw) * P + 4 rco + [0, 4)`` of the padded row."""
+        c, kw = self.in_shape[1], self.weight_shape[3]
+        if self.packs_width:
+            return c, 1, _ceil_to(kw * c, DEPTH) // DEPTH
+        cp = self.padded_channels[0]
+        return cp, kw, cp // DEPTH
+
+    @property
+    def padded_row(self) -> int:
+        """Bytes per padded input row: the padded image's width x P, or further where the last packed step
+        reads past it (into bytes that meet zero weights)."""
+        w, pw, sw = self.in_shape[3], self.padding[1], self.stride[1]
+        pixel, cols, steps = self.reduction
+        last_read = ((self.out_shape[3] - 1) * sw + (cols - 1) * self.dilation[1]) * pixel + steps * DEPTH
+        return _ceil_to(max((w + 2 * pw) * pixel, last_read), pixel)  # whole pixels: the pad loop splits by P
+
     def pack_weight(self, weight: np.ndarray) -> np.ndarray:
-        """(OC, C, KH, KW) int8 -> (OCp/16, KH, KW, Cp/4, 16, 4), zero padded."""
+        """(OC, C, KH, KW) int8 -> (OCp/16, KH, cols, steps, 16, 4) (``reduction``), zero padded: per step, 16
+        output channels x 4 reduction bytes (channels, or packed columns x channels) contiguous."""
         oc, c, kh, kw = weight.shape
-        cp, ocp = self.padded_channels
-        padded = np.zeros((ocp, cp, kh, kw), np.int8)
+        ocp = self.padded_channels[1]
+        _, cols, steps = self.reduction
+        if self.packs_width:  # reduction byte rx * C + c of kernel row ry
+            flat = np.zeros((ocp, kh, steps * DEPTH), np.int8)
+            flat[:oc, :, :kw * c] = weight.transpose(0, 2, 3, 1).reshape(oc, kh, kw * c)
+            blocks = flat.reshape(ocp // LANES, LANES, kh, 1, steps, DEPTH)
+            return np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1, 5))
+        padded = np.zeros((ocp, steps * DEPTH, kh, kw), np.int8)
         padded[:oc, :c] = weight
-        blocks = padded.reshape(ocp // LANES, LANES, cp // DEPTH, DEPTH, kh, kw)
+        blocks = padded.reshape(ocp // LANES, LANES, steps, DEPTH, kh, kw)
         return np.ascontiguousarray(blocks.transpose(0, 4, 5, 2, 1, 3))
 
     def fold_bias(self, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -146,28 +184,33 @@ def requantize_expr(acc, multiplier, shift, spec: QConvSpec):
 def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     """TE stages; the PrimFunc arguments are [data, packed weight, folded bias, multiplier, shift, out]."""
     n, c, h, w = spec.in_shape
-    oc, _, kh, kw = spec.weight_shape
+    oc, _, kh, _ = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
-    cp, ocp = spec.padded_channels
+    ocp = spec.padded_channels[1]
+    pixel, cols, steps = spec.reduction
     _, _, oh, ow = spec.out_shape
     data = te.placeholder(spec.in_shape, spec.in_dtype, name="data")
-    weight = te.placeholder((ocp // LANES, kh, kw, cp // DEPTH, LANES, DEPTH), "int8", name="weight")
+    weight = te.placeholder((ocp // LANES, kh, cols, steps, LANES, DEPTH), "int8", name="weight")
     bias = te.placeholder((oc,), "int32", name="bias")
     multiplier = te.placeholder((oc,), "int32", name="multiplier")
     shift = te.placeholder((oc,), "int32", name="shift")
     zero = tirx.const(spec.input_zero_point, spec.in_dtype)
-    padded = te.compute(
-        (n, h + 2 * ph, w + 2 * pw, cp),
-        lambda b, y, x, ch: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw, ch < c),
-                                              data[b, tirx.min(ch, c - 1), y - ph, x - pw], zero), name="pad")
+
+    def padded_value(b, y, i):  # byte i of padded row y: pixel i // P, channel i % P
+        px, ch = i // pixel, i % pixel
+        inside = tirx.all(y >= ph, y < h + ph, px >= pw, px < w + pw, ch < c)
+        return tirx.if_then_else(inside, data[b, tirx.min(ch, c - 1), tirx.max(tirx.min(y - ph, h - 1), 0),
+                                              tirx.max(tirx.min(px - pw, w - 1), 0)], zero)
+
+    padded = te.compute((n, h + 2 * ph, spec.padded_row), padded_value, name="pad")
     ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
-    rco = te.reduce_axis((0, cp // DEPTH), "rco")
+    rx = te.reduce_axis((0, cols), "rx")
+    rco = te.reduce_axis((0, steps), "rco")
     rci = te.reduce_axis((0, DEPTH), "rci")
     acc = te.compute(
         (n, oh, ow, ocp // LANES, LANES),
         lambda b, y, x, oo, oi: te.sum(
-            padded[b, y * sh + ry * dh, x * sw + rx * dw, rco * DEPTH + rci].astype("int32")
+            padded[b, y * sh + ry * dh, (x * sw + rx * dw) * pixel + rco * DEPTH + rci].astype("int32")
             * weight[oo, ry, rx, rco, oi, rci].astype("int32"), axis=[ry, rx, rco, rci]), name="acc")
     out = te.compute(
         spec.out_shape,
@@ -209,7 +252,8 @@ def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> t
         sch.unroll(epilogue[1])
     sch.unroll(x_inner)
     pad_loops = sch.get_loops(sch.get_sblock("pad"))
-    sch.vectorize(pad_loops[-1])
+    _, channel = sch.split(pad_loops[-1], [None, spec.reduction[0]])  # (pixel, channel): i // P, i % P simplify
+    sch.unroll(channel) if spec.packs_width else sch.vectorize(channel)
     if cores > 1:
         sch.parallel(sch.fuse(*outer))
         sch.parallel(sch.fuse(*pad_loops[:2]))
@@ -220,4 +264,47 @@ def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> t
     if spec.vnni:
         sch.tensorize(oi, vnni_intrinsic())
     sch.set_scope(init, 0, "local")
+    return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
+
+
+def integer_max_pool2d_kernel(in_shape: tuple[int, int, int, int], out_shape: tuple[int, int, int, int],
+                              dtype: str, kernel: tuple[int, int], stride: tuple[int, int],
+                              padding: tuple[int, int], dilation: tuple[int, int], cores: int = 1) -> tirx.PrimFunc:
+    """Max pool on 8-bit integers (NCHW) as two separable passes per output row, vectorized:
+
+        rows[x]     = max_ky  in[oh*sh + ky*dh - ph, x - pw]        (contiguous in x)
+        out[oh, ow] = max_kx  rows[ow*sw + kx*dw]
+
+    Padding (and ``ceil_mode``'s overhang, already in ``out_shape``) reads the dtype's minimum, which never wins
+    (every window holds at least one real element). Why ours: TVM's max pool on uint8 scalarizes under LLVM, and
+    the exact detour through float (cast, pool, cast) costs two full passes over the tensor; this is ~20x faster
+    than that detour on ResNet's stem pool (64 x 112 x 112)."""
+    n, c, h, w = in_shape
+    oh, ow = out_shape[2:]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    lowest = tirx.const(int(np.iinfo(dtype).min), dtype)
+    row_width = (ow - 1) * sw + (kw - 1) * dw + 1
+    data = te.placeholder(in_shape, dtype, name="data")
+
+    def at(b, ch, y, x):
+        inside = tirx.all(y >= 0, y < h, x >= 0, x < w)
+        return tirx.if_then_else(inside, data[b, ch, tirx.max(tirx.min(y, h - 1), 0),
+                                              tirx.max(tirx.min(x, w - 1), 0)], lowest)
+
+    def maximum(terms):
+        return functools.reduce(tirx.max, terms)
+
+    rows = te.compute((n, c, oh, row_width), lambda b, ch, y, x: maximum(
+        [at(b, ch, y * sh + ky * dh - ph, x - pw) for ky in range(kh)]), name="rows")
+    out = te.compute(out_shape, lambda b, ch, y, x: maximum(
+        [rows[b, ch, y, x * sw + kx * dw] for kx in range(kw)]), name="pool")
+    sch = Schedule(te.create_prim_func([data, out]))
+    pool = sch.get_sblock("pool")
+    b, ch, y, x = sch.get_loops(pool)
+    row_block = sch.get_sblock("rows")
+    sch.compute_at(row_block, y)
+    sch.vectorize(sch.get_loops(row_block)[-1])
+    sch.vectorize(x)
+    if cores > 1:
+        sch.parallel(sch.fuse(b, ch))
     return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from backends.tvm import build, qkernels
+from backends.tvm.lower import lower
 from backends.tvm.qkernels import QConvSpec
 from backends.tvm.target import cpu_has
 from frontend.torch_fx import from_torch
@@ -68,7 +69,12 @@ CONVS = [
     dict(in_shape=(1, 12, 10, 10), out_channels=16, kernel=(3, 3), dilation=(2, 2)),
     dict(in_shape=(1, 32, 7, 7), out_channels=16, kernel=(1, 1)),
     dict(in_shape=(1, 4, 12, 12), out_channels=8, kernel=(7, 5), stride=(2, 1), padding=(3, 2)),
+    # width-packed reductions (C not a multiple of 4): an RGB stem, a 1-channel image, C = 5 with dilated rows
+    dict(in_shape=(1, 3, 23, 21), out_channels=24, kernel=(7, 7), stride=(2, 2), padding=(3, 3)),
+    dict(in_shape=(2, 1, 9, 10), out_channels=16, kernel=(3, 3), padding=(1, 1)),
+    dict(in_shape=(1, 5, 10, 9), out_channels=16, kernel=(3, 3), stride=(1, 2), padding=(2, 1), dilation=(2, 1)),
 ]
+PACKED = CONVS[-3:]
 
 
 @pytest.mark.parametrize("case", CONVS, ids=lambda c: f"{c['in_shape']}->{c['out_channels']}k{c['kernel']}")
@@ -77,14 +83,32 @@ def test_qconv2d_is_exact_with_vnni(case):
 
 
 @needs_avx512
-@pytest.mark.parametrize("case", CONVS[:3], ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
+@pytest.mark.parametrize("case", CONVS[:3] + PACKED[:1], ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
 def test_qconv2d_is_exact_without_vnni(case):
     assert_exact(qconv_graph(**case), NO_VNNI)
 
 
+def test_width_packing_only_where_it_saves_steps():
+    def spec(channels, kernel, dilation=(1, 1)):
+        return QConvSpec((1, channels, 16, 16), (16, channels, *kernel), (1, 1), (1, 1), dilation, 0, 0, 0, 255)
+
+    stem = spec(3, (7, 7))
+    assert stem.packs_width and stem.reduction == (3, 1, 6)  # 7 x 6 steps per pixel instead of 7 x 7
+    assert spec(1, (3, 3)).reduction == (1, 1, 1) and spec(5, (3, 3)).reduction == (5, 1, 4)
+    assert not spec(3, (3, 3)).packs_width  # 3 x 3 steps either way
+    assert not spec(8, (3, 3)).packs_width and spec(8, (3, 3)).reduction == (8, 3, 2)
+    assert not spec(3, (7, 7), dilation=(1, 2)).packs_width  # dilated columns are not adjacent bytes
+    for case in PACKED:
+        graph_spec = QConvSpec(case["in_shape"], (case["out_channels"], case["in_shape"][1], *case["kernel"]),
+                               case.get("stride", (1, 1)), case.get("padding", (0, 0)), case.get("dilation", (1, 1)),
+                               0, 0, 0, 255)
+        assert graph_spec.packs_width
+
+
 @needs_avx512
 @pytest.mark.parametrize("order", ["rows", "channels"])
-@pytest.mark.parametrize("case", [CONVS[1], CONVS[2], CONVS[4]], ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
+@pytest.mark.parametrize("case", [CONVS[1], CONVS[2], CONVS[4], PACKED[0]],
+                         ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
 def test_both_loop_orders_are_exact(case, order, monkeypatch):
     monkeypatch.setattr(qkernels, "loop_order", lambda spec, cores: order)
     assert_exact(qconv_graph(**case))
@@ -101,18 +125,29 @@ def test_loop_order_is_weight_stationary_only_where_rows_are_few():
     assert order((2, 512, 7, 7), 512) == "rows" and order((1, 512, 7, 7), 512, cores=1) == "rows"
 
 
+POOLS = [dict(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)),              # ResNet's stem pool
+         dict(kernel_size=(2, 2), stride=(2, 2)),
+         dict(kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), dilation=(2, 1)),
+         dict(kernel_size=(3, 3), stride=(2, 2), ceil_mode=True)]                  # overhanging last window
+
+
 @pytest.mark.parametrize("dtype", ["uint8", "int8"])
-def test_integer_max_pool_is_exact(dtype):
+@pytest.mark.parametrize("attrs", POOLS, ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
+def test_integer_max_pool_is_our_kernel_and_exact(dtype, attrs):
     g = Graph(name="pool")
-    x = g.add_input("x", TensorType((2, 5, 11, 11), dtype))
-    g.set_outputs(g.add_op("max_pool2d", [x], attrs={"kernel_size": (3, 3), "stride": (2, 2), "padding": (1, 1)}))
+    x = g.add_input("x", TensorType((2, 5, 11, 12), dtype))
+    g.set_outputs(g.add_op("max_pool2d", [x], attrs=attrs))
     info = np.iinfo(dtype)
-    data = RNG.integers(info.min, info.max + 1, (2, 5, 11, 11)).astype(dtype)
-    expected = torch.nn.functional.max_pool2d(torch.from_numpy(data), 3, 2, 1).numpy()
-    actual = build(g, "llvm")(data)
+    data = RNG.integers(info.min, info.max + 1, (2, 5, 11, 12)).astype(dtype)
+    data[0, 0] = info.min  # a plane of the dtype's minimum: padding must not leak a wrong value into it
+    expected = torch.nn.functional.max_pool2d(torch.from_numpy(data).float(), **attrs).numpy().astype(dtype)
+    module = build(g, "llvm")
+    actual = module(data)
     assert actual.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(actual, expected)
     np.testing.assert_array_equal(run_reference(g, (torch.from_numpy(data),)).numpy(), expected)
+    main = lower(g, "llvm", cores=2)["main"].script()
+    assert "R.call_tir(max_pool2d_" in main and "float32" not in main  # our kernel, no detour through float
 
 
 def test_int8_activations_are_exact_too():  # signed inputs (an imported model's choice) skip vpdpbusd
