@@ -186,8 +186,47 @@ def bench_int8(rounds: int, calibration_batches: int = 8) -> dict[str, float]:
     return medians
 
 
+def bench_lstm_int8(rounds: int) -> dict[str, float]:
+    """BiLSTM classifier (zoo, full size) with dynamic int8 weights: ours (``quantize{mode=dynamic}``) vs ours fp32
+    vs PyTorch ``quantize_dynamic`` (nn.LSTM + nn.Linear, qint8, fbgemm) vs ONNX Runtime ``quantize_dynamic``
+    (DynamicQuantizeLSTM + MatMulInteger), same run; max error of each int8 model vs PyTorch fp32."""
+    import tempfile
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, inputs = zoo.make("bilstm", full=True)
+    x = inputs[0].numpy()
+    ours_fp32 = passes.optimize(model, example_inputs=inputs, measure=False)
+    ours_int8 = passes.optimize(model, passes=["quantize{mode=dynamic}", "default"], example_inputs=inputs,
+                                measure=False)
+    torch_int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32, int8 = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "int8.onnx")
+        torch.onnx.export(model, inputs, fp32, input_names=["input_0"], dynamo=False, opset_version=17)
+        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = CORES
+        session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+    runners = {"ours fp32": lambda: ours_fp32(x), "ours int8": lambda: ours_int8(x),
+               "pytorch int8": lambda: torch_int8(*inputs),
+               "onnxruntime int8": lambda: session.run(None, {"input_0": x})}
+    with torch.no_grad():
+        medians = interleaved_medians(runners, rounds)
+        expected = model(*inputs).numpy()
+        outputs = {"ours int8": ours_int8(x), "pytorch int8": torch_int8(*inputs).numpy(),
+                   "onnxruntime int8": session.run(None, {"input_0": x})[0]}
+    scale = float(np.abs(expected).max())
+    errors = {f"{k} error": float(np.abs(v - expected).max()) / scale for k, v in outputs.items()}
+    print("  dynamic int8 on bilstm: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items())
+          + "; max rel error vs PyTorch fp32: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+    return {**medians, **errors}
+
+
 def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float] | None, machine: str,
-                  pruning: dict[str, float] | None = None, int8: dict[str, float] | None = None) -> str:
+                  pruning: dict[str, float] | None = None, int8: dict[str, float] | None = None,
+                  lstm_int8: dict[str, float] | None = None) -> str:
     columns = [c for c in ("pytorch", "onnxruntime", "torch.compile", "ours", "ours tuned")
                if any(c in r for r in rows.values())]
     lines = [f"Machine: {machine}. Batch 1, fp32, median ms of interleaved rounds; ours = default pipeline with our "
@@ -219,6 +258,11 @@ def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float]
         lines += ["", "Int8 (ResNet-18-like, static, per-channel weights, same run and calibration inputs): " + times
             + f"; ours int8 / ONNX Runtime int8 {int8['ours int8'] / int8['onnxruntime int8']:.2f}x; ours int8 max "
               f"relative error vs PyTorch fp32 {int8['int8_rel_error']:.3f}."]
+    if lstm_int8:
+        lines += ["", "Dynamic int8 (BiLSTM classifier, int8 LSTM and linear weights, same run): " + ", ".join(
+            f"{k} {v:.2f} ms" for k, v in lstm_int8.items() if not k.endswith("error")) + "; max relative error vs "
+            "PyTorch fp32: " + ", ".join(f"{k[:-6]} {v:.1e}" for k, v in lstm_int8.items() if k.endswith("error"))
+            + "."]
     text = "\n".join(lines) + "\n"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.md").write_text(text)
@@ -254,6 +298,7 @@ def main() -> int:
     parser.add_argument("--skip-conv-pool", action="store_true")
     parser.add_argument("--skip-pruning", action="store_true")
     parser.add_argument("--skip-int8", action="store_true")
+    parser.add_argument("--skip-lstm-int8", action="store_true")
     parser.add_argument("--tune-trials", type=int, default=0, help="add an 'ours tuned' column with this budget")
     parser.add_argument("--tuning-db", default=str(RESULTS / "tuning-db"))
     args = parser.parse_args()
@@ -265,7 +310,8 @@ def main() -> int:
     conv_pool = None if args.skip_conv_pool else bench_conv_pool(args.rounds)
     pruning = None if args.skip_pruning else bench_pruning(args.rounds)
     int8 = None if args.skip_int8 else bench_int8(args.rounds)
-    print(write_results(rows, conv_pool, machine, pruning, int8))
+    lstm_int8 = None if args.skip_lstm_int8 else bench_lstm_int8(args.rounds)
+    print(write_results(rows, conv_pool, machine, pruning, int8, lstm_int8))
     return 0
 
 

@@ -21,8 +21,15 @@ from tvm import relax
 from tvm.relax import op as R
 
 from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, dense_spec, supports
+from backends.tvm.qdynamic import DEPTH, dense_layout, dynamic_dense_kernel, pack_int8
 from backends.tvm.qkernels import QConvSpec, integer_max_pool2d_kernel, qconv_kernel
-from backends.tvm.recurrent import GATES, recurrent_kernel
+from backends.tvm.recurrent import (
+    GATES,
+    integer_layout,
+    integer_recurrent_kernel,
+    pack_integer_weights,
+    recurrent_kernel,
+)
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import activation_of
 
@@ -514,22 +521,58 @@ def _integer_layer(ctx, xs):
     return _requantize(ctx, acc, channel_axis=len(ctx.out_type().shape) - 1)
 
 
-@lowering("qlinear_dynamic")
-def _qlinear_dynamic(ctx, xs):
-    """``passes.ir.ops.dynamic_uint8`` at run time (a min and a max over x), then an int32 matmul of the centered
-    uint8 rows with the int8 weights, scaled once by s_x * s_w in float."""
-    x, p = xs[0], ctx.params
+def dynamic_dense(ctx: LowerContext, x: relax.Expr, weight: np.ndarray, weight_scale: np.ndarray,
+                  bias: np.ndarray | None) -> relax.Expr:
+    """``passes.ir.ops.dynamic_int8_product`` (+ bias): ``dynamic_uint8`` at run time (a min and a max over x),
+    then the integer product of the uint8 rows with the int8 weights, scaled once by s_x * s_w in float. CPU: our
+    kernel (``qdynamic.py``, vpdpbusd on VNNI); elsewhere an int32 Relax matmul of the centered rows. Shared by
+    ``qlinear_dynamic`` and the input projection of the dynamic int8 RNNs."""
     zero = ctx.scalar(0.0)
     low, high = ctx.emit(R.minimum(R.min(x), zero)), ctx.emit(R.maximum(R.max(x), zero))
     scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0)))
     scale = ctx.emit(R.where(R.greater(scale, zero), scale, ctx.scalar(1.0)))
     zero_point = ctx.emit(R.clip(R.round(R.divide(R.negative(low), scale)), 0.0, 255.0))
     q = ctx.emit(R.clip(R.add(R.round(R.divide(x, scale)), zero_point), 0.0, 255.0))
+    if ctx.target_kind == "llvm":
+        scale_zero = ctx.emit(R.concat([R.reshape(scale, (1,)), R.reshape(zero_point, (1,))]))
+        return _dynamic_dense_kernel(ctx, q, scale_zero, weight, weight_scale, bias)
     centered = ctx.emit(R.subtract(R.astype(q, "int32"), R.astype(zero_point, "int32")))
-    weight_t = ctx.const(np.ascontiguousarray(p["weight"].T).astype(np.int32))
+    weight_t = ctx.const(np.ascontiguousarray(weight.T).astype(np.int32))
     acc = ctx.emit(R.matmul(centered, weight_t, out_dtype="int32"))
-    y = ctx.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, ctx.const(p["weight_scale"], "float32"))))
-    return apply_activation(ctx, y if "bias" not in p else ctx.emit(R.add(y, ctx.const(p["bias"], "float32"))))
+    y = ctx.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, ctx.const(weight_scale, "float32"))))
+    return y if bias is None else ctx.emit(R.add(y, ctx.const(bias, "float32")))
+
+
+def _dynamic_dense_kernel(ctx: LowerContext, q: relax.Expr, scale_zero: relax.Expr, weight: np.ndarray,
+                          weight_scale: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+    """``qdynamic.dynamic_dense_kernel`` over the rows of ``q`` (float, integer valued in 0..255: cast to uint8,
+    rows zero padded to a multiple of 4); outputs padded to 16 in the kernel and sliced off after."""
+    shape = static_shape(q)
+    rows, (outputs, inputs) = int(np.prod(shape[:-1])), weight.shape
+    _, block, padded = dense_layout(rows, outputs)
+    packed, row_sums = pack_int8(weight, block)
+
+    def pad(values, fill: float = 0.0) -> relax.Constant:
+        return ctx.const(np.pad(np.asarray(values, np.float32), (0, padded - outputs), constant_values=fill))
+
+    q = ctx.emit(R.reshape(R.astype(q, "uint8"), (rows, inputs)))
+    if inputs % DEPTH:
+        q = ctx.emit(R.nn.pad(q, [0, 0, 0, -inputs % DEPTH]))
+    name = f"dense_int8_{ctx.node}_{len(ctx.bb.get().functions)}"
+    func = dynamic_dense_kernel(rows, inputs, outputs, ctx.vnni).with_attr("global_symbol", name)
+    args = [q, scale_zero, ctx.const(packed, "int8"), ctx.const(row_sums, "int32"), pad(weight_scale, 1.0),
+            pad(np.zeros(outputs) if bias is None else bias)]
+    y = ctx.emit(R.call_tir(ctx.bb.add_func(func, name), relax.Tuple(args),
+                            out_ty=relax.TensorType((rows, padded), "float32")))
+    if padded != outputs:
+        y = ctx.emit(R.strided_slice(y, axes=[1], begin=[0], end=[outputs]))
+    return ctx.emit(R.reshape(y, (*shape[:-1], outputs)))
+
+
+@lowering("qlinear_dynamic")
+def _qlinear_dynamic(ctx, xs):
+    p = ctx.params
+    return apply_activation(ctx, dynamic_dense(ctx, xs[0], p["weight"], p["weight_scale"], p.get("bias")))
 
 
 @lowering("gather")
@@ -685,6 +728,25 @@ def _recurrent(ctx, xs):
     return y, h_n, ctx.emit(R.concat([R.expand_dims(c, 0) for c in final_c], axis=0))
 
 
+def _initial_states(ctx: LowerContext, xs: list[relax.Expr], directions: int, batch: int, hidden: int):
+    """``initial(slot, layer)``: the (D, B, H) slice of operand ``slot`` (h0: 1, c0: 2) for ``layer``, or zeros."""
+
+    def initial(slot: int, layer: int) -> relax.Expr:
+        if len(xs) <= slot:
+            return ctx.const(np.zeros((directions, batch, hidden), np.float32))
+        return ctx.emit(R.strided_slice(xs[slot], axes=[0], begin=[layer * directions],
+                                        end=[(layer + 1) * directions]))
+
+    return initial
+
+
+def _layer_outputs(ctx: LowerContext, kind: str, x: relax.Expr, final_h: list, final_c: list, batch_first: bool):
+    """(y, h_n[, c_n]) from the last layer's time-major output and every layer's (D, B, H) final states."""
+    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if batch_first else x
+    stack = lambda states: states[0] if len(states) == 1 else ctx.emit(R.concat(states, axis=0))  # noqa: E731
+    return (y, stack(final_h)) if kind != "lstm" else (y, stack(final_h), stack(final_c))
+
+
 def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
     """CPU: per layer, one input-projection dense kernel for both directions and one ``recurrent_kernel`` call
     (the whole time loop, directions in parallel)."""
@@ -700,12 +762,7 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
     state_type = relax.TensorType((directions, batch, hidden), "float32")
     zeros = np.zeros(gates, np.float32)
 
-    def initial(slot: int, layer: int):
-        if len(xs) <= slot:
-            return ctx.const(np.zeros((directions, batch, hidden), np.float32))
-        return ctx.emit(R.strided_slice(xs[slot], axes=[0], begin=[layer * directions],
-                                        end=[(layer + 1) * directions]))
-
+    initial = _initial_states(ctx, xs, directions, batch, hidden)
     final_h, final_c = [], []
     for layer in range(layers):
         suffixes = [f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
@@ -728,11 +785,55 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
         x = ctx.emit(relax.TupleGetItem(result, 0))
         final_h.append(ctx.emit(relax.TupleGetItem(result, 1)))
         final_c.append(ctx.emit(relax.TupleGetItem(result, 2)))
-    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if a["batch_first"] else x
-    h_n = final_h[0] if layers == 1 else ctx.emit(R.concat(final_h, axis=0))
-    if kind != "lstm":
-        return y, h_n
-    return y, h_n, final_c[0] if layers == 1 else ctx.emit(R.concat(final_c, axis=0))
+    return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
+
+
+@lowering("qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
+def _dynamic_recurrent(ctx, xs):
+    """CPU: per layer, the input projection of both directions as one ``dynamic_dense`` (x quantized per tensor,
+    the two directions' W_ih stacked, gate rows padded to 16) and one ``integer_recurrent_kernel`` call (h
+    quantized per row each step, the product in int32: vpdpbusd on VNNI CPUs)."""
+    if ctx.target_kind != "llvm":
+        raise ctx.fail("dynamic int8 RNNs lower for llvm (CPU) only; run quantize{mode=dynamic} for CPU targets")
+    a, p = ctx.attrs, ctx.params
+    kind = ctx.data["op"][1:-len("_dynamic")]
+    hidden, layers = a["hidden_size"], a["num_layers"]
+    directions = 2 if a["bidirectional"] else 1
+    gates, (padded_gates, _, _) = GATES[kind] * hidden, integer_layout(kind, hidden)
+    x = ctx.emit(R.permute_dims(xs[0], [1, 0, 2])) if a["batch_first"] else xs[0]
+    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
+    state_type = relax.TensorType((directions, batch, hidden), "float32")
+
+    def padded(rows: np.ndarray, fill: float = 0) -> np.ndarray:
+        """Gate rows (first axis) padded to padded_gates."""
+        out = np.full((padded_gates, *rows.shape[1:]), fill, rows.dtype)
+        out[:gates] = rows
+        return out
+
+    initial = _initial_states(ctx, xs, directions, batch, hidden)
+    zeros = np.zeros(gates, np.float32)
+    final_h, final_c = [], []
+    for layer in range(layers):
+        suffixes = [f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
+        bias = {k: [p.get(f"bias_{k}{s}", zeros) if a["bias"] else zeros for s in suffixes] for k in ("ih", "hh")}
+        xp = dynamic_dense(ctx, x, np.concatenate([padded(p["weight_ih" + s]) for s in suffixes]),
+                           np.concatenate([padded(p["scale_ih" + s], 1) for s in suffixes]),
+                           np.concatenate([padded(b) for b in bias["ih"]]).astype(np.float32))
+        name = f"{kind}_int8_{ctx.node}_l{layer}"
+        func = integer_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"),
+                                        ctx.vnni)
+        gv = ctx.bb.add_func(func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8}),
+                             name)
+        packed, row_sums = pack_integer_weights(kind, [p["weight_hh" + s] for s in suffixes])
+        args = [xp, ctx.const(packed, "int8"), ctx.const(row_sums, "int32"),
+                ctx.const(np.stack([padded(p["scale_hh" + s], 1) for s in suffixes]), "float32"),
+                ctx.const(np.stack([padded(b) for b in bias["hh"]]), "float32"), initial(1, layer), initial(2, layer)]
+        result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[
+            relax.TensorType((steps, batch, directions * hidden), "float32"), state_type, state_type]))
+        x = ctx.emit(relax.TupleGetItem(result, 0))
+        final_h.append(ctx.emit(relax.TupleGetItem(result, 1)))
+        final_c.append(ctx.emit(relax.TupleGetItem(result, 2)))
+    return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
 
 
 # ------------------------------------------------------------------------------------------------ driver

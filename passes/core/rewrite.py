@@ -33,14 +33,17 @@ def replace_node(graph: Graph, old: str, op: str, operands: list[Value], attrs: 
                  params: dict[str, Any], origin: tuple[str, ...], removed: tuple[str, ...] = ()) -> Value:
     """Add a new node computing what ``old`` computed, move ``old``'s users to it, delete ``old`` and ``removed``.
 
-    The new node takes ``old``'s name (so dumps stay readable) after ``old`` is gone.
+    The new node takes ``old``'s name (so dumps stay readable) after ``old`` is gone. Every output moves, index
+    for index (an LSTM's ``h_n`` and ``c_n`` too).
     """
     name = old
     new = graph.add_op(op, operands, attrs=attrs, params=params, origin=origin, name=f"{name}_new")
-    graph.replace_all_uses(Value(old, 0), new)
+    new = new if isinstance(new, tuple) else (new,)  # add_op returns a tuple for a multi-output op
+    for index, value in enumerate(new[:len(graph.nodes[old]["out_types"])]):
+        graph.replace_all_uses(Value(old, index), value)
     for node in (old, *removed):
         graph.remove_node(node)
-    return _rename(graph, new.node, name)
+    return _rename(graph, new[0].node, name)
 
 
 def _rename(graph: Graph, node: str, name: str) -> Value:

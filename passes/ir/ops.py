@@ -579,21 +579,29 @@ register_op(OpDef(
     doc="Integer linear: acc = (x - input_zero_point) W^T + bias in int32, then `requantize` per output feature."))
 
 
-def dynamic_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q, scale, zero_point) quantizing ``x`` per tensor over its own [min(x, 0), max(x, 0)] to uint8, at run
-    time: scale = (max - min) / 255 (1 for an all-zero tensor), zero_point = clamp(round(-min / scale), 0, 255)."""
-    low = torch.clamp(x.amin(), max=0.0)
-    high = torch.clamp(x.amax(), min=0.0)
+def dynamic_uint8(x: torch.Tensor, dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q, scale, zero_point) quantizing ``x`` over its own [min(x, 0), max(x, 0)] to uint8, at run time: per
+    tensor, or per slice along ``dim`` (kept as a size-1 dim); scale = (max - min) / 255 (1 for an all-zero
+    tensor), zero_point = clamp(round(-min / scale), 0, 255)."""
+    low = torch.clamp(x.amin() if dim is None else x.amin(dim, keepdim=True), max=0.0)
+    high = torch.clamp(x.amax() if dim is None else x.amax(dim, keepdim=True), min=0.0)
     scale = (high - low) / 255.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero_point = torch.clamp(torch.round(-low / scale), 0, 255)
     return torch.clamp(torch.round(x / scale) + zero_point, 0, 255), scale, zero_point
 
 
+def dynamic_int8_product(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         dim: int | None = None) -> torch.Tensor:
+    """``acc * (s_x * s_w)`` in float32 with ``acc = (q_x - z_x) q_w^T`` the exact integer sums (float64 holds
+    them: |acc| < 2^53) and (q_x, s_x, z_x) = ``dynamic_uint8(x, dim)``; weight int8 (N, K), weight_scale (N,)."""
+    q, scale, zero_point = dynamic_uint8(x.to(torch.float32), dim)
+    acc = F.linear((q - zero_point).to(torch.float64), weight.to(torch.float64))
+    return acc.to(torch.float32) * (scale * weight_scale.to(torch.float32))
+
+
 def _qlinear_dynamic(xs, a, p):
-    q, scale, zero_point = dynamic_uint8(xs[0].to(torch.float32))
-    acc = F.linear((q - zero_point).to(torch.float64), p["weight"].to(torch.float64))  # exact integer sums
-    y = acc.to(torch.float32) * (scale * p["weight_scale"].to(torch.float32))
+    y = dynamic_int8_product(xs[0], p["weight"], p["weight_scale"])
     return apply_activation(y + p["bias"] if "bias" in p else y, a)
 
 
@@ -602,6 +610,71 @@ register_op(OpDef(
     optional_params=("bias",), flops=_linear_flops,
     doc="Dynamic int8 linear: x (float) quantized per tensor at run time (`dynamic_uint8`), int8 weights "
         "symmetric per output feature (`weight_scale`), int32 accumulation, y = acc * s_x * s_w + bias in float."))
+
+
+def _lstm_cell(xp, hp, h, c, a):
+    i, f, g, o = (xp + hp).chunk(4, -1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def _gru_cell(xp, hp, h, c, a):
+    (xr, xz, xn), (hr, hz, hn) = xp.chunk(3, -1), hp.chunk(3, -1)
+    n = torch.tanh(xn + torch.sigmoid(xr + hr) * hn)
+    return n + torch.sigmoid(xz + hz) * (h - n), c  # (1 - z) n + z h
+
+
+def _elman_cell(xp, hp, h, c, a):
+    return (torch.tanh if a["nonlinearity"] == "tanh" else torch.relu)(xp + hp), c
+
+
+def _dynamic_recurrent(cell: Callable, has_cell_state: bool) -> Reference:
+    """Reference of ``qlstm_dynamic``/``qgru_dynamic``/``qrnn_dynamic``; see ``_DYNAMIC_RECURRENT_DOC``."""
+
+    def reference(xs, a, p):
+        bad = [k for k, w in p.items() if k.startswith("weight_") and w.dtype != torch.int8]
+        if bad or xs[0].dtype != torch.float32:
+            raise TypeError(f"needs float32 x and int8 weights (not: {', '.join(bad) or 'x'})")
+        x = xs[0].transpose(0, 1) if a["batch_first"] else xs[0]  # (T, B, features)
+        h0, c0 = _initial_state(xs, 1, a), _initial_state(xs, 2, a)
+        directions = 2 if a["bidirectional"] else 1
+        last_h, last_c = [], []
+        for layer in range(a["num_layers"]):
+            outputs = []
+            for d in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                xp = dynamic_int8_product(x, p["weight_ih" + suffix], p["scale_ih" + suffix])  # x per tensor
+                xp = xp + p["bias_ih" + suffix] if a["bias"] else xp
+                h, c = h0[layer * directions + d], c0[layer * directions + d]
+                ys = [h] * x.shape[0]
+                for t in reversed(range(x.shape[0])) if d else range(x.shape[0]):
+                    hp = dynamic_int8_product(h, p["weight_hh" + suffix], p["scale_hh" + suffix], dim=-1)  # per row
+                    h, c = cell(xp[t], hp + p["bias_hh" + suffix] if a["bias"] else hp, h, c, a)
+                    ys[t] = h
+                outputs.append(torch.stack(ys))
+                last_h.append(h)
+                last_c.append(c)
+            x = torch.cat(outputs, -1)
+        y = x.transpose(0, 1) if a["batch_first"] else x
+        return (y, torch.stack(last_h)) + ((torch.stack(last_c),) if has_cell_state else ())
+
+    return reference
+
+
+_DYNAMIC_RECURRENT_DOC = (
+    "Dynamic int8 {base}: the operands, outputs, attrs and gate math of `{base}`; params int8 `weight_ih/hh_l{{k}}"
+    "[_reverse]` (symmetric, per gate row), float32 `scale_ih/hh_...` (s_w per row) and `bias_...`. Per layer: "
+    "xp = acc_x s_x s_w_ih + b_ih with x (the whole (T, B, I) layer input) quantized per tensor by `dynamic_uint8` "
+    "and acc_x = (q_x - z_x) W_ih^T in int32; per step: hp = acc_h s_h s_w_hh + b_hh with h quantized per row "
+    "(each sequence of the batch, each direction) by `dynamic_uint8` and acc_h = (q_h - z_h) W_hh^T in int32; then "
+    "the float cell on (xp_t, hp).")
+_QRNN_PARAMS = _RNN_PARAMS + tuple(n.replace("weight_", "scale_") for n in _RNN_PARAMS if n.startswith("weight_"))
+for _name, _base, _cell, _arity, _outputs, _gates in (("qlstm_dynamic", "lstm", _lstm_cell, (1, 3), 3, 4),
+                                                      ("qgru_dynamic", "gru", _gru_cell, (1, 2), 2, 3),
+                                                      ("qrnn_dynamic", "rnn", _elman_cell, (1, 2), 2, 1)):
+    register_op(OpDef(_name, _dynamic_recurrent(_cell, _base == "lstm"), arity=_arity, attrs=OPS[_base].attrs,
+                      optional_params=_QRNN_PARAMS, outputs=_outputs, flops=_rnn_flops(_gates),
+                      doc=_DYNAMIC_RECURRENT_DOC.format(base=_base)))
 
 
 def _gather(xs, a, p):

@@ -25,7 +25,7 @@ from passes.ir.ops import get_op
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}
 KEEP_FP32 = ("softmax", "log_softmax", "exp", "mean", "sum", "batch_norm", "lstm", "gru", "rnn", "lrn", "sqrt",
-             "erf")
+             "erf", "qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
 NEVER = ("input", "constant", "cast", "quantize", "dequantize")
 
 

@@ -19,9 +19,13 @@ Why uint8 activations: x86's VNNI dot product (``vpdpbusd``) multiplies unsigned
 the native form on this CPU (ONNX Runtime's x86 default too); and an affine uint8 range spends all 256 levels on
 a post-ReLU tensor, where symmetric int8 would leave half of them unused.
 
-``mode=dynamic`` (linear layers, no calibration): weights as above, x quantized per tensor at run time over its
-own range, ``y = (sum (q_x - z_x) q_w) s_x s_w + b`` in float (``qlinear_dynamic``); convs are refused there
-(``dynamic_conv``).
+``mode=dynamic`` (linear and LSTM/GRU/RNN layers, no calibration): weights as above, x quantized per tensor at run
+time over its own range, ``y = (sum (q_x - z_x) q_w) s_x s_w + b`` in float (``qlinear_dynamic``). An RNN keeps its
+float gates and state and does both matrix products that way (``qlstm_dynamic``, ``qgru_dynamic``,
+``qrnn_dynamic``): ``W_ih`` and ``W_hh`` int8 per gate row, the layer's whole input sequence quantized per tensor
+(one integer GEMM), h quantized per row at every step (a fixed scale would need |h| <= 1, which a given h0 or a
+relu RNN breaks). Convs are refused there (``dynamic_conv``), RNNs in static mode (``static_recurrent``: their
+outputs are float gates, not a calibrated integer tensor).
 
 A max pool of a dequantized integer output runs on the integer tensor instead (``integer_max_pools``, exact: max
 commutes with the monotone dequantize), so ResNet's stem pools uint8 and its first conv reads the pool directly.
@@ -30,7 +34,8 @@ Run it after ``fold-batch-norm`` and ``fuse-conv-activation`` and before ``fuse-
 Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual`` (a fused residual add),
 ``activation`` (a fused activation other than relu/relu6/clamp, which are not clamps of the integer output),
 ``not_float`` (input not float32), ``accumulator_overflow`` (``K * 255 * 127 + |q_b|`` could exceed int32),
-``requantize_range`` (``s_x s_w / s_y`` outside what a shift of 1..62 encodes).
+``requantize_range`` (``s_x s_w / s_y`` outside what a shift of 1..62 encodes); for RNNs ``not_float`` and
+``accumulator_overflow`` (``K * 255 * 127`` over the widest of the input and hidden sizes).
 
 Accuracy-aware (``metric``, ``tolerance``; see ``Quantize``): the most sensitive layers go back to float until
 the metric is within tolerance of the float graph's; ``keep_float`` names layers to leave float up front.
@@ -65,8 +70,10 @@ from passes.transforms.calibrate import (
 )
 
 MODES = ("static", "dynamic")
-CANDIDATES = ("conv2d", "conv2d_pool", "linear")
+RECURRENT = ("lstm", "gru", "rnn")
+CANDIDATES = ("conv2d", "conv2d_pool", "linear", *RECURRENT)
 INTEGER_OP = {"conv2d": "qconv2d", "linear": "qlinear"}
+DYNAMIC_OP = {"linear": "qlinear_dynamic", "lstm": "qlstm_dynamic", "gru": "qgru_dynamic", "rnn": "qrnn_dynamic"}
 ACTIVATION_RANGE = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}
 INT32_MAX = 2 ** 31 - 1
 QMIN, QMAX = 0, 255  # uint8 activations
@@ -85,7 +92,10 @@ def fixed_point(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reduction_size(data: dict) -> int:
-    """Products summed into one accumulator: C/groups * KH * KW for a conv, in_features for a linear."""
+    """Products summed into one accumulator: C/groups * KH * KW for a conv, in_features for a linear, the widest
+    of input and hidden size for an RNN."""
+    if data["op"] in RECURRENT:
+        return max(np.shape(w)[1] for k, w in data["params"].items() if k.startswith("weight_"))
     return int(np.prod(np.shape(data["params"]["weight"])[1:]))
 
 
@@ -93,6 +103,8 @@ def refusal(graph: Graph, node: str, mode: str) -> tuple[str, str] | None:
     """Why ``node`` cannot be quantized in ``mode``, judged before calibration; None if it can."""
     data = graph.nodes[node]
     operands = graph.operands(node)
+    if data["op"] in RECURRENT:
+        return recurrent_refusal(graph, node, mode)
     if mode == "dynamic" and data["op"] != "linear":
         return "dynamic_conv", "dynamic mode quantizes linear layers; convs need calibrated static int8"
     if data["op"] == "conv2d_pool":
@@ -106,6 +118,19 @@ def refusal(graph: Graph, node: str, mode: str) -> tuple[str, str] | None:
         return "not_float", f"input is {graph.value_type(operands[0])}"
     if reduction_size(data) * QMAX * WEIGHT_MAX > INT32_MAX:
         return "accumulator_overflow", f"{reduction_size(data)} products per output"
+    return None
+
+
+def recurrent_refusal(graph: Graph, node: str, mode: str) -> tuple[str, str] | None:
+    """``refusal`` for an LSTM/GRU/RNN: dynamic mode only, float32 operands (x and initial states), and int32
+    accumulators that cannot overflow (uint8 x int8 products, K of them)."""
+    if mode != "dynamic":
+        return "static_recurrent", "LSTM/GRU/RNN weights quantize with mode=dynamic (float gates, run-time scales)"
+    dtypes = {graph.value_type(v).dtype for v in graph.operands(node)}
+    if dtypes != {"float32"}:
+        return "not_float", f"operands are {', '.join(sorted(dtypes))}"
+    if reduction_size(graph.nodes[node]) * QMAX * WEIGHT_MAX > INT32_MAX:
+        return "accumulator_overflow", f"{reduction_size(graph.nodes[node])} products per output"
     return None
 
 
@@ -128,7 +153,17 @@ def per_channel_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def dynamic_layer(data: dict) -> tuple[dict, dict]:
     """(attrs, params) of ``qlinear_dynamic`` for a float linear node: int8 weights, float scales and bias; the
-    fused activation stays (it applies to the float output)."""
+    fused activation stays (it applies to the float output). An RNN: every ``weight_*`` int8 per gate row with
+    its ``scale_*``, biases float."""
+    if data["op"] in RECURRENT:
+        params = {}
+        for name, value in data["params"].items():
+            if name.startswith("weight_"):
+                params[name], s_w = per_channel_int8(value)
+                params[name.replace("weight_", "scale_", 1)] = s_w.astype(np.float32)
+            else:
+                params[name] = np.asarray(value, np.float32)
+        return dict(data["attrs"]), params
     q_w, s_w = per_channel_int8(data["params"]["weight"])
     params = {"weight": q_w, "weight_scale": s_w.astype(np.float32)}
     if "bias" in data["params"]:
@@ -218,13 +253,13 @@ def remove_unused_dequantize(graph: Graph, nodes: list[str]) -> None:
 
 
 def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
-    """Rewrite the planned layers of ``graph`` in place: integer ops (static) or ``qlinear_dynamic`` (dynamic)."""
+    """Rewrite the planned layers of ``graph`` in place: integer ops (static) or ``DYNAMIC_OP`` (dynamic)."""
     if plans and plans[0].input_q is None:
         for plan in plans:
             data = graph.nodes[plan.node]
             meta = dict(data["meta"])
-            replace_node(graph, plan.node, "qlinear_dynamic", graph.operands(plan.node), plan.attrs, plan.params,
-                         data["origin"])
+            replace_node(graph, plan.node, DYNAMIC_OP[data["op"]], graph.operands(plan.node), plan.attrs,
+                         plan.params, data["origin"])
             graph.nodes[plan.node]["meta"] = meta
         return
     quantized: dict[tuple, Value] = {}
@@ -298,9 +333,10 @@ def sensitivity(float_graph: Graph, plans: list[LayerPlan], batches: list[tuple]
 
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """``mode=static``: calibrated integer layers (above). ``mode=dynamic``: linear layers only, weights int8 per
-    channel, activations quantized per tensor at run time (``qlinear_dynamic``); no calibration needed, SQNR
-    reported when ``data`` is given.
+    """``mode=static``: calibrated integer layers (above). ``mode=dynamic``: linear and LSTM/GRU/RNN layers,
+    weights int8 per channel (gate row), activations quantized at run time (``qlinear_dynamic``,
+    ``qlstm_dynamic``...); no calibration needed, SQNR (of an RNN: of its output sequence) reported when ``data``
+    is given.
 
     ``keep_float``: node names or origins (fnmatch patterns) that stay float (``skipped.kept_float``).
 

@@ -3,6 +3,8 @@ and without VNNI, and the VNNI build really issues vpdpbusd; dynamic linear laye
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,87 @@ def test_dynamic_linear_matches_the_reference_with_run_time_scales():
     for scale in (1.0, 30.0):  # the scale is taken at run time: a 30x larger input is no harder
         batch = torch.randn(6, 48) * scale
         assert_outputs_close(run_reference(graph, (batch,)), compiled(batch))
+
+
+# ------------------------------------------------------------------------------ dynamic int8 LSTM / GRU / RNN
+class InitialState(torch.nn.Module):
+    """A 2-layer bidirectional RNN run from given initial states (h0 beyond [-1, 1]: the per-step scale of h must
+    follow it), hidden 18: gate rows (72, 54, 18) and hidden units pad to the kernel's 16 x 4 layout."""
+
+    def __init__(self, cell, **kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = cell(10, 18, 2, batch_first=True, bidirectional=True, **kwargs)
+
+    def forward(self, x, *state):
+        return self.rnn(x, state if len(state) > 1 else state[0])
+
+
+def dynamic_recurrent_graph(cell, **kwargs) -> tuple[Graph, tuple[torch.Tensor, ...]]:
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 9, 10, generator=generator)
+    states = [torch.randn(4, 3, 18, generator=generator) * 2 for _ in range(2 if cell is torch.nn.LSTM else 1)]
+    graph = from_torch(InitialState(cell, **kwargs).eval(), (x, *states))
+    run_pass(Quantize(mode="dynamic"), graph)
+    return graph, (x, *states)
+
+
+def flat(outputs) -> list:
+    return [t for o in outputs for t in (flat(o) if isinstance(o, (tuple, list)) else [o])]
+
+
+@needs_avx512
+@pytest.mark.parametrize("target", ["llvm", NO_VNNI], ids=["vnni", "no_vnni"])
+@pytest.mark.parametrize("cell, kwargs", [(torch.nn.LSTM, {}), (torch.nn.GRU, {}), (torch.nn.RNN, {}),
+                                          (torch.nn.RNN, {"nonlinearity": "relu"})],
+                         ids=["lstm", "gru", "rnn", "rnn_relu"])
+def test_dynamic_recurrent_kernel_matches_the_integer_reference(cell, kwargs, target):
+    """Compiled vs ``qlstm_dynamic``... reference: the integer sums are exact and the float scaling follows the
+    reference's operation order, so what differs is only the gates' rational tanh/sigmoid (a few ulp; measured
+    <= 2e-7). A few-ulp difference in h could flip one rounding of h's per-step quantization (probability about
+    ulp / s_h per element, ~1e-5), which would move that step's gates by s_h * |W_hh| ~ 1e-3: none happens on
+    this seeded input, so the bound stays at float rounding and a wrong sum, scale or zero point shows."""
+    graph, inputs = dynamic_recurrent_graph(cell, **kwargs)
+    expected, actual = flat(run_reference(graph, inputs)), flat(build(graph, target)(*inputs))
+    assert len(expected) == len(actual) == (3 if cell is torch.nn.LSTM else 2)
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=0, atol=2e-6)
+
+
+@needs_vnni
+def test_dynamic_int8_recurrent_and_projection_kernels_issue_vpdpbusd():
+    """The recurrent product and the input projection are integer: vpdpbusd (u8 x s8 -> int32) in both
+    functions' code; without VNNI none (the widening multiply-add fallback)."""
+    graph, _ = dynamic_recurrent_graph(torch.nn.LSTM)
+
+    def functions(target) -> dict[str, str]:
+        """The assembly of every function (with its parallel bodies) named after each kernel."""
+        asm = "".join(m.inspect_source("asm") for m in build(graph, target).executable.mod.imports)
+        labels = [(m.start(), m.group(1)) for m in re.finditer(r"^([A-Za-z_][\w.]*):", asm, re.M)]
+        bodies = dict.fromkeys(("lstm_int8_", "dense_int8_"), "")
+        for (start, label), (end, _) in zip(labels, labels[1:] + [(len(asm), "")]):
+            for prefix in bodies:
+                if prefix in label:
+                    bodies[prefix] += asm[start:end]
+        return bodies
+
+    for name, body in functions("llvm").items():
+        assert body and "vpdpbusd" in body, name
+    assert all("vpdpbusd" not in body for body in functions(NO_VNNI).values())
+
+
+def test_dynamic_linear_kernel_is_exact_with_odd_sizes():
+    """qlinear_dynamic through the int8 dense kernel: 13 inputs (q padded to 16 bytes), 21 outputs (padded to
+    32 and sliced), 5 rows. The integer sums are exact; LLVM contracts acc * scale + bias into one FMA (one
+    rounding where torch rounds twice), so the outputs agree to an ulp of the largest output, not bit for bit."""
+    g = Graph(name="qlinear_dynamic")
+    x = g.add_input("x", TensorType((5, 13)))
+    g.set_outputs(g.add_op("qlinear_dynamic", [x], params={
+        "weight": RNG.integers(-127, 128, (21, 13)).astype(np.int8),
+        "weight_scale": RNG.uniform(1e-3, 1e-2, 21).astype(np.float32),
+        "bias": RNG.standard_normal(21).astype(np.float32)}))
+    batch = torch.randn(5, 13) * 3 - 1
+    expected = run_reference(g, (batch,)).numpy()
+    for target in ("llvm", NO_VNNI):
+        np.testing.assert_allclose(build(g, target)(batch).numpy(), expected, rtol=0,
+                                   atol=np.spacing(np.abs(expected).max()))

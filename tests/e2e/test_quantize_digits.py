@@ -79,3 +79,27 @@ def test_compiled_integer_layers_agree_with_the_interpreter(trained):
         x = x_test[i:i + BATCH]
         expected = run_reference(opt.graph, (torch.from_numpy(x),)).numpy()
         np.testing.assert_array_equal(opt(x), expected)
+
+
+def test_dynamic_int8_lstm_accuracy_within_one_point_of_fp32(tmp_path):
+    """The row-by-row digits LSTM (``digits.lstm``) with ``quantize{mode=dynamic}`` (int8 LSTM and head weights,
+    integer kernels), held-out accuracy through the compiled module; the same model exported to ONNX and
+    imported quantizes to the same ops."""
+    from tests.e2e import digits
+
+    model = digits.lstm()
+    _, x_test, _, y_test = digits.split()
+    fp32 = digits.accuracy(model, x_test, y_test)
+    example = (torch.from_numpy(x_test),)
+    opt = passes.optimize(model, passes=["quantize{mode=dynamic}"], example_inputs=example, measure=False)
+    ops = [d["op"] for _, d in opt.graph.nodes(data=True)]
+    assert "qlstm_dynamic" in ops and "qlinear_dynamic" in ops and "lstm" not in ops
+    int8 = digits.accuracy(opt, x_test, y_test)
+    assert fp32 > 95.0, fp32
+    assert int8 >= fp32 - 1.0, (fp32, int8)
+
+    path = tmp_path / "lstm.onnx"
+    torch.onnx.export(model, example, str(path), input_names=["x"], dynamo=False, opset_version=17)
+    from_onnx = passes.optimize(str(path), passes=["quantize{mode=dynamic}"], measure=False)
+    assert "qlstm_dynamic" in [d["op"] for _, d in from_onnx.graph.nodes(data=True)]
+    assert digits.accuracy(from_onnx, x_test, y_test) >= fp32 - 1.0
