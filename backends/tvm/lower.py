@@ -474,19 +474,28 @@ def _integer_spec(ctx: LowerContext) -> QConvSpec:
               "out_min": a["out_min"], "out_max": a["out_max"], "in_dtype": ctx.in_type(0).dtype,
               "vnni": ctx.vnni and ctx.in_type(0).dtype == "uint8"}  # vpdpbusd reads its activations unsigned
     if ctx.data["op"] == "qconv2d":
-        return QConvSpec(ctx.in_type(0).shape, weight.shape, a["stride"], a["padding"], a["dilation"], **common)
+        residual = {} if len(ctx.graph.operands(ctx.node)) == 1 else {
+            "residual_zero_point": a["residual_zero_point"], "residual_dtype": ctx.in_type(1).dtype}
+        return QConvSpec(ctx.in_type(0).shape, weight.shape, a["stride"], a["padding"], a["dilation"], **common,
+                         **residual)
     rows = int(np.prod(ctx.in_type(0).shape[:-1]))
     return QConvSpec((rows, weight.shape[1], 1, 1), (*weight.shape, 1, 1), (1, 1), (0, 0), (1, 1), **common)
 
 
-def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int) -> relax.Expr:
-    """``passes.ir.ops.requantize`` in Relax integer ops: (acc * M + 2^(shift-1)) >> shift in int64."""
+def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int, residual: relax.Expr | None = None
+                ) -> relax.Expr:
+    """``passes.ir.ops.requantize`` in Relax integer ops: (acc * M + 2^(shift-1) [+ (r - z_r) R]) >> shift in
+    int64."""
     shape = [1] * len(ctx.out_type().shape)
     shape[channel_axis] = -1
     multiplier = ctx.const(ctx.params["multiplier"].astype(np.int64).reshape(shape))
     shift = ctx.params["shift"].astype(np.int64).reshape(shape)
     scaled = R.add(R.multiply(R.astype(acc, "int64"), multiplier), ctx.const(np.left_shift(1, shift - 1)))
     int64 = lambda value: ctx.const(np.asarray(value, np.int64))  # noqa: E731
+    if residual is not None:
+        centered = R.subtract(R.astype(residual, "int64"), int64(ctx.attrs["residual_zero_point"]))
+        residual_multiplier = ctx.params["residual_multiplier"].astype(np.int64).reshape(shape)
+        scaled = R.add(scaled, R.multiply(centered, ctx.const(residual_multiplier)))
     shifted = R.add(R.right_shift(scaled, ctx.const(shift)), int64(ctx.attrs["output_zero_point"]))
     clamped = R.minimum(R.maximum(shifted, int64(ctx.attrs["out_min"])), int64(ctx.attrs["out_max"]))
     return ctx.emit(R.astype(clamped, ctx.attrs["out_dtype"]))
@@ -508,6 +517,8 @@ def _integer_layer(ctx, xs):
         x = xs[0] if is_conv else ctx.emit(R.reshape(xs[0], spec.in_shape))
         args = [x, ctx.const(spec.pack_weight(weight), "int8"), ctx.const(spec.fold_bias(weight, p["bias"]), "int32"),
                 ctx.const(p["multiplier"], "int32"), ctx.const(p["shift"], "int32")]
+        if spec.residual_zero_point is not None:
+            args += [xs[1], ctx.const(p["residual_multiplier"], "int64")]
         y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "uint8")))
         return y if is_conv else ctx.emit(R.reshape(y, ctx.out_type().shape))
     x = ctx.emit(R.subtract(R.astype(xs[0], "int32"), ctx.const(np.asarray(a["input_zero_point"], np.int32))))
@@ -516,7 +527,7 @@ def _integer_layer(ctx, xs):
         acc = ctx.emit(R.nn.conv2d(x, weight, strides=a["stride"], padding=tuple(a["padding"]) * 2,
                                    dilation=a["dilation"], groups=a["groups"], out_dtype="int32"))
         acc = ctx.emit(R.add(acc, ctx.const(p["bias"].astype(np.int32).reshape(1, -1, 1, 1))))
-        return _requantize(ctx, acc, channel_axis=1)
+        return _requantize(ctx, acc, channel_axis=1, residual=xs[1] if len(xs) > 1 else None)
     acc = ctx.emit(R.add(R.matmul(x, R.permute_dims(weight), out_dtype="int32"), ctx.const(p["bias"], "int32")))
     return _requantize(ctx, acc, channel_axis=len(ctx.out_type().shape) - 1)
 

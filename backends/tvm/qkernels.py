@@ -22,7 +22,8 @@ Schedule (CPU): per (n, oh) in parallel (per 16-channel block where there are fe
 of ``cols`` output columns x 16 channels held in ``cols`` int32 vector registers; the reduction loops (ry, rx,
 rco) run outside the tile, the tile's inner 16 x 4 step is tensorized to ``vpdpbusd`` when the target has VNNI
 (``vnni_intrinsic``), otherwise vectorized over the 16 lanes. The tile's requantization runs right after it, 16
-channels at a time in vector registers (columns unrolled).
+channels at a time in vector registers (columns unrolled); with a fused residual (``fuse-qconv-add``) it runs
+along the columns instead, where the residual's NCHW bytes are contiguous.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class QConvSpec:
     out_max: int
     in_dtype: str = "uint8"
     vnni: bool = False
+    residual_zero_point: int | None = None  # a residual operand joins the requantization (None: no residual)
+    residual_dtype: str = "uint8"
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -171,18 +174,21 @@ class QConvSpec:
         return max(d for d in range(1, min(ow, MAX_COLS) + 1) if ow % d == 0)
 
 
-def requantize_expr(acc, multiplier, shift, spec: QConvSpec):
-    """clamp(z_y + ((acc * M + 2^(shift-1)) >> shift), out_min, out_max) as uint8, in int64 arithmetic."""
+def requantize_expr(acc, multiplier, shift, spec: QConvSpec, residual_term=None):
+    """clamp(z_y + ((acc * M + 2^(shift-1) [+ (r - z_r) R]) >> shift), out_min, out_max) as uint8, in int64
+    arithmetic (``residual_term`` is the int64 ``(r - z_r) R``)."""
     shift64 = shift.astype("int64")
     rounding = tirx.const(1, "int64") << (shift64 - tirx.const(1, "int64"))
-    scaled = (acc.astype("int64") * multiplier.astype("int64") + rounding) >> shift64
+    total = acc.astype("int64") * multiplier.astype("int64") + rounding
+    scaled = (total if residual_term is None else total + residual_term) >> shift64
     clamped = tirx.max(tirx.min(scaled + tirx.const(spec.output_zero_point, "int64"),
                                 tirx.const(spec.out_max, "int64")), tirx.const(spec.out_min, "int64"))
     return clamped.astype("uint8")
 
 
 def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
-    """TE stages; the PrimFunc arguments are [data, packed weight, folded bias, multiplier, shift, out]."""
+    """TE stages; the PrimFunc arguments are [data, packed weight, folded bias, multiplier, shift, (residual,
+    residual multiplier,) out]."""
     n, c, h, w = spec.in_shape
     oc, _, kh, _ = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -212,11 +218,23 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
         lambda b, y, x, oo, oi: te.sum(
             padded[b, y * sh + ry * dh, (x * sw + rx * dw) * pixel + rco * DEPTH + rci].astype("int32")
             * weight[oo, ry, rx, rco, oi, rci].astype("int32"), axis=[ry, rx, rco, rci]), name="acc")
+    inputs = [data, weight, bias, multiplier, shift]
+    residual_of = None
+    if spec.residual_zero_point is not None:  # fused residual add: (r - z_r) * R joins the rounding
+        residual = te.placeholder(spec.out_shape, spec.residual_dtype, name="residual")
+        residual_multiplier = te.placeholder((oc,), "int64", name="residual_multiplier")
+        inputs += [residual, residual_multiplier]
+        residual_zero = tirx.const(spec.residual_zero_point, "int64")
+
+        def residual_of(b, o, y, x):
+            return (residual[b, o, y, x].astype("int64") - residual_zero) * residual_multiplier[o]
+
     out = te.compute(
         spec.out_shape,
         lambda b, o, y, x: requantize_expr(acc[b, y, x, o // LANES, o % LANES] + bias[o], multiplier[o], shift[o],
-                                           spec), name="requantize")
-    return [data, weight, bias, multiplier, shift, out]
+                                           spec, None if residual_of is None else residual_of(b, o, y, x)),
+        name="requantize")
+    return [*inputs, out]
 
 
 def loop_order(spec: QConvSpec, cores: int) -> str:
@@ -246,10 +264,14 @@ def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> t
     requantize = sch.get_sblock("requantize")
     sch.reverse_compute_at(requantize, tile)
     epilogue = sch.get_loops(requantize)[4:]  # the loops under ``tile``, the 4th loop in either order
-    if len(epilogue) == 2 and spec.weight_shape[0] % LANES == 0:  # 16 channels x cols: vectorize the channels
-        sch.reorder(epilogue[1], epilogue[0])
-        sch.vectorize(epilogue[0])
-        sch.unroll(epilogue[1])
+    if len(epilogue) == 2 and spec.weight_shape[0] % LANES == 0:
+        if spec.residual_zero_point is not None:  # along the columns: the residual's bytes are contiguous (NCHW);
+            sch.unroll(epilogue[0])                # across channels they would be a 16-byte gather (+20% time)
+            sch.vectorize(epilogue[1])
+        else:  # 16 channels x cols: vectorize the channels (per-channel multiplier and shift as vectors)
+            sch.reorder(epilogue[1], epilogue[0])
+            sch.vectorize(epilogue[0])
+            sch.unroll(epilogue[1])
     sch.unroll(x_inner)
     pad_loops = sch.get_loops(sch.get_sblock("pad"))
     _, channel = sch.split(pad_loops[-1], [None, spec.reduction[0]])  # (pixel, channel): i // P, i % P simplify

@@ -77,27 +77,45 @@ class Pattern:
         return [role for role in self.private
                 if match[role] in outputs or any(user not in inside for user, _ in graph.users(match[role]))]
 
-    def scan(self, graph: Graph, decide, check: Callable[[Match], tuple[str, str] | None] | None = None
-             ) -> list[Match]:
+    def scan(self, graph: Graph, decide, check: Callable[[Match], tuple[str, str] | None] | None = None,
+             rewrite: Callable[[Match], None] | None = None) -> list[Match]:
         """Every anchor candidate, decided: matches that are structurally right, private where required, and pass
         ``check`` (returning ``(reason, detail)`` to refuse) are returned for rewriting; each refusal is counted on
         ``decide`` (a ``Decisions``) as ``skipped.no_producer``, ``skipped.shared_output`` or ``skipped.<reason>``.
+
+        With ``rewrite``, each accepted match is rewritten at once, before the next candidate (in topological
+        order) is matched: for fusions where an earlier rewrite is what makes a later match possible.
         """
         accepted = []
         for anchor in self.candidates(graph):
-            match = self.match_at(graph, anchor)
-            if match is None:
-                decide.skip(anchor, "no_producer", f"input comes from {graph.operands(anchor)[0].node}")
+            if anchor not in graph:  # removed by an earlier rewrite
                 continue
-            shared = self.private_violations(graph, match)
-            why = None if shared else (check(match) if check else None)
-            if shared:
-                decide.skip(anchor, "shared_output", f"{', '.join(match[r] for r in shared)} has other users")
-            elif why is not None:
-                decide.skip(anchor, *why)
-            else:
-                accepted.append(match)
+            match, refused = self._first_acceptable(graph, anchor, check)
+            if match is None:
+                decide.skip(anchor, *(refused or ("no_producer", f"input comes from {graph.operands(anchor)[0].node}")))
+                continue
+            accepted.append(match)
+            if rewrite is not None:
+                rewrite(match)
         return accepted
+
+    def _first_acceptable(self, graph: Graph, anchor: str, check: Callable[[Match], tuple[str, str] | None] | None
+                          ) -> tuple[Match | None, tuple[str, str] | None]:
+        """The first structural match at ``anchor`` that is private where required and passes ``check`` (an
+        ``add`` of two convs may fuse either one), else (None, why): the first ``check`` refusal of a private
+        match (the more telling reason), else ``shared_output``, else None when nothing matched at all."""
+        refused = shared_refusal = None
+        for match in self._matches_at(graph, anchor):
+            shared = self.private_violations(graph, match)
+            if shared:
+                shared_refusal = shared_refusal or ("shared_output",
+                                                    f"{', '.join(match[r] for r in shared)} has other users")
+                continue
+            why = check(match) if check else None
+            if why is None:
+                return match, None
+            refused = refused or why
+        return None, refused or shared_refusal
 
     def find(self, graph: Graph) -> list[Match]:
         """All non-overlapping matches whose private roles are really private, in stable order."""

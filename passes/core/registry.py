@@ -27,6 +27,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fuse-conv-activation": "passes.transforms.fuse_conv_activation:FuseConvActivation",
     "fuse-conv-pool": "passes.transforms.fuse_conv_pool:FuseConvPool",
     "fuse-conv-add": "passes.transforms.fuse_conv_add:FuseConvAdd",
+    "fuse-qconv-add": "passes.transforms.fuse_qconv_add:FuseQConvAdd",
     "prune-weights": "passes.transforms.prune_weights:PruneWeights",
     "quantize": "passes.transforms.quantize:Quantize",
     "fold-qdq": "passes.transforms.fold_qdq:FoldQdq",
@@ -38,7 +39,8 @@ BUILTIN_PASSES: dict[str, str] = {
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.
 PRESETS: dict[str, tuple[str, ...]] = {
     "default": ("fold-qdq", "remove-identities", "fold-constants", "eliminate-common-subexpressions",
-                "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add", "fuse-conv-pool", "eliminate-dead-nodes"),
+                "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add", "fuse-qconv-add", "fuse-conv-pool",
+                "eliminate-dead-nodes"),
 }
 
 _registered: dict[str, type[Pass]] = {}

@@ -528,21 +528,29 @@ register_op(OpDef("dequantize", _dequantize, attrs={"axis": None}, params=("scal
                   doc="x = (q - zero_point) * scale as float32; per-tensor, or per-channel along `axis`."))
 
 
-def requantize(acc: torch.Tensor, p: Mapping[str, torch.Tensor], a: Mapping[str, Any], channel_dim: int
-               ) -> torch.Tensor:
+def requantize(acc: torch.Tensor, p: Mapping[str, torch.Tensor], a: Mapping[str, Any], channel_dim: int,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """int32 accumulator -> int8/uint8 with a per-channel fixed-point multiplier, integer arithmetic only.
 
     ``out = clamp(zp_out + ((acc * M + 2^(shift-1)) >> shift), out_min, out_max)``: ``M`` (int32, in [2^30, 2^31))
     and ``shift`` (1..62) encode the real scale ``s_x * s_w[c] / s_y = M * 2^-shift``; the product is formed in 64
     bits and rounded once, half up (TVM QNN's "UPWARD" rounding; TFLite's doubling-high-mul rounds twice). The clamp
     range carries the fused activation (relu: ``out_min = zp_out``; relu6: ``out_max = zp_out + round(6 / s_y)``).
+
+    With a ``residual`` (an integer tensor of the output's shape at scale ``s_r``, zero point
+    ``residual_zero_point``), its term joins the same rounding: ``acc * M + (r - z_r) * R`` with the int64
+    ``residual_multiplier`` ``R = round(s_r / s_y * 2^shift)`` (< 2^54, so the sum stays inside 64 bits).
     """
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
     multiplier = p["multiplier"].to(torch.int64).reshape(shape)
     shift = p["shift"].to(torch.int64).reshape(shape)
     rounding = torch.bitwise_left_shift(torch.ones_like(shift), shift - 1)
-    scaled = torch.bitwise_right_shift(acc.to(torch.int64) * multiplier + rounding, shift)
+    total = acc.to(torch.int64) * multiplier + rounding
+    if residual is not None:
+        centered = residual.to(torch.int64) - a["residual_zero_point"]
+        total = total + centered * p["residual_multiplier"].to(torch.int64).reshape(shape)
+    scaled = torch.bitwise_right_shift(total, shift)
     out = torch.clamp(scaled + a["output_zero_point"], a["out_min"], a["out_max"])
     return out.to(torch_dtype(a["out_dtype"]))
 
@@ -555,7 +563,11 @@ def _exact_integer(x: torch.Tensor, zero_point: int) -> torch.Tensor:
 def _qconv2d(xs, a, p):
     acc = F.conv2d(_exact_integer(xs[0], a["input_zero_point"]), p["weight"].to(torch.float64),
                    p["bias"].to(torch.float64), a["stride"], a["padding"], a["dilation"], a["groups"])
-    return requantize(acc.to(torch.int64), p, a, channel_dim=1)
+    residual = xs[1] if len(xs) > 1 else None
+    if residual is not None and (residual.shape != acc.shape or "residual_multiplier" not in p):
+        raise ValueError(f"a residual must have the output's shape {list(acc.shape)} (got {list(residual.shape)}) "
+                         "and comes with a residual_multiplier param")
+    return requantize(acc.to(torch.int64), p, a, channel_dim=1, residual=residual)
 
 
 def _qlinear(xs, a, p):
@@ -568,12 +580,14 @@ _REQUANTIZE_ATTRS = {"input_zero_point": 0, "output_zero_point": 0, "out_dtype":
                      "out_max": 255}
 _INTEGER_PARAMS = ("weight", "bias", "multiplier", "shift")
 register_op(OpDef(
-    "qconv2d", _qconv2d,
-    attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1} | _REQUANTIZE_ATTRS,
-    params=_INTEGER_PARAMS, flops=_conv_flops,
+    "qconv2d", _qconv2d, arity=(1, 2),
+    attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, "residual_zero_point": 0}
+    | _REQUANTIZE_ATTRS,
+    params=_INTEGER_PARAMS, optional_params=("residual_multiplier",), flops=_conv_flops,
     doc="Integer conv2d: acc = sum (x - input_zero_point) * weight + bias in int32 (x uint8/int8, weight int8 "
         "symmetric per output channel, bias int32 at scale s_x * s_w), then `requantize` per channel to out_dtype; "
-        "padding pads x with input_zero_point (real zero)."))
+        "padding pads x with input_zero_point (real zero). An optional second operand is a residual (integer, the "
+        "output's shape) added inside the requantization (`residual_zero_point`, int64 `residual_multiplier`)."))
 register_op(OpDef(
     "qlinear", _qlinear, attrs=dict(_REQUANTIZE_ATTRS), params=_INTEGER_PARAMS, flops=_linear_flops,
     doc="Integer linear: acc = (x - input_zero_point) W^T + bias in int32, then `requantize` per output feature."))

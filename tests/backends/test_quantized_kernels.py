@@ -152,6 +152,30 @@ def test_integer_max_pool_is_our_kernel_and_exact(dtype, attrs):
     assert "R.call_tir(max_pool2d_" in main and "float32" not in main  # our kernel, no detour through float
 
 
+@pytest.mark.parametrize("target", ["llvm", pytest.param(NO_VNNI, marks=needs_avx512, id="no_vnni")],
+                         ids=["vnni", "no_vnni"])
+@pytest.mark.parametrize("in_shape, out_channels, groups", [((1, 16, 9, 10), 32, 1), ((2, 8, 6, 6), 8, 2)],
+                         ids=["kernel", "grouped_relax_path"])
+def test_fused_residual_joins_the_requantization_exactly(in_shape, out_channels, groups, target):
+    """``qconv2d(x, r)`` (``fuse-qconv-add``): (acc M + 2^(shift-1) + (r - z_r) R) >> shift, bit for bit in both
+    lowerings (our kernel with its column-vectorized epilogue; Relax integer ops for grouped convs)."""
+    g = Graph(name="qconv_residual")
+    x = g.add_input("x", TensorType(in_shape, "uint8"))
+    out_shape = (in_shape[0], out_channels, *in_shape[2:])
+    r = g.add_input("r", TensorType(out_shape, "uint8"))
+    params = integer_params(out_channels, (out_channels, in_shape[1] // groups, 3, 3))
+    params["residual_multiplier"] = np.round(0.7 * np.exp2(params["shift"])).astype(np.int64)  # s_r / s_y = 0.7
+    attrs = {"input_zero_point": 37, "output_zero_point": 100, "out_min": 100, "out_max": 255, "groups": groups,
+             "padding": (1, 1), "residual_zero_point": 120}
+    g.set_outputs(g.add_op("qconv2d", [x, r], attrs=attrs, params=params))
+    xs = [RNG.integers(0, 256, t.shape).astype(np.uint8) for t in g.input_types()]
+    expected = run_reference(g, tuple(torch.from_numpy(a) for a in xs)).numpy()
+    np.testing.assert_array_equal(build(g, target)(*xs), expected)
+    assert 0.2 < np.mean((expected > 100) & (expected < 255))  # the clamp (a fused relu) does not hide the sum
+    centered = run_reference(g, (torch.from_numpy(xs[0]), torch.full(out_shape, 120, dtype=torch.uint8))).numpy()
+    assert np.mean(centered != expected) > 0.3  # the residual term really moves the outputs (the rest: clamped)
+
+
 def test_int8_activations_are_exact_too():  # signed inputs (an imported model's choice) skip vpdpbusd
     assert_exact(qconv_graph((1, 8, 6, 6), 16, (3, 3), in_dtype="int8", padding=(1, 1), input_zero_point=-3))
 
