@@ -51,6 +51,7 @@ class LowerContext:
     cores: int = 1
     tiles: Mapping[Any, Any] = field(default_factory=dict)  # kernel spec -> tuned Tile (backends.tvm.tune)
     vnni: bool = False  # the CPU target has AVX-512 VNNI (integer kernels use vpdpbusd)
+    nhwc: frozenset = frozenset()  # values held NHWC between our integer conv kernels (``nhwc_values``)
 
     @property
     def data(self) -> dict:
@@ -474,10 +475,13 @@ def _integer_spec(ctx: LowerContext) -> QConvSpec:
               "out_min": a["out_min"], "out_max": a["out_max"], "in_dtype": ctx.in_type(0).dtype,
               "vnni": ctx.vnni and ctx.in_type(0).dtype == "uint8"}  # vpdpbusd reads its activations unsigned
     if ctx.data["op"] == "qconv2d":
-        residual = {} if len(ctx.graph.operands(ctx.node)) == 1 else {
-            "residual_zero_point": a["residual_zero_point"], "residual_dtype": ctx.in_type(1).dtype}
-        return QConvSpec(ctx.in_type(0).shape, weight.shape, a["stride"], a["padding"], a["dilation"], **common,
-                         **residual)
+        operands = ctx.graph.operands(ctx.node)
+        layout = lambda value: "NHWC" if value in ctx.nhwc else "NCHW"  # noqa: E731
+        common |= {"in_layout": layout(operands[0]), "out_layout": layout(Value(ctx.node, 0))}
+        if len(operands) > 1:
+            common |= {"residual_zero_point": a["residual_zero_point"], "residual_dtype": ctx.in_type(1).dtype,
+                       "residual_layout": layout(operands[1])}
+        return QConvSpec(ctx.in_type(0).shape, weight.shape, a["stride"], a["padding"], a["dilation"], **common)
     rows = int(np.prod(ctx.in_type(0).shape[:-1]))
     return QConvSpec((rows, weight.shape[1], 1, 1), (*weight.shape, 1, 1), (1, 1), (0, 0), (1, 1), **common)
 
@@ -501,6 +505,31 @@ def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int, residual:
     return ctx.emit(R.astype(clamped, ctx.attrs["out_dtype"]))
 
 
+def uses_integer_kernel(graph: Graph, node: str, target_kind: str) -> bool:
+    """Whether ``qconv2d``/``qlinear`` lowers to our kernel (``qkernels.py``) rather than Relax integer ops."""
+    data = graph.nodes[node]
+    return target_kind == "llvm" and (data["op"] == "qlinear" or (data["op"] == "qconv2d"
+                                                                  and data["attrs"]["groups"] == 1))
+
+
+def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:
+    """Integer conv outputs that only our integer conv kernels read (as input or fused residual): those stay NHWC
+    in memory. The graph's semantics are NCHW; between two of our kernels NHWC is the better layout: the
+    producer's epilogue stores 16 channels of a pixel as one contiguous vector, and the consumer's padding stage
+    (``qkernels.qconv_compute``) copies channel vectors instead of gathering each pixel's channels across planes."""
+    def reads_nhwc(user: str) -> bool:  # as its input or its fused residual
+        return graph.nodes[user]["op"] == "qconv2d" and uses_integer_kernel(graph, user, target_kind)
+
+    chosen = set()
+    for node in graph.op_nodes("qconv2d"):
+        value = Value(node, 0)
+        users = graph.users(value)
+        if (uses_integer_kernel(graph, node, target_kind) and users and not graph.is_graph_output(value)
+                and all(reads_nhwc(user) for user, _ in users)):
+            chosen.add(value)
+    return frozenset(chosen)
+
+
 @lowering("qconv2d", "qlinear")
 def _integer_layer(ctx, xs):
     """uint8/int8 x int8 -> int32 -> requantized, integer arithmetic throughout. CPU, groups = 1: our kernel
@@ -509,7 +538,7 @@ def _integer_layer(ctx, xs):
     if a["out_dtype"] != "uint8":
         raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8)")
     is_conv = ctx.data["op"] == "qconv2d"
-    if ctx.target_kind == "llvm" and (not is_conv or a["groups"] == 1):
+    if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind):
         spec = _integer_spec(ctx)
         name = f"{ctx.data['op']}_{ctx.node}"
         gv = ctx.bb.add_func(qconv_kernel(spec, ctx.cores).with_attr("global_symbol", name), name)
@@ -519,7 +548,8 @@ def _integer_layer(ctx, xs):
                 ctx.const(p["multiplier"], "int32"), ctx.const(p["shift"], "int32")]
         if spec.residual_zero_point is not None:
             args += [xs[1], ctx.const(p["residual_multiplier"], "int64")]
-        y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "uint8")))
+        out_shape = spec.physical(spec.out_layout, spec.out_shape)
+        y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(out_shape, "uint8")))
         return y if is_conv else ctx.emit(R.reshape(y, ctx.out_type().shape))
     x = ctx.emit(R.subtract(R.astype(xs[0], "int32"), ctx.const(np.asarray(a["input_zero_point"], np.int32))))
     weight = ctx.const(p["weight"].astype(np.int32))
@@ -863,13 +893,14 @@ def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
     params = [relax.Var(name, relax.TensorType(t.shape, t.dtype))
               for name, t in zip(graph.inputs, graph.input_types())]
     env: dict[Value, relax.Expr] = {Value(n, 0): v for n, v in zip(graph.inputs, params)}
+    nhwc = nhwc_values(graph, target_kind)
     with bb.function("main", params=params):
         with bb.dataflow():
             for node in graph.topo_order():
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {}, vnni)
+                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {}, vnni, nhwc)
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):

@@ -108,10 +108,19 @@ class QConvSpec:
     vnni: bool = False
     residual_zero_point: int | None = None  # a residual operand joins the requantization (None: no residual)
     residual_dtype: str = "uint8"
+    in_layout: str = "NCHW"  # NHWC between two of our kernels (``lower.nhwc_values``): no transposes
+    out_layout: str = "NCHW"
+    residual_layout: str = "NCHW"
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
+        """The logical (NCHW) output shape."""
         return conv_output_shape(self.in_shape, self.weight_shape, self.stride, self.padding, self.dilation)
+
+    def physical(self, layout: str, shape: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """An NCHW shape as stored in ``layout``."""
+        n, c, h, w = shape
+        return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
 
     @property
     def padded_channels(self) -> tuple[int, int]:
@@ -195,7 +204,11 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     ocp = spec.padded_channels[1]
     pixel, cols, steps = spec.reduction
     _, _, oh, ow = spec.out_shape
-    data = te.placeholder(spec.in_shape, spec.in_dtype, name="data")
+    data = te.placeholder(spec.physical(spec.in_layout, spec.in_shape), spec.in_dtype, name="data")
+
+    def read(tensor, layout, b, ch, y, x):
+        return tensor[b, y, x, ch] if layout == "NHWC" else tensor[b, ch, y, x]
+
     weight = te.placeholder((ocp // LANES, kh, cols, steps, LANES, DEPTH), "int8", name="weight")
     bias = te.placeholder((oc,), "int32", name="bias")
     multiplier = te.placeholder((oc,), "int32", name="multiplier")
@@ -205,8 +218,9 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     def padded_value(b, y, i):  # byte i of padded row y: pixel i // P, channel i % P
         px, ch = i // pixel, i % pixel
         inside = tirx.all(y >= ph, y < h + ph, px >= pw, px < w + pw, ch < c)
-        return tirx.if_then_else(inside, data[b, tirx.min(ch, c - 1), tirx.max(tirx.min(y - ph, h - 1), 0),
-                                              tirx.max(tirx.min(px - pw, w - 1), 0)], zero)
+        return tirx.if_then_else(inside, read(data, spec.in_layout, b, tirx.min(ch, c - 1),
+                                              tirx.max(tirx.min(y - ph, h - 1), 0),
+                                              tirx.max(tirx.min(px - pw, w - 1), 0)), zero)
 
     padded = te.compute((n, h + 2 * ph, spec.padded_row), padded_value, name="pad")
     ry = te.reduce_axis((0, kh), "ry")
@@ -221,19 +235,25 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     inputs = [data, weight, bias, multiplier, shift]
     residual_of = None
     if spec.residual_zero_point is not None:  # fused residual add: (r - z_r) * R joins the rounding
-        residual = te.placeholder(spec.out_shape, spec.residual_dtype, name="residual")
+        residual = te.placeholder(spec.physical(spec.residual_layout, spec.out_shape), spec.residual_dtype,
+                                  name="residual")
         residual_multiplier = te.placeholder((oc,), "int64", name="residual_multiplier")
         inputs += [residual, residual_multiplier]
         residual_zero = tirx.const(spec.residual_zero_point, "int64")
 
         def residual_of(b, o, y, x):
-            return (residual[b, o, y, x].astype("int64") - residual_zero) * residual_multiplier[o]
+            return (read(residual, spec.residual_layout, b, o, y, x).astype("int64") - residual_zero) \
+                * residual_multiplier[o]
 
-    out = te.compute(
-        spec.out_shape,
-        lambda b, o, y, x: requantize_expr(acc[b, y, x, o // LANES, o % LANES] + bias[o], multiplier[o], shift[o],
-                                           spec, None if residual_of is None else residual_of(b, o, y, x)),
-        name="requantize")
+    def output(b, o, y, x):
+        return requantize_expr(acc[b, y, x, o // LANES, o % LANES] + bias[o], multiplier[o], shift[o], spec,
+                               None if residual_of is None else residual_of(b, o, y, x))
+
+    if spec.out_layout == "NHWC":
+        out = te.compute(spec.physical("NHWC", spec.out_shape), lambda b, y, x, o: output(b, o, y, x),
+                         name="requantize")
+    else:
+        out = te.compute(spec.out_shape, output, name="requantize")
     return [*inputs, out]
 
 
@@ -265,13 +285,15 @@ def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> t
     sch.reverse_compute_at(requantize, tile)
     epilogue = sch.get_loops(requantize)[4:]  # the loops under ``tile``, the 4th loop in either order
     if len(epilogue) == 2 and spec.weight_shape[0] % LANES == 0:
-        if spec.residual_zero_point is not None:  # along the columns: the residual's bytes are contiguous (NCHW);
-            sch.unroll(epilogue[0])                # across channels they would be a 16-byte gather (+20% time)
-            sch.vectorize(epilogue[1])
+        channel, column = epilogue if spec.out_layout == "NCHW" else epilogue[::-1]
+        if spec.residual_zero_point is not None and spec.residual_layout == "NCHW":
+            sch.reorder(channel, column)  # along the columns: an NCHW residual's bytes are contiguous there;
+            sch.unroll(channel)           # across channels they would be a 16-byte gather (+20% time)
+            sch.vectorize(column)
         else:  # 16 channels x cols: vectorize the channels (per-channel multiplier and shift as vectors)
-            sch.reorder(epilogue[1], epilogue[0])
-            sch.vectorize(epilogue[0])
-            sch.unroll(epilogue[1])
+            sch.reorder(column, channel)
+            sch.vectorize(channel)
+            sch.unroll(column)
     sch.unroll(x_inner)
     pad_loops = sch.get_loops(sch.get_sblock("pad"))
     _, channel = sch.split(pad_loops[-1], [None, spec.reduction[0]])  # (pixel, channel): i // P, i % P simplify

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from backends.tvm import build, qkernels
+from backends.tvm import lower as lower_module
 from backends.tvm.lower import lower
 from backends.tvm.qkernels import QConvSpec
 from backends.tvm.target import cpu_has
 from frontend.torch_fx import from_torch
-from passes.ir.graph import Graph, TensorType
+from passes.ir.graph import Graph, TensorType, Value
 from passes.ir.interpret import run_reference
 from passes.transforms.fuse_conv_activation import FuseConvActivation
 from passes.transforms.quantize import Quantize, fixed_point
@@ -174,6 +175,29 @@ def test_fused_residual_joins_the_requantization_exactly(in_shape, out_channels,
     assert 0.2 < np.mean((expected > 100) & (expected < 255))  # the clamp (a fused relu) does not hide the sum
     centered = run_reference(g, (torch.from_numpy(xs[0]), torch.full(out_shape, 120, dtype=torch.uint8))).numpy()
     assert np.mean(centered != expected) > 0.3  # the residual term really moves the outputs (the rest: clamped)
+
+
+def test_integer_convs_hand_each_other_nhwc_tensors_exactly():
+    """Between two of our integer kernels the tensor is NHWC (no transposes); where anything else reads it (a
+    grouped conv's Relax path, a dequantize, the graph output) it stays NCHW. Results equal the reference."""
+    g = Graph(name="chain")
+    x = g.add_input("x", TensorType((1, 8, 7, 9), "uint8"))
+    attrs = {"input_zero_point": 5, "output_zero_point": 3, "out_min": 3, "out_max": 250, "padding": (1, 1)}
+    a = g.add_op("qconv2d", [x], attrs=attrs, params=integer_params(16, (16, 8, 3, 3)), name="a")
+    b = g.add_op("qconv2d", [a], attrs=attrs, params=integer_params(16, (16, 16, 3, 3)), name="b")
+    residual_params = integer_params(16, (16, 16, 3, 3)) | {"residual_multiplier": np.full(16, 2 ** 40, np.int64)}
+    c = g.add_op("qconv2d", [b, a], attrs=attrs | {"residual_zero_point": 3}, params=residual_params, name="c")
+    grouped = g.add_op("qconv2d", [c], attrs=attrs | {"groups": 2}, params=integer_params(16, (16, 8, 3, 3)),
+                       name="grouped")
+    g.set_outputs((grouped, b))
+    assert lower_module.nhwc_values(g, "llvm") == {Value("a", 0)}  # b is a graph output, c feeds a grouped conv
+    assert lower_module.nhwc_values(g, "cuda") == frozenset()
+    main = lower(g, "llvm", cores=2)["main"].script()
+    assert 'R.Tensor((1, 7, 9, 16), dtype="uint8")' in main and "permute_dims" not in main
+    data = RNG.integers(0, 256, (1, 8, 7, 9)).astype(np.uint8)
+    expected = run_reference(g, (torch.from_numpy(data),))
+    for actual, want in zip(build(g, "llvm")(data), expected):
+        np.testing.assert_array_equal(actual, want.numpy())
 
 
 def test_int8_activations_are_exact_too():  # signed inputs (an imported model's choice) skip vpdpbusd
