@@ -821,12 +821,18 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
         b_hh_rows = np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1))
         args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), initial(1, layer),
                 initial(2, layer)]
-        result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[
-            relax.TensorType((steps, batch, directions * hidden), "float32"), state_type, state_type]))
-        x = ctx.emit(relax.TupleGetItem(result, 0))
-        final_h.append(ctx.emit(relax.TupleGetItem(result, 1)))
-        final_c.append(ctx.emit(relax.TupleGetItem(result, 2)))
+        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), state_type)
+        final_h.append(h_n)
+        final_c.append(c_n)
     return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
+
+
+def _call_recurrent_kernel(ctx: LowerContext, gv: relax.GlobalVar, args: list, y_shape: tuple[int, ...],
+                           state_type: relax.TensorType) -> tuple[relax.Expr, relax.Expr, relax.Expr]:
+    """(y, h_n, c_n) of one layer's recurrent kernel call (float or integer)."""
+    result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[relax.TensorType(y_shape, "float32"), state_type,
+                                                                 state_type]))
+    return tuple(ctx.emit(relax.TupleGetItem(result, i)) for i in range(3))
 
 
 @lowering("qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
@@ -869,11 +875,9 @@ def _dynamic_recurrent(ctx, xs):
         args = [xp, ctx.const(packed, "int8"), ctx.const(row_sums, "int32"),
                 ctx.const(np.stack([padded(p["scale_hh" + s], 1) for s in suffixes]), "float32"),
                 ctx.const(np.stack([padded(b) for b in bias["hh"]]), "float32"), initial(1, layer), initial(2, layer)]
-        result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[
-            relax.TensorType((steps, batch, directions * hidden), "float32"), state_type, state_type]))
-        x = ctx.emit(relax.TupleGetItem(result, 0))
-        final_h.append(ctx.emit(relax.TupleGetItem(result, 1)))
-        final_c.append(ctx.emit(relax.TupleGetItem(result, 2)))
+        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), state_type)
+        final_h.append(h_n)
+        final_c.append(c_n)
     return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
 
 
