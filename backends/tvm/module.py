@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,8 @@ class CompiledModule:
         self.outputs = list(outputs)
         self.structure = structure
         self._vm = None
+        self._input_buffers: list | None = None  # device tensors the inputs are copied into, reused every call
+        self._lock = threading.Lock()  # one VM and one set of input buffers: calls run one at a time
 
     @property
     def device(self):
@@ -152,13 +155,24 @@ class CompiledModule:
                     raise InputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype.name}")
                 array = array.astype(spec.dtype)
             array = array if array.flags.c_contiguous else array.copy()  # ascontiguousarray would make 0-d 1-d
-            converted.append(tvm.runtime.tensor(array, self.device))
-        return converted, any_torch
+            converted.append(array)
+        return self._to_device(converted), any_torch
+
+    def _to_device(self, arrays: list[np.ndarray]) -> list:
+        """Copy the inputs into device tensors kept from call to call. Why: a fresh tensor per call costs its
+        allocation and first-touch page faults (~0.1-0.25 ms for a 224x224 image here, 2-5% of an int8
+        ResNet-18); ONNX Runtime reads the caller's numpy memory in place."""
+        if self._input_buffers is None:
+            self._input_buffers = [tvm.runtime.empty(a.shape, a.dtype.name, self.device) for a in arrays]
+        for buffer, array in zip(self._input_buffers, arrays):
+            buffer.copyfrom(array)
+        return self._input_buffers
 
     def _run(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
-        converted, any_torch = self._convert_inputs(inputs)
-        result = self.vm["main"](*converted)
-        return [result[i].numpy() for i in range(len(self.outputs))], any_torch
+        with self._lock:
+            converted, any_torch = self._convert_inputs(inputs)
+            result = self.vm["main"](*converted)
+            return [result[i].numpy() for i in range(len(self.outputs))], any_torch
 
     def run_flat(self, *inputs: Any) -> list[np.ndarray]:
         """Outputs as a flat list of numpy arrays (depth-first order of the output structure)."""
@@ -174,9 +188,10 @@ class CompiledModule:
 
     def time_ms(self, *inputs: Any, number: int = 10, repeat: int = 5) -> float:
         """Median latency in ms of ``main`` measured by TVM's time evaluator (no Python conversion overhead)."""
-        converted, _ = self._convert_inputs(inputs)
-        timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
-        return float(np.median(timer(*converted).results) * 1e3)
+        with self._lock:
+            converted, _ = self._convert_inputs(inputs)
+            timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
+            return float(np.median(timer(*converted).results) * 1e3)
 
     def export(self, directory: str | os.PathLike) -> Path:
         """Write ``model.so`` (the TVM library) and ``signature.json`` into ``directory``."""

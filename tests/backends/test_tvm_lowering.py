@@ -44,6 +44,26 @@ def test_numpy_in_numpy_out_and_torch_in_torch_out():
     np.testing.assert_array_equal(out_np, out_torch.numpy())
 
 
+def test_reused_input_buffers_never_leak_one_call_into_the_next():
+    """Inputs are copied into device tensors kept from call to call: every call (also from several threads at
+    once, also an identity model whose output is its input buffer) must see only its own inputs."""
+    import concurrent.futures
+
+    model = Fn(lambda s, x, y: (s.lin(x) * y.sum(), x), lin=torch.nn.Linear(4, 3)).eval()
+    compiled = build(from_torch(model, (torch.randn(2, 4), torch.randn(5))), "llvm")
+    generator = torch.Generator().manual_seed(0)
+    inputs = [(torch.randn(2, 4, generator=generator), torch.randn(5, generator=generator)) for _ in range(8)]
+    with torch.no_grad():
+        expected = [model(*xs) for xs in inputs]
+    first = compiled(*inputs[0])
+    compiled(*inputs[1])
+    assert_outputs_close(expected[0], first)  # a returned result is not overwritten by the next call
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda xs: compiled(*xs), inputs * 4))
+    for got, want in zip(results, expected * 4):
+        assert_outputs_close(want, got)
+
+
 def test_wrong_input_shape_count_and_dtype_give_clear_errors():
     model = Fn(lambda s, a, b: a * b)
     compiled = build(from_torch(model, (torch.randn(2, 3), torch.randn(2, 3))), "llvm")
