@@ -473,7 +473,7 @@ def _integer_spec(ctx: LowerContext) -> QConvSpec:
     a, weight = ctx.attrs, ctx.params["weight"]
     common = {"input_zero_point": a["input_zero_point"], "output_zero_point": a["output_zero_point"],
               "out_min": a["out_min"], "out_max": a["out_max"], "in_dtype": ctx.in_type(0).dtype,
-              "vnni": ctx.vnni and ctx.in_type(0).dtype == "uint8"}  # vpdpbusd reads its activations unsigned
+              "out_dtype": a["out_dtype"], "vnni": ctx.vnni}
     if ctx.data["op"] == "qconv2d":
         operands = ctx.graph.operands(ctx.node)
         layout = lambda value: "NHWC" if value in ctx.nhwc else "NCHW"  # noqa: E731
@@ -535,8 +535,8 @@ def _integer_layer(ctx, xs):
     """uint8/int8 x int8 -> int32 -> requantized, integer arithmetic throughout. CPU, groups = 1: our kernel
     (``qkernels.py``, vpdpbusd where the CPU has VNNI); otherwise (grouped convs, cuda) Relax integer ops."""
     a, p = ctx.attrs, ctx.params
-    if a["out_dtype"] != "uint8":
-        raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8)")
+    if a["out_dtype"] not in ("uint8", "int8"):
+        raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8 or int8)")
     is_conv = ctx.data["op"] == "qconv2d"
     if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind):
         spec = _integer_spec(ctx)
@@ -549,7 +549,7 @@ def _integer_layer(ctx, xs):
         if spec.residual_zero_point is not None:
             args += [xs[1], ctx.const(p["residual_multiplier"], "int64")]
         out_shape = spec.physical(spec.out_layout, spec.out_shape)
-        y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(out_shape, "uint8")))
+        y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(out_shape, spec.out_dtype)))
         return y if is_conv else ctx.emit(R.reshape(y, ctx.out_type().shape))
     x = ctx.emit(R.subtract(R.astype(xs[0], "int32"), ctx.const(np.asarray(a["input_zero_point"], np.int32))))
     weight = ctx.const(p["weight"].astype(np.int32))

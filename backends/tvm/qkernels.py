@@ -1,4 +1,5 @@
-"""Integer conv2d / linear kernels for ``qconv2d`` and ``qlinear``: uint8 x int8 -> int32 -> requantized uint8.
+"""Integer conv2d / linear kernels for ``qconv2d`` and ``qlinear``: uint8 (or int8) x int8 -> int32 -> requantized
+uint8 (or int8).
 
 One TIR kernel serves both ops (a linear over rows ``x[M, K]`` is a 1x1 conv on ``(M, K, 1, 1)``). Stages:
 
@@ -104,8 +105,9 @@ class QConvSpec:
     output_zero_point: int
     out_min: int
     out_max: int
-    in_dtype: str = "uint8"
+    in_dtype: str = "uint8"   # int8 inputs are shifted to uint8 while padding (x + 128, z_x + 128): same x - z_x
     vnni: bool = False
+    out_dtype: str = "uint8"
     residual_zero_point: int | None = None  # a residual operand joins the requantization (None: no residual)
     residual_dtype: str = "uint8"
     in_layout: str = "NCHW"  # NHWC between two of our kernels (``lower.nhwc_values``): no transposes
@@ -172,10 +174,16 @@ class QConvSpec:
         blocks = padded.reshape(ocp // LANES, LANES, steps, DEPTH, kh, kw)
         return np.ascontiguousarray(blocks.transpose(0, 4, 5, 2, 1, 3))
 
+    @property
+    def padded_zero_point(self) -> int:
+        """z_x of the uint8 padded input: int8 inputs are stored + 128 there (vpdpbusd reads unsigned bytes), which
+        leaves every ``x - z_x`` unchanged."""
+        return self.input_zero_point + (128 if self.in_dtype == "int8" else 0)
+
     def fold_bias(self, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
         """b' = q_b - z_x * sum_k q_w: the kernel sums x * w with x padded by z_x (see the module docstring)."""
         weight_sums = weight.reshape(weight.shape[0], -1).astype(np.int64).sum(axis=1)
-        return (bias.astype(np.int64) - self.input_zero_point * weight_sums).astype(np.int32)
+        return (bias.astype(np.int64) - self.padded_zero_point * weight_sums).astype(np.int32)
 
     @property
     def cols(self) -> int:
@@ -184,15 +192,15 @@ class QConvSpec:
 
 
 def requantize_expr(acc, multiplier, shift, spec: QConvSpec, residual_term=None):
-    """clamp(z_y + ((acc * M + 2^(shift-1) [+ (r - z_r) R]) >> shift), out_min, out_max) as uint8, in int64
-    arithmetic (``residual_term`` is the int64 ``(r - z_r) R``)."""
+    """clamp(z_y + ((acc * M + 2^(shift-1) [+ (r - z_r) R]) >> shift), out_min, out_max) as the output dtype, in
+    int64 arithmetic (``residual_term`` is the int64 ``(r - z_r) R``)."""
     shift64 = shift.astype("int64")
     rounding = tirx.const(1, "int64") << (shift64 - tirx.const(1, "int64"))
     total = acc.astype("int64") * multiplier.astype("int64") + rounding
     scaled = (total if residual_term is None else total + residual_term) >> shift64
     clamped = tirx.max(tirx.min(scaled + tirx.const(spec.output_zero_point, "int64"),
                                 tirx.const(spec.out_max, "int64")), tirx.const(spec.out_min, "int64"))
-    return clamped.astype("uint8")
+    return clamped.astype(spec.out_dtype)
 
 
 def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
@@ -213,14 +221,16 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     bias = te.placeholder((oc,), "int32", name="bias")
     multiplier = te.placeholder((oc,), "int32", name="multiplier")
     shift = te.placeholder((oc,), "int32", name="shift")
-    zero = tirx.const(spec.input_zero_point, spec.in_dtype)
+    zero = tirx.const(spec.padded_zero_point, "uint8")
 
     def padded_value(b, y, i):  # byte i of padded row y: pixel i // P, channel i % P
         px, ch = i // pixel, i % pixel
         inside = tirx.all(y >= ph, y < h + ph, px >= pw, px < w + pw, ch < c)
-        return tirx.if_then_else(inside, read(data, spec.in_layout, b, tirx.min(ch, c - 1),
-                                              tirx.max(tirx.min(y - ph, h - 1), 0),
-                                              tirx.max(tirx.min(px - pw, w - 1), 0)), zero)
+        value = read(data, spec.in_layout, b, tirx.min(ch, c - 1), tirx.max(tirx.min(y - ph, h - 1), 0),
+                     tirx.max(tirx.min(px - pw, w - 1), 0))
+        if spec.in_dtype == "int8":  # to uint8 by flipping the sign bit: x + 128
+            value = (value.astype("int32") + 128).astype("uint8")
+        return tirx.if_then_else(inside, value, zero)
 
     padded = te.compute((n, h + 2 * ph, spec.padded_row), padded_value, name="pad")
     ry = te.reduce_axis((0, kh), "ry")

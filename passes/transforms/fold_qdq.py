@@ -20,9 +20,10 @@ rounds half to even in float: outputs agree within one quantization step, differ
 
 Refusals (counted ``skipped.<reason>``, the layer stays float): ``shared_output`` (the float layer/activation output
 has other users), ``residual`` (a fused residual add), ``activation`` (a fused or following activation that is not a
-clamp of the output), ``activation_dtype`` (an int8 or per-axis activation: the integer lowering reads and writes
-per-tensor uint8), ``weights_not_int8`` (the weights are not symmetric int8 multiples of a per-tensor or
-per-channel scale: asymmetric or unquantized weights), ``accumulator_overflow``, ``requantize_range``.
+clamp of the output), ``activation_dtype`` (a per-axis activation scale: the integer ops read and write per-tensor
+uint8 or int8; ONNX Runtime's default ``QInt8`` activations fold like ``QUInt8`` ones), ``weights_not_int8`` (the
+weights are not symmetric int8 multiples of a per-tensor or per-channel scale: asymmetric or unquantized weights),
+``accumulator_overflow``, ``requantize_range``.
 Run it first: before ``fuse-conv-activation`` sees the float layer (it also accepts a layer with a fused clamp).
 """
 
@@ -37,7 +38,7 @@ from passes.core.pattern import Match, Pattern
 from passes.core.rewrite import join_origin, replace_node
 from passes.ir.graph import Graph, Value
 from passes.ir.ops import activation_of
-from passes.transforms.quantize import ACTIVATION_RANGE, INTEGER_OP, WEIGHT_MAX, integer_params
+from passes.transforms.quantize import ACTIVATION_RANGE, INTEGER_OP, INTEGER_RANGE, WEIGHT_MAX, integer_params
 
 LAYER_OPS = ("conv2d", "linear")
 CLAMP_OPS = ("relu", "relu6", "clamp")
@@ -105,15 +106,16 @@ def integer_form(graph: Graph, match: Match) -> tuple[dict, dict] | tuple[str, s
     if isinstance(activation, str):
         return "activation", f"{activation} is not a clamp of the integer output"
     in_dtype = graph.value_type(graph.operands(match["dequantize"])[0]).dtype
-    if in_dtype != "uint8" or q["attrs"]["dtype"] != "uint8" or dq["attrs"]["axis"] is not None \
-            or q["attrs"]["axis"] is not None:
-        return "activation_dtype", f"{in_dtype} -> {q['attrs']['dtype']}; the integer ops take per-tensor uint8"
+    if in_dtype not in INTEGER_RANGE or q["attrs"]["dtype"] not in INTEGER_RANGE \
+            or np.ndim(dq["params"]["scale"]) or np.ndim(q["params"]["scale"]):
+        return "activation_dtype", (f"{in_dtype} -> {q['attrs']['dtype']}; the integer ops take per-tensor uint8 or "
+                                    "int8 activations")
     recovered = symmetric_int8(layer["params"]["weight"])
     if recovered is None:
         return "weights_not_int8", "weights are not symmetric int8 multiples of a per-tensor or per-channel scale"
     input_q = (float(dq["params"]["scale"]), int(dq["params"]["zero_point"]))
     output_q = (float(q["params"]["scale"]), int(q["params"]["zero_point"]))
-    return integer_params(layer, input_q, output_q, *recovered, activation)
+    return integer_params(layer, input_q, output_q, *recovered, activation, out_dtype=q["attrs"]["dtype"])
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,9 @@
 ``qconv2d`` with ``r`` as a second operand, added inside the conv's requantization.
 
 The integer counterpart of ``fuse-conv-add``. After ``quantize`` (or ``fold-qdq`` on an ONNX QDQ model) a ResNet
-block ends with its last conv requantized to uint8 at its own scale ``s_c``, dequantized, added in float to the
-dequantized shortcut ``r`` (scale ``s_r``, zero point ``z_r``), relu'd and quantized again (``s_y``, ``z_y``) for
-the next block: two roundings and a separate full-tensor kernel. Fused, with ``A[c] = s_x s_w[c]`` the
+block ends with its last conv requantized to uint8 (int8 in ONNX Runtime's default QDQ) at its own scale ``s_c``,
+dequantized, added in float to the dequantized shortcut ``r`` (scale ``s_r``, zero point ``z_r``), relu'd and
+quantized again (``s_y``, ``z_y``) for the next block: two roundings and a separate full-tensor kernel. Fused, with ``A[c] = s_x s_w[c]`` the
 accumulator's scale (``= M_c 2^-shift_c s_c``, read back from the conv's fixed-point multiplier)::
 
     q_y = clamp(z_y + round(acc A[c] / s_y + (r - z_r) s_r / s_y), out_min, out_max)
@@ -18,11 +18,11 @@ real-valued sum. Float users of the sum (the next block's shortcut) read ``dequa
 Refusals (counted ``skipped.<reason>``; the add stays float):
 - ``no_producer`` / ``shared_output``: the add's operand is not a private ``dequantize(qconv2d)``.
 - ``already_fused``: the conv already has a residual or clamps its output (``act(conv) + r`` is not ``conv + r``):
-  a clamp range narrower than uint8's, or one starting at real zero (a relu, even where ``z = 0`` makes the clamp
-  look like uint8's own bound).
-- ``shortcut``: the other operand is not a per-tensor ``dequantize`` of a uint8 tensor of the output's shape.
+  a clamp range narrower than its dtype's, or one starting at real zero (a relu, even where the zero point makes
+  the clamp look like the dtype's own bound).
+- ``shortcut``: the other operand is not a per-tensor ``dequantize`` of an 8-bit tensor of the output's shape.
 - ``activation``: the add is followed by an activation other than relu.
-- ``float_output``: no per-tensor uint8 ``quantize`` reads the sum (its scale is what the fused conv writes).
+- ``float_output``: no per-tensor ``quantize`` reads the sum (its scale and dtype are what the fused conv writes).
 - ``requantize_range``: ``A / s_y`` or ``s_r / s_y`` outside what the 64-bit fixed point encodes.
 """
 
@@ -36,7 +36,7 @@ from passes.core.pass_base import Decisions, Pass, PassContext, PassResult
 from passes.core.pattern import Match, Pattern
 from passes.core.rewrite import join_origin
 from passes.ir.graph import Graph, Value
-from passes.transforms.quantize import fixed_point
+from passes.transforms.quantize import INTEGER_RANGE, fixed_point
 
 QCONV_ADD = Pattern(roles={"conv": "qconv2d", "dequantize": "dequantize", "add": "add"},
                     edges=(("conv", "dequantize", 0), ("dequantize", "add", None)), anchor="add",
@@ -45,10 +45,10 @@ RESIDUAL_MULTIPLIER_MAX = 2 ** 54  # 255 * R + acc * M + rounding stays below 2^
 
 
 def per_tensor_qparams(graph: Graph, node: str) -> tuple[float, int] | None:
-    """(scale, zero_point) of a per-tensor uint8 quantize/dequantize node, else None."""
+    """(scale, zero_point) of a per-tensor uint8/int8 quantize/dequantize node, else None."""
     data = graph.nodes[node]
     scale, zero_point = data["params"]["scale"], data["params"]["zero_point"]
-    if np.ndim(scale) or np.ndim(zero_point) or np.asarray(zero_point).dtype != np.uint8:
+    if np.ndim(scale) or np.ndim(zero_point) or np.asarray(zero_point).dtype.name not in INTEGER_RANGE:
         return None
     return float(scale), int(zero_point)
 
@@ -85,8 +85,9 @@ def plan(graph: Graph, match: Match) -> Fusion | tuple[str, str]:
     conv, dequantize, add = match["conv"], match["dequantize"], match["add"]
     data = graph.nodes[conv]
     a = data["attrs"]
-    clamped = a["out_min"] > 0 or a["out_max"] < 255 or a["out_min"] == a["output_zero_point"]  # incl. relu at z = 0
-    if len(graph.operands(conv)) > 1 or clamped or a["out_dtype"] != "uint8":
+    low, high = INTEGER_RANGE[a["out_dtype"]]
+    clamped = a["out_min"] > low or a["out_max"] < high or a["out_min"] == a["output_zero_point"]  # incl. relu at z
+    if len(graph.operands(conv)) > 1 or clamped:
         return "already_fused", f"{conv} already has a residual or clamps its output (an activation)"
     conv_q = per_tensor_qparams(graph, dequantize)
     other = next(v for v in graph.operands(add) if v != Value(dequantize, 0))
@@ -94,24 +95,27 @@ def plan(graph: Graph, match: Match) -> Fusion | tuple[str, str]:
     if (conv_q is None or graph.nodes[shortcut_node]["op"] != "dequantize"
             or per_tensor_qparams(graph, shortcut_node) is None
             or graph.value_type(graph.operands(shortcut_node)[0]) != graph.value_type(Value(conv, 0))):
-        return "shortcut", f"{shortcut_node} is no per-tensor dequantize of a uint8 {graph.value_type(Value(conv, 0))}"
+        return "shortcut", f"{shortcut_node} is no per-tensor dequantize of a {graph.value_type(Value(conv, 0))}"
     found = add_result(graph, add)
     if found is None:
         return "activation", f"{graph.users(Value(add, 0))[0][0]} is not a relu"
     result, relu = found
     quantizes = [user for user, _ in graph.users(result) if graph.nodes[user]["op"] == "quantize"
-                 and graph.nodes[user]["attrs"].get("dtype") == "uint8" and per_tensor_qparams(graph, user)]
+                 and per_tensor_qparams(graph, user)]
     if not quantizes:
-        return "float_output", f"no uint8 quantize reads {result.node}"
-    output_q = per_tensor_qparams(graph, quantizes[0])
-    quantizes = [q for q in quantizes if per_tensor_qparams(graph, q) == output_q]
+        return "float_output", f"no per-tensor quantize reads {result.node}"
+    output_q, out_dtype = per_tensor_qparams(graph, quantizes[0]), graph.nodes[quantizes[0]]["attrs"]["dtype"]
+    quantizes = [q for q in quantizes if per_tensor_qparams(graph, q) == output_q
+                 and graph.nodes[q]["attrs"]["dtype"] == out_dtype]
     (s_c, _), (s_r, z_r), (s_y, z_y) = conv_q, per_tensor_qparams(graph, shortcut_node), output_q
     acc_scale = data["params"]["multiplier"].astype(np.float64) * np.exp2(-data["params"]["shift"].astype(np.float64))
     multiplier, shift = fixed_point(acc_scale * s_c / s_y)
     residual_multiplier = np.round(s_r / s_y * np.exp2(shift.astype(np.float64)))
     if shift.min() < 1 or shift.max() > 62 or residual_multiplier.max() >= RESIDUAL_MULTIPLIER_MAX:
         return "requantize_range", f"s_r / s_y = {s_r / s_y:.3g} with shifts up to {shift.max()}"
-    attrs = a | {"residual_zero_point": z_r, "output_zero_point": z_y, "out_min": z_y if relu else 0}
+    low, high = INTEGER_RANGE[out_dtype]
+    attrs = a | {"residual_zero_point": z_r, "output_zero_point": z_y, "out_dtype": out_dtype,
+                 "out_min": max(low, z_y) if relu else low, "out_max": high}
     params = data["params"] | {"multiplier": multiplier, "shift": shift,
                                "residual_multiplier": residual_multiplier.astype(np.int64)}
     return Fusion(result, result.node if relu else None, quantizes, graph.operands(shortcut_node)[0],
@@ -151,7 +155,7 @@ class FuseQConvAdd(Pass):
                 scale, zero_point = fusion.output_q
                 deq = graph.add_op("dequantize", [Value(conv, 0)], attrs={"axis": None},
                                    params={"scale": np.asarray(scale, np.float32),
-                                           "zero_point": np.asarray(zero_point, np.uint8)},
+                                           "zero_point": np.asarray(zero_point, fusion.attrs["out_dtype"])},
                                    name=f"{conv}_dequantize", origin=data["origin"])
                 graph.replace_all_uses(fusion.result, deq)
             for node in reversed(absorbed):

@@ -77,6 +77,7 @@ DYNAMIC_OP = {"linear": "qlinear_dynamic", "lstm": "qlstm_dynamic", "gru": "qgru
 ACTIVATION_RANGE = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}
 INT32_MAX = 2 ** 31 - 1
 QMIN, QMAX = 0, 255  # uint8 activations
+INTEGER_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}  # activation dtypes the integer ops read and write
 WEIGHT_MAX = 127     # symmetric int8 weights, -128 unused so that -q_w is representable
 
 
@@ -134,11 +135,12 @@ def recurrent_refusal(graph: Graph, node: str, mode: str) -> tuple[str, str] | N
     return None
 
 
-def output_clamp(attrs: dict, scale: float, zero_point: int) -> tuple[int, int]:
-    """The fused activation as a clamp of q_y: real bound r maps to z_y + round(r / s_y)."""
+def output_clamp(attrs: dict, scale: float, zero_point: int, dtype: str = "uint8") -> tuple[int, int]:
+    """The fused activation as a clamp of q_y (a ``dtype`` integer): real bound r maps to z_y + round(r / s_y)."""
     low, high = attrs["activation_params"] if attrs["activation"] == "clamp" else ACTIVATION_RANGE[attrs["activation"]]
-    q_low = QMIN if math.isinf(low) else max(QMIN, zero_point + round(low / scale))
-    q_high = QMAX if math.isinf(high) else min(QMAX, zero_point + round(high / scale))
+    q_min, q_max = INTEGER_RANGE[dtype]
+    q_low = q_min if math.isinf(low) else max(q_min, zero_point + round(low / scale))
+    q_high = q_max if math.isinf(high) else min(q_max, zero_point + round(high / scale))
     return q_low, max(q_low, q_high)
 
 
@@ -178,10 +180,11 @@ def integer_layer(data: dict, input_q: tuple[float, int], output_q: tuple[float,
 
 
 def integer_params(data: dict, input_q: tuple[float, int], output_q: tuple[float, int], q_w: np.ndarray,
-                   s_w: np.ndarray, activation: dict) -> tuple[dict, dict] | tuple[str, str]:
+                   s_w: np.ndarray, activation: dict, out_dtype: str = "uint8") -> tuple[dict, dict] | tuple[str, str]:
     """(attrs, params) of the integer op for conv2d/linear ``data`` with int8 weights ``q_w`` (scales ``s_w``) and
     the fused ``activation`` (``{"activation", "activation_params"}``) as output clamp; or a (reason, detail)
-    refusal. Shared by ``quantize`` (weights quantized here) and ``fold-qdq`` (weights recovered from ONNX)."""
+    refusal. Shared by ``quantize`` (weights quantized here, uint8 out) and ``fold-qdq`` (weights recovered from
+    ONNX, uint8 or int8 out as the model says)."""
     (s_x, z_x), (s_y, z_y) = input_q, output_q
     acc_scale = s_x * s_w
     q_b = np.round(np.asarray(data["params"].get("bias", np.zeros(len(s_w))), np.float64) / acc_scale)
@@ -190,8 +193,8 @@ def integer_params(data: dict, input_q: tuple[float, int], output_q: tuple[float
     multiplier, shift = fixed_point(acc_scale / s_y)
     if shift.min() < 1 or shift.max() > 62:
         return "requantize_range", f"s_x s_w / s_y spans {acc_scale.min() / s_y:.3g}..{acc_scale.max() / s_y:.3g}"
-    out_min, out_max = output_clamp(activation, s_y, z_y)
-    attrs = {"input_zero_point": z_x, "output_zero_point": z_y, "out_dtype": "uint8", "out_min": out_min,
+    out_min, out_max = output_clamp(activation, s_y, z_y, out_dtype)
+    attrs = {"input_zero_point": z_x, "output_zero_point": z_y, "out_dtype": out_dtype, "out_min": out_min,
              "out_max": out_max}
     if data["op"] == "conv2d":
         attrs |= {k: data["attrs"][k] for k in ("stride", "padding", "dilation", "groups")}

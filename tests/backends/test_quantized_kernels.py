@@ -200,8 +200,21 @@ def test_integer_convs_hand_each_other_nhwc_tensors_exactly():
         np.testing.assert_array_equal(actual, want.numpy())
 
 
-def test_int8_activations_are_exact_too():  # signed inputs (an imported model's choice) skip vpdpbusd
-    assert_exact(qconv_graph((1, 8, 6, 6), 16, (3, 3), in_dtype="int8", padding=(1, 1), input_zero_point=-3))
+@pytest.mark.parametrize("target", ["llvm", pytest.param(NO_VNNI, marks=needs_avx512)], ids=["vnni", "no_vnni"])
+@pytest.mark.parametrize("out_dtype", ["uint8", "int8"])
+def test_int8_activations_are_exact_too(out_dtype, target):
+    """Signed activations (ONNX Runtime's default QInt8): the kernel stores x + 128 while padding, so vpdpbusd's
+    unsigned operand sees the same x - z_x; int8 outputs clamp to [-128, 127]."""
+    clamp = {"output_zero_point": -11, "out_min": -11, "out_max": 110} if out_dtype == "int8" else {}
+    graph = qconv_graph((1, 8, 6, 6), 16, (3, 3), in_dtype="int8", padding=(1, 1), input_zero_point=-3,
+                        out_dtype=out_dtype, **clamp)
+    data = RNG.integers(-128, 128, (1, 8, 6, 6)).astype(np.int8)
+    expected = run_reference(graph, (torch.from_numpy(data),)).numpy()
+    actual = build(graph, target)(data)
+    assert actual.dtype == np.dtype(out_dtype)
+    np.testing.assert_array_equal(actual, expected)
+    low, high = (-11, 110) if out_dtype == "int8" else (11, 240)
+    assert 0.3 < np.mean((expected > low) & (expected < high))  # not all clamped
 
 
 def test_grouped_qconv2d_takes_the_relax_integer_path_exactly():

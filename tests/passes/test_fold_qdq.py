@@ -58,15 +58,17 @@ def conv_matmul() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), MatMulHead(8 * 8 * 8, 10)).eval()
 
 
-def quantized_onnx(model: nn.Module, path, fmt: QuantFormat = QuantFormat.QDQ, per_channel: bool = True) -> str:
-    """Export ``model`` and quantize it with ONNX Runtime (uint8 activations, int8 weights, min-max calibration)."""
+def quantized_onnx(model: nn.Module, path, fmt: QuantFormat = QuantFormat.QDQ, per_channel: bool = True,
+                   activations: QuantType = QuantType.QUInt8) -> str:
+    """Export ``model`` and quantize it with ONNX Runtime (uint8 activations unless told, int8 weights, min-max
+    calibration)."""
     float_path, quant_path = str(path / "float.onnx"), str(path / "quant.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.zeros(SHAPE),), float_path, input_names=["x"], output_names=["y"],
                           opset_version=17, dynamo=False)
     quantize_static(float_path, quant_path, Calibration("x", SHAPE), quant_format=fmt, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                    activation_type=activations, weight_type=QuantType.QInt8)
     return quant_path
 
 
@@ -119,6 +121,25 @@ def test_qdq_model_folds_into_integer_ops(make, layers, per_channel, tmp_path):
     assert_idempotent(FoldQdq(), graph)
 
 
+@pytest.mark.tvm
+def test_onnx_runtime_default_int8_activations_fold_and_compile_exactly(tmp_path):
+    """``quantize_static``'s defaults write int8 (QInt8) activations: they fold onto the same integer ops (int8 in
+    and out), stay within one step of ONNX Runtime, and the compiled kernels equal the reference bit for bit."""
+    from backends.tvm import build
+
+    path = quantized_onnx(conv_linear(), tmp_path, QuantFormat.QDQ, per_channel=True, activations=QuantType.QInt8)
+    graph = from_onnx(path)
+    assert run_pass(FoldQdq(), graph).stats == {"folded": 3}
+    layers = [graph.nodes[n] for n in graph.topo_order() if graph.nodes[n]["op"] in ("qconv2d", "qlinear")]
+    assert [layer["attrs"]["out_dtype"] for layer in layers] == ["int8"] * 3
+    check_against_onnx_runtime(graph, path)
+    compiled = build(graph, "llvm")
+    for seed in range(2):
+        x = inputs(seed)
+        (expected,) = flatten_structure(run_reference(graph, (torch.from_numpy(x),)))
+        np.testing.assert_array_equal(compiled(x), expected.numpy())
+
+
 def test_qoperator_model_folds_qlinearconv_and_qlinearmatmul(tmp_path):
     path = quantized_onnx(conv_matmul(), tmp_path, QuantFormat.QOperator, per_channel=False)
     graph = from_onnx(path)
@@ -159,7 +180,7 @@ def test_optimize_compiles_qdq_model_to_integer_ops(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ refusals
 def tiny_qdq(weight_scale=0.02, bias=(0.1, -0.2), out_scale=0.05, out_dtype="uint8", activation="none",
-             weight=None, relu=False, share_layer=False, residual=False) -> Graph:
+             weight=None, relu=False, share_layer=False, residual=False, per_axis_out=False) -> Graph:
     """x -> quantize -> dequantize -> conv2d [-> relu] -> quantize -> dequantize, weights exact int8 multiples."""
     graph = Graph(name="tiny")
     x = graph.add_input("x", TensorType((1, 3, 4, 4)))
@@ -174,8 +195,12 @@ def tiny_qdq(weight_scale=0.02, bias=(0.1, -0.2), out_scale=0.05, out_dtype="uin
                      {"weight": weight, "bias": np.asarray(bias, np.float32)})
     act = graph.add_op("relu", [y]) if relu else y
     zero = np.uint8(0) if out_dtype == "uint8" else np.int8(0)
-    qy = graph.add_op("quantize", [act], {"dtype": out_dtype}, {"scale": np.float32(out_scale), "zero_point": zero})
-    out = graph.add_op("dequantize", [qy], {}, {"scale": np.float32(out_scale), "zero_point": zero})
+    qparams = {"scale": np.float32(out_scale), "zero_point": zero}
+    if per_axis_out:  # one scale per output channel
+        qparams = {"scale": np.full(2, out_scale, np.float32), "zero_point": np.full(2, zero)}
+    axis = {"axis": 1} if per_axis_out else {}
+    qy = graph.add_op("quantize", [act], {"dtype": out_dtype} | axis, qparams)
+    out = graph.add_op("dequantize", [qy], axis, qparams)
     graph.set_outputs((out, y) if share_layer else out)
     return graph
 
@@ -194,7 +219,7 @@ def test_tiny_graph_folds_with_relu_as_output_clamp():
     ("shared_output", {"share_layer": True}),
     ("residual", {"residual": True}),
     ("activation", {"activation": "silu"}),
-    ("activation_dtype", {"out_dtype": "int8"}),
+    ("activation_dtype", {"per_axis_out": True}),
     ("weights_not_int8", {"weight": np.random.default_rng(0).standard_normal((2, 3, 3, 3)).astype(np.float32)}),
     ("accumulator_overflow", {"bias": (1e7, 0.0)}),
     ("requantize_range", {"out_scale": 1e8}),  # s_x s_w / s_y = 1e-11 < 2^-32
@@ -205,6 +230,13 @@ def test_refusal_is_counted_and_graph_unchanged(reason, kwargs):
     result = run_pass(FoldQdq(), graph)
     assert not result.changed and result.stats == {"folded": 0, f"skipped.{reason}": 1}
     assert ops(graph) == before
+
+
+def test_int8_output_folds_with_relu_clamped_at_its_zero_point():
+    graph = tiny_qdq(relu=True, out_dtype="int8")
+    assert run_pass(FoldQdq(), graph).stats == {"folded": 1}
+    (layer,) = [graph.nodes[n] for n in graph.topo_order() if graph.nodes[n]["op"] == "qconv2d"]
+    assert layer["attrs"]["out_dtype"] == "int8" and (layer["attrs"]["out_min"], layer["attrs"]["out_max"]) == (0, 127)
 
 
 def test_float_model_is_untouched():

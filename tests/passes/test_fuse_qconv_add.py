@@ -136,3 +136,38 @@ def test_refuses_a_residual_scale_the_fixed_point_cannot_hold():
     shortcut = next(v.node for v in graph.operands(add) if graph.operands(v.node)[0].node != "c")
     graph.nodes[shortcut]["params"]["scale"] = np.asarray(1e9, np.float32)  # s_r / s_y * 2^shift >= 2^54
     assert run_pass(FuseQConvAdd(), graph).stats == {"fused": 0, "skipped.requantize_range": 1}
+
+
+@pytest.mark.tvm
+def test_onnx_runtime_int8_residual_blocks_fuse_and_stay_close_to_onnx_runtime(tmp_path):
+    """An ONNX Runtime QDQ model with its default int8 activations: fold-qdq then fuse-qconv-add (both in
+    ``default``) leave no float add; the compiled result equals our reference exactly and stays within one output
+    step of ONNX Runtime, which rounds twice per block (QLinearAdd) where we round once."""
+    import warnings
+
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    import passes
+    from tests.passes.test_fold_qdq import Calibration
+
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    float_path, quant_path = str(tmp_path / "float.onnx"), str(tmp_path / "quant.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, calibration(1)[0], float_path, input_names=["x"], dynamo=False, opset_version=17)
+    quantize_static(float_path, quant_path, Calibration("x", SHAPE), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    opt = passes.optimize(quant_path, measure=False)
+    stats = {p.name: p.stats for p in opt.report.passes}
+    assert stats["fold-qdq"]["folded"] == 6 and stats["fuse-qconv-add"]["fused"] == 2
+    assert "add" not in ops(opt.graph) and "conv2d" not in ops(opt.graph)
+    session = ort.InferenceSession(quant_path, providers=["CPUExecutionProvider"])
+    step = float(opt.graph.nodes[opt.graph.output_values()[0].node]["params"]["scale"])
+    for seed in range(2):
+        x = np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
+        ours = opt(x)
+        np.testing.assert_array_equal(ours, run_reference(opt.graph, (torch.from_numpy(x),)).numpy())
+        (expected,) = session.run(None, {"x": x})
+        assert np.abs(ours - expected).max() <= step * (1 + 1e-3)  # measured: 1 step on ~13% of the outputs
