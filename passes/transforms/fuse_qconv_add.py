@@ -4,8 +4,9 @@
 The integer counterpart of ``fuse-conv-add``. After ``quantize`` (or ``fold-qdq`` on an ONNX QDQ model) a ResNet
 block ends with its last conv requantized to uint8 (int8 in ONNX Runtime's default QDQ) at its own scale ``s_c``,
 dequantized, added in float to the dequantized shortcut ``r`` (scale ``s_r``, zero point ``z_r``), relu'd and
-quantized again (``s_y``, ``z_y``) for the next block: two roundings and a separate full-tensor kernel. Fused, with ``A[c] = s_x s_w[c]`` the
-accumulator's scale (``= M_c 2^-shift_c s_c``, read back from the conv's fixed-point multiplier)::
+quantized again (``s_y``, ``z_y``) for the next block: two roundings and a separate full-tensor kernel. Fused,
+with ``A[c] = s_x s_w[c]`` the accumulator's scale (``= M_c 2^-shift_c s_c``, read back from the conv's fixed-point
+multiplier)::
 
     q_y = clamp(z_y + round(acc A[c] / s_y + (r - z_r) s_r / s_y), out_min, out_max)
         = clamp(z_y + ((acc M + 2^(shift-1) + (r - z_r) R) >> shift), ...)
