@@ -165,9 +165,12 @@ def onnx_runtime_int8_runner(model: torch.nn.Module, inputs: tuple, calibration:
     return lambda: session.run(None, feed)
 
 
-def bench_int8(rounds: int, calibration_batches: int = 8) -> dict[str, float]:
-    """ResNet-18-like: ours int8 vs ours fp32 vs ONNX Runtime int8 and fp32, same run, same calibration inputs."""
-    model, inputs = zoo.make("resnet", full=True)
+INT8_MODELS = {"resnet": "ResNet-18-like", "mobilenetv2": "MobileNetV2-like"}
+
+
+def bench_int8(rounds: int, name: str = "resnet", calibration_batches: int = 8) -> dict[str, float]:
+    """A zoo CNN: ours int8 vs ours fp32 vs ONNX Runtime int8 and fp32, same run, same calibration inputs."""
+    model, inputs = zoo.make(name, full=True)
     x = inputs[0].numpy()
     gen = torch.Generator().manual_seed(1)
     calibration = [(torch.randn(inputs[0].shape, generator=gen),) for _ in range(calibration_batches)]
@@ -181,7 +184,7 @@ def bench_int8(rounds: int, calibration_batches: int = 8) -> dict[str, float]:
         medians = interleaved_medians(runners, rounds)
         expected = model(*inputs).numpy()
     medians["int8_rel_error"] = float(np.abs(ours_int8(x) - expected).max() / np.abs(expected).max())
-    print("  int8 on resnet: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items() if k.endswith(("32", "8")))
+    print(f"  int8 on {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in medians.items() if k.endswith(("32", "8")))
           + f"; ours int8 / ONNX Runtime int8 {medians['ours int8'] / medians['onnxruntime int8']:.3f}", flush=True)
     return medians
 
@@ -225,7 +228,7 @@ def bench_lstm_int8(rounds: int) -> dict[str, float]:
 
 
 def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float] | None, machine: str,
-                  pruning: dict[str, float] | None = None, int8: dict[str, float] | None = None,
+                  pruning: dict[str, float] | None = None, int8: dict[str, dict[str, float]] | None = None,
                   lstm_int8: dict[str, float] | None = None) -> str:
     columns = [c for c in ("pytorch", "onnxruntime", "torch.compile", "ours", "ours tuned")
                if any(c in r for r in rows.values())]
@@ -252,12 +255,13 @@ def write_results(rows: dict[str, dict[str, float]], conv_pool: dict[str, float]
                       f"unpruned {pruning['unpruned']:.2f} ms, pruned {pruning['pruned']:.2f} ms, latency ratio "
                       f"{pruning['pruned'] / pruning['unpruned']:.3f}, FLOPs ratio {pruning['flops']:.3f}, params "
                       f"ratio {pruning['params']:.3f}."]
-    if int8:
-        times = ", ".join(f"{k} {int8[k]:.2f} ms" for k in ("ours fp32", "ours int8", "onnxruntime fp32",
-                                                             "onnxruntime int8"))
-        lines += ["", "Int8 (ResNet-18-like, static, per-channel weights, same run and calibration inputs): " + times
-            + f"; ours int8 / ONNX Runtime int8 {int8['ours int8'] / int8['onnxruntime int8']:.2f}x; ours int8 max "
-              f"relative error vs PyTorch fp32 {int8['int8_rel_error']:.3f}."]
+    for name, medians in (int8 or {}).items():
+        times = ", ".join(f"{k} {medians[k]:.2f} ms" for k in ("ours fp32", "ours int8", "onnxruntime fp32",
+                                                                "onnxruntime int8"))
+        ratio = medians["ours int8"] / medians["onnxruntime int8"]
+        lines += ["", f"Int8 ({INT8_MODELS[name]}, static, per-channel weights, same run and calibration inputs): "
+                  + times + f"; ours int8 / ONNX Runtime int8 {ratio:.2f}x; ours int8 max relative error vs PyTorch "
+                  f"fp32 {medians['int8_rel_error']:.3f}."]
     if lstm_int8:
         lines += ["", "Dynamic int8 (BiLSTM classifier, int8 LSTM and linear weights, same run): " + ", ".join(
             f"{k} {v:.2f} ms" for k, v in lstm_int8.items() if not k.endswith("error")) + "; max relative error vs "
@@ -309,7 +313,7 @@ def main() -> int:
             for name in args.models.split(",")}
     conv_pool = None if args.skip_conv_pool else bench_conv_pool(args.rounds)
     pruning = None if args.skip_pruning else bench_pruning(args.rounds)
-    int8 = None if args.skip_int8 else bench_int8(args.rounds)
+    int8 = None if args.skip_int8 else {name: bench_int8(args.rounds, name) for name in INT8_MODELS}
     lstm_int8 = None if args.skip_lstm_int8 else bench_lstm_int8(args.rounds)
     print(write_results(rows, conv_pool, machine, pruning, int8, lstm_int8))
     return 0

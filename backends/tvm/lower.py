@@ -22,7 +22,13 @@ from tvm.relax import op as R
 
 from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, dense_spec, supports
 from backends.tvm.qdynamic import DEPTH, dense_layout, dynamic_dense_kernel, pack_int8
-from backends.tvm.qkernels import QConvSpec, integer_max_pool2d_kernel, qconv_kernel
+from backends.tvm.qkernels import (
+    QConvSpec,
+    depthwise_kernel,
+    integer_max_pool2d_kernel,
+    pack_depthwise_weight,
+    qconv_kernel,
+)
 from backends.tvm.recurrent import (
     GATES,
     integer_layout,
@@ -505,11 +511,20 @@ def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int, residual:
     return ctx.emit(R.astype(clamped, ctx.attrs["out_dtype"]))
 
 
-def uses_integer_kernel(graph: Graph, node: str, target_kind: str) -> bool:
-    """Whether ``qconv2d``/``qlinear`` lowers to our kernel (``qkernels.py``) rather than Relax integer ops."""
+def is_depthwise(graph: Graph, node: str) -> bool:
+    """A ``qconv2d`` with one group per channel (groups = C = OC) and no fused residual."""
     data = graph.nodes[node]
-    return target_kind == "llvm" and (data["op"] == "qlinear" or (data["op"] == "qconv2d"
-                                                                  and data["attrs"]["groups"] == 1))
+    channels = graph.value_type(graph.operands(node)[0]).shape[1]
+    return (data["op"] == "qconv2d" and data["attrs"]["groups"] == channels == data["params"]["weight"].shape[0]
+            and channels > 1 and len(graph.operands(node)) == 1)
+
+
+def uses_integer_kernel(graph: Graph, node: str, target_kind: str) -> bool:
+    """Whether ``qconv2d``/``qlinear`` lowers to our kernels (``qkernels.py``: dense-reduction or depthwise) rather
+    than Relax integer ops (other grouped convs, cuda)."""
+    data = graph.nodes[node]
+    return target_kind == "llvm" and (data["op"] == "qlinear" or (data["op"] == "qconv2d" and (
+        data["attrs"]["groups"] == 1 or is_depthwise(graph, node))))
 
 
 def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:
@@ -533,11 +548,21 @@ def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:
 @lowering("qconv2d", "qlinear")
 def _integer_layer(ctx, xs):
     """uint8/int8 x int8 -> int32 -> requantized, integer arithmetic throughout. CPU, groups = 1: our kernel
-    (``qkernels.py``, vpdpbusd where the CPU has VNNI); otherwise (grouped convs, cuda) Relax integer ops."""
+    (``qkernels.py``, vpdpbusd where the CPU has VNNI); CPU depthwise: our depthwise kernel; otherwise (other
+    grouped convs, cuda) Relax integer ops."""
     a, p = ctx.attrs, ctx.params
     if a["out_dtype"] not in ("uint8", "int8"):
         raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8 or int8)")
     is_conv = ctx.data["op"] == "qconv2d"
+    if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind) and is_depthwise(ctx.graph, ctx.node):
+        spec = _integer_spec(ctx)
+        name = f"qconv2d_depthwise_{ctx.node}"
+        gv = ctx.bb.add_func(depthwise_kernel(spec, ctx.cores).with_attr("global_symbol", name), name)
+        args = [xs[0], ctx.const(pack_depthwise_weight(p["weight"]), "int8"),
+                ctx.const(spec.fold_bias(p["weight"], p["bias"]), "int32"), ctx.const(p["multiplier"], "int32"),
+                ctx.const(p["shift"], "int32")]
+        out_ty = relax.TensorType(spec.physical(spec.out_layout, spec.out_shape), spec.out_dtype)
+        return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=out_ty))
     if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind):
         spec = _integer_spec(ctx)
         name = f"{ctx.data['op']}_{ctx.node}"

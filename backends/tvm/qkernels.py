@@ -321,6 +321,84 @@ def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> t
     return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
 
 
+def depthwise_compute(spec: QConvSpec) -> list[te.Tensor]:
+    """Depthwise (groups = C = OC) integer conv, NHWC inside: ``acc[n, y, x, c] = sum_{ry, rx} A[n, y*sh + ry*dh,
+    x*sw + rx*dw, c] W[ry, rx, c]`` (int32) with A the padded uint8 input (int8 shifted by 128, padding z_x, as in
+    ``qconv_compute``), then the same requantization with the folded bias ``q_b - z_x sum W``. No reduction over
+    channels, so nothing for ``vpdpbusd``: the kernel is a widening multiply-add vectorized over channels (depthwise
+    layers are memory-bound: a few MACs per byte). PrimFunc arguments: [data, weight (KH, KW, C) int8, folded bias,
+    multiplier, shift, out]."""
+    n, c, h, w = spec.in_shape
+    _, _, kh, kw = spec.weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    _, _, oh, ow = spec.out_shape
+    data = te.placeholder(spec.physical(spec.in_layout, spec.in_shape), spec.in_dtype, name="data")
+    weight = te.placeholder((kh, kw, c), "int8", name="weight")
+    bias, multiplier, shift = (te.placeholder((c,), "int32", name=name) for name in ("bias", "multiplier", "shift"))
+    zero = tirx.const(spec.padded_zero_point, "uint8")
+
+    def padded_value(b, y, x, ch):
+        inside = tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw)
+        yy, xx = tirx.max(tirx.min(y - ph, h - 1), 0), tirx.max(tirx.min(x - pw, w - 1), 0)
+        value = data[b, yy, xx, ch] if spec.in_layout == "NHWC" else data[b, ch, yy, xx]
+        if spec.in_dtype == "int8":
+            value = (value.astype("int32") + 128).astype("uint8")
+        return tirx.if_then_else(inside, value, zero)
+
+    padded = te.compute((n, h + 2 * ph, w + 2 * pw, c), padded_value, name="pad")
+    ry, rx = te.reduce_axis((0, kh), "ry"), te.reduce_axis((0, kw), "rx")
+    acc = te.compute((n, oh, ow, c), lambda b, y, x, ch: te.sum(
+        padded[b, y * sh + ry * dh, x * sw + rx * dw, ch].astype("int32") * weight[ry, rx, ch].astype("int32"),
+        axis=[ry, rx]), name="acc")
+
+    def output(b, o, y, x):
+        return requantize_expr(acc[b, y, x, o] + bias[o], multiplier[o], shift[o], spec)
+
+    if spec.out_layout == "NHWC":
+        out = te.compute(spec.physical("NHWC", spec.out_shape), lambda b, y, x, o: output(b, o, y, x),
+                         name="requantize")
+    else:
+        out = te.compute(spec.out_shape, output, name="requantize")
+    return [data, weight, bias, multiplier, shift, out]
+
+
+def pack_depthwise_weight(weight: np.ndarray) -> np.ndarray:
+    """(C, 1, KH, KW) int8 -> (KH, KW, C): one tap's weights for consecutive channels are one vector."""
+    return np.ascontiguousarray(weight[:, 0].transpose(1, 2, 0))
+
+
+def depthwise_kernel(spec: QConvSpec, cores: int = 1) -> tirx.PrimFunc:
+    """Per (n, output row) in parallel; tiles of up to 8 output columns x ``lanes`` channels of int32 accumulators
+    in registers, the KH x KW taps outside the tile; requantization right after each tile."""
+    c, ow = spec.in_shape[1], spec.out_shape[3]
+    lanes = max(d for d in (16, 8, 4, 2, 1) if c % d == 0)
+    cols = max(d for d in range(1, min(ow, MAX_COLS) + 1) if ow % d == 0)
+    sch = Schedule(te.create_prim_func(depthwise_compute(spec)))
+    acc = sch.get_sblock("acc")
+    b, y, x, ch, ry, rx = sch.get_loops(acc)
+    x_outer, x_inner = sch.split(x, [None, cols])
+    c_outer, c_inner = sch.split(ch, [None, lanes])
+    sch.reorder(b, y, x_outer, c_outer, ry, rx, x_inner, c_inner)
+    sch.vectorize(c_inner)
+    sch.unroll(x_inner)
+    requantize = sch.get_sblock("requantize")
+    sch.reverse_compute_at(requantize, c_outer)
+    epilogue = sch.get_loops(requantize)[4:]
+    channel, column = epilogue if spec.out_layout == "NCHW" else epilogue[::-1]
+    sch.reorder(column, channel)
+    sch.vectorize(channel)
+    sch.unroll(column)
+    pad_loops = sch.get_loops(sch.get_sblock("pad"))
+    sch.vectorize(pad_loops[-1])
+    if cores > 1:
+        sch.parallel(sch.fuse(b, y))
+        sch.parallel(sch.fuse(*pad_loops[:2]))
+    init = sch.decompose_reduction(acc, ry)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.set_scope(init, 0, "local")
+    return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
+
+
 def integer_max_pool2d_kernel(in_shape: tuple[int, int, int, int], out_shape: tuple[int, int, int, int],
                               dtype: str, kernel: tuple[int, int], stride: tuple[int, int],
                               padding: tuple[int, int], dilation: tuple[int, int], cores: int = 1) -> tirx.PrimFunc:

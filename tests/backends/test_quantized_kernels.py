@@ -177,6 +177,37 @@ def test_fused_residual_joins_the_requantization_exactly(in_shape, out_channels,
     assert np.mean(centered != expected) > 0.3  # the residual term really moves the outputs (the rest: clamped)
 
 
+DEPTHWISE = [dict(in_shape=(1, 32, 9, 10), padding=(1, 1)),
+             dict(in_shape=(2, 48, 11, 11), stride=(2, 2), padding=(1, 1)),
+             dict(in_shape=(1, 20, 9, 9), kernel=(5, 5), padding=(4, 4), dilation=(2, 2)),  # 20: 4-lane vectors
+             dict(in_shape=(1, 16, 8, 8), in_dtype="int8", input_zero_point=-5)]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_depthwise_kernel_is_exact(case):
+    """Depthwise (groups = C = OC, MobileNet's 3x3 layers): our channel-vectorized kernel, not the Relax path."""
+    case = dict(case)
+    in_shape, kernel = case.pop("in_shape"), case.pop("kernel", (3, 3))
+    graph = qconv_graph(in_shape, in_shape[1], kernel, groups=in_shape[1], **case)
+    assert "qconv2d_depthwise_" in lower(graph, "llvm", cores=2)["main"].script()
+    assert_exact(graph)
+
+
+def test_depthwise_kernel_in_an_nhwc_chain():
+    """1x1 -> depthwise -> 1x1 (a MobileNet block) keeps every intermediate NHWC, exactly."""
+    g = Graph(name="block")
+    x = g.add_input("x", TensorType((1, 8, 7, 7), "uint8"))
+    attrs = {"input_zero_point": 5, "output_zero_point": 3, "out_min": 3, "out_max": 250}
+    expand = g.add_op("qconv2d", [x], attrs=attrs, params=integer_params(32, (32, 8, 1, 1)), name="expand")
+    depthwise = g.add_op("qconv2d", [expand], attrs=attrs | {"groups": 32, "padding": (1, 1)},
+                         params=integer_params(32, (32, 1, 3, 3)), name="depthwise")
+    g.set_outputs(g.add_op("qconv2d", [depthwise], attrs=attrs, params=integer_params(16, (16, 32, 1, 1)),
+                           name="project"))
+    assert lower_module.nhwc_values(g, "llvm") == {Value("expand", 0), Value("depthwise", 0)}
+    data = RNG.integers(0, 256, (1, 8, 7, 7)).astype(np.uint8)
+    np.testing.assert_array_equal(build(g, "llvm")(data), run_reference(g, (torch.from_numpy(data),)).numpy())
+
+
 def test_integer_convs_hand_each_other_nhwc_tensors_exactly():
     """Between two of our integer kernels the tensor is NHWC (no transposes); where anything else reads it (a
     grouped conv's Relax path, a dequantize, the graph output) it stays NCHW. Results equal the reference."""
