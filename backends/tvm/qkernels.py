@@ -203,6 +203,14 @@ def requantize_expr(acc, multiplier, shift, spec: QConvSpec, residual_term=None)
     return clamped.astype(spec.out_dtype)
 
 
+def requantize_stage(spec: QConvSpec, output) -> te.Tensor:
+    """The output stage ``output(b, o, y, x)`` (logical NCHW indices), stored in ``spec.out_layout``."""
+    if spec.out_layout == "NHWC":
+        return te.compute(spec.physical("NHWC", spec.out_shape), lambda b, y, x, o: output(b, o, y, x),
+                          name="requantize")
+    return te.compute(spec.out_shape, output, name="requantize")
+
+
 def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     """TE stages; the PrimFunc arguments are [data, packed weight, folded bias, multiplier, shift, (residual,
     residual multiplier,) out]."""
@@ -259,11 +267,7 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
         return requantize_expr(acc[b, y, x, o // LANES, o % LANES] + bias[o], multiplier[o], shift[o], spec,
                                None if residual_of is None else residual_of(b, o, y, x))
 
-    if spec.out_layout == "NHWC":
-        out = te.compute(spec.physical("NHWC", spec.out_shape), lambda b, y, x, o: output(b, o, y, x),
-                         name="requantize")
-    else:
-        out = te.compute(spec.out_shape, output, name="requantize")
+    out = requantize_stage(spec, output)
     return [*inputs, out]
 
 
@@ -354,11 +358,7 @@ def depthwise_compute(spec: QConvSpec) -> list[te.Tensor]:
     def output(b, o, y, x):
         return requantize_expr(acc[b, y, x, o] + bias[o], multiplier[o], shift[o], spec)
 
-    if spec.out_layout == "NHWC":
-        out = te.compute(spec.physical("NHWC", spec.out_shape), lambda b, y, x, o: output(b, o, y, x),
-                         name="requantize")
-    else:
-        out = te.compute(spec.out_shape, output, name="requantize")
+    out = requantize_stage(spec, output)
     return [data, weight, bias, multiplier, shift, out]
 
 
