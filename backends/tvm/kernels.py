@@ -221,8 +221,13 @@ def _narrow(x, dtype: str):
     return x if dtype == F32 else x.astype(dtype)
 
 
-def _largest_divisor(n: int, limit: int) -> int:
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` that is at most ``limit`` (tile sizes that divide a loop exactly)."""
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def ceil_to(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
@@ -244,18 +249,18 @@ def default_tile(spec: ConvSpec) -> Tile:
         oc_block = next(b for b in (2 * VECTOR_LANES, VECTOR_LANES, 8) if oc % b == 0)
         max_pixels = 7 if oc_block > VECTOR_LANES else 14
         col_scale = spec.pool_stride[1] if spec.pool else 1
-        cols = _largest_divisor(ow, max(1, max_pixels // col_scale))
-        rows = _largest_divisor(oh, max(1, max_pixels // (cols * col_scale)))
+        cols = largest_divisor(ow, max(1, max_pixels // col_scale))
+        rows = largest_divisor(oh, max(1, max_pixels // (cols * col_scale)))
         return Tile(oc_block=oc_block, rows=rows, cols=cols)
     if spec.pool:  # measured on Zen 4: 4 channels x 2 pooled rows x one vector of conv columns
-        cols = _largest_divisor(ow, max(1, VECTOR_LANES // spec.pool_stride[1]))
-        return Tile(oc_block=_largest_divisor(oc, 4), rows=_largest_divisor(oh, 2), cols=cols)
+        cols = largest_divisor(ow, max(1, VECTOR_LANES // spec.pool_stride[1]))
+        return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, 2), cols=cols)
     # measured on Zen 4 over VGG/ResNet shapes: 4 channels x 4 rows x one vector beats 8 x 2 by 5-45% for stride 1;
     # strided convs (ResNet's 7x7/2 stem) read rows far apart and prefer 8 x 2
-    cols = _largest_divisor(ow, VECTOR_LANES)
+    cols = largest_divisor(ow, VECTOR_LANES)
     if spec.stride == (1, 1):
-        return Tile(oc_block=_largest_divisor(oc, 4), rows=_largest_divisor(oh, 4), cols=cols)
-    return Tile(oc_block=_largest_divisor(oc, 8), rows=_largest_divisor(oh, 2), cols=cols)
+        return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, 4), cols=cols)
+    return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 2), cols=cols)
 
 
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
@@ -399,7 +404,7 @@ def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
 
 
 def default_dense_tile(spec: DenseSpec) -> Tile:
-    return Tile(oc_block=1, rows=_largest_divisor(spec.m, 4), cols=_largest_divisor(spec.n, 2 * VECTOR_LANES))
+    return Tile(oc_block=1, rows=largest_divisor(spec.m, 4), cols=largest_divisor(spec.n, 2 * VECTOR_LANES))
 
 
 def dense_kernel(spec: DenseSpec, cores: int = 1, tile: Tile | None = None) -> tirx.PrimFunc:

@@ -19,26 +19,10 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from backends.tvm.qkernels import BYTE_OPERANDS, DEPTH, LANES
+from backends.tvm.kernels import ceil_to, largest_divisor
+from backends.tvm.qkernels import DEPTH, LANES, vpdpbusd
 
 MAX_ROWS, MAX_GROUPS = 4, 4  # register tile: 4 rows x 4 groups of 16 int32 lanes = 16 zmm accumulators
-
-
-def ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
-def vpdpbusd(acc, quad, weights):
-    """``acc`` (int32x16) + per lane the dot product of 4 u8 (``quad``, a uint8x4 broadcast to every lane) and the
-    lane's 4 s8 of ``weights`` (int8x64): AVX-512 VNNI's ``vpdpbusd``."""
-    return T.call_llvm_pure_intrin(
-        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc,
-        T.reinterpret(T.broadcast(T.reinterpret(quad, dtype="int32"), LANES), dtype=BYTE_OPERANDS),
-        T.reinterpret(weights, dtype=BYTE_OPERANDS), dtype="int32x16")
 
 
 def pack_int8(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:

@@ -35,13 +35,25 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
+from tvm.script import tirx as T
 from tvm.target.codegen import llvm_version_major
 
-from backends.tvm.kernels import conv_output_shape
+from backends.tvm.kernels import ceil_to, conv_output_shape, largest_divisor
 
 LANES = 16  # int32 accumulators per AVX-512 register = output channels per vpdpbusd
 DEPTH = 4   # bytes multiplied into each int32 lane per vpdpbusd = input channels per step
 MAX_COLS = 8  # register tile: 8 accumulators + the weight block + broadcast input
+VNNI_INTRINSIC = "passes_dot_16x4_u8i8i32_vpdpbusd"
+BYTE_OPERANDS = "int8x64" if llvm_version_major() >= 22 else "int32x16"  # the intrinsic's operand type
+
+
+def vpdpbusd(acc, quad, weights):
+    """``acc`` (int32x16) + per lane the dot product of 4 u8 (``quad``, a uint8x4 broadcast to every lane) and the
+    lane's 4 s8 of ``weights`` (int8x64): AVX-512 VNNI's ``vpdpbusd``, callable inside TVMScript."""
+    return T.call_llvm_pure_intrin(
+        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), acc,
+        T.reinterpret(T.broadcast(T.reinterpret(quad, dtype="int32"), LANES), dtype=BYTE_OPERANDS),
+        T.reinterpret(weights, dtype=BYTE_OPERANDS), dtype="int32x16")
 
 
 @functools.cache
@@ -54,7 +66,6 @@ def vnni_intrinsic() -> str:
     ~500 TVMScript functions (minutes under a deep call stack such as pytest's).
     """
     from tvm.s_tir import TensorIntrin
-    from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
     def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -69,27 +80,16 @@ def vnni_intrinsic() -> str:
                         C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def vpdpbusd(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-                 C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+    def implementation(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
+                       C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            a_word = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(a_word, 16), dtype=BYTE_OPERANDS),
-                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=BYTE_OPERANDS), dtype="int32x16")
+            C[T.ramp(T.int32(0), 1, 16)] = vpdpbusd(C.vload([0], dtype="int32x16"), A.vload([0], "uint8x4"),
+                                                    B.vload([0, 0], dtype="int8x64"))
 
-    TensorIntrin.register(VNNI_INTRINSIC, desc, vpdpbusd, override=True)
+    TensorIntrin.register(VNNI_INTRINSIC, desc, implementation, override=True)
     return VNNI_INTRINSIC
-
-
-VNNI_INTRINSIC = "passes_dot_16x4_u8i8i32_vpdpbusd"
-BYTE_OPERANDS = "int8x64" if llvm_version_major() >= 22 else "int32x16"  # the intrinsic's operand type
-
-
-def _ceil_to(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class QConvSpec:
     @property
     def padded_channels(self) -> tuple[int, int]:
         """(input channels padded to DEPTH, output channels padded to LANES)."""
-        return _ceil_to(self.in_shape[1], DEPTH), _ceil_to(self.weight_shape[0], LANES)
+        return ceil_to(self.in_shape[1], DEPTH), ceil_to(self.weight_shape[0], LANES)
 
     @property
     def packs_width(self) -> bool:
@@ -137,7 +137,7 @@ class QConvSpec:
         pixel, a 1-channel 3x3 conv 3 x 1 instead of 3 x 3. Needs unit column dilation (the packed columns are
         adjacent in memory)."""
         c, kw, dw = self.in_shape[1], self.weight_shape[3], self.dilation[1]
-        return dw == 1 and _ceil_to(kw * c, DEPTH) // DEPTH < kw * (_ceil_to(c, DEPTH) // DEPTH)
+        return dw == 1 and ceil_to(kw * c, DEPTH) // DEPTH < kw * (ceil_to(c, DEPTH) // DEPTH)
 
     @property
     def reduction(self) -> tuple[int, int, int]:
@@ -145,7 +145,7 @@ class QConvSpec:
         column): a reduction step reads bytes ``(x*sw + rx*dw) * P + 4 rco + [0, 4)`` of the padded row."""
         c, kw = self.in_shape[1], self.weight_shape[3]
         if self.packs_width:
-            return c, 1, _ceil_to(kw * c, DEPTH) // DEPTH
+            return c, 1, ceil_to(kw * c, DEPTH) // DEPTH
         cp = self.padded_channels[0]
         return cp, kw, cp // DEPTH
 
@@ -156,7 +156,7 @@ class QConvSpec:
         w, pw, sw = self.in_shape[3], self.padding[1], self.stride[1]
         pixel, cols, steps = self.reduction
         last_read = ((self.out_shape[3] - 1) * sw + (cols - 1) * self.dilation[1]) * pixel + steps * DEPTH
-        return _ceil_to(max((w + 2 * pw) * pixel, last_read), pixel)  # whole pixels: the pad loop splits by P
+        return ceil_to(max((w + 2 * pw) * pixel, last_read), pixel)  # whole pixels: the pad loop splits by P
 
     def pack_weight(self, weight: np.ndarray) -> np.ndarray:
         """(OC, C, KH, KW) int8 -> (OCp/16, KH, cols, steps, 16, 4) (``reduction``), zero padded: per step, 16
@@ -187,8 +187,7 @@ class QConvSpec:
 
     @property
     def cols(self) -> int:
-        ow = self.out_shape[3]
-        return max(d for d in range(1, min(ow, MAX_COLS) + 1) if ow % d == 0)
+        return largest_divisor(self.out_shape[3], MAX_COLS)
 
 
 def requantize_expr(acc, multiplier, shift, spec: QConvSpec, residual_term=None):
@@ -370,9 +369,8 @@ def pack_depthwise_weight(weight: np.ndarray) -> np.ndarray:
 def depthwise_kernel(spec: QConvSpec, cores: int = 1) -> tirx.PrimFunc:
     """Per (n, output row) in parallel; tiles of up to 8 output columns x ``lanes`` channels of int32 accumulators
     in registers, the KH x KW taps outside the tile; requantization right after each tile."""
-    c, ow = spec.in_shape[1], spec.out_shape[3]
+    c, cols = spec.in_shape[1], spec.cols
     lanes = max(d for d in (16, 8, 4, 2, 1) if c % d == 0)
-    cols = max(d for d in range(1, min(ow, MAX_COLS) + 1) if ow % d == 0)
     sch = Schedule(te.create_prim_func(depthwise_compute(spec)))
     acc = sch.get_sblock("acc")
     b, y, x, ch, ry, rx = sch.get_loops(acc)

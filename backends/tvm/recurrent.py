@@ -40,15 +40,15 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from backends.tvm.kernels import fast_sigmoid, fast_tanh
-from backends.tvm.qdynamic import DEPTH, LANES, ceil_to, largest_divisor, vpdpbusd
+from backends.tvm.kernels import ceil_to, fast_sigmoid, fast_tanh, largest_divisor
+from backends.tvm.qkernels import DEPTH, LANES, vpdpbusd
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators
 
 
 def gate_block(gates: int) -> int:
-    return max(d for d in range(1, min(gates, GATE_BLOCK) + 1) if gates % d == 0)
+    return largest_divisor(gates, GATE_BLOCK)
 
 
 def cell_macro(kind: str, hidden: int, stride: int, nonlinearity: str):
