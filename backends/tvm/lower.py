@@ -554,22 +554,18 @@ def _integer_layer(ctx, xs):
     if a["out_dtype"] not in ("uint8", "int8"):
         raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8 or int8)")
     is_conv = ctx.data["op"] == "qconv2d"
-    if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind) and is_depthwise(ctx.graph, ctx.node):
-        spec = _integer_spec(ctx)
-        name = f"qconv2d_depthwise_{ctx.node}"
-        gv = ctx.bb.add_func(depthwise_kernel(spec, ctx.cores).with_attr("global_symbol", name), name)
-        args = [xs[0], ctx.const(pack_depthwise_weight(p["weight"]), "int8"),
-                ctx.const(spec.fold_bias(p["weight"], p["bias"]), "int32"), ctx.const(p["multiplier"], "int32"),
-                ctx.const(p["shift"], "int32")]
-        out_ty = relax.TensorType(spec.physical(spec.out_layout, spec.out_shape), spec.out_dtype)
-        return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=out_ty))
     if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind):
         spec = _integer_spec(ctx)
-        name = f"{ctx.data['op']}_{ctx.node}"
-        gv = ctx.bb.add_func(qconv_kernel(spec, ctx.cores).with_attr("global_symbol", name), name)
         weight = p["weight"] if is_conv else p["weight"][:, :, None, None]
+        if is_depthwise(ctx.graph, ctx.node):
+            func, packed = depthwise_kernel(spec, ctx.cores), pack_depthwise_weight(weight)
+            name = f"qconv2d_depthwise_{ctx.node}"
+        else:
+            func, packed = qconv_kernel(spec, ctx.cores), spec.pack_weight(weight)
+            name = f"{ctx.data['op']}_{ctx.node}"
+        gv = ctx.bb.add_func(func.with_attr("global_symbol", name), name)
         x = xs[0] if is_conv else ctx.emit(R.reshape(xs[0], spec.in_shape))
-        args = [x, ctx.const(spec.pack_weight(weight), "int8"), ctx.const(spec.fold_bias(weight, p["bias"]), "int32"),
+        args = [x, ctx.const(packed, "int8"), ctx.const(spec.fold_bias(weight, p["bias"]), "int32"),
                 ctx.const(p["multiplier"], "int32"), ctx.const(p["shift"], "int32")]
         if spec.residual_zero_point is not None:
             args += [xs[1], ctx.const(p["residual_multiplier"], "int64")]
@@ -588,11 +584,11 @@ def _integer_layer(ctx, xs):
 
 
 def dynamic_dense(ctx: LowerContext, x: relax.Expr, weight: np.ndarray, weight_scale: np.ndarray,
-                  bias: np.ndarray | None) -> relax.Expr:
+                  bias: np.ndarray | None, name: str) -> relax.Expr:
     """``passes.ir.ops.dynamic_int8_product`` (+ bias): ``dynamic_uint8`` at run time (a min and a max over x),
     then the integer product of the uint8 rows with the int8 weights, scaled once by s_x * s_w in float. CPU: our
     kernel (``qdynamic.py``, vpdpbusd on VNNI); elsewhere an int32 Relax matmul of the centered rows. Shared by
-    ``qlinear_dynamic`` and the input projection of the dynamic int8 RNNs."""
+    ``qlinear_dynamic`` and the input projection of the dynamic int8 RNNs; ``name`` names the kernel."""
     zero = ctx.scalar(0.0)
     low, high = ctx.emit(R.minimum(R.min(x), zero)), ctx.emit(R.maximum(R.max(x), zero))
     scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0)))
@@ -601,7 +597,7 @@ def dynamic_dense(ctx: LowerContext, x: relax.Expr, weight: np.ndarray, weight_s
     q = ctx.emit(R.clip(R.add(R.round(R.divide(x, scale)), zero_point), 0.0, 255.0))
     if ctx.target_kind == "llvm":
         scale_zero = ctx.emit(R.concat([R.reshape(scale, (1,)), R.reshape(zero_point, (1,))]))
-        return _dynamic_dense_kernel(ctx, q, scale_zero, weight, weight_scale, bias)
+        return _dynamic_dense_kernel(ctx, q, scale_zero, weight, weight_scale, bias, name)
     centered = ctx.emit(R.subtract(R.astype(q, "int32"), R.astype(zero_point, "int32")))
     weight_t = ctx.const(np.ascontiguousarray(weight.T).astype(np.int32))
     acc = ctx.emit(R.matmul(centered, weight_t, out_dtype="int32"))
@@ -610,7 +606,7 @@ def dynamic_dense(ctx: LowerContext, x: relax.Expr, weight: np.ndarray, weight_s
 
 
 def _dynamic_dense_kernel(ctx: LowerContext, q: relax.Expr, scale_zero: relax.Expr, weight: np.ndarray,
-                          weight_scale: np.ndarray, bias: np.ndarray | None) -> relax.Expr:
+                          weight_scale: np.ndarray, bias: np.ndarray | None, name: str) -> relax.Expr:
     """``qdynamic.dynamic_dense_kernel`` over the rows of ``q`` (float, integer valued in 0..255: cast to uint8,
     rows zero padded to a multiple of 4); outputs padded to 16 in the kernel and sliced off after."""
     shape = static_shape(q)
@@ -624,7 +620,6 @@ def _dynamic_dense_kernel(ctx: LowerContext, q: relax.Expr, scale_zero: relax.Ex
     q = ctx.emit(R.reshape(R.astype(q, "uint8"), (rows, inputs)))
     if inputs % DEPTH:
         q = ctx.emit(R.nn.pad(q, [0, 0, 0, -inputs % DEPTH]))
-    name = f"dense_int8_{ctx.node}_{len(ctx.bb.get().functions)}"
     func = dynamic_dense_kernel(rows, inputs, outputs, ctx.vnni).with_attr("global_symbol", name)
     args = [q, scale_zero, ctx.const(packed, "int8"), ctx.const(row_sums, "int32"), pad(weight_scale, 1.0),
             pad(np.zeros(outputs) if bias is None else bias)]
@@ -638,7 +633,8 @@ def _dynamic_dense_kernel(ctx: LowerContext, q: relax.Expr, scale_zero: relax.Ex
 @lowering("qlinear_dynamic")
 def _qlinear_dynamic(ctx, xs):
     p = ctx.params
-    return apply_activation(ctx, dynamic_dense(ctx, xs[0], p["weight"], p["weight_scale"], p.get("bias")))
+    return apply_activation(ctx, dynamic_dense(ctx, xs[0], p["weight"], p["weight_scale"], p.get("bias"),
+                                               f"dense_int8_{ctx.node}"))
 
 
 @lowering("gather")
@@ -890,7 +886,8 @@ def _dynamic_recurrent(ctx, xs):
         bias = {k: [p.get(f"bias_{k}{s}", zeros) if a["bias"] else zeros for s in suffixes] for k in ("ih", "hh")}
         xp = dynamic_dense(ctx, x, np.concatenate([padded(p["weight_ih" + s]) for s in suffixes]),
                            np.concatenate([padded(p["scale_ih" + s], 1) for s in suffixes]),
-                           np.concatenate([padded(b) for b in bias["ih"]]).astype(np.float32))
+                           np.concatenate([padded(b) for b in bias["ih"]]).astype(np.float32),
+                           f"dense_int8_{ctx.node}_l{layer}")
         name = f"{kind}_int8_{ctx.node}_l{layer}"
         func = integer_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"),
                                         ctx.vnni)
