@@ -16,6 +16,15 @@ def bypass(graph: Graph, node: str, replacement: Value) -> None:
     graph.remove_node(node)
 
 
+def remove_unused(graph: Graph, nodes: list[str]) -> None:
+    """Delete those of ``nodes`` that no op reads and the graph does not return (a float copy a rewrite left
+    without readers, e.g. a dequantize whose users now read the integer tensor)."""
+    outputs = {v.node for v in graph.output_values()}
+    for node in nodes:
+        if node in graph and graph.out_degree(node) == 0 and node not in outputs:
+            graph.remove_node(node)
+
+
 def constant_of(graph: Graph, value: Value) -> np.ndarray | None:
     d = graph.nodes[value.node]
     return d["params"]["value"] if d["op"] == "constant" else None

@@ -493,7 +493,7 @@ register_op(OpDef("stack", lambda xs, a, p: torch.stack(xs, a["dim"]), arity=(1,
                   attrs={"dim": REQUIRED}, flops=_no_flops))
 register_op(OpDef("split", _split, attrs={"split_sizes": REQUIRED, "dim": REQUIRED},
                   outputs=lambda a: len(a["split_sizes"]), flops=_no_flops))
-_QRANGE = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(2 ** 31), 2 ** 31 - 1)}
+QUANT_RANGE = {"int8": (-128, 127), "uint8": (0, 255), "int32": (-(2 ** 31), 2 ** 31 - 1)}  # quantize's dtypes
 
 
 def _per_axis(t: torch.Tensor, x: torch.Tensor, axis) -> torch.Tensor:
@@ -509,7 +509,7 @@ def _quantize(xs, a, p):
     x = xs[0]
     scale = _per_axis(p["scale"].to(torch.float32), x, a["axis"])
     zero = _per_axis(p["zero_point"].to(torch.float32), x, a["axis"])
-    lo, hi = _QRANGE[a["dtype"]]
+    lo, hi = QUANT_RANGE[a["dtype"]]
     q = torch.clamp(torch.round(x / scale) + zero, lo, hi)  # torch.round rounds half to even, as ONNX does
     return q.to(torch_dtype(a["dtype"]))
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from passes.core.pass_base import Decisions, Pass, PassContext, PassResult
 from passes.core.pattern import Match, Pattern
-from passes.core.rewrite import join_origin, replace_node
+from passes.core.rewrite import join_origin, remove_unused, replace_node
 from passes.ir.graph import Graph, Value
 from passes.ir.ops import activation_of
 from passes.transforms.quantize import ACTIVATION_RANGE, INTEGER_OP, INTEGER_RANGE, WEIGHT_MAX, integer_params
@@ -154,7 +154,5 @@ class FoldQdq(Pass):
                                graph.operands(match["dequantize"]), attrs, params, origin, removed=removed)
             graph.nodes[new.node]["meta"] = meta
             decide.done(new.node, "folded", f"{match['layer']} -> {INTEGER_OP[layer['op']]}")
-            dq = match["dequantize"]
-            if graph.out_degree(dq) == 0 and dq not in {v.node for v in graph.output_values()}:
-                graph.remove_node(dq)
+            remove_unused(graph, [match["dequantize"]])
         return decide.result()

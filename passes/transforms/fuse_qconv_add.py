@@ -35,9 +35,10 @@ import numpy as np
 
 from passes.core.pass_base import Decisions, Pass, PassContext, PassResult
 from passes.core.pattern import Match, Pattern
-from passes.core.rewrite import join_origin
+from passes.core.rewrite import join_origin, remove_unused
 from passes.ir.graph import Graph, Value
-from passes.transforms.quantize import INTEGER_RANGE, fixed_point
+from passes.ir.ops import activation_of
+from passes.transforms.quantize import INTEGER_RANGE, fixed_point, quant_params
 
 QCONV_ADD = Pattern(roles={"conv": "qconv2d", "dequantize": "dequantize", "add": "add"},
                     edges=(("conv", "dequantize", 0), ("dequantize", "add", None)), anchor="add",
@@ -60,11 +61,10 @@ def add_result(graph: Graph, add: str) -> tuple[Value, bool] | None:
     out = Value(add, 0)
     users = graph.users(out)
     if len(users) == 1 and not graph.is_graph_output(out):
-        op = graph.nodes[users[0][0]]["op"]
-        if op == "relu":
-            return Value(users[0][0], 0), True
-        if op in ("relu6", "clamp", "sigmoid", "silu", "gelu", "tanh", "hardswish", "leaky_relu"):
-            return None
+        user = graph.nodes[users[0][0]]
+        activation = activation_of(user["op"], user["attrs"])
+        if activation is not None:
+            return (Value(users[0][0], 0), True) if activation[0] == "relu" else None
     return out, False
 
 
@@ -155,15 +155,12 @@ class FuseQConvAdd(Pass):
             if graph.users(fusion.result) or graph.is_graph_output(fusion.result):  # float readers: dequantize
                 scale, zero_point = fusion.output_q
                 deq = graph.add_op("dequantize", [Value(conv, 0)], attrs={"axis": None},
-                                   params={"scale": np.asarray(scale, np.float32),
-                                           "zero_point": np.asarray(zero_point, fusion.attrs["out_dtype"])},
+                                   params=quant_params(scale, zero_point, fusion.attrs["out_dtype"]),
                                    name=f"{conv}_dequantize", origin=data["origin"])
                 graph.replace_all_uses(fusion.result, deq)
             for node in reversed(absorbed):
                 graph.remove_node(node)
-            if not graph.users(fusion.shortcut_dequantize) and not any(
-                    v.node == fusion.shortcut_dequantize for v in graph.output_values()):
-                graph.remove_node(fusion.shortcut_dequantize)  # the shortcut's float copy has no readers left
+            remove_unused(graph, [fusion.shortcut_dequantize])  # the shortcut's float copy, if nothing reads it
             decide.done(add, "fused", f"into {conv}" + (" with relu" if fusion.relu else ""))
 
         QCONV_ADD.scan(graph, decide, check, rewrite)

@@ -56,8 +56,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
-from passes.core.rewrite import replace_node
+from passes.core.rewrite import remove_unused, replace_node
 from passes.ir.graph import Graph, Value
+from passes.ir.ops import QUANT_RANGE
 from passes.transforms.calibrate import (
     OBSERVERS,
     affine_params,
@@ -75,9 +76,9 @@ CANDIDATES = ("conv2d", "conv2d_pool", "linear", *RECURRENT)
 INTEGER_OP = {"conv2d": "qconv2d", "linear": "qlinear"}
 DYNAMIC_OP = {"linear": "qlinear_dynamic", "lstm": "qlstm_dynamic", "gru": "qgru_dynamic", "rnn": "qrnn_dynamic"}
 ACTIVATION_RANGE = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}
-INT32_MAX = 2 ** 31 - 1
-QMIN, QMAX = 0, 255  # uint8 activations
-INTEGER_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}  # activation dtypes the integer ops read and write
+INT32_MAX = QUANT_RANGE["int32"][1]
+INTEGER_RANGE = {d: QUANT_RANGE[d] for d in ("uint8", "int8")}  # activation dtypes the integer ops read and write
+QMIN, QMAX = INTEGER_RANGE["uint8"]  # the activations quantize writes
 WEIGHT_MAX = 127     # symmetric int8 weights, -128 unused so that -q_w is representable
 
 
@@ -202,11 +203,12 @@ def integer_params(data: dict, input_q: tuple[float, int], output_q: tuple[float
     return attrs, params
 
 
-def _qparams(scale: float, zero_point: int) -> dict:
-    return {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero_point, np.uint8)}
+def quant_params(scale: float, zero_point: int, dtype: str = "uint8") -> dict:
+    """Params of a per-tensor quantize/dequantize node."""
+    return {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero_point, dtype)}
 
 
-def _same_qparams(data: dict, scale: float, zero_point: int) -> bool:
+def _samequant_params(data: dict, scale: float, zero_point: int) -> bool:
     params = data["params"]
     return float(params["scale"]) == float(np.float32(scale)) and int(params["zero_point"]) == zero_point
 
@@ -226,18 +228,18 @@ def rewrite_layer(graph: Graph, plan: LayerPlan, quantized: dict[tuple, Value]) 
     data = graph.nodes[plan.node]
     x = graph.operands(plan.node)[0]
     producer = graph.nodes[x.node]
-    if producer["op"] == "dequantize" and _same_qparams(producer, *plan.input_q):
+    if producer["op"] == "dequantize" and _samequant_params(producer, *plan.input_q):
         q_x = graph.operands(x.node)[0]
     else:
         key = (x, plan.input_q)
         if key not in quantized:
-            quantized[key] = graph.add_op("quantize", [x], attrs={"dtype": "uint8"}, params=_qparams(*plan.input_q),
+            quantized[key] = graph.add_op("quantize", [x], attrs={"dtype": "uint8"}, params=quant_params(*plan.input_q),
                                           origin=data["origin"], name=f"{plan.node}_quantize")
         q_x = quantized[key]
     meta, origin = dict(data["meta"]), data["origin"]
     q_y = replace_node(graph, plan.node, INTEGER_OP[data["op"]], [q_x], plan.attrs, plan.params, origin)
     graph.nodes[q_y.node]["meta"] = meta
-    return _dequantize_after(graph, q_y, _qparams(*plan.output_q), origin, f"{plan.node}_dequantize").node
+    return _dequantize_after(graph, q_y, quant_params(*plan.output_q), origin, f"{plan.node}_dequantize").node
 
 
 def _dequantize_after(graph: Graph, q_y: Value, params: dict, origin: tuple, name: str) -> Value:
@@ -246,13 +248,6 @@ def _dequantize_after(graph: Graph, q_y: Value, params: dict, origin: tuple, nam
     graph.replace_all_uses(q_y, y)
     graph.set_operands(y.node, [q_y])  # replace_all_uses also moved the dequantize's own operand edge
     return y
-
-
-def remove_unused_dequantize(graph: Graph, nodes: list[str]) -> None:
-    outputs = {v.node for v in graph.output_values()}
-    for node in nodes:
-        if node in graph and graph.out_degree(node) == 0 and node not in outputs:
-            graph.remove_node(node)
 
 
 def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
@@ -266,7 +261,7 @@ def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
             graph.nodes[plan.node]["meta"] = meta
         return
     quantized: dict[tuple, Value] = {}
-    remove_unused_dequantize(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
+    remove_unused(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
 
 
 def integer_max_pools(graph: Graph) -> int:
@@ -289,10 +284,10 @@ def integer_max_pools(graph: Graph) -> int:
             user_data = graph.nodes[user]
             if user_data["op"] == "quantize" and user_data["attrs"].get("axis") is None and \
                     user_data["attrs"]["dtype"] == graph.value_type(q_y).dtype and \
-                    _same_qparams(user_data, float(params["scale"]), int(params["zero_point"])):
+                    _samequant_params(user_data, float(params["scale"]), int(params["zero_point"])):
                 graph.replace_all_uses(Value(user, 0), q_y)
                 graph.remove_node(user)
-        remove_unused_dequantize(graph, [x.node, y.node])
+        remove_unused(graph, [x.node, y.node])
         moved += 1
     return moved
 
