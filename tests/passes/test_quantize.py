@@ -43,6 +43,17 @@ def quantized_cnn(observer: str = "minmax") -> tuple[nn.Module, Graph, object]:
     return model, graph, result
 
 
+def error_sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return sqnr_db(float(ref.square().sum()), float((ref - out).square().sum()))
+
+
+def output_sqnr(model: nn.Module, graph: Graph, x: torch.Tensor) -> float:
+    """SQNR of the quantized graph's outputs (reference interpreter, batches of 4) against the float model."""
+    with torch.no_grad():
+        ref = model(x)
+    return error_sqnr(ref, torch.cat([run_reference(graph, (b,)) for b in x.split(4)]))
+
+
 def layout(graph: Graph) -> list[tuple[str, str, str]]:
     """(node, op, output type) in topological order."""
     return [(n, graph.nodes[n]["op"], str(graph.nodes[n]["out_types"][0])) for n in graph.topo_order()]
@@ -79,10 +90,7 @@ def test_per_layer_sqnr_is_recorded_and_meets_the_int8_budget():
     assert result.stats["sqnr_db.min"] == int(np.floor(min(sqnrs.values())))
     assert min(sqnrs.values()) > 30.0, sqnrs  # 8 bits ~ 6 dB/bit; minmax on Gaussian data loses a few
     x = torch.cat([b[0] for b in calibration()])
-    with torch.no_grad():
-        ref = model(x)
-    out = torch.cat([run_reference(graph, (b,)) for b in x.split(4)])
-    assert sqnr_db(float(ref.square().sum()), float((ref - out).square().sum())) > 30.0
+    assert output_sqnr(model, graph, x) > 30.0
 
 
 @pytest.mark.parametrize("observer", ["percentile", "entropy"])
@@ -227,10 +235,7 @@ def test_idempotent_and_parsed_from_a_spec():
 def test_unseen_inputs_from_the_calibration_distribution_stay_within_budget():
     model, graph, _ = quantized_cnn()
     x = torch.randn(32, 3, 8, 8)  # a few values fall outside the calibrated ranges and clip: a lower budget
-    with torch.no_grad():
-        ref = model(x)
-    out = torch.cat([run_reference(graph, (b,)) for b in x.split(4)])
-    assert sqnr_db(float(ref.square().sum()), float((ref - out).square().sum())) > 25.0
+    assert output_sqnr(model, graph, x) > 25.0
 
 
 def test_dynamic_mode_quantizes_linear_layers_without_calibration():
@@ -246,10 +251,7 @@ def test_dynamic_mode_quantizes_linear_layers_without_calibration():
     assert graph.nodes["n2"]["attrs"]["activation"] == "relu" and graph.nodes["n2"]["params"]["weight"].dtype == np.int8
     assert_idempotent(Quantize(mode="dynamic"), graph)
     x = torch.cat([b[0] for b in calibration()])
-    with torch.no_grad():
-        ref = model(x)
-    out = torch.cat([run_reference(graph, (b,)) for b in x.split(4)])
-    assert sqnr_db(float(ref.square().sum()), float((ref - out).square().sum())) > 35.0
+    assert output_sqnr(model, graph, x) > 35.0
 
 
 def test_dynamic_mode_reports_sqnr_when_given_data():
@@ -387,7 +389,7 @@ def test_dynamic_recurrent_layers_stay_within_the_int8_noise_budget(cell, kwargs
         with torch.no_grad():
             expected = model(x)
         for ref, out in zip(expected, flat(run_reference(graph, (x,)))):
-            assert sqnr_db(float(ref.square().sum()), float((ref - out).square().sum())) > 35.0
+            assert error_sqnr(ref, out) > 35.0
 
 
 def test_dynamic_recurrent_reference_sums_integers_exactly():
