@@ -39,19 +39,38 @@ NO_CONV_POOL = ["remove-identities", "fold-constants", "eliminate-common-subexpr
 
 
 def onnx_runtime_runner(model: torch.nn.Module, inputs: tuple) -> Callable[[], object]:
-    import onnxruntime as ort
 
     buffer = io.BytesIO()
     names = [f"input_{i}" for i in range(len(inputs))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, inputs, buffer, input_names=names, dynamo=False, opset_version=17)
+    session = onnx_runtime_session(buffer.getvalue())
+    feed = {n: x.numpy() for n, x in zip(names, inputs)}
+    return lambda: session.run(None, feed)
+
+
+def onnx_runtime_session(model: bytes | str):
+    """An ONNX Runtime CPU session on all cores, every graph optimization on."""
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = CORES
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
-    feed = {n: x.numpy() for n, x in zip(names, inputs)}
-    return lambda: session.run(None, feed)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def onnx_runtime_quantized_session(model: torch.nn.Module, inputs: tuple, quantize: Callable[[str, str], object]):
+    """``model`` exported to ONNX (one input, ``input_0``), quantized by ONNX Runtime's ``quantize(fp32_path,
+    int8_path)``, in a session."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp32, int8 = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "int8.onnx")
+        torch.onnx.export(model, inputs, fp32, input_names=["input_0"], dynamo=False, opset_version=17)
+        quantize(fp32, int8)
+        return onnx_runtime_session(int8)
 
 
 def interleaved_medians(runners: dict[str, Callable[[], object]], rounds: int, block: int = 3
@@ -140,9 +159,6 @@ def onnx_runtime_int8_runner(model: torch.nn.Module, inputs: tuple, calibration:
                              ) -> Callable[[], object]:
     """ONNX Runtime's own int8: quantize_static, QDQ format, per-channel int8 weights, calibrated on the same
     batches as ours (min-max)."""
-    import tempfile
-
-    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -152,15 +168,9 @@ def onnx_runtime_int8_runner(model: torch.nn.Module, inputs: tuple, calibration:
         def get_next(self):
             return next(self.items, None)
 
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fp32, int8 = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "int8.onnx")
-        torch.onnx.export(model, inputs, fp32, input_names=["input_0"], dynamo=False, opset_version=17)
-        quantize_static(fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = CORES
-        session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+    session = onnx_runtime_quantized_session(model, inputs, lambda fp32, int8: quantize_static(
+        fp32, int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8))
     feed = {"input_0": inputs[0].numpy()}
     return lambda: session.run(None, feed)
 
@@ -193,9 +203,6 @@ def bench_lstm_int8(rounds: int) -> dict[str, float]:
     """BiLSTM classifier (zoo, full size) with dynamic int8 weights: ours (``quantize{mode=dynamic}``) vs ours fp32
     vs PyTorch ``quantize_dynamic`` (nn.LSTM + nn.Linear, qint8, fbgemm) vs ONNX Runtime ``quantize_dynamic``
     (DynamicQuantizeLSTM + MatMulInteger), same run; max error of each int8 model vs PyTorch fp32."""
-    import tempfile
-
-    import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model, inputs = zoo.make("bilstm", full=True)
@@ -204,14 +211,8 @@ def bench_lstm_int8(rounds: int) -> dict[str, float]:
     ours_int8 = passes.optimize(model, passes=["quantize{mode=dynamic}", "default"], example_inputs=inputs,
                                 measure=False)
     torch_int8 = torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.Linear}, dtype=torch.qint8)
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fp32, int8 = os.path.join(folder, "fp32.onnx"), os.path.join(folder, "int8.onnx")
-        torch.onnx.export(model, inputs, fp32, input_names=["input_0"], dynamo=False, opset_version=17)
-        quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = CORES
-        session = ort.InferenceSession(int8, options, providers=["CPUExecutionProvider"])
+    session = onnx_runtime_quantized_session(model, inputs, lambda fp32, int8: quantize_dynamic(
+        fp32, int8, weight_type=QuantType.QInt8))
     runners = {"ours fp32": lambda: ours_fp32(x), "ours int8": lambda: ours_int8(x),
                "pytorch int8": lambda: torch_int8(*inputs),
                "onnxruntime int8": lambda: session.run(None, {"input_0": x})}
