@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 VECTOR_LANES = 16
 MIN_PARALLEL_EXTENT = 8  # parallelizing fewer iterations than this costs more than it gains
 MIN_PARALLEL_WORK = 1 << 15  # loop iterations in a nest below which a thread-pool launch costs more than it saves
-DATA_PAR = 0
+DATA_PAR, REDUCE = tirx.IterVar.DataPar, tirx.IterVar.CommReduce
 SCHEDULE_ERRORS = (ScheduleError, RuntimeError, ValueError, TypeError)  # TVM's InternalError is a RuntimeError
 
 
@@ -110,9 +110,6 @@ def _parallelize_and_vectorize(sch: Schedule, block, cores: int) -> None:
         _try(sch.vectorize, inner)
     if not elementwise:
         _vectorize_inner_reduction(sch, block)
-
-
-REDUCE = 2  # IterVar.CommReduce
 
 
 def _vectorize_inner_reduction(sch: Schedule, block) -> None:
