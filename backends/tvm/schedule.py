@@ -114,12 +114,12 @@ def _parallelize_and_vectorize(sch: Schedule, block, cores: int) -> None:
 
 def _vectorize_inner_reduction(sch: Schedule, block) -> None:
     """Partial sums over the innermost reduction loop, ``lanes`` of them in one vector (``rfactor``)."""
-    loops, realized = sch.get_loops(block), sch.get(block)
-    last, inner = realized.iter_vars[-1], sch.get(loops[-1])  # LegalizeOps emits loops in iterator order
+    loops, stmt = sch.get_loops(block), sch.get(block)
+    last, inner = stmt.iter_vars[-1], sch.get(loops[-1])  # LegalizeOps emits loops in iterator order
     if last.iter_type != REDUCE or not isinstance(inner.extent, tirx.IntImm) \
             or int(inner.extent) != int(last.dom.extent):
         return
-    if not any(read.region and read.region[-1].min.same_as(last.var) for read in realized.reads):
+    if not any(read.region and read.region[-1].min.same_as(last.var) for read in stmt.reads):
         return  # the reduced axis is not the contiguous one: the partial sums would be gathers
     extent = int(inner.extent)
     lanes = max((d for d in range(4, VECTOR_LANES + 1) if extent % d == 0), default=0)
