@@ -362,6 +362,6 @@ def test_dynamic_linear_kernel_is_exact_with_odd_sizes():
         "bias": RNG.standard_normal(21).astype(np.float32)}))
     batch = torch.randn(5, 13) * 3 - 1
     expected = run_reference(g, (batch,)).numpy()
-    for target in ("llvm", NO_VNNI):
+    for target in ("llvm", NO_VNNI) if cpu_has("avx512f") else ("llvm",):  # NO_VNNI needs an AVX-512 host
         np.testing.assert_allclose(build(g, target)(batch).numpy(), expected, rtol=0,
                                    atol=np.spacing(np.abs(expected).max()))
