@@ -1,6 +1,6 @@
 """Where the time goes: our conv/dense kernels of a zoo model timed one by one, against the whole model.
 
-    python benchmarks/profile_kernels.py resnet
+    python benchmarks/profile_kernels.py resnet18     # a model of benchmarks/run.py, or a zoo name (resnet, ...)
 
 Each kernel spec of the optimized graph (``backends.tvm.tune.extract_tasks``) is built with its default tile and
 timed with TVM's time evaluator, times the number of nodes using it; the remainder of the end-to-end time is every
@@ -9,12 +9,13 @@ other kernel (elementwise, pools, pads, copies).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import make_model  # noqa: E402  (benchmarks/run.py: torchvision models and the LSTMs)
 
 import passes  # noqa: E402
 from backends.tvm.kernels import DenseSpec, default_dense_tile, default_tile  # noqa: E402
@@ -24,8 +25,8 @@ from examples import zoo  # noqa: E402
 
 
 def main() -> int:
-    name = sys.argv[1] if len(sys.argv) > 1 else "resnet"
-    model, inputs = zoo.make(name, full=True)
+    name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
+    model, inputs = zoo.make(name, full=True) if name in zoo.ZOO else make_model(name)
     opt = passes.optimize(model, example_inputs=inputs, measure=False)
     target, runner = make_target("llvm"), LocalRunner(number=10, repeat=3)
     cores = int(target.attrs.get("num-cores", 1))

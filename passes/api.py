@@ -99,8 +99,9 @@ class LoadedModel:
         return load_graph(self.path / "ir")
 
 
-def load(path: str | os.PathLike) -> LoadedModel:
-    """Load an artifact written by ``OptimizedModel.save`` (or ``passes.cli compile``)."""
+def load(path: str | os.PathLike, threads: int | None = None) -> LoadedModel:
+    """Load an artifact written by ``OptimizedModel.save`` (or ``passes.cli compile``). ``threads``: CPU threads
+    it runs on (None: one per physical core; ``TVM_NUM_THREADS`` set in the environment wins)."""
     from backends.tvm.module import CompiledModule
 
     path = Path(path)
@@ -108,7 +109,7 @@ def load(path: str | os.PathLike) -> LoadedModel:
     if not marker.is_file() or json.loads(marker.read_text()).get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{path} is not a passes artifact folder (no valid artifact.json)")
     report = Report.from_dict(json.loads((path / "report.json").read_text()))
-    return LoadedModel(CompiledModule.load(path), report, path)
+    return LoadedModel(CompiledModule.load(path, threads), report, path)
 
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("default",)
@@ -146,7 +147,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
              example_inputs: Sequence[Any] | None = None, data: Iterable | None = None,
              tune: Tune | None = None, measure: bool = True,
              instruments: Sequence[Any] = ("verify-each",),
-             progress: Callable[[str], None] | None = None) -> OptimizedModel:
+             progress: Callable[[str], None] | None = None, threads: int | None = None) -> OptimizedModel:
     """Optimize and compile ``model`` for ``target``.
 
     Example::
@@ -163,6 +164,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     model on the example inputs and check it against the original (PyTorch or ONNX Runtime) for the report.
     ``instruments``: ``"verify-each"`` (default), ``"numeric-check-each"``, ``"timing"``, ``"dump-each=DIR"``.
     ``progress``: called with a short message as each step starts (the CLI prints them).
+    ``threads``: CPU threads the compiled model runs on (None: one per physical core the process may use; a
+    ``TVM_NUM_THREADS`` set by the user wins). No environment set-up is needed for full speed.
     """
     step = progress or (lambda message: None)
     from backends.tvm.module import build
@@ -203,7 +206,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
         seconds["tune"] = time.perf_counter() - start
     start = time.perf_counter()
     step(f"building for {target} with TVM")
-    compiled = build(optimized, target, tiles)
+    compiled = build(optimized, target, tiles, threads)
     seconds["build"] = time.perf_counter() - start
     if measure and compiled.target_kind != "cuda":
         step("checking accuracy and measuring latency")

@@ -89,7 +89,7 @@ def cmd_compile(args) -> int:
     instruments += ["numeric-check-each"] if args.numeric_check_each else []
     instruments += [f"dump-each={args.dump_each}"] if args.dump_each else []
     opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, data=data, tune=tune,
-                   measure=not args.no_measure, instruments=instruments, progress=_progress)
+                   measure=not args.no_measure, instruments=instruments, progress=_progress, threads=args.threads)
     opt.save(args.output)
     print(opt.report.to_json() if args.json else opt.report.summary())
     if not args.json:
@@ -102,7 +102,7 @@ def cmd_run(args) -> int:
 
     from passes.api import load
 
-    model = load(args.artifact)
+    model = load(args.artifact, threads=args.threads)
     try:
         with np.load(args.inputs, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -195,6 +195,17 @@ def cmd_list_ops(args) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _threads_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help=f"CPU threads for {what} (default: one per physical core; TVM_NUM_THREADS wins if set)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m passes.cli",
                                      description="Optimize and compile CNN/RNN models with Apache TVM.")
@@ -217,12 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="batch size to cut --data into (default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-o", "--output", required=True, help="artifact folder to create (must not exist)")
+    _threads_argument(p, "the latency measurement")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
     p.add_argument("artifact")
     p.add_argument("inputs", help=".npz whose keys are the model's input names")
     p.add_argument("-o", "--output", required=True, help=".npz to write, keys are output names in model order")
+    _threads_argument(p, "the model")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("inspect", help="op histogram, params, FLOPs and shapes of a model (no compile)")

@@ -25,6 +25,7 @@ import tvm
 from tvm.runtime.vm import VirtualMachine  # runtime only: artifacts load without TVM's compiler library
 
 from backends.tvm.target import cpu_has, make_target
+from backends.tvm.threads import check_threads, configure_threads
 from passes.ir.graph import Graph, map_structure, rebuild_structure
 
 
@@ -109,14 +110,19 @@ def _from_json_structure(structure: Any) -> Any:
 
 
 class CompiledModule:
-    """A TVM executable with the model's signature. ``module(x)`` runs it; ``export(dir)`` saves it."""
+    """A TVM executable with the model's signature. ``module(x)`` runs it; ``export(dir)`` saves it.
+
+    CPU models run on ``threads`` threads (None: one per physical core the process may use), configured in each
+    calling thread before it runs (``threads.py``); ``TVM_NUM_THREADS`` set by the user overrides it.
+    """
 
     LIBRARY = "model.so"
     SIGNATURE = "signature.json"
 
     def __init__(self, executable: Any, target_kind: str, inputs: Sequence[TensorSpec],
-                 outputs: Sequence[TensorSpec], structure: Any):
+                 outputs: Sequence[TensorSpec], structure: Any, threads: int | None = None):
         self.executable = executable
+        self.threads = check_threads(threads)
         self.target_kind = target_kind
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -168,8 +174,13 @@ class CompiledModule:
             buffer.copyfrom(array)
         return self._input_buffers
 
+    def _configure_threads(self) -> None:
+        if self.target_kind != "cuda":
+            configure_threads(self.threads)
+
     def _run(self, inputs: Sequence[Any]) -> tuple[list[np.ndarray], bool]:
         with self._lock:
+            self._configure_threads()
             converted, any_torch = self._convert_inputs(inputs)
             result = self.vm["main"](*converted)
             return [result[i].numpy() for i in range(len(self.outputs))], any_torch
@@ -189,6 +200,7 @@ class CompiledModule:
     def time_ms(self, *inputs: Any, number: int = 10, repeat: int = 5) -> float:
         """Median latency in ms of ``main`` measured by TVM's time evaluator (no Python conversion overhead)."""
         with self._lock:
+            self._configure_threads()
             converted, _ = self._convert_inputs(inputs)
             timer = self.vm.time_evaluator("main", self.device, number=number, repeat=repeat)
             return float(np.median(timer(*converted).results) * 1e3)
@@ -206,7 +218,7 @@ class CompiledModule:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> CompiledModule:
+    def load(cls, directory: str | os.PathLike, threads: int | None = None) -> CompiledModule:
         directory = Path(directory)
         signature = json.loads((directory / cls.SIGNATURE).read_text())
         if signature["target"] == "cuda":
@@ -215,11 +227,12 @@ class CompiledModule:
             library = tvm.runtime.load_module(str(directory / cls.LIBRARY))
         return cls(library, signature["target"], [TensorSpec.from_json(s) for s in signature["inputs"]],
                    [TensorSpec.from_json(s) for s in signature["outputs"]],
-                   _from_json_structure(signature["structure"]))
+                   _from_json_structure(signature["structure"]), threads)
 
 
-def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> CompiledModule:
-    """Lower ``graph`` to Relax and build it for ``target``; ``tiles`` are tuned kernel tiles (``tune.py``)."""
+def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads: int | None = None) -> CompiledModule:
+    """Lower ``graph`` to Relax and build it for ``target``; ``tiles`` are tuned kernel tiles (``tune.py``);
+    ``threads`` the CPU threads it runs on (None: every physical core)."""
     from backends.tvm.lower import lower
     from backends.tvm.schedule import optimize_relax_cpu
 
@@ -236,7 +249,7 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> Comp
     outputs = [TensorSpec(graph.output_name(v, f"output_{i}"), graph.value_type(v).shape, graph.value_type(v).dtype)
                for i, v in enumerate(graph.output_values())]
     structure = _structure_indices(graph)
-    return CompiledModule(executable, tvm_target.kind.name, inputs, outputs, structure)
+    return CompiledModule(executable, tvm_target.kind.name, inputs, outputs, structure, threads)
 
 
 def cuda_source(module: CompiledModule) -> str:

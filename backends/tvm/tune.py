@@ -46,6 +46,7 @@ from backends.tvm.kernels import (
     dense_kernel,
 )
 from backends.tvm.lower import uses_conv_kernel, uses_dense_kernel
+from backends.tvm.threads import configure_threads
 from passes.ir.graph import Graph
 
 SCHEMA = 1
@@ -200,6 +201,7 @@ class LocalRunner:
         self.number, self.repeat = number, repeat
 
     def measure(self, lib, func) -> float:
+        configure_threads()  # measured with the threads the compiled model will use (the pool is per thread)
         device = tvm.cpu(0)
         timer = lib.mod.time_evaluator("main", device, number=self.number, repeat=self.repeat)
         return float(np.median(timer(*random_args(func, device)).results) * 1e3)

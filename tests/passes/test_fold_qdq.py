@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -72,6 +73,28 @@ def quantized_onnx(model: nn.Module, path, fmt: QuantFormat = QuantFormat.QDQ, p
     return quant_path
 
 
+def _host_has_vnni() -> bool:
+    """From the kernel's CPU flags (pass tests do not import TVM)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+# Without VNNI, ONNX Runtime's fused u8s8 integer kernels sum pairs of products in int16 (vpmaddubsw), which
+# saturates: ONNX Runtime is then itself inexact (27 steps off here on Zen 3). There the reference for a QDQ model is
+# ONNX Runtime with its graph optimizations off, which runs the QDQ graph literally (dequantize, float op, quantize).
+HOST_VNNI = _host_has_vnni()
+
+
+def onnx_runtime_session(path: str) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not HOST_VNNI:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+
 def inputs(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(SHAPE).astype(np.float32)
 
@@ -95,7 +118,7 @@ def assert_within_one_step(actual: np.ndarray, expected: np.ndarray, scale: floa
 
 
 def check_against_onnx_runtime(graph: Graph, path: str) -> None:
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = onnx_runtime_session(path)
     for seed in range(3):
         x = inputs(seed)
         (expected,) = session.run(None, {"x": x})
@@ -148,8 +171,10 @@ def test_qoperator_model_folds_qlinearconv_and_qlinearmatmul(tmp_path):
     assert result.stats == {"folded": 2}
     assert "conv2d" not in ops(graph) and "linear" not in ops(graph)
     assert ops(graph).count("qconv2d") == 1 and ops(graph).count("qlinear") == 1
-    check_against_onnx_runtime(graph, path)
     assert_idempotent(FoldQdq(), graph)
+    if not HOST_VNNI:  # QLinearConv is an integer kernel in every ONNX Runtime mode: inexact without VNNI
+        pytest.skip("ONNX Runtime's u8s8 QLinearConv saturates int16 pair sums without VNNI: not a reference here")
+    check_against_onnx_runtime(graph, path)
 
 
 def test_weight_recovery_is_exact():
@@ -171,7 +196,7 @@ def test_optimize_compiles_qdq_model_to_integer_ops(tmp_path):
     path = quantized_onnx(conv_linear(), tmp_path, QuantFormat.QDQ, per_channel=True)
     opt = passes.optimize(path, measure=False)
     assert "qconv2d" in ops(opt.graph) and "qlinear" in ops(opt.graph) and "conv2d" not in ops(opt.graph)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    session = onnx_runtime_session(path)
     for seed in range(2):
         x = inputs(seed)
         (expected,) = session.run(None, {"x": x})
