@@ -60,8 +60,9 @@ class OptimizedModel:
         try:
             self.compiled.export(staging)
             save_graph(self.graph, staging / "ir")
-            (staging / "report.json").write_text(self.report.to_json())
             manifest = {"format": ARTIFACT_FORMAT, "onnx": _export_onnx(self.graph, staging / "optimized.onnx")}
+            self.report.memory["artifact"] = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
+            (staging / "report.json").write_text(self.report.to_json())
             (staging / "artifact.json").write_text(json.dumps(manifest, indent=1))
             staging.rename(path)
         except BaseException:
@@ -170,7 +171,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     step = progress or (lambda message: None)
     from backends.tvm.module import build
     from passes.core.pipeline import Pipeline, make_instruments, resolve
-    from passes.core.stats import graph_flops, graph_params
+    from passes.core.stats import graph_flops, graph_params, graph_weight_bytes, peak_activation_bytes
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -183,6 +184,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     report = Report(model=graph.name, target=str(target))
     report.flops["before"], report.params["before"] = graph_flops(graph), graph_params(graph)
     report.nodes["before"] = graph.number_of_nodes()
+    report.memory["weights_before"] = graph_weight_bytes(graph)
+    report.memory["activations_before"] = peak_activation_bytes(graph)
 
     pipeline = Pipeline(resolve(DEFAULT_PIPELINE if passes is None else passes),
                         make_instruments(instruments, example_inputs))
@@ -197,6 +200,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     seconds["passes"] = time.perf_counter() - start
     report.flops["after"], report.params["after"] = graph_flops(optimized), graph_params(optimized)
     report.nodes["after"] = optimized.number_of_nodes()
+    report.memory["weights_after"] = graph_weight_bytes(optimized)
+    report.memory["activations_after"] = peak_activation_bytes(optimized)
 
     tiles = None
     if tune is not None:
@@ -208,6 +213,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     step(f"building for {target} with TVM")
     compiled = build(optimized, target, tiles, threads)
     seconds["build"] = time.perf_counter() - start
+    if compiled.activation_bytes is not None:
+        report.memory["activations_compiled"] = compiled.activation_bytes
     if measure and compiled.target_kind != "cuda":
         step("checking accuracy and measuring latency")
         original = _original_runner(model, graph, example_inputs)

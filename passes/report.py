@@ -20,6 +20,20 @@ class PassRecord:
                 "seconds": round(self.seconds, 6)}
 
 
+MEMORY_FIELDS = {
+    "weights_before": "parameters and constants at their stored dtype, imported model",
+    "weights_after": "the same after the passes (int8 weights count 1 byte, bf16/fp16 2)",
+    "activations_before": "peak live intermediates running the imported graph in topological order",
+    "activations_after": "the same for the optimized graph",
+    "activations_compiled": "storage the compiled plan allocates after TVM's static memory planning",
+    "artifact": "the saved artifact folder (library, IR, ONNX), once saved",
+}
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
 @dataclass
 class Report:
     model: str = ""
@@ -28,6 +42,7 @@ class Report:
     flops: dict[str, int] = field(default_factory=dict)
     params: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # bytes: see ``MEMORY_FIELDS``
     tune: dict[str, Any] = field(default_factory=dict)
     latency_ms: float | None = None
     baselines_ms: dict[str, float] = field(default_factory=dict)
@@ -43,6 +58,7 @@ class Report:
         return {"model": self.model, "target": self.target, "passes": [p.to_dict() for p in self.passes],
                 "sqnr_db": self.layer_sqnr_db(),
                 "flops": dict(self.flops), "params": dict(self.params), "nodes": dict(self.nodes),
+                "memory": dict(self.memory),
                 "tune": dict(self.tune), "latency_ms": self.latency_ms,
                 "baselines_ms": dict(self.baselines_ms), "accuracy": dict(self.accuracy),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
@@ -55,7 +71,8 @@ class Report:
         passes = [PassRecord(p["name"], p.get("spec", p["name"]), p["changed"], p["stats"], p["seconds"])
                   for p in d.get("passes", [])]
         return Report(d.get("model", ""), d.get("target", "llvm"), passes, d.get("flops", {}),
-                      d.get("params", {}), d.get("nodes", {}), d.get("tune", {}), d.get("latency_ms"),
+                      d.get("params", {}), d.get("nodes", {}), d.get("memory", {}), d.get("tune", {}),
+                      d.get("latency_ms"),
                       d.get("baselines_ms", {}), d.get("accuracy", {}), d.get("seconds", {}))
 
     def summary(self) -> str:
@@ -70,6 +87,16 @@ class Report:
         if self.flops:
             lines.append(f"  FLOPs   {self.flops['before']:,} -> {self.flops['after']:,}")
             lines.append(f"  params  {self.params['before']:,} -> {self.params['after']:,}")
+        memory = self.memory
+        if "weights_before" in memory:
+            lines.append(f"  weights {_megabytes(memory['weights_before'])} -> {_megabytes(memory['weights_after'])}"
+                         " (stored dtypes)")
+            lines.append(f"  activations peak {_megabytes(memory['activations_before'])} -> "
+                         f"{_megabytes(memory['activations_after'])} (graph order)"
+                         + (f", compiled plan {_megabytes(memory['activations_compiled'])}"
+                            if "activations_compiled" in memory else ""))
+        if "artifact" in memory:
+            lines.append(f"  artifact {_megabytes(memory['artifact'])}")
         if self.accuracy:
             numbers = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in self.accuracy.items() if k != "reference")

@@ -123,6 +123,7 @@ class CompiledModule:
                  outputs: Sequence[TensorSpec], structure: Any, threads: int | None = None):
         self.executable = executable
         self.threads = check_threads(threads)
+        self.activation_bytes: int | None = None  # the compiled plan's storage (set by build, not by load)
         self.target_kind = target_kind
         self.inputs = list(inputs)
         self.outputs = list(outputs)
@@ -242,14 +243,46 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads
     if tvm_target.kind.name == "llvm":
         with tvm_target:
             mod = optimize_relax_cpu(mod, cores)
-    executable = tvm.compile(mod, target=tvm_target)
+    mod = _relax_pipeline(mod, tvm_target)  # what tvm.compile would run, applied here to read the memory plan
+    activation_bytes = planned_storage_bytes(mod["main"])
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
     # Signature names are the model's own input names (an ONNX input "input.1" keeps its dot).
     inputs = [TensorSpec(graph.nodes[n]["origin"][0] if graph.nodes[n]["origin"] else n, t.shape, t.dtype)
               for n, t in zip(graph.inputs, graph.input_types())]
     outputs = [TensorSpec(graph.output_name(v, f"output_{i}"), graph.value_type(v).shape, graph.value_type(v).dtype)
                for i, v in enumerate(graph.output_values())]
     structure = _structure_indices(graph)
-    return CompiledModule(executable, tvm_target.kind.name, inputs, outputs, structure, threads)
+    compiled = CompiledModule(executable, tvm_target.kind.name, inputs, outputs, structure, threads)
+    compiled.activation_bytes = activation_bytes
+    return compiled
+
+
+def _relax_pipeline(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """TVM's default Relax pipeline, chosen as ``tvm.compile`` chooses it (the GPU one schedules with dlight)."""
+    from tvm import relax
+
+    pipeline = relax.get_default_pipeline(target) if "gpu" in target.keys else relax.get_pipeline("default")
+    with target:
+        return pipeline(mod)
+
+
+def planned_storage_bytes(main: Any) -> int:
+    """Bytes of every storage block ``main`` allocates after Relax's static memory planning
+    (``R.vm.alloc_storage``): intermediates with disjoint lifetimes already share a block, so this is the
+    activation memory of the compiled plan (outputs included, inputs and weights not)."""
+    from tvm import relax
+
+    alloc_storage = tvm.ir.Op.get("relax.vm.alloc_storage")
+    sizes = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.same_as(alloc_storage):
+            shape = expr.args[0]
+            if isinstance(shape, relax.ShapeExpr) and all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+                sizes.append(int(np.prod([int(d) for d in shape.values], dtype=np.int64)))
+
+    relax.analysis.post_order_visit(main, visit)
+    return int(sum(sizes))
 
 
 def cuda_source(module: CompiledModule) -> str:
