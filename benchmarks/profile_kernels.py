@@ -19,7 +19,7 @@ from run import make_model  # noqa: E402  (benchmarks/run.py: torchvision models
 
 import passes  # noqa: E402
 from backends.tvm.kernels import DenseSpec, default_dense_tile, default_tile  # noqa: E402
-from backends.tvm.target import make_target  # noqa: E402
+from backends.tvm.target import make_target, vector_lanes  # noqa: E402
 from backends.tvm.tune import LocalRunner, build_candidate, extract_tasks  # noqa: E402
 from examples import zoo  # noqa: E402
 
@@ -31,7 +31,7 @@ def main() -> int:
     target, runner = make_target("llvm"), LocalRunner(number=10, repeat=3)
     cores = int(target.attrs.get("num-cores", 1))
     rows = []
-    for task in extract_tasks(opt.graph):
+    for task in extract_tasks(opt.graph, vector_lanes(target)):
         tile = default_dense_tile(task.spec) if isinstance(task.spec, DenseSpec) else default_tile(task.spec)
         lib, func = build_candidate(task, tile, target, cores)
         ms = runner.measure(lib, func) * len(task.nodes)

@@ -110,6 +110,7 @@ class ConvSpec:
     pool_kernel: tuple[int, int] = (1, 1)
     pool_stride: tuple[int, int] = (1, 1)
     dtype: str = F32                         # storage of data, weight, bias, residual, output; accumulation is fp32
+    lanes: int = 16                          # fp32 lanes of the target's vector registers (``vector_lanes``)
 
     @property
     def channels_vectorized(self) -> bool:
@@ -120,7 +121,7 @@ class ConvSpec:
         """
         _, oc, _, ow = self.conv_shape
         one_by_one = self.weight_shape[2:] == (1, 1)
-        return self.groups == 1 and oc % 8 == 0 and (ow < VECTOR_LANES or one_by_one)
+        return self.groups == 1 and oc % 8 == 0 and (ow < self.lanes or one_by_one)
 
     def pack_weight(self, weight):
         """The weight in the kernel's layout (done once, at compile time)."""
@@ -230,7 +231,14 @@ def ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register
+VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register (the spec default; AVX2 targets use 8: ``vector_lanes``)
+
+
+def accumulator_vectors(lanes: int) -> int:
+    """How many accumulator vectors a register tile may hold: AVX-512 has 32 vector registers, AVX2 16; the rest
+    hold the broadcast weights and input vectors. More accumulators than that spill in the innermost loop (measured
+    on Zen 3 with the AVX-512 tiles: torchvision resnet18 3.6x slower than with AVX2-sized ones)."""
+    return 16 if lanes >= 16 else 12
 
 
 @dataclass(frozen=True)
@@ -243,24 +251,26 @@ class Tile:
 
 
 def default_tile(spec: ConvSpec) -> Tile:
-    """Heuristic register tile: about 16 accumulator vectors, the conv tile row a whole vector when possible."""
+    """Heuristic register tile: about ``accumulator_vectors`` accumulators, the conv tile row a whole vector when
+    possible."""
     _, oc, oh, ow = spec.out_shape
-    if spec.channels_vectorized:  # 1-2 vectors of channels x up to 14 pixels: about 14 accumulator vectors
-        oc_block = next(b for b in (2 * VECTOR_LANES, VECTOR_LANES, 8) if oc % b == 0)
-        max_pixels = 7 if oc_block > VECTOR_LANES else 14
+    lanes, budget = spec.lanes, accumulator_vectors(spec.lanes)
+    if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels: about 14 accumulator vectors on AVX-512
+        oc_block = next(b for b in (2 * lanes, lanes, 8) if oc % b == 0)
+        max_pixels = (budget - 2) // -(-oc_block // lanes)
         col_scale = spec.pool_stride[1] if spec.pool else 1
         cols = largest_divisor(ow, max(1, max_pixels // col_scale))
         rows = largest_divisor(oh, max(1, max_pixels // (cols * col_scale)))
         return Tile(oc_block=oc_block, rows=rows, cols=cols)
     if spec.pool:  # measured on Zen 4: 4 channels x 2 pooled rows x one vector of conv columns
-        cols = largest_divisor(ow, max(1, VECTOR_LANES // spec.pool_stride[1]))
+        cols = largest_divisor(ow, max(1, lanes // spec.pool_stride[1]))
         return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, 2), cols=cols)
     # measured on Zen 4 over VGG/ResNet shapes: 4 channels x 4 rows x one vector beats 8 x 2 by 5-45% for stride 1;
     # strided convs (ResNet's 7x7/2 stem) read rows far apart and prefer 8 x 2
-    cols = largest_divisor(ow, VECTOR_LANES)
+    cols = largest_divisor(ow, lanes)
     if spec.stride == (1, 1):
-        return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, 4), cols=cols)
-    return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 2), cols=cols)
+        return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, budget // 4), cols=cols)
+    return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, budget // 8), cols=cols)
 
 
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
@@ -302,7 +312,7 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:2]))
-        if spec.in_shape[3] + 2 * spec.padding[1] <= 4 * VECTOR_LANES:
+        if spec.in_shape[3] + 2 * spec.padding[1] <= 4 * spec.lanes:
             sch.vectorize(pad_loops[-1])
     return sch.mod["main"]
 
@@ -374,13 +384,15 @@ class DenseSpec:
     activation: str = "none"
     activation_params: tuple[float, ...] = ()
     dtype: str = F32  # storage; accumulation is fp32
+    lanes: int = 16   # fp32 lanes of the target's vector registers
 
 
 def dense_spec(in_shape: tuple[int, ...], weight_shape: tuple[int, int], has_bias: bool, activation: str = "none",
-               activation_params: tuple = (), dtype: str = F32) -> DenseSpec:
+               activation_params: tuple = (), dtype: str = F32, lanes: int = VECTOR_LANES) -> DenseSpec:
     """The dense kernel for ``x @ W^T`` with ``x`` of ``in_shape``: leading dims of ``x`` become rows."""
     n, k = weight_shape
-    return DenseSpec(int(math.prod(in_shape[:-1])), k, n, has_bias, activation, tuple(activation_params), dtype)
+    return DenseSpec(int(math.prod(in_shape[:-1])), k, n, has_bias, activation, tuple(activation_params), dtype,
+                     lanes)
 
 
 def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
@@ -404,7 +416,7 @@ def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
 
 
 def default_dense_tile(spec: DenseSpec) -> Tile:
-    return Tile(oc_block=1, rows=largest_divisor(spec.m, 4), cols=largest_divisor(spec.n, 2 * VECTOR_LANES))
+    return Tile(oc_block=1, rows=largest_divisor(spec.m, 4), cols=largest_divisor(spec.n, 2 * spec.lanes))
 
 
 def dense_kernel(spec: DenseSpec, cores: int = 1, tile: Tile | None = None) -> tirx.PrimFunc:

@@ -57,6 +57,7 @@ class LowerContext:
     cores: int = 1
     tiles: Mapping[Any, Any] = field(default_factory=dict)  # kernel spec -> tuned Tile (backends.tvm.tune)
     vnni: bool = False  # the CPU target has AVX-512 VNNI (integer kernels use vpdpbusd)
+    lanes: int = 16  # fp32 lanes of the CPU target's vectors (``target.vector_lanes``): sizes kernel tiles
     nhwc: frozenset = frozenset()  # values held NHWC between our integer conv kernels (``nhwc_values``)
 
     @property
@@ -119,7 +120,7 @@ def _constant(ctx, xs):
     return ctx.const(ctx.params["value"])
 
 
-def conv_spec_of(graph: Graph, node: str) -> ConvSpec:
+def conv_spec_of(graph: Graph, node: str, lanes: int = 16) -> ConvSpec:
     """The kernel spec of a conv2d / conv2d_pool node (also what the tuner tunes, so the keys agree)."""
     d = graph.nodes[node]
     a, p = d["attrs"], d["params"]
@@ -128,7 +129,8 @@ def conv_spec_of(graph: Graph, node: str) -> ConvSpec:
                     stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
                     has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
                     residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
-                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype)
+                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype,
+                    lanes=lanes)
 
 
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")  # our kernels store these and accumulate in fp32
@@ -142,25 +144,25 @@ def _kernel_dtype(graph: Graph, node: str) -> bool:
     return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
 
 
-def uses_conv_kernel(graph: Graph, node: str, target_kind: str) -> ConvSpec | None:
+def uses_conv_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> ConvSpec | None:
     """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d, any conv2d_pool)."""
     d = graph.nodes[node]
     if d["op"] not in ("conv2d", "conv2d_pool") or not _kernel_dtype(graph, node):
         return None
     if d["op"] == "conv2d" and target_kind != "llvm":
         return None
-    spec = conv_spec_of(graph, node)
+    spec = conv_spec_of(graph, node, lanes)
     return spec if supports(spec) else None
 
 
-def uses_dense_kernel(graph: Graph, node: str, target_kind: str) -> DenseSpec | None:
+def uses_dense_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> DenseSpec | None:
     """The spec when a ``linear`` node lowers to our dense kernel on ``target_kind`` (CPU; the tuner asks too)."""
     d = graph.nodes[node]
     if d["op"] != "linear" or target_kind != "llvm" or not _kernel_dtype(graph, node):
         return None
     x = graph.value_type(graph.operands(node)[0])
     return dense_spec(x.shape, d["params"]["weight"].shape, "bias" in d["params"], d["attrs"]["activation"],
-                      d["attrs"]["activation_params"], x.dtype)
+                      d["attrs"]["activation_params"], x.dtype, lanes)
 
 
 def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
@@ -180,7 +182,7 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
     """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
-    spec = conv_spec_of(ctx.graph, ctx.node)
+    spec = conv_spec_of(ctx.graph, ctx.node, ctx.lanes)
     if not supports(spec):
         raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r}")
     return call_conv_kernel(ctx, xs[0], spec)
@@ -190,7 +192,7 @@ def _conv2d_pool(ctx, xs):
 def _conv(ctx, xs):
     a, p = ctx.attrs, ctx.params
     nd = len(a["stride"])
-    spec = uses_conv_kernel(ctx.graph, ctx.node, ctx.target_kind) if nd == 2 else None
+    spec = uses_conv_kernel(ctx.graph, ctx.node, ctx.target_kind, ctx.lanes) if nd == 2 else None
     if spec is not None:
         return call_conv_kernel(ctx, xs[0], spec, xs[1] if len(xs) > 1 else None)
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
@@ -231,7 +233,7 @@ def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...
                       bias: np.ndarray | None, activation: str = "none", activation_params: tuple = (),
                       dtype: str = "float32") -> relax.Expr:
     """``act(x W^T + b)`` through our dense kernel; leading dims of ``x`` are flattened into rows."""
-    spec = dense_spec(in_shape, weight.shape, bias is not None, activation, activation_params, dtype)
+    spec = dense_spec(in_shape, weight.shape, bias is not None, activation, activation_params, dtype, ctx.lanes)
     m, k, n = spec.m, spec.k, spec.n
     name = f"dense_{ctx.node}_{len(ctx.bb.get().functions)}"
     func = dense_kernel(spec, ctx.cores, ctx.tiles.get(spec)).with_attr("global_symbol", name)
@@ -258,7 +260,7 @@ def _lrn(ctx, xs):
 
 @lowering("linear")
 def _linear(ctx, xs):
-    if uses_dense_kernel(ctx.graph, ctx.node, ctx.target_kind) is not None:
+    if uses_dense_kernel(ctx.graph, ctx.node, ctx.target_kind, ctx.lanes) is not None:
         return call_dense_kernel(ctx, xs[0], ctx.in_type(0).shape, ctx.params["weight"], ctx.params.get("bias"),
                                  ctx.attrs["activation"], ctx.attrs["activation_params"], ctx.in_type(0).dtype)
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
@@ -910,7 +912,7 @@ def missing_lowerings(graph: Graph) -> list[str]:
 
 
 def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-                tiles: Mapping[Any, Any] | None = None, vnni: bool = False) -> tvm.IRModule:
+                tiles: Mapping[Any, Any] | None = None, vnni: bool = False, lanes: int = 16) -> tvm.IRModule:
     """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
     missing = missing_lowerings(graph)
     if missing:
@@ -926,7 +928,7 @@ def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {}, vnni, nhwc)
+                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {}, vnni, lanes, nhwc)
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):
@@ -948,7 +950,7 @@ def check_types(graph: Graph, mod: tvm.IRModule) -> None:
 
 
 def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-          tiles: Mapping[Any, Any] | None = None, vnni: bool = False) -> tvm.IRModule:
-    mod = lower_graph(graph, target_kind, cores, tiles, vnni)
+          tiles: Mapping[Any, Any] | None = None, vnni: bool = False, lanes: int = 16) -> tvm.IRModule:
+    mod = lower_graph(graph, target_kind, cores, tiles, vnni, lanes)
     check_types(graph, mod)
     return mod

@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine  # runtime only: artifacts load without TVM's compiler library
 
-from backends.tvm.target import cpu_has, make_target
+from backends.tvm.target import cpu_has, make_target, vector_lanes
 from backends.tvm.threads import check_threads, configure_threads
 from passes.ir.graph import Graph, map_structure, rebuild_structure
 
@@ -239,7 +239,8 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads
 
     tvm_target = make_target(target)
     cores = int(tvm_target.attrs.get("num-cores", 1)) if tvm_target.kind.name == "llvm" else 1
-    mod = lower(graph, tvm_target.kind.name, cores, tiles, cpu_has("avx512vnni", tvm_target))
+    mod = lower(graph, tvm_target.kind.name, cores, tiles, cpu_has("avx512vnni", tvm_target),
+                vector_lanes(tvm_target))
     if tvm_target.kind.name == "llvm":
         with tvm_target:
             mod = optimize_relax_cpu(mod, cores)

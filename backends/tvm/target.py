@@ -42,3 +42,12 @@ def cpu_has(feature: str, target: Any = "llvm") -> bool:
 
     tvm_target = make_target(target)
     return tvm_target.kind.name == "llvm" and bool(target_has_features([feature], tvm_target))
+
+
+def vector_lanes(target: Any = "llvm") -> int:
+    """fp32 lanes of the target's widest vector registers: 16 with AVX-512, 8 with AVX2 (e.g. AMD Zen 3), else 4.
+    Our kernels' register tiles are sized in these vectors (``kernels.accumulator_vectors``)."""
+    tvm_target = make_target(target)
+    if tvm_target.kind.name != "llvm":
+        return 16
+    return 16 if cpu_has("avx512f", tvm_target) else 8 if cpu_has("avx2", tvm_target) else 4

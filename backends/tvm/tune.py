@@ -36,16 +36,17 @@ import numpy as np
 import tvm
 
 from backends.tvm.kernels import (
-    VECTOR_LANES,
     ConvSpec,
     DenseSpec,
     Tile,
+    accumulator_vectors,
     conv_kernel,
     default_dense_tile,
     default_tile,
     dense_kernel,
 )
 from backends.tvm.lower import uses_conv_kernel, uses_dense_kernel
+from backends.tvm.target import vector_lanes
 from backends.tvm.threads import configure_threads
 from passes.ir.graph import Graph
 
@@ -70,13 +71,14 @@ def task_key(spec: Spec, target: tvm.target.Target) -> str:
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def extract_tasks(graph: Graph) -> list[TuneTask]:
-    """One task per distinct kernel spec, hottest (most FLOPs, all its nodes together) first."""
+def extract_tasks(graph: Graph, lanes: int = 16) -> list[TuneTask]:
+    """One task per distinct kernel spec (tiles sized for ``lanes``-wide vectors), hottest (most FLOPs, all its
+    nodes together) first."""
     from passes.core.stats import node_flops
 
     found: dict[Spec, list[str]] = {}
     for node in graph.topo_order():
-        spec = uses_conv_kernel(graph, node, "llvm") or uses_dense_kernel(graph, node, "llvm")
+        spec = uses_conv_kernel(graph, node, "llvm", lanes) or uses_dense_kernel(graph, node, "llvm", lanes)
         if spec is not None:
             found.setdefault(spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
@@ -91,21 +93,23 @@ def candidates(spec: Spec) -> list[Tile]:
     """Valid tiles for ``spec``: default first, then by accumulator count closest to the default's."""
     if isinstance(spec, DenseSpec):
         default = default_dense_tile(spec)
-        tiles = [Tile(1, r, c) for r in _divisors(spec.m, 8) for c in _divisors(spec.n, 4 * VECTOR_LANES)
-                 if r * -(-c // VECTOR_LANES) <= 24]
+        lanes, limit = spec.lanes, 3 * accumulator_vectors(spec.lanes) // 2
+        tiles = [Tile(1, r, c) for r in _divisors(spec.m, 8) for c in _divisors(spec.n, 4 * lanes)
+                 if r * -(-c // lanes) <= limit]
     else:
         default = default_tile(spec)
         _, oc, oh, ow = spec.out_shape
         row_scale, col_scale = spec.pool_stride if spec.pool else (1, 1)
         tiles = []
-        for ob in _divisors(oc, 2 * VECTOR_LANES):
+        lanes, limit = spec.lanes, 7 * accumulator_vectors(spec.lanes) // 4  # 28 on AVX-512, 21 on AVX2
+        for ob in _divisors(oc, 2 * lanes):
             for rows in _divisors(oh, 4):
-                for cols in _divisors(ow, 2 * VECTOR_LANES // col_scale):
+                for cols in _divisors(ow, 2 * lanes // col_scale):
                     if spec.channels_vectorized:
-                        vectors = rows * row_scale * cols * col_scale * -(-ob // VECTOR_LANES)
+                        vectors = rows * row_scale * cols * col_scale * -(-ob // lanes)
                     else:
-                        vectors = ob * rows * row_scale * -(-(cols * col_scale) // VECTOR_LANES)
-                    if 2 <= vectors <= 28:
+                        vectors = ob * rows * row_scale * -(-(cols * col_scale) // lanes)
+                    if 2 <= vectors <= limit:
                         tiles.append(Tile(ob, rows, cols))
 
     def accumulators(t: Tile) -> int:
@@ -283,7 +287,7 @@ def tune_graph(graph: Graph, target: tvm.target.Target, trials: int, database: s
     """Tune the graph's kernels; returns (best tile per spec from the database, report dict)."""
     start = time.perf_counter()
     db = Database(database)
-    tasks = extract_tasks(graph)
+    tasks = extract_tasks(graph, vector_lanes(target))
     work = plan(tasks, trials)
     todo = [(task, [t for t in tiles if t not in db.measured(task_key(task.spec, target))]) for task, tiles in work]
     runner = make_runner(rpc, timeout) if any(tiles for _, tiles in todo) else None
@@ -339,7 +343,7 @@ def tuned_tiles(graph: Graph, target: tvm.target.Target, database: str | os.Path
     """Best known tiles for the graph's kernels, from the database only (no measurement)."""
     db = Database(database)
     best = {}
-    for task in extract_tasks(graph):
+    for task in extract_tasks(graph, vector_lanes(target)):
         tile = db.best_tile(task_key(task.spec, target))
         if tile is not None:
             best[task.spec] = tile
