@@ -175,7 +175,7 @@ class Graph(nx.MultiDiGraph):
 
         Returns the single output ``Value``, or a tuple of them for multi-output ops (split, lstm...).
         """
-        from passes.ir.ops import get_op  # ops imports graph: resolve at call time
+        from passes.ir.ops import get_op  # at call time: the graph alone needs no torch
 
         opdef = get_op(op)
         operands = list(operands)
