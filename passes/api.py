@@ -167,7 +167,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     step = progress or (lambda message: None)
     from backends.tvm.module import build
     from passes.core.pipeline import Pipeline, make_instruments, resolve
-    from passes.core.stats import graph_flops, graph_params
+    from passes.ir.cost import graph_flops, graph_params
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()

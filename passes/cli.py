@@ -123,7 +123,7 @@ def cmd_run(args) -> int:
 
 def cmd_inspect(args) -> int:
     from passes.api import import_model
-    from passes.core.stats import graph_flops, graph_params, op_histogram
+    from passes.ir.cost import graph_flops, graph_params, op_histogram
 
     model, inputs = _model_and_inputs(args.model)
     graph = import_model(model, inputs)

@@ -71,7 +71,7 @@ def task_key(spec: Spec, target: tvm.target.Target) -> str:
 
 def extract_tasks(graph: Graph) -> list[TuneTask]:
     """One task per distinct kernel spec, hottest (most FLOPs, all its nodes together) first."""
-    from passes.core.stats import node_flops
+    from passes.ir.cost import node_flops
 
     found: dict[Spec, list[str]] = {}
     for node in graph.topo_order():
