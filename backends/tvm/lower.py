@@ -36,6 +36,7 @@ from backends.tvm.recurrent import (
     pack_integer_weights,
     recurrent_kernel,
 )
+from backends.tvm.target import Target, resolve_target
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.ops import activation_of
 
@@ -53,11 +54,22 @@ class LowerContext:
     bb: relax.BlockBuilder
     graph: Graph
     node: str
-    target_kind: str = "llvm"
-    cores: int = 1
+    target: Target
     tiles: Mapping[Any, Any] = field(default_factory=dict)  # kernel spec -> tuned Tile (backends.tvm.tune)
-    vnni: bool = False  # the CPU target has AVX-512 VNNI (integer kernels use vpdpbusd)
     nhwc: frozenset = frozenset()  # values held NHWC between our integer conv kernels (``nhwc_values``)
+
+    @property
+    def target_kind(self) -> str:
+        return self.target.kind
+
+    @property
+    def cores(self) -> int:
+        return self.target.cores
+
+    @property
+    def vnni(self) -> bool:
+        """The CPU target has AVX-512 VNNI (integer kernels use vpdpbusd)."""
+        return self.target.vnni
 
     @property
     def data(self) -> dict:
@@ -909,9 +921,11 @@ def missing_lowerings(graph: Graph) -> list[str]:
                    if d["op"] != "input" and d["op"] not in LOWERINGS})
 
 
-def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-                tiles: Mapping[Any, Any] | None = None, vnni: bool = False) -> tvm.IRModule:
-    """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
+def lower_graph(graph: Graph, target: Target | str | dict = "llvm", cores: int | None = None,
+                tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
+    """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``; ``cores`` overrides the
+    target's thread split (``resolve_target``)."""
+    target = resolve_target(target, cores)
     missing = missing_lowerings(graph)
     if missing:
         raise LoweringError("TVM backend has no lowering for: " + "; ".join(missing))
@@ -919,14 +933,14 @@ def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
     params = [relax.Var(name, relax.TensorType(t.shape, t.dtype))
               for name, t in zip(graph.inputs, graph.input_types())]
     env: dict[Value, relax.Expr] = {Value(n, 0): v for n, v in zip(graph.inputs, params)}
-    nhwc = nhwc_values(graph, target_kind)
+    nhwc = nhwc_values(graph, target.kind)
     with bb.function("main", params=params):
         with bb.dataflow():
             for node in graph.topo_order():
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {}, vnni, nhwc)
+                ctx = LowerContext(bb, graph, node, target, tiles or {}, nhwc)
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):
@@ -947,8 +961,8 @@ def check_types(graph: Graph, mod: tvm.IRModule) -> None:
                                 f"the IR says {expected}")
 
 
-def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-          tiles: Mapping[Any, Any] | None = None, vnni: bool = False) -> tvm.IRModule:
-    mod = lower_graph(graph, target_kind, cores, tiles, vnni)
+def lower(graph: Graph, target: Target | str | dict = "llvm", cores: int | None = None,
+          tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
+    mod = lower_graph(graph, target, cores, tiles)
     check_types(graph, mod)
     return mod

@@ -1,13 +1,20 @@
-"""Targets: ``"llvm"`` (this host's CPU, all cores) and ``"cuda"`` (default sm_90), as TVM JSON-dict targets."""
+"""Targets: ``"llvm"`` (this host's CPU, all cores) and ``"cuda"`` (default sm_90), as TVM JSON-dict targets.
+
+``resolve_target`` makes the backend's one ``Target`` object (kind, cpu, cores, CPU features, the TVM target) once
+per build; lowering, kernel selection and tuning read it instead of re-deriving pieces of it.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import tvm
 
 DEFAULT_CUDA_ARCH = "sm_90"
+# CPU features our kernels choose by (vector width, FMA, the int8 dot product vpdpbusd).
+FEATURES = ("avx2", "fma", "avx512f", "avx512vnni")
 
 
 def host_cpu() -> str:
@@ -42,3 +49,37 @@ def cpu_has(feature: str, target: Any = "llvm") -> bool:
 
     tvm_target = make_target(target)
     return tvm_target.kind.name == "llvm" and bool(target_has_features([feature], tvm_target))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the backend builds for, resolved once: ``kind`` ("llvm" | "cuda"), ``cpu`` (LLVM's mcpu, "" for cuda),
+    ``cores`` (threads our CPU kernels are split for; 1 for cuda), ``features`` (those of ``FEATURES`` the CPU has)
+    and ``tvm``, the ``tvm.target.Target`` that ``tvm.compile`` takes."""
+
+    tvm: tvm.target.Target
+    kind: str
+    cpu: str
+    cores: int
+    features: frozenset[str]
+
+    @property
+    def vnni(self) -> bool:
+        """AVX-512 VNNI: our integer kernels use vpdpbusd."""
+        return "avx512vnni" in self.features
+
+
+def resolve_target(target: str | dict | tvm.target.Target | Target = "llvm", cores: int | None = None) -> Target:
+    """The ``Target`` for a name (``"llvm"``, ``"cuda"``), a TVM target dict or object; ``cores`` overrides the
+    llvm target's ``num-cores`` (our kernels' thread split)."""
+    if isinstance(target, Target) and cores is None:
+        return target
+    tvm_target = make_target(target.tvm if isinstance(target, Target) else target)
+    kind = tvm_target.kind.name
+    if kind != "llvm":
+        return Target(tvm_target, kind, "", 1, frozenset())
+    from tvm.target.codegen import target_has_features
+
+    found = frozenset(f for f in FEATURES if target_has_features([f], tvm_target))
+    cores = cores if cores is not None else int(tvm_target.attrs.get("num-cores", 1))
+    return Target(tvm_target, kind, str(tvm_target.attrs.get("mcpu", "")), cores, found)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import tvm
+from tvm import tirx
 
 from backends.tvm.kernels import (
     VECTOR_LANES,
@@ -46,6 +47,7 @@ from backends.tvm.kernels import (
     dense_kernel,
 )
 from backends.tvm.lower import uses_conv_kernel, uses_dense_kernel
+from backends.tvm.target import Target
 from passes.ir.graph import Graph
 
 SCHEMA = 1
@@ -63,9 +65,10 @@ class TuneTask:
         return "dense" if isinstance(self.spec, DenseSpec) else ("conv2d_pool" if self.spec.pool else "conv2d")
 
 
-def task_key(spec: Spec, target: tvm.target.Target) -> str:
+def task_key(spec: Spec, target: Target | tvm.target.Target) -> str:
+    tvm_target = target.tvm if isinstance(target, Target) else target
     doc = {"schema": SCHEMA, "kind": type(spec).__name__, "spec": dataclasses.asdict(spec),
-           "target": str(target), "tvm": tvm.__version__}
+           "target": str(tvm_target), "tvm": tvm.__version__}
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -115,13 +118,14 @@ def candidates(spec: Spec) -> list[Tile]:
     return [default, *ordered]
 
 
-def build_candidate(task: TuneTask, tile: Tile, target: tvm.target.Target, cores: int) -> tvm.runtime.Module:
+def build_candidate(task: TuneTask, tile: Tile, target: Target) -> tuple[tvm.runtime.Executable, tirx.PrimFunc]:
+    """(the built library, its PrimFunc ``main``) of ``task``'s kernel with ``tile``."""
     if isinstance(task.spec, DenseSpec):
-        func = dense_kernel(task.spec, cores, tile)
+        func = dense_kernel(task.spec, target.cores, tile)
     else:
-        func = conv_kernel(task.spec, "llvm", tile)
+        func = conv_kernel(task.spec, target.kind, tile)
     func = func.with_attr("global_symbol", "main")
-    return tvm.compile(tvm.IRModule({"main": func}), target=target), func
+    return tvm.compile(tvm.IRModule({"main": func}), target=target.tvm), func
 
 
 def random_args(func, device) -> list:
@@ -275,8 +279,8 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def tune_graph(graph: Graph, target: tvm.target.Target, trials: int, database: str | os.PathLike,
-               rpc: str | None = None, timeout: float = 30.0, cores: int = 1, progress: bool = True,
+def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.PathLike,
+               rpc: str | None = None, timeout: float = 30.0, progress: bool = True,
                on_record: Callable[[dict], None] | None = None) -> tuple[dict[Spec, Tile], dict[str, Any]]:
     """Tune the graph's kernels; returns (best tile per spec from the database, report dict)."""
     start = time.perf_counter()
@@ -292,7 +296,7 @@ def tune_graph(graph: Graph, target: tvm.target.Target, trials: int, database: s
         built = []
         for tile in tiles:
             try:
-                built.append((tile, *build_candidate(task, tile, target, cores)))
+                built.append((tile, *build_candidate(task, tile, target)))
             except Exception as exc:  # an invalid tile for this shape: record it so it is never retried
                 db.append({"key": key, "tile": dataclasses.asdict(tile), "ms": None, "error": str(exc)[:200]})
                 failures += 1
@@ -333,7 +337,7 @@ def _best_ms(db: Database, key: str) -> float | None:
     return min(measured) if measured else None
 
 
-def tuned_tiles(graph: Graph, target: tvm.target.Target, database: str | os.PathLike) -> dict[Spec, Tile]:
+def tuned_tiles(graph: Graph, target: Target, database: str | os.PathLike) -> dict[Spec, Tile]:
     """Best known tiles for the graph's kernels, from the database only (no measurement)."""
     db = Database(database)
     best = {}
