@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, dense_spec, supports
+from backends.tvm.kernels import ConvSpec, conv_kernel, dense_kernel, dense_spec, supports
 from backends.tvm.qdynamic import DEPTH, dense_layout, dynamic_dense_kernel, pack_int8
 from backends.tvm.qkernels import (
     QConvSpec,
@@ -35,6 +35,14 @@ from backends.tvm.recurrent import (
     integer_recurrent_kernel,
     pack_integer_weights,
     recurrent_kernel,
+)
+from backends.tvm.select import (
+    conv_spec_of,
+    is_depthwise,
+    nhwc_values,
+    uses_conv_kernel,
+    uses_dense_kernel,
+    uses_integer_kernel,
 )
 from backends.tvm.target import Target, resolve_target
 from passes.ir.graph import Graph, IRError, TensorType, Value
@@ -129,50 +137,6 @@ def _channel_bias(ctx: LowerContext, y: relax.Expr, bias: np.ndarray | None, ran
 @lowering("constant")
 def _constant(ctx, xs):
     return ctx.const(ctx.params["value"])
-
-
-def conv_spec_of(graph: Graph, node: str) -> ConvSpec:
-    """The kernel spec of a conv2d / conv2d_pool node (also what the tuner tunes, so the keys agree)."""
-    d = graph.nodes[node]
-    a, p = d["attrs"], d["params"]
-    operands = graph.operands(node)
-    return ConvSpec(in_shape=graph.value_type(operands[0]).shape, weight_shape=tuple(p["weight"].shape),
-                    stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
-                    has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
-                    residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
-                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype)
-
-
-KERNEL_DTYPES = ("float32", "bfloat16", "float16")  # our kernels store these and accumulate in fp32
-
-
-def _kernel_dtype(graph: Graph, node: str) -> bool:
-    """The node's float operands and params all have one dtype our kernels take (mixed-precision graphs)."""
-    d = graph.nodes[node]
-    dtypes = {graph.value_type(v).dtype for v in graph.operands(node)}
-    dtypes |= {str(p.dtype) for k, p in d["params"].items() if k in ("weight", "bias")}
-    return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
-
-
-def uses_conv_kernel(graph: Graph, node: str, target_kind: str) -> ConvSpec | None:
-    """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d, any conv2d_pool)."""
-    d = graph.nodes[node]
-    if d["op"] not in ("conv2d", "conv2d_pool") or not _kernel_dtype(graph, node):
-        return None
-    if d["op"] == "conv2d" and target_kind != "llvm":
-        return None
-    spec = conv_spec_of(graph, node)
-    return spec if supports(spec) else None
-
-
-def uses_dense_kernel(graph: Graph, node: str, target_kind: str) -> DenseSpec | None:
-    """The spec when a ``linear`` node lowers to our dense kernel on ``target_kind`` (CPU; the tuner asks too)."""
-    d = graph.nodes[node]
-    if d["op"] != "linear" or target_kind != "llvm" or not _kernel_dtype(graph, node):
-        return None
-    x = graph.value_type(graph.operands(node)[0])
-    return dense_spec(x.shape, d["params"]["weight"].shape, "bias" in d["params"], d["attrs"]["activation"],
-                      d["attrs"]["activation_params"], x.dtype)
 
 
 def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
@@ -521,40 +485,6 @@ def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int, residual:
     shifted = R.add(R.right_shift(scaled, ctx.const(shift)), int64(ctx.attrs["output_zero_point"]))
     clamped = R.minimum(R.maximum(shifted, int64(ctx.attrs["out_min"])), int64(ctx.attrs["out_max"]))
     return ctx.emit(R.astype(clamped, ctx.attrs["out_dtype"]))
-
-
-def is_depthwise(graph: Graph, node: str) -> bool:
-    """A ``qconv2d`` with one group per channel (groups = C = OC) and no fused residual."""
-    data = graph.nodes[node]
-    channels = graph.value_type(graph.operands(node)[0]).shape[1]
-    return (data["op"] == "qconv2d" and data["attrs"]["groups"] == channels == data["params"]["weight"].shape[0]
-            and channels > 1 and len(graph.operands(node)) == 1)
-
-
-def uses_integer_kernel(graph: Graph, node: str, target_kind: str) -> bool:
-    """Whether ``qconv2d``/``qlinear`` lowers to our kernels (``qkernels.py``: dense-reduction or depthwise) rather
-    than Relax integer ops (other grouped convs, cuda)."""
-    data = graph.nodes[node]
-    return target_kind == "llvm" and (data["op"] == "qlinear" or (data["op"] == "qconv2d" and (
-        data["attrs"]["groups"] == 1 or is_depthwise(graph, node))))
-
-
-def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:
-    """Integer conv outputs that only our integer conv kernels read (as input or fused residual): those stay NHWC
-    in memory. The graph's semantics are NCHW; between two of our kernels NHWC is the better layout: the
-    producer's epilogue stores 16 channels of a pixel as one contiguous vector, and the consumer's padding stage
-    (``qkernels.qconv_compute``) copies channel vectors instead of gathering each pixel's channels across planes."""
-    def reads_nhwc(user: str) -> bool:  # as its input or its fused residual
-        return graph.nodes[user]["op"] == "qconv2d" and uses_integer_kernel(graph, user, target_kind)
-
-    chosen = set()
-    for node in graph.op_nodes("qconv2d"):
-        value = Value(node, 0)
-        users = graph.users(value)
-        if (uses_integer_kernel(graph, node, target_kind) and users and not graph.is_graph_output(value)
-                and all(reads_nhwc(user) for user, _ in users)):
-            chosen.add(value)
-    return frozenset(chosen)
 
 
 @lowering("qconv2d", "qlinear")

@@ -46,7 +46,7 @@ from backends.tvm.kernels import (
     default_tile,
     dense_kernel,
 )
-from backends.tvm.lower import uses_conv_kernel, uses_dense_kernel
+from backends.tvm.select import uses_conv_kernel, uses_dense_kernel
 from backends.tvm.target import Target
 from passes.ir.graph import Graph
 
