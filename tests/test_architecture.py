@@ -68,3 +68,8 @@ def test_no_import_cycle_in_the_ir():
                        for imported in _module_imports(path) if imported in modules)
     with pytest.raises(nx.NetworkXNoCycle):
         nx.find_cycle(edges)
+
+
+def test_tuning_does_not_import_the_lowerer():
+    """Kernel choices live in select.py, which lowering and tuning both read: the tuner never asks the lowerer."""
+    assert "backends.tvm.lower" not in _module_imports(ROOT / "backends/tvm/tune.py")

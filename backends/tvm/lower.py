@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm.kernels import ConvSpec, conv_kernel, dense_kernel, dense_spec, supports
+from backends.tvm.kernels import ConvSpec, conv_kernel, dense_kernel, dense_spec
 from backends.tvm.qdynamic import DEPTH, dense_layout, dynamic_dense_kernel, pack_int8
 from backends.tvm.qkernels import (
     QConvSpec,
@@ -37,12 +37,11 @@ from backends.tvm.recurrent import (
     recurrent_kernel,
 )
 from backends.tvm.select import (
+    Choice,
+    Selection,
     conv_spec_of,
-    is_depthwise,
-    nhwc_values,
-    uses_conv_kernel,
-    uses_dense_kernel,
-    uses_integer_kernel,
+    nhwc_values,  # noqa: F401 (re-exported: tests read the layout decision here)
+    select_kernels,
 )
 from backends.tvm.target import Target, resolve_target
 from passes.ir.graph import Graph, IRError, TensorType, Value
@@ -63,8 +62,8 @@ class LowerContext:
     graph: Graph
     node: str
     target: Target
+    selection: Selection  # which kernel lowers each node (``select.select_kernels``)
     tiles: Mapping[Any, Any] = field(default_factory=dict)  # kernel spec -> tuned Tile (backends.tvm.tune)
-    nhwc: frozenset = frozenset()  # values held NHWC between our integer conv kernels (``nhwc_values``)
 
     @property
     def target_kind(self) -> str:
@@ -78,6 +77,16 @@ class LowerContext:
     def vnni(self) -> bool:
         """The CPU target has AVX-512 VNNI (integer kernels use vpdpbusd)."""
         return self.target.vnni
+
+    @property
+    def choice(self) -> Choice:
+        """The kernel chosen for this node."""
+        return self.selection[self.node]
+
+    @property
+    def nhwc(self) -> frozenset[Value]:
+        """Values held NHWC between our integer conv kernels (``select.nhwc_values``)."""
+        return self.selection.nhwc
 
     @property
     def data(self) -> dict:
@@ -156,19 +165,18 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
     """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
-    spec = conv_spec_of(ctx.graph, ctx.node)
-    if not supports(spec):
+    if ctx.choice.kernel != "conv":
+        spec = conv_spec_of(ctx.graph, ctx.node)
         raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r}")
-    return call_conv_kernel(ctx, xs[0], spec)
+    return call_conv_kernel(ctx, xs[0], ctx.choice.spec)
 
 
 @lowering("conv1d", "conv2d")
 def _conv(ctx, xs):
     a, p = ctx.attrs, ctx.params
     nd = len(a["stride"])
-    spec = uses_conv_kernel(ctx.graph, ctx.node, ctx.target_kind) if nd == 2 else None
-    if spec is not None:
-        return call_conv_kernel(ctx, xs[0], spec, xs[1] if len(xs) > 1 else None)
+    if ctx.choice.kernel == "conv":
+        return call_conv_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
@@ -234,7 +242,7 @@ def _lrn(ctx, xs):
 
 @lowering("linear")
 def _linear(ctx, xs):
-    if uses_dense_kernel(ctx.graph, ctx.node, ctx.target_kind) is not None:
+    if ctx.choice.kernel == "dense":
         return call_dense_kernel(ctx, xs[0], ctx.in_type(0).shape, ctx.params["weight"], ctx.params.get("bias"),
                                  ctx.attrs["activation"], ctx.attrs["activation_params"], ctx.in_type(0).dtype)
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
@@ -365,7 +373,7 @@ def _pool(ctx, xs):
     else:
         kwargs["count_include_pad"] = a["count_include_pad"]
     dtype = ctx.in_type(0).dtype
-    if kind == "max" and dtype in ("uint8", "int8") and nd == 2 and ctx.target_kind == "llvm":
+    if ctx.choice.kernel == "integer_max_pool":
         return _integer_max_pool2d(ctx, xs[0])
     if kind == "max" and dtype in ("uint8", "int8"):  # LLVM scalarizes an 8-bit max pool; in float (exact) not
         y = ctx.emit(R.astype(fn(R.astype(xs[0], "float32"), **kwargs), dtype))
@@ -496,10 +504,10 @@ def _integer_layer(ctx, xs):
     if a["out_dtype"] not in ("uint8", "int8"):
         raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8 or int8)")
     is_conv = ctx.data["op"] == "qconv2d"
-    if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind):
+    if ctx.choice.kernel in ("integer", "depthwise"):
         spec = _integer_spec(ctx)
         weight = p["weight"] if is_conv else p["weight"][:, :, None, None]
-        if is_depthwise(ctx.graph, ctx.node):
+        if ctx.choice.kernel == "depthwise":
             func, packed = depthwise_kernel(spec, ctx.cores), pack_depthwise_weight(weight)
             name = f"qconv2d_depthwise_{ctx.node}"
         else:
@@ -676,7 +684,7 @@ def _recurrent(ctx, xs):
     Per layer and direction the input projection of all time steps is ONE matmul ((T*B, I) x (I, G*H)); each
     step then adds ``h W_hh^T`` and applies the gate math. Weights are transposed once, here.
     """
-    if ctx.target_kind == "llvm":
+    if ctx.choice.kernel == "recurrent":
         return _recurrent_kernels(ctx, xs)
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
@@ -803,7 +811,7 @@ def _dynamic_recurrent(ctx, xs):
     """CPU: per layer, the input projection of both directions as one ``dynamic_dense`` (x quantized per tensor,
     the two directions' W_ih stacked, gate rows padded to 16) and one ``integer_recurrent_kernel`` call (h
     quantized per row each step, the product in int32: vpdpbusd on VNNI CPUs)."""
-    if ctx.target_kind != "llvm":
+    if ctx.choice.kernel != "integer_recurrent":
         raise ctx.fail("dynamic int8 RNNs lower for llvm (CPU) only; run quantize{mode=dynamic} for CPU targets")
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"][1:-len("_dynamic")]
@@ -863,14 +871,14 @@ def lower_graph(graph: Graph, target: Target | str | dict = "llvm", cores: int |
     params = [relax.Var(name, relax.TensorType(t.shape, t.dtype))
               for name, t in zip(graph.inputs, graph.input_types())]
     env: dict[Value, relax.Expr] = {Value(n, 0): v for n, v in zip(graph.inputs, params)}
-    nhwc = nhwc_values(graph, target.kind)
+    selection = select_kernels(graph, target.kind)
     with bb.function("main", params=params):
         with bb.dataflow():
             for node in graph.topo_order():
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target, tiles or {}, nhwc)
+                ctx = LowerContext(bb, graph, node, target, selection, tiles or {})
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):

@@ -1,9 +1,14 @@
-"""Kernel selection: which kernel lowers each node on a target (our conv / dense / integer kernels or Relax ops).
+"""Kernel selection: which kernel lowers each node on a target (our conv / dense / integer / recurrent kernels or
+Relax ops), decided once per graph (``select_kernels``).
 
-Lowering and tuning both read these decisions, so the tuner tunes exactly the kernels the build will use.
+Lowering and tuning both read these decisions, so the tuner tunes exactly the kernels the build will use and
+neither asks the other.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
 from passes.ir.graph import Graph, Value
@@ -85,3 +90,61 @@ def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:
                 and all(reads_nhwc(user) for user, _ in users)):
             chosen.add(value)
     return frozenset(chosen)
+
+
+RECURRENT_OPS = ("lstm", "gru", "rnn")
+DYNAMIC_RECURRENT_OPS = ("qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool;
+    ``dense``: ``kernels.dense_kernel``; ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``:
+    ``qkernels.depthwise_kernel``; ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel;
+    ``integer_recurrent``: the dynamic int8 RNNs) or ``relax`` (TVM's Relax ops, scheduled by ``schedule.py``).
+    ``spec``: the conv/dense kernel's spec, which is also its tuning task."""
+
+    kernel: str
+    spec: ConvSpec | DenseSpec | None = None
+
+
+RELAX = Choice("relax")
+
+
+def choose(graph: Graph, node: str, target_kind: str) -> Choice:
+    """The kernel that lowers ``node`` on ``target_kind`` ("llvm" | "cuda")."""
+    data = graph.nodes[node]
+    op = data["op"]
+    spec = uses_conv_kernel(graph, node, target_kind) or uses_dense_kernel(graph, node, target_kind)
+    if spec is not None:
+        return Choice("dense" if isinstance(spec, DenseSpec) else "conv", spec)
+    if uses_integer_kernel(graph, node, target_kind):
+        return Choice("depthwise" if is_depthwise(graph, node) else "integer")
+    if target_kind != "llvm":
+        return RELAX
+    if op in RECURRENT_OPS:
+        return Choice("recurrent")
+    if op in DYNAMIC_RECURRENT_OPS:
+        return Choice("integer_recurrent")
+    if op == "max_pool2d" and graph.value_type(graph.operands(node)[0]).dtype in ("uint8", "int8"):
+        return Choice("integer_max_pool")  # LLVM scalarizes an 8-bit max pool written as Relax ops
+    return RELAX
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Every node's ``Choice`` on one target, decided once per graph, and the values our integer conv kernels
+    hand each other in NHWC (``nhwc_values``)."""
+
+    target_kind: str
+    choices: Mapping[str, Choice]
+    nhwc: frozenset[Value]
+
+    def __getitem__(self, node: str) -> Choice:
+        return self.choices[node]
+
+
+def select_kernels(graph: Graph, target_kind: str) -> Selection:
+    choices = {node: choose(graph, node, target_kind) for node in graph.topo_order()
+               if graph.nodes[node]["op"] != "input"}
+    return Selection(target_kind, choices, nhwc_values(graph, target_kind))

@@ -46,8 +46,8 @@ from backends.tvm.kernels import (
     default_tile,
     dense_kernel,
 )
-from backends.tvm.select import uses_conv_kernel, uses_dense_kernel
-from backends.tvm.target import Target
+from backends.tvm.select import select_kernels
+from backends.tvm.target import Target, resolve_target
 from passes.ir.graph import Graph
 
 SCHEMA = 1
@@ -72,15 +72,15 @@ def task_key(spec: Spec, target: Target | tvm.target.Target) -> str:
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def extract_tasks(graph: Graph) -> list[TuneTask]:
-    """One task per distinct kernel spec, hottest (most FLOPs, all its nodes together) first."""
+def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]:
+    """One task per distinct conv/dense kernel spec that ``select.select_kernels`` chose on ``target``, hottest
+    (most FLOPs, all its nodes together) first."""
     from passes.ir.cost import node_flops
 
     found: dict[Spec, list[str]] = {}
-    for node in graph.topo_order():
-        spec = uses_conv_kernel(graph, node, "llvm") or uses_dense_kernel(graph, node, "llvm")
-        if spec is not None:
-            found.setdefault(spec, []).append(node)
+    for node, choice in select_kernels(graph, resolve_target(target).kind).choices.items():
+        if choice.spec is not None:
+            found.setdefault(choice.spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
     return sorted(tasks, key=lambda t: -t.flops)
 
@@ -285,7 +285,7 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
     """Tune the graph's kernels; returns (best tile per spec from the database, report dict)."""
     start = time.perf_counter()
     db = Database(database)
-    tasks = extract_tasks(graph)
+    tasks = extract_tasks(graph, target)
     work = plan(tasks, trials)
     todo = [(task, [t for t in tiles if t not in db.measured(task_key(task.spec, target))]) for task, tiles in work]
     runner = make_runner(rpc, timeout) if any(tiles for _, tiles in todo) else None
@@ -341,7 +341,7 @@ def tuned_tiles(graph: Graph, target: Target, database: str | os.PathLike) -> di
     """Best known tiles for the graph's kernels, from the database only (no measurement)."""
     db = Database(database)
     best = {}
-    for task in extract_tasks(graph):
+    for task in extract_tasks(graph, target):
         tile = db.best_tile(task_key(task.spec, target))
         if tile is not None:
             best[task.spec] = tile
