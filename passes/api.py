@@ -24,8 +24,9 @@ ARTIFACT_FORMAT = "passes-artifact/1"
 
 @dataclass(frozen=True)
 class Tune:
-    """Autotuning request: ``trials`` meta-schedule trials in total, records kept in ``database`` (a folder),
-    candidates measured locally or through a TVM RPC tracker ``rpc="host:port:key"``."""
+    """Autotuning request: ``trials`` trials of our kernel tile search in total (``backends/tvm/tune.py``, not
+    meta-schedule), records kept in ``database`` (a folder), candidates measured locally or through a TVM RPC
+    tracker ``rpc="host:port:key"``; ``progress``: a tqdm bar on a terminal."""
 
     trials: int = 0
     database: str = "~/.cache/passes/tuning"

@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -48,6 +47,7 @@ from backends.tvm.kernels import (
 )
 from backends.tvm.select import select_kernels
 from backends.tvm.target import Target, resolve_target
+from passes.core.progress import progress_bar
 from passes.ir.graph import Graph
 
 SCHEMA = 1
@@ -260,25 +260,6 @@ def plan(tasks: list[TuneTask], trials: int) -> list[tuple[TuneTask, list[Tile]]
     return planned
 
 
-class Progress:
-    """One self-overwriting stderr line: trials done, current task, best latency so far."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled and total > 0
-
-    def update(self, task: TuneTask, index: int, count: int, best: float | None) -> None:
-        self.done += 1
-        if self.enabled:
-            best_text = f"{best:.3f} ms" if best is not None else "-"
-            sys.stderr.write(f"\r[tune] {self.done}/{self.total} trials | task {index}/{count} {task.kind} "
-                             f"{task.spec.out_shape if hasattr(task.spec, 'out_shape') else ''} | best {best_text}   ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
 def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.PathLike,
                rpc: str | None = None, timeout: float = 30.0, progress: bool = True,
                on_record: Callable[[dict], None] | None = None) -> tuple[dict[Spec, Tile], dict[str, Any]]:
@@ -289,7 +270,7 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
     work = plan(tasks, trials)
     todo = [(task, [t for t in tiles if t not in db.measured(task_key(task.spec, target))]) for task, tiles in work]
     runner = make_runner(rpc, timeout) if any(tiles for _, tiles in todo) else None
-    bar = Progress(sum(len(t) for _, t in todo), progress)
+    bar = progress_bar(enabled=progress, desc="tune", total=sum(len(t) for _, t in todo), unit="trial")
     new_trials, failures = 0, 0
     for index, (task, tiles) in enumerate(todo, 1):
         key = task_key(task.spec, target)
@@ -300,7 +281,7 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
             except Exception as exc:  # an invalid tile for this shape: record it so it is never retried
                 db.append({"key": key, "tile": dataclasses.asdict(tile), "ms": None, "error": str(exc)[:200]})
                 failures += 1
-                bar.update(task, index, len(todo), _best_ms(db, key))
+                _advance(bar, task, index, len(todo), _best_ms(db, key))
 
         def measure(item):
             tile, lib, func = item
@@ -318,7 +299,7 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
                     on_record(record)
                 new_trials += 1
                 failures += error is not None
-                bar.update(task, index, len(todo), _best_ms(db, key))
+                _advance(bar, task, index, len(todo), _best_ms(db, key))
     bar.close()
     best = {}
     for task in tasks:
@@ -330,6 +311,14 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
               "runner": runner.name if runner else "none (all planned trials already in the database)",
               "seconds": round(time.perf_counter() - start, 2)}
     return best, report
+
+
+def _advance(bar, task: TuneTask, index: int, count: int, best: float | None) -> None:
+    """One trial done: the bar shows the current task and the best latency so far."""
+    shape = getattr(task.spec, "out_shape", "")
+    bar.set_postfix_str(f"task {index}/{count} {task.kind} {shape} | best {'-' if best is None else f'{best:.3f} ms'}",
+                        refresh=False)
+    bar.update()
 
 
 def _best_ms(db: Database, key: str) -> float | None:

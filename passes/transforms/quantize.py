@@ -404,7 +404,7 @@ class Quantize(Pass):
             raise PassError(f"quantize needs calibration inputs for {len(accepted)} layers of {graph.name!r}: "
                             "pass data=[(x,), ...] to optimize() or --data NPZ to the CLI")
         else:
-            plans = self._static_plans(graph, accepted, batches, decide)
+            plans = self._static_plans(graph, accepted, batches, decide, progress=ctx.progress is not None)
         if self.metric is not None and plans:
             plans = self._accuracy_search(graph, float_graph, plans, items, decide)
         apply_plans(graph, plans)
@@ -456,11 +456,11 @@ class Quantize(Pass):
         decide.stats["metric_final_milli"] = round(1000 * final)
         return [plan for plan in plans if plan.node not in kept]
 
-    def _static_plans(self, graph: Graph, accepted: list[str], batches: list[tuple], decide: Decisions
-                      ) -> list[LayerPlan]:
+    def _static_plans(self, graph: Graph, accepted: list[str], batches: list[tuple], decide: Decisions,
+                      progress: bool = False) -> list[LayerPlan]:
         """Calibrate every accepted layer's input and output, then build its integer form (or refuse it)."""
         values = list(dict.fromkeys(v for node in accepted for v in (graph.operands(node)[0], Value(node, 0))))
-        seen = observe(graph, values, batches, self.observer)
+        seen = observe(graph, values, batches, self.observer, progress=progress)
         qparams = {v: affine_params(*clipping_range(seen[v], self.observer, self.percentile), QMIN, QMAX)
                    for v in values}
         plans = []
