@@ -4,6 +4,8 @@ elsewhere unrolled Relax) and their dynamic int8 forms ``qlstm_dynamic``/``qgru_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from tvm import relax
 from tvm.relax import op as R
@@ -54,6 +56,56 @@ def _rnn_cell(kind: str, nonlinearity: str):
     return {"lstm": lstm, "gru": gru, "rnn": rnn}[kind]
 
 
+@dataclass(frozen=True)
+class _Layers:
+    """What every recurrent lowering derives first: sizes, the time-major input ``x`` and the initial states."""
+
+    ctx: LowerContext
+    xs: list[relax.Expr]
+    kind: str
+    hidden: int
+    layers: int
+    directions: int
+    steps: int
+    batch: int
+    x: relax.Expr
+
+    @staticmethod
+    def of(ctx: LowerContext, xs: list[relax.Expr], kind: str) -> _Layers:
+        a = ctx.attrs
+        x = ctx.emit(R.permute_dims(xs[0], [1, 0, 2])) if a["batch_first"] else xs[0]
+        steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
+        return _Layers(ctx, xs, kind, a["hidden_size"], a["num_layers"], 2 if a["bidirectional"] else 1, steps,
+                       batch, x)
+
+    def suffixes(self, layer: int) -> list[str]:
+        """Param name suffixes of ``layer``'s directions (torch's ``_l0``, ``_l0_reverse``)."""
+        return [f"_l{layer}" + ("_reverse" if d else "") for d in range(self.directions)]
+
+    @property
+    def state_type(self) -> relax.TensorType:
+        return relax.TensorType((self.directions, self.batch, self.hidden), "float32")
+
+    def initial(self, slot: int, layer: int, direction: int | None = None) -> relax.Expr:
+        """Operand ``slot``'s (h0: 1, c0: 2) initial state of ``layer``: (D, B, H), or (B, H) of one ``direction``;
+        zeros when the operand is absent."""
+        ctx, d = self.ctx, self.directions
+        shape = (d, self.batch, self.hidden) if direction is None else (self.batch, self.hidden)
+        if len(self.xs) <= slot:
+            return ctx.const(np.zeros(shape, np.float32))
+        begin = layer * d + (direction or 0)
+        end = begin + (d if direction is None else 1)
+        state = ctx.emit(R.strided_slice(self.xs[slot], axes=[0], begin=[begin], end=[end]))
+        return state if direction is None else ctx.emit(R.reshape(state, shape))
+
+    def outputs(self, x: relax.Expr, final_h: list, final_c: list):
+        """(y, h_n[, c_n]) from the last layer's time-major output and every layer's (D, B, H) final states."""
+        ctx = self.ctx
+        y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if ctx.attrs["batch_first"] else x
+        stack = lambda states: states[0] if len(states) == 1 else ctx.emit(R.concat(states, axis=0))  # noqa: E731
+        return (y, stack(final_h)) if self.kind != "lstm" else (y, stack(final_h), stack(final_c))
+
+
 @lowering("lstm", "gru", "rnn")
 def _recurrent(ctx, xs):
     """Multi-layer, bidirectional RNNs, unrolled over the static sequence length.
@@ -66,27 +118,13 @@ def _recurrent(ctx, xs):
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
     cell = _rnn_cell(kind, a.get("nonlinearity", "tanh"))
-    hidden, layers = a["hidden_size"], a["num_layers"]
-    directions = 2 if a["bidirectional"] else 1
-    x = xs[0]
-    if a["batch_first"]:
-        x = ctx.emit(R.permute_dims(x, [1, 0, 2]))
-    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
-    h0 = xs[1] if len(xs) > 1 else None
-    c0 = xs[2] if len(xs) > 2 else None
-
-    def initial(state, index):
-        if state is None:
-            return ctx.const(np.zeros((batch, hidden), np.float32))
-        return ctx.emit(R.reshape(R.strided_slice(state, axes=[0], begin=[index], end=[index + 1]),
-                                  (batch, hidden)))
-
+    rnn = _Layers.of(ctx, xs, kind)
+    steps, batch, x = rnn.steps, rnn.batch, rnn.x
     final_h, final_c = [], []
-    for layer in range(layers):
+    for layer in range(rnn.layers):
         outputs = []
         features = ctx.emit(R.reshape(x, (steps * batch, -1)))
-        for direction in range(directions):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
+        for direction, suffix in enumerate(rnn.suffixes(layer)):
             w_ih, w_hh = p["weight_ih" + suffix], p["weight_hh" + suffix]
             b_ih = p.get("bias_ih" + suffix) if a["bias"] else None
             b_hh = p.get("bias_hh" + suffix) if a["bias"] else None
@@ -98,8 +136,7 @@ def _recurrent(ctx, xs):
             per_step = ctx.emit(R.split(ctx.emit(R.reshape(xp, (steps, batch, -1))), steps, axis=0))
             w_hh_t = ctx.const(np.ascontiguousarray(w_hh.T))
             b_hh_c = None if b_hh is None else ctx.const(b_hh)
-            index = layer * directions + direction
-            h, c = initial(h0, index), initial(c0, index)
+            h, c = rnn.initial(1, layer, direction), rnn.initial(2, layer, direction)
             hs = [None] * steps
             order = range(steps - 1, -1, -1) if direction else range(steps)
             for t in order:
@@ -109,31 +146,9 @@ def _recurrent(ctx, xs):
             outputs.append(ctx.emit(R.concat([R.expand_dims(h_t, 0) for h_t in hs], axis=0)))
             final_h.append(h)
             final_c.append(c)
-        x = outputs[0] if directions == 1 else ctx.emit(R.concat(outputs, axis=-1))
-    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if a["batch_first"] else x
-    h_n = ctx.emit(R.concat([R.expand_dims(h, 0) for h in final_h], axis=0))
-    if kind != "lstm":
-        return y, h_n
-    return y, h_n, ctx.emit(R.concat([R.expand_dims(c, 0) for c in final_c], axis=0))
-
-
-def _initial_states(ctx: LowerContext, xs: list[relax.Expr], directions: int, batch: int, hidden: int):
-    """``initial(slot, layer)``: the (D, B, H) slice of operand ``slot`` (h0: 1, c0: 2) for ``layer``, or zeros."""
-
-    def initial(slot: int, layer: int) -> relax.Expr:
-        if len(xs) <= slot:
-            return ctx.const(np.zeros((directions, batch, hidden), np.float32))
-        return ctx.emit(R.strided_slice(xs[slot], axes=[0], begin=[layer * directions],
-                                        end=[(layer + 1) * directions]))
-
-    return initial
-
-
-def _layer_outputs(ctx: LowerContext, kind: str, x: relax.Expr, final_h: list, final_c: list, batch_first: bool):
-    """(y, h_n[, c_n]) from the last layer's time-major output and every layer's (D, B, H) final states."""
-    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if batch_first else x
-    stack = lambda states: states[0] if len(states) == 1 else ctx.emit(R.concat(states, axis=0))  # noqa: E731
-    return (y, stack(final_h)) if kind != "lstm" else (y, stack(final_h), stack(final_c))
+        x = outputs[0] if rnn.directions == 1 else ctx.emit(R.concat(outputs, axis=-1))
+    expand = lambda states: [ctx.emit(R.expand_dims(s, 0)) for s in states]  # noqa: E731  (B, H) -> (1, B, H)
+    return rnn.outputs(x, expand(final_h), expand(final_c) if kind == "lstm" else [])
 
 
 def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
@@ -141,20 +156,12 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
     (the whole time loop, directions in parallel)."""
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
-    hidden, layers = a["hidden_size"], a["num_layers"]
-    directions = 2 if a["bidirectional"] else 1
-    gates = GATES[kind] * hidden
-    x = xs[0]
-    if a["batch_first"]:
-        x = ctx.emit(R.permute_dims(x, [1, 0, 2]))
-    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
-    state_type = relax.TensorType((directions, batch, hidden), "float32")
-    zeros = np.zeros(gates, np.float32)
-
-    initial = _initial_states(ctx, xs, directions, batch, hidden)
+    rnn = _Layers.of(ctx, xs, kind)
+    hidden, directions, steps, batch, x = rnn.hidden, rnn.directions, rnn.steps, rnn.batch, rnn.x
+    zeros = np.zeros(GATES[kind] * hidden, np.float32)
     final_h, final_c = [], []
-    for layer in range(layers):
-        suffixes = [f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
+    for layer in range(rnn.layers):
+        suffixes = rnn.suffixes(layer)
         w_ih = np.concatenate([p["weight_ih" + s] for s in suffixes])
         b_ih = [p.get("bias_ih" + s, zeros) if a["bias"] else zeros for s in suffixes]
         b_hh = [p.get("bias_hh" + s, zeros) if a["bias"] else zeros for s in suffixes]
@@ -167,12 +174,12 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
         gv = ctx.bb.add_func(func, name)
         w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
         b_hh_rows = np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1))
-        args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), initial(1, layer),
-                initial(2, layer)]
-        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), state_type)
+        args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), rnn.initial(1, layer),
+                rnn.initial(2, layer)]
+        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), rnn.state_type)
         final_h.append(h_n)
         final_c.append(c_n)
-    return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
+    return rnn.outputs(x, final_h, final_c)
 
 
 def _call_recurrent_kernel(ctx: LowerContext, gv: relax.GlobalVar, args: list, y_shape: tuple[int, ...],
@@ -192,12 +199,9 @@ def _dynamic_recurrent(ctx, xs):
         raise ctx.fail("dynamic int8 RNNs lower for llvm (CPU) only; run quantize{mode=dynamic} for CPU targets")
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"][1:-len("_dynamic")]
-    hidden, layers = a["hidden_size"], a["num_layers"]
-    directions = 2 if a["bidirectional"] else 1
+    rnn = _Layers.of(ctx, xs, kind)
+    hidden, directions, steps, batch, x = rnn.hidden, rnn.directions, rnn.steps, rnn.batch, rnn.x
     gates, (padded_gates, _, _) = GATES[kind] * hidden, integer_layout(kind, hidden)
-    x = ctx.emit(R.permute_dims(xs[0], [1, 0, 2])) if a["batch_first"] else xs[0]
-    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
-    state_type = relax.TensorType((directions, batch, hidden), "float32")
 
     def padded(rows: np.ndarray, fill: float = 0) -> np.ndarray:
         """Gate rows (first axis) padded to padded_gates."""
@@ -205,11 +209,10 @@ def _dynamic_recurrent(ctx, xs):
         out[:gates] = rows
         return out
 
-    initial = _initial_states(ctx, xs, directions, batch, hidden)
     zeros = np.zeros(gates, np.float32)
     final_h, final_c = [], []
-    for layer in range(layers):
-        suffixes = [f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
+    for layer in range(rnn.layers):
+        suffixes = rnn.suffixes(layer)
         bias = {k: [p.get(f"bias_{k}{s}", zeros) if a["bias"] else zeros for s in suffixes] for k in ("ih", "hh")}
         xp = dynamic_dense(ctx, x, np.concatenate([padded(p["weight_ih" + s]) for s in suffixes]),
                            np.concatenate([padded(p["scale_ih" + s], 1) for s in suffixes]),
@@ -223,8 +226,9 @@ def _dynamic_recurrent(ctx, xs):
         packed, row_sums = pack_integer_weights(kind, [p["weight_hh" + s] for s in suffixes])
         args = [xp, ctx.const(packed, "int8"), ctx.const(row_sums, "int32"),
                 ctx.const(np.stack([padded(p["scale_hh" + s], 1) for s in suffixes]), "float32"),
-                ctx.const(np.stack([padded(b) for b in bias["hh"]]), "float32"), initial(1, layer), initial(2, layer)]
-        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), state_type)
+                ctx.const(np.stack([padded(b) for b in bias["hh"]]), "float32"), rnn.initial(1, layer),
+                rnn.initial(2, layer)]
+        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), rnn.state_type)
         final_h.append(h_n)
         final_c.append(c_n)
-    return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
+    return rnn.outputs(x, final_h, final_c)
