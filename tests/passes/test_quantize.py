@@ -18,7 +18,8 @@ from passes.ir.interpret import run_reference
 from passes.ir.ops import get_op, requantize
 from passes.transforms.calibrate import TensorObservation, clipping_range, entropy_threshold, sqnr_db
 from passes.transforms.fuse_conv_activation import FuseConvActivation
-from passes.transforms.quantize import Quantize, fixed_point, output_clamp
+from passes.transforms.quantization import fixed_point, output_clamp
+from passes.transforms.quantize import Quantize
 from tests.passes.helpers import assert_idempotent, run_pass
 
 RNG = np.random.default_rng(0)
