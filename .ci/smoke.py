@@ -39,7 +39,8 @@ def main() -> int:
         tuned = fp32.report.to_dict()["tune"]
         assert tuned["new_trials"] > 0, f"the tuner ran no trials: {tuned}"
 
-        int8 = passes.optimize(model, passes=["default", "quantize"], target="llvm", example_inputs=(x,),
+        int8 = passes.optimize(model, passes=["fold-batch-norm", "fuse-conv-activation", "quantize", "default"],
+                               target="llvm", example_inputs=(x,),
                                data=calibration, tune=passes.Tune(trials=0, database=database, progress=False))
         got = np.asarray(int8(x))
     sqnr = 10 * np.log10(np.sum(expected ** 2) / max(np.sum((got - expected) ** 2), 1e-30))

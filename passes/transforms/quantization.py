@@ -1,6 +1,7 @@
 """Integer arithmetic of int8 quantization, shared by ``quantize``, ``fold-qdq`` and ``fuse-qconv-add``: value
 ranges, per-channel symmetric int8 weights, the fixed-point requantization multiplier, output clamps, and the
-(attrs, params) of the integer ops (``qconv2d``/``qlinear``) and of per-tensor quantize/dequantize nodes.
+(attrs, params) of the integer ops (``qconv2d``/``qlinear``) and of per-tensor quantize/dequantize nodes, and
+the dequantize inserted after an integer value (``quantize``, ``integer-max-pool``).
 
 The math is in ``quantize.py``'s module docstring; ``passes.ir.ops.requantize`` is its reference semantics.
 """
@@ -11,6 +12,7 @@ import math
 
 import numpy as np
 
+from passes.ir.graph import Graph, Value
 from passes.ir.ops import QUANT_RANGE
 
 RECURRENT = ("lstm", "gru", "rnn")
@@ -91,3 +93,16 @@ def integer_params(data: dict, input_q: tuple[float, int], output_q: tuple[float
 def quant_params(scale: float, zero_point: int, dtype: str = "uint8") -> dict:
     """Params of a per-tensor quantize/dequantize node."""
     return {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero_point, dtype)}
+
+
+def same_quant_params(data: dict, scale: float, zero_point: int) -> bool:
+    params = data["params"]
+    return float(params["scale"]) == float(np.float32(scale)) and int(params["zero_point"]) == zero_point
+
+
+def dequantize_after(graph: Graph, q_y: Value, params: dict, origin: tuple, name: str) -> Value:
+    """A dequantize of integer ``q_y`` that every former user of ``q_y`` (and the graph outputs) now reads."""
+    y = graph.add_op("dequantize", [q_y], params=params, origin=origin, name=name)
+    graph.replace_all_uses(q_y, y)
+    graph.set_operands(y.node, [q_y])  # replace_all_uses also moved the dequantize's own operand edge
+    return y

@@ -27,8 +27,8 @@ float gates and state and does both matrix products that way (``qlstm_dynamic``,
 relu RNN breaks). Convs are refused there (``dynamic_conv``), RNNs in static mode (``static_recurrent``: their
 outputs are float gates, not a calibrated integer tensor).
 
-A max pool of a dequantized integer output runs on the integer tensor instead (``integer_max_pools``, exact: max
-commutes with the monotone dequantize), so ResNet's stem pools uint8 and its first conv reads the pool directly.
+A max pool of a dequantized integer output is moved onto the integer tensor by the next pass of the default
+pipeline, ``integer-max-pool``, so ResNet's stem pools uint8 and its first conv reads the pool directly.
 
 Run it after ``fold-batch-norm`` and ``fuse-conv-activation`` and before ``fuse-conv-add``/``fuse-conv-pool``.
 Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual`` (a fused residual add),
@@ -40,7 +40,7 @@ Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual
 Accuracy-aware (``metric``, ``tolerance``; see ``Quantize``): the most sensitive layers go back to float until
 the metric is within tolerance of the float graph's; ``keep_float`` names layers to leave float up front.
 
-Reports: stats ``quantized``, ``skipped.*``, ``integer_max_pools`` (when any), ``sqnr_db.min`` (the worst
+Reports: stats ``quantized``, ``skipped.*``, ``sqnr_db.min`` (the worst
 layer, floored) and ``layer_sqnr_db.<node>`` (every quantized layer, floored; ``Report.to_dict()["sqnr_db"]``
 gathers them); node meta ``quantize.sqnr_db`` (the layer's dequantized output against the float model's, over
 the calibration data, with every earlier layer quantized too), ``quantize.input``/``quantize.output`` ((scale,
@@ -76,10 +76,12 @@ from passes.transforms.quantization import (
     QMIN,
     RECURRENT,
     WEIGHT_MAX,
+    dequantize_after,
     integer_layer,
     per_channel_int8,
     quant_params,
     reduction_size,
+    same_quant_params,
 )
 
 MODES = ("static", "dynamic")
@@ -142,11 +144,6 @@ def dynamic_layer(data: dict) -> tuple[dict, dict]:
     return {k: data["attrs"][k] for k in ("activation", "activation_params")}, params
 
 
-def _samequant_params(data: dict, scale: float, zero_point: int) -> bool:
-    params = data["params"]
-    return float(params["scale"]) == float(np.float32(scale)) and int(params["zero_point"]) == zero_point
-
-
 @dataclass(frozen=True)
 class LayerPlan:
     node: str
@@ -162,7 +159,7 @@ def rewrite_layer(graph: Graph, plan: LayerPlan, quantized: dict[tuple, Value]) 
     data = graph.nodes[plan.node]
     x = graph.operands(plan.node)[0]
     producer = graph.nodes[x.node]
-    if producer["op"] == "dequantize" and _samequant_params(producer, *plan.input_q):
+    if producer["op"] == "dequantize" and same_quant_params(producer, *plan.input_q):
         q_x = graph.operands(x.node)[0]
     else:
         key = (x, plan.input_q)
@@ -173,15 +170,7 @@ def rewrite_layer(graph: Graph, plan: LayerPlan, quantized: dict[tuple, Value]) 
     meta, origin = dict(data["meta"]), data["origin"]
     q_y = replace_node(graph, plan.node, INTEGER_OP[data["op"]], [q_x], plan.attrs, plan.params, origin)
     graph.nodes[q_y.node]["meta"] = meta
-    return _dequantize_after(graph, q_y, quant_params(*plan.output_q), origin, f"{plan.node}_dequantize").node
-
-
-def _dequantize_after(graph: Graph, q_y: Value, params: dict, origin: tuple, name: str) -> Value:
-    """A dequantize of integer ``q_y`` that every former user of ``q_y`` (and the graph outputs) now reads."""
-    y = graph.add_op("dequantize", [q_y], params=params, origin=origin, name=name)
-    graph.replace_all_uses(q_y, y)
-    graph.set_operands(y.node, [q_y])  # replace_all_uses also moved the dequantize's own operand edge
-    return y
+    return dequantize_after(graph, q_y, quant_params(*plan.output_q), origin, f"{plan.node}_dequantize").node
 
 
 def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
@@ -196,34 +185,6 @@ def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
         return
     quantized: dict[tuple, Value] = {}
     remove_unused(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
-
-
-def integer_max_pools(graph: Graph) -> int:
-    """``dequantize(q) -> max_pool2d`` becomes ``max_pool2d(q) -> dequantize`` (same params): exact, since a
-    per-tensor dequantize is monotone (max commutes with it) and a real value's uint8 is never below the pool's
-    integer padding (the dtype's minimum). A ``quantize`` of the pooled tensor with the dequantize's params then
-    reads the integer pool directly. Returns the number of pools moved to uint8."""
-    moved = 0
-    for pool in graph.op_nodes("max_pool2d"):
-        x = graph.operands(pool)[0]
-        producer = graph.nodes[x.node]
-        if producer["op"] != "dequantize" or producer["attrs"].get("axis") is not None or \
-                not float(producer["params"]["scale"]) > 0:
-            continue
-        data, params = graph.nodes[pool], producer["params"]
-        q_y = replace_node(graph, pool, "max_pool2d", [graph.operands(x.node)[0]], dict(data["attrs"]),
-                           dict(data["params"]), data["origin"])
-        y = _dequantize_after(graph, q_y, dict(params), data["origin"], f"{pool}_dequantize")
-        for user, _ in graph.users(y):
-            user_data = graph.nodes[user]
-            if user_data["op"] == "quantize" and user_data["attrs"].get("axis") is None and \
-                    user_data["attrs"]["dtype"] == graph.value_type(q_y).dtype and \
-                    _samequant_params(user_data, float(params["scale"]), int(params["zero_point"])):
-                graph.replace_all_uses(Value(user, 0), q_y)
-                graph.remove_node(user)
-        remove_unused(graph, [x.node, y.node])
-        moved += 1
-    return moved
 
 
 def layer_sqnr(float_graph: Graph, graph: Graph, plans: list[LayerPlan], batches: list[tuple]) -> dict[str, float]:
@@ -342,9 +303,6 @@ class Quantize(Pass):
         if self.metric is not None and plans:
             plans = self._accuracy_search(graph, float_graph, plans, items, decide)
         apply_plans(graph, plans)
-        pools = integer_max_pools(graph) if self.mode == "static" else 0
-        if pools:
-            decide.stats["integer_max_pools"] = pools
         sqnr = layer_sqnr(float_graph, graph, plans, batches) if batches and plans else {}
         notes = {"quantize.mode": "dynamic"} if self.mode == "dynamic" else {"quantize.observer": self.observer}
         annotate(graph, decide, plans, sqnr, notes)
