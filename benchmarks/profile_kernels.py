@@ -19,7 +19,7 @@ from run import make_model  # noqa: E402  (benchmarks/run.py: torchvision models
 
 import passes  # noqa: E402
 from backends.tvm.kernels import DenseSpec, default_dense_tile, default_tile  # noqa: E402
-from backends.tvm.target import make_target, vector_lanes  # noqa: E402
+from backends.tvm.target import resolve_target  # noqa: E402
 from backends.tvm.tune import LocalRunner, build_candidate, extract_tasks  # noqa: E402
 from examples import zoo  # noqa: E402
 
@@ -28,12 +28,11 @@ def main() -> int:
     name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
     model, inputs = zoo.make(name, full=True) if name in zoo.ZOO else make_model(name)
     opt = passes.optimize(model, example_inputs=inputs, measure=False)
-    target, runner = make_target("llvm"), LocalRunner(number=10, repeat=3)
-    cores = int(target.attrs.get("num-cores", 1))
+    target, runner = resolve_target("llvm"), LocalRunner(number=10, repeat=3)
     rows = []
-    for task in extract_tasks(opt.graph, vector_lanes(target)):
+    for task in extract_tasks(opt.graph, target):
         tile = default_dense_tile(task.spec) if isinstance(task.spec, DenseSpec) else default_tile(task.spec)
-        lib, func = build_candidate(task, tile, target, cores)
+        lib, func = build_candidate(task, tile, target)
         ms = runner.measure(lib, func) * len(task.nodes)
         rows.append((ms, task.kind, getattr(task.spec, "out_shape", ""), len(task.nodes), task.flops / ms / 1e6))
     total = opt.compiled.time_ms(*inputs, number=5, repeat=5)

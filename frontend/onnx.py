@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -332,32 +333,18 @@ def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
         for name in node.input:
             if name and name not in producer and name not in available:
                 raise FrontendError(f"node '{node.name or node.op_type}' reads undefined tensor '{name}'")
-    order, state = [], {}
-
-    def visit(index: int) -> None:
-        stack = [(index, iter(g.node[index].input))]
-        state[index] = 1
-        while stack:
-            current, inputs = stack[-1]
-            for name in inputs:
-                dep = producer.get(name)
-                if dep is None:
-                    continue
-                if state.get(dep) == 1:
-                    raise FrontendError(f"the graph has a cycle through node '{g.node[dep].name or name}'")
-                if state.get(dep) is None:
-                    state[dep] = 1
-                    stack.append((dep, iter(g.node[dep].input)))
-                    break
-            else:
-                stack.pop()
-                state[current] = 2
-                order.append(g.node[current])
-
-    for index in range(len(g.node)):
-        if state.get(index) is None:
-            visit(index)
-    return order
+    # Edges from each node to the producers of its inputs, in input order: the depth-first post-order from node 0
+    # upwards then lists every producer before its users and otherwise keeps the file's order.
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(len(g.node)))
+    deps.add_edges_from((index, producer[name]) for index, node in enumerate(g.node) for name in node.input
+                        if name in producer)
+    try:
+        cycle = nx.find_cycle(deps)
+    except nx.NetworkXNoCycle:
+        return [g.node[index] for index in nx.dfs_postorder_nodes(deps)]
+    node = g.node[cycle[0][0]]
+    raise FrontendError(f"the graph has a cycle through node '{node.name or node.output[0]}'")
 
 
 def _safe_name(name: str) -> str:

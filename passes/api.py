@@ -24,8 +24,9 @@ ARTIFACT_FORMAT = "passes-artifact/1"
 
 @dataclass(frozen=True)
 class Tune:
-    """Autotuning request: ``trials`` meta-schedule trials in total, records kept in ``database`` (a folder),
-    candidates measured locally or through a TVM RPC tracker ``rpc="host:port:key"``."""
+    """Autotuning request: ``trials`` trials of our kernel tile search in total (``backends/tvm/tune.py``, not
+    meta-schedule), records kept in ``database`` (a folder), candidates measured locally or through a TVM RPC
+    tracker ``rpc="host:port:key"``; ``progress``: a tqdm bar on a terminal."""
 
     trials: int = 0
     database: str = "~/.cache/passes/tuning"
@@ -170,8 +171,9 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     """
     step = progress or (lambda message: None)
     from backends.tvm.module import build
+    from backends.tvm.target import resolve_target
     from passes.core.pipeline import Pipeline, make_instruments, resolve
-    from passes.core.stats import graph_flops, graph_params, graph_weight_bytes, peak_activation_bytes
+    from passes.ir.cost import graph_flops, graph_params, graph_weight_bytes, peak_activation_bytes
 
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -203,15 +205,16 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     report.memory["weights_after"] = graph_weight_bytes(optimized)
     report.memory["activations_after"] = peak_activation_bytes(optimized)
 
+    backend_target = resolve_target(target)  # once: tuning and the build read the same target
     tiles = None
     if tune is not None:
         start = time.perf_counter()
         step(f"tuning ({tune.trials} trials)")
-        tiles, report.tune = _tune(optimized, target, tune)
+        tiles, report.tune = _tune(optimized, backend_target, tune)
         seconds["tune"] = time.perf_counter() - start
     start = time.perf_counter()
     step(f"building for {target} with TVM")
-    compiled = build(optimized, target, tiles, threads)
+    compiled = build(optimized, backend_target, tiles, threads)
     seconds["build"] = time.perf_counter() - start
     if compiled.activation_bytes is not None:
         report.memory["activations_compiled"] = compiled.activation_bytes
@@ -234,20 +237,17 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     return OptimizedModel(optimized, compiled, report)
 
 
-def _tune(graph, target: str, tune: Tune) -> tuple[dict, dict]:
-    """Tune (``trials > 0``) or just apply what the database knows (``trials == 0``); CPU targets only."""
-    from backends.tvm.target import make_target
+def _tune(graph, target, tune: Tune) -> tuple[dict, dict]:
+    """Tune (``trials > 0``) or just apply what the database knows (``trials == 0``); CPU targets only.
+    ``target``: the backend's ``Target`` (``backends.tvm.target.resolve_target``)."""
     from backends.tvm.tune import tune_graph, tuned_tiles
 
-    tvm_target = make_target(target)
-    if tvm_target.kind.name != "llvm":
-        return {}, {"new_trials": 0, "note": f"tuning is implemented for llvm targets, not {tvm_target.kind.name}"}
-    cores = int(tvm_target.attrs.get("num-cores", 1))
+    if target.kind != "llvm":
+        return {}, {"new_trials": 0, "note": f"tuning is implemented for llvm targets, not {target.kind}"}
     if tune.trials <= 0:
-        tiles = tuned_tiles(graph, tvm_target, tune.database)
+        tiles = tuned_tiles(graph, target, tune.database)
         return tiles, {"new_trials": 0, "tuned_tasks": len(tiles), "database": str(tune.database)}
-    return tune_graph(graph, tvm_target, tune.trials, tune.database, tune.rpc, tune.timeout, cores,
-                      progress=tune.progress)
+    return tune_graph(graph, target, tune.trials, tune.database, tune.rpc, tune.timeout, progress=tune.progress)
 
 
 def _to_numpy(x: Any) -> Any:

@@ -84,12 +84,13 @@ def cmd_compile(args) -> int:
     data = _load_data(args.data, args.batch_size)
     passes = [] if args.passes == "" else (None if args.passes is None else args.passes)
     tune = Tune(trials=args.tune_trials, database=args.tuning_db,
-                progress=sys.stderr.isatty()) if args.tune_trials else None
+                progress=sys.stderr.isatty() and not args.json) if args.tune_trials else None
     instruments = ["verify-each", "timing"]
     instruments += ["numeric-check-each"] if args.numeric_check_each else []
     instruments += [f"dump-each={args.dump_each}"] if args.dump_each else []
     opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, data=data, tune=tune,
-                   measure=not args.no_measure, instruments=instruments, progress=_progress, threads=args.threads)
+                   measure=not args.no_measure, instruments=instruments, threads=args.threads,
+                   progress=None if args.json else _progress)  # --json: nothing on stderr but errors
     opt.save(args.output)
     print(opt.report.to_json() if args.json else opt.report.summary())
     if not args.json:
@@ -123,7 +124,7 @@ def cmd_run(args) -> int:
 
 def cmd_inspect(args) -> int:
     from passes.api import import_model
-    from passes.core.stats import graph_flops, graph_params, op_histogram
+    from passes.ir.cost import graph_flops, graph_params, op_histogram
 
     model, inputs = _model_and_inputs(args.model)
     graph = import_model(model, inputs)
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="pipeline spec, e.g. 'fold-batch-norm,prune-channels{ratio=0.5}'"
                    " ('' for none; default: the default pipeline)")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
-    p.add_argument("--tune-trials", type=int, default=0, help="meta-schedule trials (0: no tuning)")
+    p.add_argument("--tune-trials", type=int, default=0, help="trials of our kernel tile search in total (0: none)")
     p.add_argument("--tuning-db", default="~/.cache/passes/tuning", help="tuning database folder")
     p.add_argument("--no-measure", action="store_true", help="skip the accuracy check and latency measurement")
     p.add_argument("--numeric-check-each", action="store_true",

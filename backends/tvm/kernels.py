@@ -110,7 +110,7 @@ class ConvSpec:
     pool_kernel: tuple[int, int] = (1, 1)
     pool_stride: tuple[int, int] = (1, 1)
     dtype: str = F32                         # storage of data, weight, bias, residual, output; accumulation is fp32
-    lanes: int = 16                          # fp32 lanes of the target's vector registers (``vector_lanes``)
+    lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
 
     @property
     def channels_vectorized(self) -> bool:
@@ -231,7 +231,7 @@ def ceil_to(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register (the spec default; AVX2 targets use 8: ``vector_lanes``)
+VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register (the spec default; AVX2 targets use 8: ``Target.lanes``)
 
 
 def accumulator_vectors(lanes: int) -> int:

@@ -1,4 +1,5 @@
-"""Lower IR graphs to a Relax ``IRModule`` through ``relax.BlockBuilder``, one lowering per op.
+"""Lower IR graphs to a Relax ``IRModule`` through ``relax.BlockBuilder``, one lowering per op (the recurrent ones
+in ``lower_recurrent.py``; the context and registry in ``lowering.py``).
 
 We build Relax ourselves (rather than through TVM's torch/ONNX importers) so every op of ``passes.ir.ops`` has
 exactly our semantics, RNNs of any depth and direction lower, and fused or quantized ops introduced by passes
@@ -12,7 +13,6 @@ The generated function ``main`` takes the graph inputs in order and returns a fl
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,8 +20,17 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, dense_spec, supports
-from backends.tvm.qdynamic import DEPTH, dense_layout, dynamic_dense_kernel, pack_int8
+from backends.tvm import lower_recurrent  # noqa: F401 (registers the lstm/gru/rnn lowerings)
+from backends.tvm.kernels import ConvSpec, conv_kernel
+from backends.tvm.lowering import (  # noqa: F401 (LoweringError, LowerContext: re-exported)
+    LOWERINGS,
+    LowerContext,
+    LoweringError,
+    call_dense_kernel,
+    dynamic_dense,
+    lowering,
+    static_shape,
+)
 from backends.tvm.qkernels import (
     QConvSpec,
     depthwise_kernel,
@@ -29,83 +38,16 @@ from backends.tvm.qkernels import (
     pack_depthwise_weight,
     qconv_kernel,
 )
-from backends.tvm.recurrent import (
-    GATES,
-    integer_layout,
-    integer_recurrent_kernel,
-    pack_integer_weights,
-    recurrent_kernel,
+from backends.tvm.select import (
+    conv_spec_of,
+    nhwc_values,  # noqa: F401 (re-exported: tests read the layout decision here)
+    select_kernels,
 )
-from passes.ir.graph import Graph, IRError, TensorType, Value
+from backends.tvm.target import Target, resolve_target
+from passes.ir.graph import Graph, Value
 from passes.ir.ops import activation_of
 
 FLOAT_MAX = 3.4028234663852886e38
-
-
-class LoweringError(IRError):
-    """An op, or an op configuration, that this backend cannot lower; names the node and its origin."""
-
-
-@dataclass
-class LowerContext:
-    """What a lowering sees: the block builder, the graph and the node being lowered."""
-
-    bb: relax.BlockBuilder
-    graph: Graph
-    node: str
-    target_kind: str = "llvm"
-    cores: int = 1
-    tiles: Mapping[Any, Any] = field(default_factory=dict)  # kernel spec -> tuned Tile (backends.tvm.tune)
-    vnni: bool = False  # the CPU target has AVX-512 VNNI (integer kernels use vpdpbusd)
-    lanes: int = 16  # fp32 lanes of the CPU target's vectors (``target.vector_lanes``): sizes kernel tiles
-    nhwc: frozenset = frozenset()  # values held NHWC between our integer conv kernels (``nhwc_values``)
-
-    @property
-    def data(self) -> dict:
-        return self.graph.nodes[self.node]
-
-    @property
-    def attrs(self) -> dict:
-        return self.data["attrs"]
-
-    @property
-    def params(self) -> dict:
-        return self.data["params"]
-
-    def out_type(self, index: int = 0) -> TensorType:
-        return self.data["out_types"][index]
-
-    def in_type(self, slot: int) -> TensorType:
-        return self.graph.value_type(self.graph.operands(self.node)[slot])
-
-    def emit(self, expr: relax.Expr) -> relax.Var:
-        return self.bb.emit(expr)
-
-    def const(self, array: Any, dtype: str | None = None) -> relax.Constant:
-        array = np.asarray(array).astype(dtype) if dtype else np.asarray(array)
-        return relax.const(array, str(array.dtype))  # explicit: relax.const narrows int64 data otherwise
-
-    def scalar(self, value: float, dtype: str = "float32") -> relax.Constant:
-        return relax.const(np.asarray(value, dtype=dtype))
-
-    def fail(self, why: str) -> LoweringError:
-        return LoweringError(f"TVM backend cannot lower {self.graph.describe(self.node)}: {why}")
-
-
-Lowering = Callable[[LowerContext, list[relax.Expr]], Any]
-LOWERINGS: dict[str, Lowering] = {}
-
-
-def lowering(*ops: str):
-    def register(fn: Lowering) -> Lowering:
-        for op in ops:
-            LOWERINGS[op] = fn
-        return fn
-    return register
-
-
-def static_shape(expr: relax.Expr) -> tuple[int, ...]:
-    return tuple(int(d) for d in expr.ty.shape)
 
 
 def _channel_bias(ctx: LowerContext, y: relax.Expr, bias: np.ndarray | None, rank: int) -> relax.Expr:
@@ -118,51 +60,6 @@ def _channel_bias(ctx: LowerContext, y: relax.Expr, bias: np.ndarray | None, ran
 @lowering("constant")
 def _constant(ctx, xs):
     return ctx.const(ctx.params["value"])
-
-
-def conv_spec_of(graph: Graph, node: str, lanes: int = 16) -> ConvSpec:
-    """The kernel spec of a conv2d / conv2d_pool node (also what the tuner tunes, so the keys agree)."""
-    d = graph.nodes[node]
-    a, p = d["attrs"], d["params"]
-    operands = graph.operands(node)
-    return ConvSpec(in_shape=graph.value_type(operands[0]).shape, weight_shape=tuple(p["weight"].shape),
-                    stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
-                    has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
-                    residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
-                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype,
-                    lanes=lanes)
-
-
-KERNEL_DTYPES = ("float32", "bfloat16", "float16")  # our kernels store these and accumulate in fp32
-
-
-def _kernel_dtype(graph: Graph, node: str) -> bool:
-    """The node's float operands and params all have one dtype our kernels take (mixed-precision graphs)."""
-    d = graph.nodes[node]
-    dtypes = {graph.value_type(v).dtype for v in graph.operands(node)}
-    dtypes |= {str(p.dtype) for k, p in d["params"].items() if k in ("weight", "bias")}
-    return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
-
-
-def uses_conv_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> ConvSpec | None:
-    """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d, any conv2d_pool)."""
-    d = graph.nodes[node]
-    if d["op"] not in ("conv2d", "conv2d_pool") or not _kernel_dtype(graph, node):
-        return None
-    if d["op"] == "conv2d" and target_kind != "llvm":
-        return None
-    spec = conv_spec_of(graph, node, lanes)
-    return spec if supports(spec) else None
-
-
-def uses_dense_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> DenseSpec | None:
-    """The spec when a ``linear`` node lowers to our dense kernel on ``target_kind`` (CPU; the tuner asks too)."""
-    d = graph.nodes[node]
-    if d["op"] != "linear" or target_kind != "llvm" or not _kernel_dtype(graph, node):
-        return None
-    x = graph.value_type(graph.operands(node)[0])
-    return dense_spec(x.shape, d["params"]["weight"].shape, "bias" in d["params"], d["attrs"]["activation"],
-                      d["attrs"]["activation_params"], x.dtype, lanes)
 
 
 def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
@@ -182,19 +79,18 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
     """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
-    spec = conv_spec_of(ctx.graph, ctx.node, ctx.lanes)
-    if not supports(spec):
+    if ctx.choice.kernel != "conv":
+        spec = conv_spec_of(ctx.graph, ctx.node, ctx.target.lanes)
         raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r}")
-    return call_conv_kernel(ctx, xs[0], spec)
+    return call_conv_kernel(ctx, xs[0], ctx.choice.spec)
 
 
 @lowering("conv1d", "conv2d")
 def _conv(ctx, xs):
     a, p = ctx.attrs, ctx.params
     nd = len(a["stride"])
-    spec = uses_conv_kernel(ctx.graph, ctx.node, ctx.target_kind, ctx.lanes) if nd == 2 else None
-    if spec is not None:
-        return call_conv_kernel(ctx, xs[0], spec, xs[1] if len(xs) > 1 else None)
+    if ctx.choice.kernel == "conv":
+        return call_conv_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
@@ -229,22 +125,6 @@ def _batch_norm(ctx, xs):
     return ctx.emit(R.add(y, ctx.const(shift.reshape(shape), "float32")))
 
 
-def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...], weight: np.ndarray,
-                      bias: np.ndarray | None, activation: str = "none", activation_params: tuple = (),
-                      dtype: str = "float32") -> relax.Expr:
-    """``act(x W^T + b)`` through our dense kernel; leading dims of ``x`` are flattened into rows."""
-    spec = dense_spec(in_shape, weight.shape, bias is not None, activation, activation_params, dtype, ctx.lanes)
-    m, k, n = spec.m, spec.k, spec.n
-    name = f"dense_{ctx.node}_{len(ctx.bb.get().functions)}"
-    func = dense_kernel(spec, ctx.cores, ctx.tiles.get(spec)).with_attr("global_symbol", name)
-    gv = ctx.bb.add_func(func, name)
-    args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(np.ascontiguousarray(weight.T), dtype)]
-    if bias is not None:
-        args.append(ctx.const(bias, dtype))
-    y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType((m, n), dtype)))
-    return ctx.emit(R.reshape(y, (*in_shape[:-1], n)))
-
-
 @lowering("lrn")
 def _lrn(ctx, xs):
     """x / (k + alpha/size * sum of x^2 over a channel window of ``size``)^beta, the window sum as an avg pool."""
@@ -260,7 +140,7 @@ def _lrn(ctx, xs):
 
 @lowering("linear")
 def _linear(ctx, xs):
-    if uses_dense_kernel(ctx.graph, ctx.node, ctx.target_kind, ctx.lanes) is not None:
+    if ctx.choice.kernel == "dense":
         return call_dense_kernel(ctx, xs[0], ctx.in_type(0).shape, ctx.params["weight"], ctx.params.get("bias"),
                                  ctx.attrs["activation"], ctx.attrs["activation_params"], ctx.in_type(0).dtype)
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
@@ -391,7 +271,7 @@ def _pool(ctx, xs):
     else:
         kwargs["count_include_pad"] = a["count_include_pad"]
     dtype = ctx.in_type(0).dtype
-    if kind == "max" and dtype in ("uint8", "int8") and nd == 2 and ctx.target_kind == "llvm":
+    if ctx.choice.kernel == "integer_max_pool":
         return _integer_max_pool2d(ctx, xs[0])
     if kind == "max" and dtype in ("uint8", "int8"):  # LLVM scalarizes an 8-bit max pool; in float (exact) not
         y = ctx.emit(R.astype(fn(R.astype(xs[0], "float32"), **kwargs), dtype))
@@ -513,40 +393,6 @@ def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int, residual:
     return ctx.emit(R.astype(clamped, ctx.attrs["out_dtype"]))
 
 
-def is_depthwise(graph: Graph, node: str) -> bool:
-    """A ``qconv2d`` with one group per channel (groups = C = OC) and no fused residual."""
-    data = graph.nodes[node]
-    channels = graph.value_type(graph.operands(node)[0]).shape[1]
-    return (data["op"] == "qconv2d" and data["attrs"]["groups"] == channels == data["params"]["weight"].shape[0]
-            and channels > 1 and len(graph.operands(node)) == 1)
-
-
-def uses_integer_kernel(graph: Graph, node: str, target_kind: str) -> bool:
-    """Whether ``qconv2d``/``qlinear`` lowers to our kernels (``qkernels.py``: dense-reduction or depthwise) rather
-    than Relax integer ops (other grouped convs, cuda)."""
-    data = graph.nodes[node]
-    return target_kind == "llvm" and (data["op"] == "qlinear" or (data["op"] == "qconv2d" and (
-        data["attrs"]["groups"] == 1 or is_depthwise(graph, node))))
-
-
-def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:
-    """Integer conv outputs that only our integer conv kernels read (as input or fused residual): those stay NHWC
-    in memory. The graph's semantics are NCHW; between two of our kernels NHWC is the better layout: the
-    producer's epilogue stores 16 channels of a pixel as one contiguous vector, and the consumer's padding stage
-    (``qkernels.qconv_compute``) copies channel vectors instead of gathering each pixel's channels across planes."""
-    def reads_nhwc(user: str) -> bool:  # as its input or its fused residual
-        return graph.nodes[user]["op"] == "qconv2d" and uses_integer_kernel(graph, user, target_kind)
-
-    chosen = set()
-    for node in graph.op_nodes("qconv2d"):
-        value = Value(node, 0)
-        users = graph.users(value)
-        if (uses_integer_kernel(graph, node, target_kind) and users and not graph.is_graph_output(value)
-                and all(reads_nhwc(user) for user, _ in users)):
-            chosen.add(value)
-    return frozenset(chosen)
-
-
 @lowering("qconv2d", "qlinear")
 def _integer_layer(ctx, xs):
     """uint8/int8 x int8 -> int32 -> requantized, integer arithmetic throughout. CPU, groups = 1: our kernel
@@ -556,10 +402,10 @@ def _integer_layer(ctx, xs):
     if a["out_dtype"] not in ("uint8", "int8"):
         raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8 or int8)")
     is_conv = ctx.data["op"] == "qconv2d"
-    if uses_integer_kernel(ctx.graph, ctx.node, ctx.target_kind):
+    if ctx.choice.kernel in ("integer", "depthwise"):
         spec = _integer_spec(ctx)
         weight = p["weight"] if is_conv else p["weight"][:, :, None, None]
-        if is_depthwise(ctx.graph, ctx.node):
+        if ctx.choice.kernel == "depthwise":
             func, packed = depthwise_kernel(spec, ctx.cores), pack_depthwise_weight(weight)
             name = f"qconv2d_depthwise_{ctx.node}"
         else:
@@ -583,53 +429,6 @@ def _integer_layer(ctx, xs):
         return _requantize(ctx, acc, channel_axis=1, residual=xs[1] if len(xs) > 1 else None)
     acc = ctx.emit(R.add(R.matmul(x, R.permute_dims(weight), out_dtype="int32"), ctx.const(p["bias"], "int32")))
     return _requantize(ctx, acc, channel_axis=len(ctx.out_type().shape) - 1)
-
-
-def dynamic_dense(ctx: LowerContext, x: relax.Expr, weight: np.ndarray, weight_scale: np.ndarray,
-                  bias: np.ndarray | None, name: str) -> relax.Expr:
-    """``passes.ir.ops.dynamic_int8_product`` (+ bias): ``dynamic_uint8`` at run time (a min and a max over x),
-    then the integer product of the uint8 rows with the int8 weights, scaled once by s_x * s_w in float. CPU: our
-    kernel (``qdynamic.py``, vpdpbusd on VNNI); elsewhere an int32 Relax matmul of the centered rows. Shared by
-    ``qlinear_dynamic`` and the input projection of the dynamic int8 RNNs; ``name`` names the kernel."""
-    zero = ctx.scalar(0.0)
-    low, high = ctx.emit(R.minimum(R.min(x), zero)), ctx.emit(R.maximum(R.max(x), zero))
-    scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0)))
-    scale = ctx.emit(R.where(R.greater(scale, zero), scale, ctx.scalar(1.0)))
-    zero_point = ctx.emit(R.clip(R.round(R.divide(R.negative(low), scale)), 0.0, 255.0))
-    q = ctx.emit(R.clip(R.add(R.round(R.divide(x, scale)), zero_point), 0.0, 255.0))
-    if ctx.target_kind == "llvm":
-        scale_zero = ctx.emit(R.concat([R.reshape(scale, (1,)), R.reshape(zero_point, (1,))]))
-        return _dynamic_dense_kernel(ctx, q, scale_zero, weight, weight_scale, bias, name)
-    centered = ctx.emit(R.subtract(R.astype(q, "int32"), R.astype(zero_point, "int32")))
-    weight_t = ctx.const(np.ascontiguousarray(weight.T).astype(np.int32))
-    acc = ctx.emit(R.matmul(centered, weight_t, out_dtype="int32"))
-    y = ctx.emit(R.multiply(R.astype(acc, "float32"), R.multiply(scale, ctx.const(weight_scale, "float32"))))
-    return y if bias is None else ctx.emit(R.add(y, ctx.const(bias, "float32")))
-
-
-def _dynamic_dense_kernel(ctx: LowerContext, q: relax.Expr, scale_zero: relax.Expr, weight: np.ndarray,
-                          weight_scale: np.ndarray, bias: np.ndarray | None, name: str) -> relax.Expr:
-    """``qdynamic.dynamic_dense_kernel`` over the rows of ``q`` (float, integer valued in 0..255: cast to uint8,
-    rows zero padded to a multiple of 4); outputs padded to 16 in the kernel and sliced off after."""
-    shape = static_shape(q)
-    rows, (outputs, inputs) = int(np.prod(shape[:-1])), weight.shape
-    _, block, padded = dense_layout(rows, outputs)
-    packed, row_sums = pack_int8(weight, block)
-
-    def pad(values, fill: float = 0.0) -> relax.Constant:
-        return ctx.const(np.pad(np.asarray(values, np.float32), (0, padded - outputs), constant_values=fill))
-
-    q = ctx.emit(R.reshape(R.astype(q, "uint8"), (rows, inputs)))
-    if inputs % DEPTH:
-        q = ctx.emit(R.nn.pad(q, [0, 0, 0, -inputs % DEPTH]))
-    func = dynamic_dense_kernel(rows, inputs, outputs, ctx.vnni).with_attr("global_symbol", name)
-    args = [q, scale_zero, ctx.const(packed, "int8"), ctx.const(row_sums, "int32"), pad(weight_scale, 1.0),
-            pad(np.zeros(outputs) if bias is None else bias)]
-    y = ctx.emit(R.call_tir(ctx.bb.add_func(func, name), relax.Tuple(args),
-                            out_ty=relax.TensorType((rows, padded), "float32")))
-    if padded != outputs:
-        y = ctx.emit(R.strided_slice(y, axes=[1], begin=[0], end=[outputs]))
-    return ctx.emit(R.reshape(y, (*shape[:-1], outputs)))
 
 
 @lowering("qlinear_dynamic")
@@ -693,227 +492,17 @@ def _reduce(ctx, xs):
     return ctx.emit(_REDUCE[ctx.data["op"]](xs[0], axis=list(ctx.attrs["dim"]), keepdims=ctx.attrs["keepdim"]))
 
 
-# ------------------------------------------------------------------------------------------------ recurrent
-def _rnn_cell(kind: str, nonlinearity: str):
-    """The recurrent update for one step, given the input projection ``xp`` (already holding b_ih)."""
-
-    def lstm(ctx, xp, h, c, w_hh_t, b_hh):
-        # gates = x W_ih^T + b_ih + h W_hh^T + b_hh, split as (i, f, g, o); c' = f*c + i*g; h' = o*tanh(c')
-        gates = ctx.emit(R.add(xp, R.matmul(h, w_hh_t)))
-        if b_hh is not None:
-            gates = ctx.emit(R.add(gates, b_hh))
-        parts = ctx.emit(R.split(gates, 4, axis=-1))
-        i, f, g, o = (relax.TupleGetItem(parts, k) for k in range(4))
-        c = ctx.emit(R.add(R.multiply(R.sigmoid(f), c), R.multiply(R.sigmoid(i), R.tanh(g))))
-        h = ctx.emit(R.multiply(R.sigmoid(o), R.tanh(c)))
-        return h, c
-
-    def gru(ctx, xp, h, c, w_hh_t, b_hh):
-        # r = s(xr + hr), z = s(xz + hz), n = tanh(xn + r * hn), h' = (1 - z) * n + z * h = n + z * (h - n)
-        hp = ctx.emit(R.matmul(h, w_hh_t))
-        if b_hh is not None:
-            hp = ctx.emit(R.add(hp, b_hh))
-        xs_, hs_ = ctx.emit(R.split(xp, 3, axis=-1)), ctx.emit(R.split(hp, 3, axis=-1))
-        r = R.sigmoid(R.add(relax.TupleGetItem(xs_, 0), relax.TupleGetItem(hs_, 0)))
-        z = ctx.emit(R.sigmoid(R.add(relax.TupleGetItem(xs_, 1), relax.TupleGetItem(hs_, 1))))
-        n = ctx.emit(R.tanh(R.add(relax.TupleGetItem(xs_, 2), R.multiply(r, relax.TupleGetItem(hs_, 2)))))
-        h = ctx.emit(R.add(n, R.multiply(z, R.subtract(h, n))))
-        return h, None
-
-    def rnn(ctx, xp, h, c, w_hh_t, b_hh):
-        pre = R.add(xp, R.matmul(h, w_hh_t))
-        if b_hh is not None:
-            pre = R.add(pre, b_hh)
-        return ctx.emit(R.tanh(pre) if nonlinearity == "tanh" else R.nn.relu(pre)), None
-
-    return {"lstm": lstm, "gru": gru, "rnn": rnn}[kind]
-
-
-@lowering("lstm", "gru", "rnn")
-def _recurrent(ctx, xs):
-    """Multi-layer, bidirectional RNNs, unrolled over the static sequence length.
-
-    Per layer and direction the input projection of all time steps is ONE matmul ((T*B, I) x (I, G*H)); each
-    step then adds ``h W_hh^T`` and applies the gate math. Weights are transposed once, here.
-    """
-    if ctx.target_kind == "llvm":
-        return _recurrent_kernels(ctx, xs)
-    a, p = ctx.attrs, ctx.params
-    kind = ctx.data["op"]
-    cell = _rnn_cell(kind, a.get("nonlinearity", "tanh"))
-    hidden, layers = a["hidden_size"], a["num_layers"]
-    directions = 2 if a["bidirectional"] else 1
-    x = xs[0]
-    if a["batch_first"]:
-        x = ctx.emit(R.permute_dims(x, [1, 0, 2]))
-    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
-    h0 = xs[1] if len(xs) > 1 else None
-    c0 = xs[2] if len(xs) > 2 else None
-
-    def initial(state, index):
-        if state is None:
-            return ctx.const(np.zeros((batch, hidden), np.float32))
-        return ctx.emit(R.reshape(R.strided_slice(state, axes=[0], begin=[index], end=[index + 1]),
-                                  (batch, hidden)))
-
-    final_h, final_c = [], []
-    for layer in range(layers):
-        outputs = []
-        features = ctx.emit(R.reshape(x, (steps * batch, -1)))
-        for direction in range(directions):
-            suffix = f"_l{layer}" + ("_reverse" if direction else "")
-            w_ih, w_hh = p["weight_ih" + suffix], p["weight_hh" + suffix]
-            b_ih = p.get("bias_ih" + suffix) if a["bias"] else None
-            b_hh = p.get("bias_hh" + suffix) if a["bias"] else None
-            if kind == "lstm" and b_hh is not None:  # both biases add to every gate: fold them into one
-                b_ih, b_hh = b_ih + b_hh, None
-            xp = ctx.emit(R.matmul(features, ctx.const(np.ascontiguousarray(w_ih.T))))
-            if b_ih is not None:
-                xp = ctx.emit(R.add(xp, ctx.const(b_ih)))
-            per_step = ctx.emit(R.split(ctx.emit(R.reshape(xp, (steps, batch, -1))), steps, axis=0))
-            w_hh_t = ctx.const(np.ascontiguousarray(w_hh.T))
-            b_hh_c = None if b_hh is None else ctx.const(b_hh)
-            index = layer * directions + direction
-            h, c = initial(h0, index), initial(c0, index)
-            hs = [None] * steps
-            order = range(steps - 1, -1, -1) if direction else range(steps)
-            for t in order:
-                xp_t = ctx.emit(R.reshape(relax.TupleGetItem(per_step, t), (batch, -1)))
-                h, c = cell(ctx, xp_t, h, c, w_hh_t, b_hh_c)
-                hs[t] = h
-            outputs.append(ctx.emit(R.concat([R.expand_dims(h_t, 0) for h_t in hs], axis=0)))
-            final_h.append(h)
-            final_c.append(c)
-        x = outputs[0] if directions == 1 else ctx.emit(R.concat(outputs, axis=-1))
-    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if a["batch_first"] else x
-    h_n = ctx.emit(R.concat([R.expand_dims(h, 0) for h in final_h], axis=0))
-    if kind != "lstm":
-        return y, h_n
-    return y, h_n, ctx.emit(R.concat([R.expand_dims(c, 0) for c in final_c], axis=0))
-
-
-def _initial_states(ctx: LowerContext, xs: list[relax.Expr], directions: int, batch: int, hidden: int):
-    """``initial(slot, layer)``: the (D, B, H) slice of operand ``slot`` (h0: 1, c0: 2) for ``layer``, or zeros."""
-
-    def initial(slot: int, layer: int) -> relax.Expr:
-        if len(xs) <= slot:
-            return ctx.const(np.zeros((directions, batch, hidden), np.float32))
-        return ctx.emit(R.strided_slice(xs[slot], axes=[0], begin=[layer * directions],
-                                        end=[(layer + 1) * directions]))
-
-    return initial
-
-
-def _layer_outputs(ctx: LowerContext, kind: str, x: relax.Expr, final_h: list, final_c: list, batch_first: bool):
-    """(y, h_n[, c_n]) from the last layer's time-major output and every layer's (D, B, H) final states."""
-    y = ctx.emit(R.permute_dims(x, [1, 0, 2])) if batch_first else x
-    stack = lambda states: states[0] if len(states) == 1 else ctx.emit(R.concat(states, axis=0))  # noqa: E731
-    return (y, stack(final_h)) if kind != "lstm" else (y, stack(final_h), stack(final_c))
-
-
-def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
-    """CPU: per layer, one input-projection dense kernel for both directions and one ``recurrent_kernel`` call
-    (the whole time loop, directions in parallel)."""
-    a, p = ctx.attrs, ctx.params
-    kind = ctx.data["op"]
-    hidden, layers = a["hidden_size"], a["num_layers"]
-    directions = 2 if a["bidirectional"] else 1
-    gates = GATES[kind] * hidden
-    x = xs[0]
-    if a["batch_first"]:
-        x = ctx.emit(R.permute_dims(x, [1, 0, 2]))
-    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
-    state_type = relax.TensorType((directions, batch, hidden), "float32")
-    zeros = np.zeros(gates, np.float32)
-
-    initial = _initial_states(ctx, xs, directions, batch, hidden)
-    final_h, final_c = [], []
-    for layer in range(layers):
-        suffixes = [f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
-        w_ih = np.concatenate([p["weight_ih" + s] for s in suffixes])
-        b_ih = [p.get("bias_ih" + s, zeros) if a["bias"] else zeros for s in suffixes]
-        b_hh = [p.get("bias_hh" + s, zeros) if a["bias"] else zeros for s in suffixes]
-        if kind != "gru":  # b_hh adds to every gate pre-activation: fold it into the projection
-            b_ih, b_hh = [i + h for i, h in zip(b_ih, b_hh)], [zeros] * directions
-        xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, np.concatenate(b_ih).astype(np.float32))
-        name = f"{kind}_{ctx.node}_l{layer}"
-        func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
-        func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
-        gv = ctx.bb.add_func(func, name)
-        w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
-        b_hh_rows = np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1))
-        args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), initial(1, layer),
-                initial(2, layer)]
-        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), state_type)
-        final_h.append(h_n)
-        final_c.append(c_n)
-    return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
-
-
-def _call_recurrent_kernel(ctx: LowerContext, gv: relax.GlobalVar, args: list, y_shape: tuple[int, ...],
-                           state_type: relax.TensorType) -> tuple[relax.Expr, relax.Expr, relax.Expr]:
-    """(y, h_n, c_n) of one layer's recurrent kernel call (float or integer)."""
-    result = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=[relax.TensorType(y_shape, "float32"), state_type,
-                                                                 state_type]))
-    return tuple(ctx.emit(relax.TupleGetItem(result, i)) for i in range(3))
-
-
-@lowering("qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
-def _dynamic_recurrent(ctx, xs):
-    """CPU: per layer, the input projection of both directions as one ``dynamic_dense`` (x quantized per tensor,
-    the two directions' W_ih stacked, gate rows padded to 16) and one ``integer_recurrent_kernel`` call (h
-    quantized per row each step, the product in int32: vpdpbusd on VNNI CPUs)."""
-    if ctx.target_kind != "llvm":
-        raise ctx.fail("dynamic int8 RNNs lower for llvm (CPU) only; run quantize{mode=dynamic} for CPU targets")
-    a, p = ctx.attrs, ctx.params
-    kind = ctx.data["op"][1:-len("_dynamic")]
-    hidden, layers = a["hidden_size"], a["num_layers"]
-    directions = 2 if a["bidirectional"] else 1
-    gates, (padded_gates, _, _) = GATES[kind] * hidden, integer_layout(kind, hidden)
-    x = ctx.emit(R.permute_dims(xs[0], [1, 0, 2])) if a["batch_first"] else xs[0]
-    steps, batch = ctx.in_type(0).shape[:2][::-1] if a["batch_first"] else ctx.in_type(0).shape[:2]
-    state_type = relax.TensorType((directions, batch, hidden), "float32")
-
-    def padded(rows: np.ndarray, fill: float = 0) -> np.ndarray:
-        """Gate rows (first axis) padded to padded_gates."""
-        out = np.full((padded_gates, *rows.shape[1:]), fill, rows.dtype)
-        out[:gates] = rows
-        return out
-
-    initial = _initial_states(ctx, xs, directions, batch, hidden)
-    zeros = np.zeros(gates, np.float32)
-    final_h, final_c = [], []
-    for layer in range(layers):
-        suffixes = [f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
-        bias = {k: [p.get(f"bias_{k}{s}", zeros) if a["bias"] else zeros for s in suffixes] for k in ("ih", "hh")}
-        xp = dynamic_dense(ctx, x, np.concatenate([padded(p["weight_ih" + s]) for s in suffixes]),
-                           np.concatenate([padded(p["scale_ih" + s], 1) for s in suffixes]),
-                           np.concatenate([padded(b) for b in bias["ih"]]).astype(np.float32),
-                           f"dense_int8_{ctx.node}_l{layer}")
-        name = f"{kind}_int8_{ctx.node}_l{layer}"
-        func = integer_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"),
-                                        ctx.vnni)
-        gv = ctx.bb.add_func(func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8}),
-                             name)
-        packed, row_sums = pack_integer_weights(kind, [p["weight_hh" + s] for s in suffixes])
-        args = [xp, ctx.const(packed, "int8"), ctx.const(row_sums, "int32"),
-                ctx.const(np.stack([padded(p["scale_hh" + s], 1) for s in suffixes]), "float32"),
-                ctx.const(np.stack([padded(b) for b in bias["hh"]]), "float32"), initial(1, layer), initial(2, layer)]
-        x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), state_type)
-        final_h.append(h_n)
-        final_c.append(c_n)
-    return _layer_outputs(ctx, kind, x, final_h, final_c, a["batch_first"])
-
-
 # ------------------------------------------------------------------------------------------------ driver
 def missing_lowerings(graph: Graph) -> list[str]:
     return sorted({f"{graph.describe(n)}" for n, d in graph.nodes(data=True)
                    if d["op"] != "input" and d["op"] not in LOWERINGS})
 
 
-def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-                tiles: Mapping[Any, Any] | None = None, vnni: bool = False, lanes: int = 16) -> tvm.IRModule:
-    """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``."""
+def lower_graph(graph: Graph, target: Target | str | dict = "llvm", cores: int | None = None,
+                tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
+    """Relax module with ``main(*graph inputs) -> tuple(flattened graph outputs)``; ``cores`` overrides the
+    target's thread split (``resolve_target``)."""
+    target = resolve_target(target, cores)
     missing = missing_lowerings(graph)
     if missing:
         raise LoweringError("TVM backend has no lowering for: " + "; ".join(missing))
@@ -921,14 +510,14 @@ def lower_graph(graph: Graph, target_kind: str = "llvm", cores: int = 1,
     params = [relax.Var(name, relax.TensorType(t.shape, t.dtype))
               for name, t in zip(graph.inputs, graph.input_types())]
     env: dict[Value, relax.Expr] = {Value(n, 0): v for n, v in zip(graph.inputs, params)}
-    nhwc = nhwc_values(graph, target_kind)
+    selection = select_kernels(graph, target.kind, target.lanes)
     with bb.function("main", params=params):
         with bb.dataflow():
             for node in graph.topo_order():
                 data = graph.nodes[node]
                 if data["op"] == "input":
                     continue
-                ctx = LowerContext(bb, graph, node, target_kind, cores, tiles or {}, vnni, lanes, nhwc)
+                ctx = LowerContext(bb, graph, node, target, selection, tiles or {})
                 result = LOWERINGS[data["op"]](ctx, [env[v] for v in graph.operands(node)])
                 outs = result if isinstance(result, tuple) else (result,)
                 for i, expr in enumerate(outs):
@@ -949,8 +538,8 @@ def check_types(graph: Graph, mod: tvm.IRModule) -> None:
                                 f"the IR says {expected}")
 
 
-def lower(graph: Graph, target_kind: str = "llvm", cores: int = 1,
-          tiles: Mapping[Any, Any] | None = None, vnni: bool = False, lanes: int = 16) -> tvm.IRModule:
-    mod = lower_graph(graph, target_kind, cores, tiles, vnni, lanes)
+def lower(graph: Graph, target: Target | str | dict = "llvm", cores: int | None = None,
+          tiles: Mapping[Any, Any] | None = None) -> tvm.IRModule:
+    mod = lower_graph(graph, target, cores, tiles)
     check_types(graph, mod)
     return mod

@@ -24,7 +24,7 @@ import numpy as np
 import tvm
 from tvm.runtime.vm import VirtualMachine  # runtime only: artifacts load without TVM's compiler library
 
-from backends.tvm.target import cpu_has, make_target, vector_lanes
+from backends.tvm.target import resolve_target
 from backends.tvm.threads import check_threads, configure_threads
 from passes.ir.graph import Graph, map_structure, rebuild_structure
 
@@ -237,23 +237,21 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads
     from backends.tvm.lower import lower
     from backends.tvm.schedule import optimize_relax_cpu
 
-    tvm_target = make_target(target)
-    cores = int(tvm_target.attrs.get("num-cores", 1)) if tvm_target.kind.name == "llvm" else 1
-    mod = lower(graph, tvm_target.kind.name, cores, tiles, cpu_has("avx512vnni", tvm_target),
-                vector_lanes(tvm_target))
-    if tvm_target.kind.name == "llvm":
-        with tvm_target:
-            mod = optimize_relax_cpu(mod, cores)
-    mod = _relax_pipeline(mod, tvm_target)  # what tvm.compile would run, applied here to read the memory plan
+    target = resolve_target(target)
+    mod = lower(graph, target, tiles=tiles)
+    if target.kind == "llvm":
+        with target.tvm:
+            mod = optimize_relax_cpu(mod, target.cores)
+    mod = _relax_pipeline(mod, target.tvm)  # what tvm.compile would run, applied here to read the memory plan
     activation_bytes = planned_storage_bytes(mod["main"])
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=None)
+    executable = tvm.compile(mod, target=target.tvm, relax_pipeline=None)
     # Signature names are the model's own input names (an ONNX input "input.1" keeps its dot).
     inputs = [TensorSpec(graph.nodes[n]["origin"][0] if graph.nodes[n]["origin"] else n, t.shape, t.dtype)
               for n, t in zip(graph.inputs, graph.input_types())]
     outputs = [TensorSpec(graph.output_name(v, f"output_{i}"), graph.value_type(v).shape, graph.value_type(v).dtype)
                for i, v in enumerate(graph.output_values())]
     structure = _structure_indices(graph)
-    compiled = CompiledModule(executable, tvm_target.kind.name, inputs, outputs, structure, threads)
+    compiled = CompiledModule(executable, target.kind, inputs, outputs, structure, threads)
     compiled.activation_bytes = activation_bytes
     return compiled
 

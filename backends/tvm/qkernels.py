@@ -110,7 +110,7 @@ class QConvSpec:
     out_dtype: str = "uint8"
     residual_zero_point: int | None = None  # a residual operand joins the requantization (None: no residual)
     residual_dtype: str = "uint8"
-    in_layout: str = "NCHW"  # NHWC between two of our kernels (``lower.nhwc_values``): no transposes
+    in_layout: str = "NCHW"  # NHWC between two of our kernels (``select.nhwc_values``): no transposes
     out_layout: str = "NCHW"
     residual_layout: str = "NCHW"
 

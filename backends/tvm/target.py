@@ -1,13 +1,20 @@
-"""Targets: ``"llvm"`` (this host's CPU, all cores) and ``"cuda"`` (default sm_90), as TVM JSON-dict targets."""
+"""Targets: ``"llvm"`` (this host's CPU, all cores) and ``"cuda"`` (default sm_90), as TVM JSON-dict targets.
+
+``resolve_target`` makes the backend's one ``Target`` object (kind, cpu, cores, CPU features, the TVM target) once
+per build; lowering, kernel selection and tuning read it instead of re-deriving pieces of it.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import tvm
 
 DEFAULT_CUDA_ARCH = "sm_90"
+# CPU features our kernels choose by (vector width, FMA, the int8 dot product vpdpbusd).
+FEATURES = ("avx2", "fma", "avx512f", "avx512vnni")
 
 
 def host_cpu() -> str:
@@ -44,10 +51,44 @@ def cpu_has(feature: str, target: Any = "llvm") -> bool:
     return tvm_target.kind.name == "llvm" and bool(target_has_features([feature], tvm_target))
 
 
-def vector_lanes(target: Any = "llvm") -> int:
-    """fp32 lanes of the target's widest vector registers: 16 with AVX-512, 8 with AVX2 (e.g. AMD Zen 3), else 4.
-    Our kernels' register tiles are sized in these vectors (``kernels.accumulator_vectors``)."""
-    tvm_target = make_target(target)
-    if tvm_target.kind.name != "llvm":
-        return 16
-    return 16 if cpu_has("avx512f", tvm_target) else 8 if cpu_has("avx2", tvm_target) else 4
+@dataclass(frozen=True)
+class Target:
+    """What the backend builds for, resolved once: ``kind`` ("llvm" | "cuda"), ``cpu`` (LLVM's mcpu, "" for cuda),
+    ``cores`` (threads our CPU kernels are split for; 1 for cuda), ``features`` (those of ``FEATURES`` the CPU has)
+    and ``tvm``, the ``tvm.target.Target`` that ``tvm.compile`` takes."""
+
+    tvm: tvm.target.Target
+    kind: str
+    cpu: str
+    cores: int
+    features: frozenset[str]
+
+    @property
+    def vnni(self) -> bool:
+        """AVX-512 VNNI: our integer kernels use vpdpbusd."""
+        return "avx512vnni" in self.features
+
+    @property
+    def lanes(self) -> int:
+        """fp32 lanes of the widest vector registers: 16 with AVX-512, 8 with AVX2 (e.g. AMD Zen 3), else 4. Our
+        kernels' register tiles are sized in these vectors (``kernels.accumulator_vectors``); on AVX2 the AVX-512
+        tiles spilled (torchvision resnet18 1.9-3.6x slower)."""
+        if self.kind != "llvm":
+            return 16
+        return 16 if "avx512f" in self.features else 8 if "avx2" in self.features else 4
+
+
+def resolve_target(target: str | dict | tvm.target.Target | Target = "llvm", cores: int | None = None) -> Target:
+    """The ``Target`` for a name (``"llvm"``, ``"cuda"``), a TVM target dict or object; ``cores`` overrides the
+    llvm target's ``num-cores`` (our kernels' thread split)."""
+    if isinstance(target, Target) and cores is None:
+        return target
+    tvm_target = make_target(target.tvm if isinstance(target, Target) else target)
+    kind = tvm_target.kind.name
+    if kind != "llvm":
+        return Target(tvm_target, kind, "", 1, frozenset())
+    from tvm.target.codegen import target_has_features
+
+    found = frozenset(f for f in FEATURES if target_has_features([f], tvm_target))
+    cores = cores if cores is not None else int(tvm_target.attrs.get("num-cores", 1))
+    return Target(tvm_target, kind, str(tvm_target.attrs.get("mcpu", "")), cores, found)

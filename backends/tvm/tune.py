@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import tvm
+from tvm import tirx
 
 from backends.tvm.kernels import (
     ConvSpec,
@@ -45,9 +45,10 @@ from backends.tvm.kernels import (
     default_tile,
     dense_kernel,
 )
-from backends.tvm.lower import uses_conv_kernel, uses_dense_kernel
-from backends.tvm.target import vector_lanes
+from backends.tvm.select import select_kernels
+from backends.tvm.target import Target, resolve_target
 from backends.tvm.threads import configure_threads
+from passes.core.progress import progress_bar
 from passes.ir.graph import Graph
 
 SCHEMA = 1
@@ -65,22 +66,23 @@ class TuneTask:
         return "dense" if isinstance(self.spec, DenseSpec) else ("conv2d_pool" if self.spec.pool else "conv2d")
 
 
-def task_key(spec: Spec, target: tvm.target.Target) -> str:
+def task_key(spec: Spec, target: Target | tvm.target.Target) -> str:
+    tvm_target = target.tvm if isinstance(target, Target) else target
     doc = {"schema": SCHEMA, "kind": type(spec).__name__, "spec": dataclasses.asdict(spec),
-           "target": str(target), "tvm": tvm.__version__}
+           "target": str(tvm_target), "tvm": tvm.__version__}
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def extract_tasks(graph: Graph, lanes: int = 16) -> list[TuneTask]:
-    """One task per distinct kernel spec (tiles sized for ``lanes``-wide vectors), hottest (most FLOPs, all its
-    nodes together) first."""
-    from passes.core.stats import node_flops
+def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]:
+    """One task per distinct conv/dense kernel spec that ``select.select_kernels`` chose on ``target``, hottest
+    (most FLOPs, all its nodes together) first."""
+    from passes.ir.cost import node_flops
 
     found: dict[Spec, list[str]] = {}
-    for node in graph.topo_order():
-        spec = uses_conv_kernel(graph, node, "llvm", lanes) or uses_dense_kernel(graph, node, "llvm", lanes)
-        if spec is not None:
-            found.setdefault(spec, []).append(node)
+    target = resolve_target(target)
+    for node, choice in select_kernels(graph, target.kind, target.lanes).choices.items():
+        if choice.spec is not None:
+            found.setdefault(choice.spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
     return sorted(tasks, key=lambda t: -t.flops)
 
@@ -120,13 +122,14 @@ def candidates(spec: Spec) -> list[Tile]:
     return [default, *ordered]
 
 
-def build_candidate(task: TuneTask, tile: Tile, target: tvm.target.Target, cores: int) -> tvm.runtime.Module:
+def build_candidate(task: TuneTask, tile: Tile, target: Target) -> tuple[tvm.runtime.Executable, tirx.PrimFunc]:
+    """(the built library, its PrimFunc ``main``) of ``task``'s kernel with ``tile``."""
     if isinstance(task.spec, DenseSpec):
-        func = dense_kernel(task.spec, cores, tile)
+        func = dense_kernel(task.spec, target.cores, tile)
     else:
-        func = conv_kernel(task.spec, "llvm", tile)
+        func = conv_kernel(task.spec, target.kind, tile)
     func = func.with_attr("global_symbol", "main")
-    return tvm.compile(tvm.IRModule({"main": func}), target=target), func
+    return tvm.compile(tvm.IRModule({"main": func}), target=target.tvm), func
 
 
 def random_args(func, device) -> list:
@@ -262,47 +265,28 @@ def plan(tasks: list[TuneTask], trials: int) -> list[tuple[TuneTask, list[Tile]]
     return planned
 
 
-class Progress:
-    """One self-overwriting stderr line: trials done, current task, best latency so far."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled = total, 0, enabled and total > 0
-
-    def update(self, task: TuneTask, index: int, count: int, best: float | None) -> None:
-        self.done += 1
-        if self.enabled:
-            best_text = f"{best:.3f} ms" if best is not None else "-"
-            sys.stderr.write(f"\r[tune] {self.done}/{self.total} trials | task {index}/{count} {task.kind} "
-                             f"{task.spec.out_shape if hasattr(task.spec, 'out_shape') else ''} | best {best_text}   ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-
-
-def tune_graph(graph: Graph, target: tvm.target.Target, trials: int, database: str | os.PathLike,
-               rpc: str | None = None, timeout: float = 30.0, cores: int = 1, progress: bool = True,
+def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.PathLike,
+               rpc: str | None = None, timeout: float = 30.0, progress: bool = True,
                on_record: Callable[[dict], None] | None = None) -> tuple[dict[Spec, Tile], dict[str, Any]]:
     """Tune the graph's kernels; returns (best tile per spec from the database, report dict)."""
     start = time.perf_counter()
     db = Database(database)
-    tasks = extract_tasks(graph, vector_lanes(target))
+    tasks = extract_tasks(graph, target)
     work = plan(tasks, trials)
     todo = [(task, [t for t in tiles if t not in db.measured(task_key(task.spec, target))]) for task, tiles in work]
     runner = make_runner(rpc, timeout) if any(tiles for _, tiles in todo) else None
-    bar = Progress(sum(len(t) for _, t in todo), progress)
+    bar = progress_bar(enabled=progress, desc="tune", total=sum(len(t) for _, t in todo), unit="trial")
     new_trials, failures = 0, 0
     for index, (task, tiles) in enumerate(todo, 1):
         key = task_key(task.spec, target)
         built = []
         for tile in tiles:
             try:
-                built.append((tile, *build_candidate(task, tile, target, cores)))
+                built.append((tile, *build_candidate(task, tile, target)))
             except Exception as exc:  # an invalid tile for this shape: record it so it is never retried
                 db.append({"key": key, "tile": dataclasses.asdict(tile), "ms": None, "error": str(exc)[:200]})
                 failures += 1
-                bar.update(task, index, len(todo), _best_ms(db, key))
+                _advance(bar, task, index, len(todo), _best_ms(db, key))
 
         def measure(item):
             tile, lib, func = item
@@ -320,7 +304,7 @@ def tune_graph(graph: Graph, target: tvm.target.Target, trials: int, database: s
                     on_record(record)
                 new_trials += 1
                 failures += error is not None
-                bar.update(task, index, len(todo), _best_ms(db, key))
+                _advance(bar, task, index, len(todo), _best_ms(db, key))
     bar.close()
     best = {}
     for task in tasks:
@@ -334,16 +318,24 @@ def tune_graph(graph: Graph, target: tvm.target.Target, trials: int, database: s
     return best, report
 
 
+def _advance(bar, task: TuneTask, index: int, count: int, best: float | None) -> None:
+    """One trial done: the bar shows the current task and the best latency so far."""
+    shape = getattr(task.spec, "out_shape", "")
+    bar.set_postfix_str(f"task {index}/{count} {task.kind} {shape} | best {'-' if best is None else f'{best:.3f} ms'}",
+                        refresh=False)
+    bar.update()
+
+
 def _best_ms(db: Database, key: str) -> float | None:
     measured = [v for v in db.measured(key).values() if v is not None]
     return min(measured) if measured else None
 
 
-def tuned_tiles(graph: Graph, target: tvm.target.Target, database: str | os.PathLike) -> dict[Spec, Tile]:
+def tuned_tiles(graph: Graph, target: Target, database: str | os.PathLike) -> dict[Spec, Tile]:
     """Best known tiles for the graph's kernels, from the database only (no measurement)."""
     db = Database(database)
     best = {}
-    for task in extract_tasks(graph, vector_lanes(target)):
+    for task in extract_tasks(graph, target):
         tile = db.best_tile(task_key(task.spec, target))
         if tile is not None:
             best[task.spec] = tile

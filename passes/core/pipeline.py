@@ -46,8 +46,7 @@ def split_specs(text: str) -> list[str]:
 
 
 def _convert(value: str, annotation: Any, where: str) -> Any:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"tuple": tuple, "int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
+    """``value`` as the option's type; ``annotation`` is resolved (``typing.get_type_hints``), never a string."""
     origin = typing.get_origin(annotation)
     if origin is tuple:
         (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis} or {str}

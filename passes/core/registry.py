@@ -31,6 +31,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "prune-weights": "passes.transforms.prune_weights:PruneWeights",
     "quantize": "passes.transforms.quantize:Quantize",
     "fold-qdq": "passes.transforms.fold_qdq:FoldQdq",
+    "integer-max-pool": "passes.transforms.integer_max_pool:IntegerMaxPool",
     "prune-channels": "passes.transforms.prune_channels:PruneChannels",
     "distill": "passes.transforms.distill:Distill",
     "mixed-precision": "passes.transforms.mixed_precision:MixedPrecision",
@@ -38,9 +39,9 @@ BUILTIN_PASSES: dict[str, str] = {
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.
 PRESETS: dict[str, tuple[str, ...]] = {
-    "default": ("fold-qdq", "remove-identities", "fold-constants", "eliminate-common-subexpressions",
-                "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add", "fuse-qconv-add", "fuse-conv-pool",
-                "eliminate-dead-nodes"),
+    "default": ("fold-qdq", "integer-max-pool", "remove-identities", "fold-constants",
+                "eliminate-common-subexpressions", "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add",
+                "fuse-qconv-add", "fuse-conv-pool", "eliminate-dead-nodes"),
 }
 
 _registered: dict[str, type[Pass]] = {}

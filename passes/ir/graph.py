@@ -26,40 +26,14 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from passes.ir.types import IRError, TensorType  # noqa: F401 (IRError: re-exported, users import it from here)
+
 NODE_KEYS = ("op", "attrs", "params", "out_types", "origin", "meta")
 EDGE_KEYS = ("src_out", "dst_in")
 GRAPH_KEYS = ("name", "inputs", "outputs")
 # meta key of a node whose outputs are model outputs with names of their own (ONNX): {"<output index>": "name"}.
 # replace_all_uses moves an entry to the replacement value, so names survive rewrites.
 OUTPUT_NAMES = "io.output_names"
-
-
-class IRError(ValueError):
-    """A malformed graph or a bad op application; the message names the node and its origin."""
-
-
-@dataclass(frozen=True)
-class TensorType:
-    """Static shape and dtype of one tensor (dtype as a numpy-style name: ``float32``, ``int64``, ``int8``)."""
-
-    shape: tuple[int, ...]
-    dtype: str = "float32"
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-
-    @property
-    def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-    def __str__(self) -> str:
-        short = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int64": "i64", "int32": "i32",
-                 "int8": "i8", "uint8": "u8", "bool": "bool", "float64": "f64"}.get(self.dtype, self.dtype)
-        return f"{short}[{','.join(map(str, self.shape))}]"
 
 
 @dataclass(frozen=True)
@@ -201,7 +175,7 @@ class Graph(nx.MultiDiGraph):
 
         Returns the single output ``Value``, or a tuple of them for multi-output ops (split, lstm...).
         """
-        from passes.ir.ops import get_op  # ops imports graph: resolve at call time
+        from passes.ir.ops import get_op  # at call time: the graph alone needs no torch
 
         opdef = get_op(op)
         operands = list(operands)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from passes.ir.graph import IRError, TensorType
+from passes.ir.types import IRError, TensorType
 
 REQUIRED = object()
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from passes.core.pass_base import PassContext, PassError
+from passes.core.progress import progress_bar
 from passes.ir.graph import Graph, IRError, TensorType, Value
 from passes.ir.interpret import GraphModule, interpret
 from passes.transforms.infer_shapes import InferShapes
@@ -116,17 +117,22 @@ def run_probe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple]):
         yield [np.asarray(t.numpy(), np.float64) for t in outs]
 
 
-def observe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple], observer: str
+def observe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple], observer: str, progress: bool = False
             ) -> dict[Value, TensorObservation]:
     """Observe ``values`` over ``batches``: one pass for ranges, a second for histograms when the observer needs
-    them (the histogram range must be known before the first count)."""
+    them (the histogram range must be known before the first count). ``progress``: a bar per pass (tqdm)."""
+
+    def probe(desc: str):
+        bar = progress_bar(batches, enabled=progress, desc=desc, total=len(batches), unit="batch")
+        return run_probe(graph, values, bar)
+
     seen = {v: TensorObservation() for v in values}
-    for outs in run_probe(graph, values, batches):
+    for outs in probe("calibrate (ranges)"):
         for v, x in zip(values, outs):
             seen[v].update_range(x)
     if observer == "minmax":
         return seen
-    for outs in run_probe(graph, values, batches):
+    for outs in probe("calibrate (histograms)"):
         for v, x in zip(values, outs):
             obs = seen[v]
             if observer == "entropy" and obs.signed:

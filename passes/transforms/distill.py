@@ -14,7 +14,7 @@ statistics stay fixed (batch norms are inference ops in the IR). Items may have 
 compiled one: the graph is re-batched for training (input shapes, re-inferred types, the batch entry of reshapes).
 
 Stats: ``steps`` (optimizer steps), ``loss_start_milli`` and ``loss_end_milli`` (mean loss of the first and last
-epoch x 1000); ``ctx.progress`` gets one progress-bar line per epoch.
+epoch x 1000); a progress bar (tqdm, on a terminal) shows the epochs when ``ctx.progress`` is set.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
+from passes.core.progress import progress_bar
 from passes.ir.graph import Graph, flatten_structure
 from passes.ir.interpret import GraphModule
 from passes.transforms.calibrate import BatchedInterpreter, split_items
@@ -65,7 +66,8 @@ class Distill(Pass):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * len(batches))
         order, losses, steps = list(range(len(batches))), [], 0
         rng = random.Random(self.seed)
-        for epoch in range(self.epochs):
+        bar = progress_bar(range(self.epochs), enabled=ctx.progress is not None, desc="distill", unit="epoch")
+        for _ in bar:
             rng.shuffle(order)
             total = 0.0
             for i in order:
@@ -79,10 +81,7 @@ class Distill(Pass):
                 total += float(loss.detach())
                 steps += 1
             losses.append(total / len(batches))
-            if ctx.progress is not None:
-                filled = round(20 * (epoch + 1) / self.epochs)
-                ctx.progress(f"distill [{'#' * filled}{'.' * (20 - filled)}] epoch {epoch + 1}/{self.epochs} "
-                             f"loss {losses[-1]:.4f}")
+            bar.set_postfix_str(f"loss {losses[-1]:.4f}", refresh=False)
         student.write_back(graph)
         decide.done(graph.inputs[0], "steps", f"{self.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
                     count=steps)

@@ -38,7 +38,7 @@ from passes.core.pattern import Match, Pattern
 from passes.core.rewrite import join_origin, remove_unused, replace_node
 from passes.ir.graph import Graph, Value
 from passes.ir.ops import activation_of
-from passes.transforms.quantize import ACTIVATION_RANGE, INTEGER_OP, INTEGER_RANGE, WEIGHT_MAX, integer_params
+from passes.transforms.quantization import ACTIVATION_RANGE, INTEGER_OP, INTEGER_RANGE, WEIGHT_MAX, integer_params
 
 LAYER_OPS = ("conv2d", "linear")
 CLAMP_OPS = ("relu", "relu6", "clamp")

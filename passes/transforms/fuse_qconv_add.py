@@ -38,7 +38,7 @@ from passes.core.pattern import Match, Pattern
 from passes.core.rewrite import join_origin, remove_unused
 from passes.ir.graph import Graph, Value
 from passes.ir.ops import activation_of
-from passes.transforms.quantize import INTEGER_RANGE, fixed_point, quant_params
+from passes.transforms.quantization import INTEGER_RANGE, fixed_point, quant_params
 
 QCONV_ADD = Pattern(roles={"conv": "qconv2d", "dequantize": "dequantize", "add": "add"},
                     edges=(("conv", "dequantize", 0), ("dequantize", "add", None)), anchor="add",

@@ -27,8 +27,8 @@ float gates and state and does both matrix products that way (``qlstm_dynamic``,
 relu RNN breaks). Convs are refused there (``dynamic_conv``), RNNs in static mode (``static_recurrent``: their
 outputs are float gates, not a calibrated integer tensor).
 
-A max pool of a dequantized integer output runs on the integer tensor instead (``integer_max_pools``, exact: max
-commutes with the monotone dequantize), so ResNet's stem pools uint8 and its first conv reads the pool directly.
+A max pool of a dequantized integer output is moved onto the integer tensor by the next pass of the default
+pipeline, ``integer-max-pool``, so ResNet's stem pools uint8 and its first conv reads the pool directly.
 
 Run it after ``fold-batch-norm`` and ``fuse-conv-activation`` and before ``fuse-conv-add``/``fuse-conv-pool``.
 Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual`` (a fused residual add),
@@ -40,7 +40,7 @@ Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual
 Accuracy-aware (``metric``, ``tolerance``; see ``Quantize``): the most sensitive layers go back to float until
 the metric is within tolerance of the float graph's; ``keep_float`` names layers to leave float up front.
 
-Reports: stats ``quantized``, ``skipped.*``, ``integer_max_pools`` (when any), ``sqnr_db.min`` (the worst
+Reports: stats ``quantized``, ``skipped.*``, ``sqnr_db.min`` (the worst
 layer, floored) and ``layer_sqnr_db.<node>`` (every quantized layer, floored; ``Report.to_dict()["sqnr_db"]``
 gathers them); node meta ``quantize.sqnr_db`` (the layer's dequantized output against the float model's, over
 the calibration data, with every earlier layer quantized too), ``quantize.input``/``quantize.output`` ((scale,
@@ -58,7 +58,6 @@ import numpy as np
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
 from passes.core.rewrite import remove_unused, replace_node
 from passes.ir.graph import Graph, Value
-from passes.ir.ops import QUANT_RANGE
 from passes.transforms.calibrate import (
     OBSERVERS,
     affine_params,
@@ -69,36 +68,25 @@ from passes.transforms.calibrate import (
     split_items,
     sqnr_db,
 )
+from passes.transforms.quantization import (
+    ACTIVATION_RANGE,
+    INT32_MAX,
+    INTEGER_OP,
+    QMAX,
+    QMIN,
+    RECURRENT,
+    WEIGHT_MAX,
+    dequantize_after,
+    integer_layer,
+    per_channel_int8,
+    quant_params,
+    reduction_size,
+    same_quant_params,
+)
 
 MODES = ("static", "dynamic")
-RECURRENT = ("lstm", "gru", "rnn")
 CANDIDATES = ("conv2d", "conv2d_pool", "linear", *RECURRENT)
-INTEGER_OP = {"conv2d": "qconv2d", "linear": "qlinear"}
 DYNAMIC_OP = {"linear": "qlinear_dynamic", "lstm": "qlstm_dynamic", "gru": "qgru_dynamic", "rnn": "qrnn_dynamic"}
-ACTIVATION_RANGE = {"none": (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}
-INT32_MAX = QUANT_RANGE["int32"][1]
-INTEGER_RANGE = {d: QUANT_RANGE[d] for d in ("uint8", "int8")}  # activation dtypes the integer ops read and write
-QMIN, QMAX = INTEGER_RANGE["uint8"]  # the activations quantize writes
-WEIGHT_MAX = 127     # symmetric int8 weights, -128 unused so that -q_w is representable
-
-
-def fixed_point(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(M, shift) with real = M * 2^-shift, M an int32 in [2^30, 2^31): ``frexp`` gives real = m 2^e, m in
-    [0.5, 1), so M = round(m 2^31) and shift = 31 - e (M renormalized when rounding reaches 2^31)."""
-    mantissa, exponent = np.frexp(np.asarray(real, np.float64))
-    multiplier = np.round(mantissa * 2.0 ** 31).astype(np.int64)
-    carry = multiplier == 2 ** 31
-    multiplier[carry] //= 2
-    exponent = exponent + carry
-    return multiplier.astype(np.int32), (31 - exponent).astype(np.int32)
-
-
-def reduction_size(data: dict) -> int:
-    """Products summed into one accumulator: C/groups * KH * KW for a conv, in_features for a linear, the widest
-    of input and hidden size for an RNN."""
-    if data["op"] in RECURRENT:
-        return max(np.shape(w)[1] for k, w in data["params"].items() if k.startswith("weight_"))
-    return int(np.prod(np.shape(data["params"]["weight"])[1:]))
 
 
 def refusal(graph: Graph, node: str, mode: str) -> tuple[str, str] | None:
@@ -136,24 +124,6 @@ def recurrent_refusal(graph: Graph, node: str, mode: str) -> tuple[str, str] | N
     return None
 
 
-def output_clamp(attrs: dict, scale: float, zero_point: int, dtype: str = "uint8") -> tuple[int, int]:
-    """The fused activation as a clamp of q_y (a ``dtype`` integer): real bound r maps to z_y + round(r / s_y)."""
-    low, high = attrs["activation_params"] if attrs["activation"] == "clamp" else ACTIVATION_RANGE[attrs["activation"]]
-    q_min, q_max = INTEGER_RANGE[dtype]
-    q_low = q_min if math.isinf(low) else max(q_min, zero_point + round(low / scale))
-    q_high = q_max if math.isinf(high) else min(q_max, zero_point + round(high / scale))
-    return q_low, max(q_low, q_high)
-
-
-def per_channel_int8(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(q_w int8, s_w float64 per output channel): symmetric, s_w = max |W_c| / 127 (1 for an all-zero channel)."""
-    weight = np.asarray(weight, np.float64)
-    s_w = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1) / WEIGHT_MAX
-    s_w = np.where(s_w > 0, s_w, 1.0)
-    per_channel = (-1,) + (1,) * (weight.ndim - 1)
-    return np.clip(np.round(weight / s_w.reshape(per_channel)), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8), s_w
-
-
 def dynamic_layer(data: dict) -> tuple[dict, dict]:
     """(attrs, params) of ``qlinear_dynamic`` for a float linear node: int8 weights, float scales and bias; the
     fused activation stays (it applies to the float output). An RNN: every ``weight_*`` int8 per gate row with
@@ -174,45 +144,6 @@ def dynamic_layer(data: dict) -> tuple[dict, dict]:
     return {k: data["attrs"][k] for k in ("activation", "activation_params")}, params
 
 
-def integer_layer(data: dict, input_q: tuple[float, int], output_q: tuple[float, int]
-                  ) -> tuple[dict, dict] | tuple[str, str]:
-    """(attrs, params) of the integer op for a float conv2d/linear node, or a (reason, detail) refusal."""
-    return integer_params(data, input_q, output_q, *per_channel_int8(data["params"]["weight"]), data["attrs"])
-
-
-def integer_params(data: dict, input_q: tuple[float, int], output_q: tuple[float, int], q_w: np.ndarray,
-                   s_w: np.ndarray, activation: dict, out_dtype: str = "uint8") -> tuple[dict, dict] | tuple[str, str]:
-    """(attrs, params) of the integer op for conv2d/linear ``data`` with int8 weights ``q_w`` (scales ``s_w``) and
-    the fused ``activation`` (``{"activation", "activation_params"}``) as output clamp; or a (reason, detail)
-    refusal. Shared by ``quantize`` (weights quantized here, uint8 out) and ``fold-qdq`` (weights recovered from
-    ONNX, uint8 or int8 out as the model says)."""
-    (s_x, z_x), (s_y, z_y) = input_q, output_q
-    acc_scale = s_x * s_w
-    q_b = np.round(np.asarray(data["params"].get("bias", np.zeros(len(s_w))), np.float64) / acc_scale)
-    if reduction_size(data) * QMAX * WEIGHT_MAX + np.abs(q_b).max() > INT32_MAX:
-        return "accumulator_overflow", f"bias up to {np.abs(q_b).max():.3g} accumulator units"
-    multiplier, shift = fixed_point(acc_scale / s_y)
-    if shift.min() < 1 or shift.max() > 62:
-        return "requantize_range", f"s_x s_w / s_y spans {acc_scale.min() / s_y:.3g}..{acc_scale.max() / s_y:.3g}"
-    out_min, out_max = output_clamp(activation, s_y, z_y, out_dtype)
-    attrs = {"input_zero_point": z_x, "output_zero_point": z_y, "out_dtype": out_dtype, "out_min": out_min,
-             "out_max": out_max}
-    if data["op"] == "conv2d":
-        attrs |= {k: data["attrs"][k] for k in ("stride", "padding", "dilation", "groups")}
-    params = {"weight": q_w, "bias": q_b.astype(np.int32), "multiplier": multiplier, "shift": shift}
-    return attrs, params
-
-
-def quant_params(scale: float, zero_point: int, dtype: str = "uint8") -> dict:
-    """Params of a per-tensor quantize/dequantize node."""
-    return {"scale": np.asarray(scale, np.float32), "zero_point": np.asarray(zero_point, dtype)}
-
-
-def _samequant_params(data: dict, scale: float, zero_point: int) -> bool:
-    params = data["params"]
-    return float(params["scale"]) == float(np.float32(scale)) and int(params["zero_point"]) == zero_point
-
-
 @dataclass(frozen=True)
 class LayerPlan:
     node: str
@@ -228,7 +159,7 @@ def rewrite_layer(graph: Graph, plan: LayerPlan, quantized: dict[tuple, Value]) 
     data = graph.nodes[plan.node]
     x = graph.operands(plan.node)[0]
     producer = graph.nodes[x.node]
-    if producer["op"] == "dequantize" and _samequant_params(producer, *plan.input_q):
+    if producer["op"] == "dequantize" and same_quant_params(producer, *plan.input_q):
         q_x = graph.operands(x.node)[0]
     else:
         key = (x, plan.input_q)
@@ -239,15 +170,7 @@ def rewrite_layer(graph: Graph, plan: LayerPlan, quantized: dict[tuple, Value]) 
     meta, origin = dict(data["meta"]), data["origin"]
     q_y = replace_node(graph, plan.node, INTEGER_OP[data["op"]], [q_x], plan.attrs, plan.params, origin)
     graph.nodes[q_y.node]["meta"] = meta
-    return _dequantize_after(graph, q_y, quant_params(*plan.output_q), origin, f"{plan.node}_dequantize").node
-
-
-def _dequantize_after(graph: Graph, q_y: Value, params: dict, origin: tuple, name: str) -> Value:
-    """A dequantize of integer ``q_y`` that every former user of ``q_y`` (and the graph outputs) now reads."""
-    y = graph.add_op("dequantize", [q_y], params=params, origin=origin, name=name)
-    graph.replace_all_uses(q_y, y)
-    graph.set_operands(y.node, [q_y])  # replace_all_uses also moved the dequantize's own operand edge
-    return y
+    return dequantize_after(graph, q_y, quant_params(*plan.output_q), origin, f"{plan.node}_dequantize").node
 
 
 def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
@@ -262,34 +185,6 @@ def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
         return
     quantized: dict[tuple, Value] = {}
     remove_unused(graph, [rewrite_layer(graph, plan, quantized) for plan in plans])
-
-
-def integer_max_pools(graph: Graph) -> int:
-    """``dequantize(q) -> max_pool2d`` becomes ``max_pool2d(q) -> dequantize`` (same params): exact, since a
-    per-tensor dequantize is monotone (max commutes with it) and a real value's uint8 is never below the pool's
-    integer padding (the dtype's minimum). A ``quantize`` of the pooled tensor with the dequantize's params then
-    reads the integer pool directly. Returns the number of pools moved to uint8."""
-    moved = 0
-    for pool in graph.op_nodes("max_pool2d"):
-        x = graph.operands(pool)[0]
-        producer = graph.nodes[x.node]
-        if producer["op"] != "dequantize" or producer["attrs"].get("axis") is not None or \
-                not float(producer["params"]["scale"]) > 0:
-            continue
-        data, params = graph.nodes[pool], producer["params"]
-        q_y = replace_node(graph, pool, "max_pool2d", [graph.operands(x.node)[0]], dict(data["attrs"]),
-                           dict(data["params"]), data["origin"])
-        y = _dequantize_after(graph, q_y, dict(params), data["origin"], f"{pool}_dequantize")
-        for user, _ in graph.users(y):
-            user_data = graph.nodes[user]
-            if user_data["op"] == "quantize" and user_data["attrs"].get("axis") is None and \
-                    user_data["attrs"]["dtype"] == graph.value_type(q_y).dtype and \
-                    _samequant_params(user_data, float(params["scale"]), int(params["zero_point"])):
-                graph.replace_all_uses(Value(user, 0), q_y)
-                graph.remove_node(user)
-        remove_unused(graph, [x.node, y.node])
-        moved += 1
-    return moved
 
 
 def layer_sqnr(float_graph: Graph, graph: Graph, plans: list[LayerPlan], batches: list[tuple]) -> dict[str, float]:
@@ -404,13 +299,10 @@ class Quantize(Pass):
             raise PassError(f"quantize needs calibration inputs for {len(accepted)} layers of {graph.name!r}: "
                             "pass data=[(x,), ...] to optimize() or --data NPZ to the CLI")
         else:
-            plans = self._static_plans(graph, accepted, batches, decide)
+            plans = self._static_plans(graph, accepted, batches, decide, progress=ctx.progress is not None)
         if self.metric is not None and plans:
             plans = self._accuracy_search(graph, float_graph, plans, items, decide)
         apply_plans(graph, plans)
-        pools = integer_max_pools(graph) if self.mode == "static" else 0
-        if pools:
-            decide.stats["integer_max_pools"] = pools
         sqnr = layer_sqnr(float_graph, graph, plans, batches) if batches and plans else {}
         notes = {"quantize.mode": "dynamic"} if self.mode == "dynamic" else {"quantize.observer": self.observer}
         annotate(graph, decide, plans, sqnr, notes)
@@ -456,11 +348,11 @@ class Quantize(Pass):
         decide.stats["metric_final_milli"] = round(1000 * final)
         return [plan for plan in plans if plan.node not in kept]
 
-    def _static_plans(self, graph: Graph, accepted: list[str], batches: list[tuple], decide: Decisions
-                      ) -> list[LayerPlan]:
+    def _static_plans(self, graph: Graph, accepted: list[str], batches: list[tuple], decide: Decisions,
+                      progress: bool = False) -> list[LayerPlan]:
         """Calibrate every accepted layer's input and output, then build its integer form (or refuse it)."""
         values = list(dict.fromkeys(v for node in accepted for v in (graph.operands(node)[0], Value(node, 0))))
-        seen = observe(graph, values, batches, self.observer)
+        seen = observe(graph, values, batches, self.observer, progress=progress)
         qparams = {v: affine_params(*clipping_range(seen[v], self.observer, self.percentile), QMIN, QMAX)
                    for v in values}
         plans = []

@@ -18,7 +18,8 @@ from frontend.torch_fx import from_torch
 from passes.ir.graph import Graph, TensorType, Value
 from passes.ir.interpret import run_reference
 from passes.transforms.fuse_conv_activation import FuseConvActivation
-from passes.transforms.quantize import Quantize, fixed_point
+from passes.transforms.quantization import fixed_point
+from passes.transforms.quantize import Quantize
 from tests.helpers import assert_outputs_close
 from tests.passes.helpers import run_pass
 

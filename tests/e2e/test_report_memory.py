@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import passes
-from passes.core.stats import graph_weight_bytes
+from passes.ir.cost import graph_weight_bytes
 
 pytestmark = pytest.mark.tvm
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from passes.core.stats import graph_weight_bytes, peak_activation_bytes
+from passes.ir.cost import graph_weight_bytes, peak_activation_bytes
 from passes.ir.graph import Graph, TensorType
 
 F32 = 4 * 1 * 4 * 8 * 8  # bytes of one (1, 4, 8, 8) float32 value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from passes.core.stats import graph_flops
+from passes.ir.cost import graph_flops
 from passes.ir.graph import Graph, TensorType
 from passes.ir.ops import OPS
 

@@ -39,7 +39,7 @@ def test_pruned_student_moves_toward_the_teacher_at_another_batch_size():
     records = Pipeline([PruneChannels(ratio=0.5), Distill(epochs=5, lr=0.01)]).run(graph, ctx)
     stats = records[1].stats
     assert stats["steps"] == 20 and stats["loss_end_milli"] < stats["loss_start_milli"] / 2
-    assert len(lines) == 5 and lines[-1].startswith("distill [####################] epoch 5/5 loss ")
+    assert lines == []  # the epochs show as a tqdm bar on a terminal (tests run without one), not as messages
     teacher = run_reference(ctx.original, (DATA[0][0][:1],))  # the graph at batch 1 still runs, with trained weights
     assert run_reference(graph, (DATA[0][0][:1],)).shape == teacher.shape
     assert graph.nodes["n1"]["params"]["running_mean"].shape == (4,)

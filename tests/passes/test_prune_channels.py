@@ -19,7 +19,7 @@ from examples import zoo
 from frontend.torch_fx import from_torch
 from passes.core.pass_base import PassContext, PassError
 from passes.core.pipeline import parse_spec
-from passes.core.stats import graph_flops
+from passes.ir.cost import graph_flops
 from passes.ir.graph import Graph
 from passes.ir.interpret import run_reference
 from passes.transforms.prune_channels import PruneChannels

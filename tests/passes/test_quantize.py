@@ -18,7 +18,9 @@ from passes.ir.interpret import run_reference
 from passes.ir.ops import get_op, requantize
 from passes.transforms.calibrate import TensorObservation, clipping_range, entropy_threshold, sqnr_db
 from passes.transforms.fuse_conv_activation import FuseConvActivation
-from passes.transforms.quantize import Quantize, fixed_point, output_clamp
+from passes.transforms.integer_max_pool import IntegerMaxPool
+from passes.transforms.quantization import fixed_point, output_clamp
+from passes.transforms.quantize import Quantize
 from tests.passes.helpers import assert_idempotent, run_pass
 
 RNG = np.random.default_rng(0)
@@ -40,6 +42,7 @@ def quantized_cnn(observer: str = "minmax") -> tuple[nn.Module, Graph, object]:
     graph = from_torch(model, calibration(1)[0])
     run_pass(FuseConvActivation(), graph)
     result = run_pass(Quantize(observer=observer), graph, PassContext(data=calibration()))
+    assert run_pass(IntegerMaxPool(), graph).stats == {"moved": 1}  # the next pass of the default pipeline
     return model, graph, result
 
 
@@ -62,9 +65,7 @@ def layout(graph: Graph) -> list[tuple[str, str, str]]:
 def test_structure_integer_layers_hand_over_integer_tensors():
     _, graph, result = quantized_cnn()
     assert result.changed and result.stats["quantized"] == 3
-    assert set(result.stats) == {"quantized", "sqnr_db.min", "layer_sqnr_db.n0", "layer_sqnr_db.n2", "layer_sqnr_db.n6",
-                                 "integer_max_pools"}
-    assert result.stats["integer_max_pools"] == 1
+    assert set(result.stats) == {"quantized", "sqnr_db.min", "layer_sqnr_db.n0", "layer_sqnr_db.n2", "layer_sqnr_db.n6"}
     assert layout(graph) == [
         ("input_1", "input", "f32[4,3,8,8]"),
         ("n0_quantize", "quantize", "u8[4,3,8,8]"),
@@ -267,61 +268,6 @@ def test_calibration_leaves_autograd_enabled():
     quantized_cnn()
     run_pass(Quantize(mode="dynamic"), from_torch(small_cnn(), calibration(1)[0]), PassContext(data=calibration(2)))
     assert torch.is_grad_enabled()
-
-
-class PoolResidual(nn.Module):
-    """ResNet's stem and first block: conv-relu, a max pool feeding both a conv and the float residual add."""
-
-    def __init__(self, pool: nn.Module):
-        super().__init__()
-        torch.manual_seed(0)
-        self.stem, self.pool, self.conv = nn.Conv2d(3, 8, 3, padding=1), pool, nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x):
-        y = self.pool(torch.relu(self.stem(x)))
-        return torch.relu(self.conv(y)) + y
-
-
-def quantized_pool_residual(pool: nn.Module, monkeypatch=None) -> tuple[Graph, object]:
-    graph = from_torch(PoolResidual(pool).eval(), calibration(1)[0])
-    run_pass(FuseConvActivation(), graph)
-    if monkeypatch is not None:  # the graph as it was before max pools moved to uint8
-        monkeypatch.setattr("passes.transforms.quantize.integer_max_pools", lambda graph: 0)
-    return graph, run_pass(Quantize(), graph, PassContext(data=calibration()))
-
-
-def test_max_pool_of_a_dequantized_tensor_runs_on_the_uint8_tensor():
-    graph, result = quantized_pool_residual(nn.MaxPool2d(3, 2, 1))
-    assert result.stats["quantized"] == 2 and result.stats["integer_max_pools"] == 1
-    ops = {graph.nodes[n]["op"]: n for n in graph.topo_order()}
-    pool = ops["max_pool2d"]
-    assert str(graph.nodes[pool]["out_types"][0]) == "u8[4,8,4,4]"
-    assert graph.operands(pool)[0].node == "stem"  # the stem's integer output, no dequantize before the pool
-    users = {graph.nodes[user]["op"] for user, _ in graph.users(pool)}
-    assert users == {"qconv2d", "dequantize"}  # the conv reads it directly (equal params), the float add dequantized
-    assert [graph.nodes[n]["op"] for n in graph.topo_order()].count("quantize") == 1  # only the model input
-
-
-def test_integer_max_pool_is_exact(monkeypatch):
-    graph, _ = quantized_pool_residual(nn.MaxPool2d(3, 2, 1))
-    before, _ = quantized_pool_residual(nn.MaxPool2d(3, 2, 1), monkeypatch)
-    pool = next(n for n in before.topo_order() if before.nodes[n]["op"] == "max_pool2d")
-    assert str(before.nodes[pool]["out_types"][0]).startswith("f32")
-    for inputs in calibration(3):
-        np.testing.assert_array_equal(run_reference(graph, inputs).numpy(), run_reference(before, inputs).numpy())
-
-
-def test_avg_pool_and_pools_of_float_tensors_stay_float():
-    graph, result = quantized_pool_residual(nn.AvgPool2d(3, 2, 1))
-    assert "integer_max_pools" not in result.stats
-    pool = next(n for n in graph.topo_order() if graph.nodes[n]["op"] == "avg_pool2d")
-    assert str(graph.nodes[pool]["out_types"][0]).startswith("f32")
-    model = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(3, 4, 3)).eval()  # pools the float model input
-    graph = from_torch(model, calibration(1)[0])
-    result = run_pass(Quantize(), graph, PassContext(data=calibration()))
-    assert result.stats["quantized"] == 1 and "integer_max_pools" not in result.stats
-    pool = next(n for n in graph.topo_order() if graph.nodes[n]["op"] == "max_pool2d")
-    assert str(graph.nodes[pool]["out_types"][0]).startswith("f32")
 
 
 def test_calibration_batches_may_differ_from_the_compiled_batch_size():

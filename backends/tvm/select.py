@@ -1,0 +1,152 @@
+"""Kernel selection: which kernel lowers each node on a target (our conv / dense / integer / recurrent kernels or
+Relax ops), decided once per graph (``select_kernels``).
+
+Lowering and tuning both read these decisions, so the tuner tunes exactly the kernels the build will use and
+neither asks the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
+from passes.ir.graph import Graph, Value
+
+
+def conv_spec_of(graph: Graph, node: str, lanes: int = 16) -> ConvSpec:
+    """The kernel spec of a conv2d / conv2d_pool node (also what the tuner tunes, so the keys agree)."""
+    d = graph.nodes[node]
+    a, p = d["attrs"], d["params"]
+    operands = graph.operands(node)
+    return ConvSpec(in_shape=graph.value_type(operands[0]).shape, weight_shape=tuple(p["weight"].shape),
+                    stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
+                    has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
+                    residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
+                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype,
+                    lanes=lanes)
+
+
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")  # our kernels store these and accumulate in fp32
+
+
+def _kernel_dtype(graph: Graph, node: str) -> bool:
+    """The node's float operands and params all have one dtype our kernels take (mixed-precision graphs)."""
+    d = graph.nodes[node]
+    dtypes = {graph.value_type(v).dtype for v in graph.operands(node)}
+    dtypes |= {str(p.dtype) for k, p in d["params"].items() if k in ("weight", "bias")}
+    return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
+
+
+def uses_conv_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> ConvSpec | None:
+    """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d, any conv2d_pool)."""
+    d = graph.nodes[node]
+    if d["op"] not in ("conv2d", "conv2d_pool") or not _kernel_dtype(graph, node):
+        return None
+    if d["op"] == "conv2d" and target_kind != "llvm":
+        return None
+    spec = conv_spec_of(graph, node, lanes)
+    return spec if supports(spec) else None
+
+
+def uses_dense_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> DenseSpec | None:
+    """The spec when a ``linear`` node lowers to our dense kernel on ``target_kind`` (CPU; the tuner asks too)."""
+    d = graph.nodes[node]
+    if d["op"] != "linear" or target_kind != "llvm" or not _kernel_dtype(graph, node):
+        return None
+    x = graph.value_type(graph.operands(node)[0])
+    return dense_spec(x.shape, d["params"]["weight"].shape, "bias" in d["params"], d["attrs"]["activation"],
+                      d["attrs"]["activation_params"], x.dtype, lanes)
+
+
+def is_depthwise(graph: Graph, node: str) -> bool:
+    """A ``qconv2d`` with one group per channel (groups = C = OC) and no fused residual."""
+    data = graph.nodes[node]
+    channels = graph.value_type(graph.operands(node)[0]).shape[1]
+    return (data["op"] == "qconv2d" and data["attrs"]["groups"] == channels == data["params"]["weight"].shape[0]
+            and channels > 1 and len(graph.operands(node)) == 1)
+
+
+def uses_integer_kernel(graph: Graph, node: str, target_kind: str) -> bool:
+    """Whether ``qconv2d``/``qlinear`` lowers to our kernels (``qkernels.py``: dense-reduction or depthwise) rather
+    than Relax integer ops (other grouped convs, cuda)."""
+    data = graph.nodes[node]
+    return target_kind == "llvm" and (data["op"] == "qlinear" or (data["op"] == "qconv2d" and (
+        data["attrs"]["groups"] == 1 or is_depthwise(graph, node))))
+
+
+def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:
+    """Integer conv outputs that only our integer conv kernels read (as input or fused residual): those stay NHWC
+    in memory. The graph's semantics are NCHW; between two of our kernels NHWC is the better layout: the
+    producer's epilogue stores 16 channels of a pixel as one contiguous vector, and the consumer's padding stage
+    (``qkernels.qconv_compute``) copies channel vectors instead of gathering each pixel's channels across planes."""
+    def reads_nhwc(user: str) -> bool:  # as its input or its fused residual
+        return graph.nodes[user]["op"] == "qconv2d" and uses_integer_kernel(graph, user, target_kind)
+
+    chosen = set()
+    for node in graph.op_nodes("qconv2d"):
+        value = Value(node, 0)
+        users = graph.users(value)
+        if (uses_integer_kernel(graph, node, target_kind) and users and not graph.is_graph_output(value)
+                and all(reads_nhwc(user) for user, _ in users)):
+            chosen.add(value)
+    return frozenset(chosen)
+
+
+RECURRENT_OPS = ("lstm", "gru", "rnn")
+DYNAMIC_RECURRENT_OPS = ("qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool;
+    ``dense``: ``kernels.dense_kernel``; ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``:
+    ``qkernels.depthwise_kernel``; ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel;
+    ``integer_recurrent``: the dynamic int8 RNNs) or ``relax`` (TVM's Relax ops, scheduled by ``schedule.py``).
+    ``spec``: the conv/dense kernel's spec, which is also its tuning task."""
+
+    kernel: str
+    spec: ConvSpec | DenseSpec | None = None
+
+
+RELAX = Choice("relax")
+
+
+def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> Choice:
+    """The kernel that lowers ``node`` on ``target_kind`` ("llvm" | "cuda"); kernel tiles sized for ``lanes``-wide
+    vectors (``Target.lanes``)."""
+    data = graph.nodes[node]
+    op = data["op"]
+    spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
+    if spec is not None:
+        return Choice("dense" if isinstance(spec, DenseSpec) else "conv", spec)
+    if uses_integer_kernel(graph, node, target_kind):
+        return Choice("depthwise" if is_depthwise(graph, node) else "integer")
+    if target_kind != "llvm":
+        return RELAX
+    if op in RECURRENT_OPS:
+        return Choice("recurrent")
+    if op in DYNAMIC_RECURRENT_OPS:
+        return Choice("integer_recurrent")
+    if op == "max_pool2d" and graph.value_type(graph.operands(node)[0]).dtype in ("uint8", "int8"):
+        return Choice("integer_max_pool")  # LLVM scalarizes an 8-bit max pool written as Relax ops
+    return RELAX
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Every node's ``Choice`` on one target, decided once per graph, and the values our integer conv kernels
+    hand each other in NHWC (``nhwc_values``)."""
+
+    target_kind: str
+    choices: Mapping[str, Choice]
+    nhwc: frozenset[Value]
+
+    def __getitem__(self, node: str) -> Choice:
+        return self.choices[node]
+
+
+def select_kernels(graph: Graph, target_kind: str, lanes: int = 16) -> Selection:
+    choices = {node: choose(graph, node, target_kind, lanes) for node in graph.topo_order()
+               if graph.nodes[node]["op"] != "input"}
+    return Selection(target_kind, choices, nhwc_values(graph, target_kind))
