@@ -108,12 +108,13 @@ def all_reduce(array: Any, op: str, world: World) -> np.ndarray:
 
 def data_parallel(module, world: World):
     """``module`` (an ``nn.Module``) wrapped in ``DistributedDataParallel`` over the CPU group, or as it is in a
-    single process. Its buffers never change in training (integer params), so they are not re-broadcast."""
+    single process. Its buffers never change in training (integer params): synced once at the start, not before
+    every forward."""
     if not world.parallel:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(module, process_group=world.group, broadcast_buffers=False)
+    return DistributedDataParallel(module, process_group=world.group, forward_sync_buffers=False)
 
 
 def broadcast_parameters(module, world: World) -> None:
