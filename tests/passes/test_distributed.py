@@ -116,3 +116,30 @@ def test_shards_split_items_round_robin_and_pad_by_wrapping():
 def test_a_single_process_reduces_nothing():
     assert world() == SINGLE  # no torchrun environment: no process group is started
     np.testing.assert_array_equal(all_reduce([1.5, -2.0], "min", SINGLE), [1.5, -2.0])
+
+
+@pytest.mark.tvm
+def test_torchrun_cli_writes_one_artifact_from_rank_zero(tmp_path):
+    """``torchrun --nproc-per-node 2 -m passes.cli compile ...``: one artifact, rank 1 silent, both exit 0."""
+    from passes.api import load
+
+    x = worker.X[0]
+    torch.onnx.export(worker.MODEL, (x,), str(tmp_path / "m.onnx"), input_names=["x"], dynamo=False,
+                      opset_version=17)
+    np.savez(tmp_path / "train.npz", x=torch.randn(32, *x.shape[1:]).numpy())
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), "--redirects", "3", "--log-dir", str(tmp_path / "logs"),
+               "-m", "passes.cli", "compile", str(tmp_path / "m.onnx"), "--passes",
+               "prune-channels{ratio=0.5},distill{epochs=2},default", "--data", str(tmp_path / "train.npz"),
+               "--batch-size", "8", "-o", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = {p.parent.name + "/" + p.name: p.read_text() for p in (tmp_path / "logs").rglob("*.log")}
+    assert logs["1/stdout.log"] == "" and logs["1/stderr.log"] == ""
+    assert f"wrote {tmp_path / 'out'}" in logs["0/stdout.log"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))] == ["out"]
+    stats = {p["name"]: p["stats"] for p in json.loads((tmp_path / "out" / "report.json").read_text())["passes"]}
+    assert stats["distill"]["steps"] == 2 * 2  # 4 items of 8 over 2 ranks: 2 steps per epoch
+    y = load(tmp_path / "out")(x.numpy())
+    assert np.asarray(y).shape == (1, 5)
