@@ -64,6 +64,11 @@ def world() -> World:
     if not dist.is_initialized():
         if not launched():
             return SINGLE
+        missing = [key for key in ("RANK", "MASTER_ADDR", "MASTER_PORT") if key not in os.environ]
+        if missing:
+            raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for data-parallel passes, but "
+                             f"{', '.join(missing)} is not set: start the program with torchrun --nproc-per-node N, "
+                             "or unset WORLD_SIZE")
         dist.init_process_group("gloo", init_method="env://")
     if dist.get_world_size() == 1:
         return SINGLE

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,23 +22,19 @@ from passes.core.distributed import SINGLE, World, all_reduce, shard, world
 from passes.core.pass_base import PassContext
 from passes.transforms.prune_channels import PruneChannels
 from tests.conftest import ROOT
+from tests.helpers import torchrun
 from tests.passes import distributed_worker as worker
 
 LAUNCH_TIMEOUT_S = 150  # each rank: start, distill, three calibrations; ~15 s on 2 idle cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(module: str, *args: str, ranks: int = 2) -> list[subprocess.CompletedProcess]:
-    """``python -m module args`` as ``ranks`` processes with the environment torchrun would give them."""
-    port = free_port()
+    """``python -m module args`` as ``ranks`` processes with the environment torchrun would give them (started
+    here rather than by torchrun, to read each rank's output apart)."""
+    port = torchrun(ranks)[-1]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env |= {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # torchrun's default with several ranks per host
+            "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # torchrun's default with several ranks per host
     procs = [subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(ranks)]
@@ -128,9 +123,7 @@ def test_torchrun_cli_writes_one_artifact_from_rank_zero(tmp_path):
                       opset_version=17)
     np.savez(tmp_path / "train.npz", x=torch.randn(32, *x.shape[1:]).numpy())
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "--redirects", "3", "--log-dir", str(tmp_path / "logs"),
-               "-m", "passes.cli", "compile", str(tmp_path / "m.onnx"), "--passes",
+    command = [*torchrun(2), "--redirects", "3", "--log-dir", str(tmp_path / "logs"), "-m", "passes.cli", "compile", str(tmp_path / "m.onnx"), "--passes",
                "prune-channels{ratio=0.5},distill{epochs=2},default", "--data", str(tmp_path / "train.npz"),
                "--batch-size", "8", "-o", str(tmp_path / "out")]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
@@ -143,3 +136,11 @@ def test_torchrun_cli_writes_one_artifact_from_rank_zero(tmp_path):
     assert stats["distill"]["steps"] == 2 * 2  # 4 items of 8 over 2 ranks: 2 steps per epoch
     y = load(tmp_path / "out")(x.numpy())
     assert np.asarray(y).shape == (1, 5)
+
+
+def test_a_partial_torchrun_environment_is_refused_clearly(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ValueError, match="RANK, MASTER_ADDR, MASTER_PORT is not set: start the program with torchrun"):
+        world()
