@@ -1,8 +1,9 @@
 """One rank of ``test_distributed.py``: ``python -m tests.passes.distributed_worker OUTDIR`` under torchrun's
 environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Without it, the same code runs in one process.
 
-Distills a pruned student on ``ITEMS`` (this rank's shard), then calibrates ``quantize`` with every observer, and
-writes what it ended with to ``OUTDIR/rank<r>.npz`` (the student's weights) and ``rank<r>.json`` (the scales).
+Distills a pruned student on ``ITEMS`` (this rank's shard), calibrates ``quantize`` with every observer and once
+accuracy-aware, and writes what it ended with to ``OUTDIR/rank<r>.npz`` (the student's weights) and
+``rank<r>.json`` (the scales and the accuracy-aware stats).
 Progress goes to stdout through ``print``: only rank 0 may print.
 """
 
@@ -52,10 +53,20 @@ def scales(items: list) -> dict[str, list]:
     return found
 
 
+def top1(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((outputs.argmax(-1) == labels).float().mean())
+
+
+def accuracy_aware_stats(items: list) -> dict[str, int]:
+    """The stats of an accuracy-aware quantize (metric totals and SQNR sums reduced over the ranks)."""
+    graph = from_torch(MODEL, X)
+    return Quantize(metric=top1, tolerance=0.0).run(graph, PassContext(data=items)).stats
+
+
 def main(out: Path) -> None:
     rank = distributed.world().rank
     np.savez(out / f"rank{rank}.npz", **distilled(ITEMS, progress=print))
-    (out / f"rank{rank}.json").write_text(json.dumps(scales(ITEMS)))
+    (out / f"rank{rank}.json").write_text(json.dumps({"scales": scales(ITEMS), "stats": accuracy_aware_stats(ITEMS)}))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,16 @@ def test_calibration_scales_equal_one_process_on_all_the_data(two_ranks):
     single = worker.scales(worker.ITEMS)
     assert len(single) == 2 * len(worker.OBSERVERS)  # the conv and the linear, per observer
     for rank in (0, 1):
-        assert json.loads((out / f"rank{rank}.json").read_text()) == json.loads(json.dumps(single))
+        assert json.loads((out / f"rank{rank}.json").read_text())["scales"] == json.loads(json.dumps(single))
+
+
+def test_accuracy_aware_quantize_decides_as_one_process(two_ranks):
+    """The metric totals and SQNR sums are reduced: the same metric, kept layers and per-layer SQNR."""
+    out, _ = two_ranks
+    single = worker.accuracy_aware_stats(worker.ITEMS)
+    assert {"metric_float_milli", "kept_for_accuracy", "layer_sqnr_db.n0"} <= set(single)
+    for rank in (0, 1):
+        assert json.loads((out / f"rank{rank}.json").read_text())["stats"] == single
 
 
 def test_only_rank_zero_prints(two_ranks):
