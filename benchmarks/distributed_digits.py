@@ -6,14 +6,17 @@ accuracy through the compiled TVM module, wall times.
     torchrun --nproc-per-node 2 benchmarks/distributed_digits.py --worker   # one run, what the table times
 
 Wall time is the whole process (start, teacher training, prune, distill, TVM build); ``distill`` is the pass
-alone, from the report. On a 2-core machine two ranks share the cores one process already uses (torch's intra-op
-threads), so data parallelism buys no time there: it is for more machines, or more cores than one process uses.
+alone, from the report (rank 0's); CPU is user + system time of every process together. On a 2-core machine two
+ranks share the cores one process already uses (torch's intra-op threads), so data parallelism buys no time
+there: it is for more machines, or more cores than one process uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -48,15 +51,19 @@ def worker() -> None:
                           "loss_end": distill.stats["loss_end_milli"] / 1000}))
 
 
-def timed(ranks: int) -> dict:
+def timed(ranks: int, one_thread: bool = False) -> dict:
+    """One run: a single process (with torch's default threads, or one thread as torchrun gives each rank when
+    it starts several per host) or ``ranks`` processes under torchrun."""
     from tests.helpers import torchrun
 
     script = [str(Path(__file__).resolve()), "--worker"]
-    start = time.perf_counter()
+    env = os.environ | ({"OMP_NUM_THREADS": "1"} if one_thread else {})
+    start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run([sys.executable, *script] if ranks == 1 else [*torchrun(ranks), *script], cwd=ROOT,
-                            capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - start
-    return json.loads(result.stdout.strip().splitlines()[-1]) | {"wall_s": wall}
+                            env=env, capture_output=True, text=True, check=True)
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # every rank, waited for by torchrun
+    return json.loads(result.stdout.strip().splitlines()[-1]) | {"wall_s": wall, "cpu_s": cpu}
 
 
 def main() -> int:
@@ -67,18 +74,19 @@ def main() -> int:
     if args.worker:
         worker()
         return 0
-    runs: dict[int, list[dict]] = {1: [], 2: []}
+    configs = {"1 process": (1, False), "1 process, 1 thread": (1, True), "2 processes (torchrun)": (2, False)}
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
     for _ in range(args.rounds):
-        for ranks in runs:
-            runs[ranks].append(timed(ranks))
-            print(f"# {runs[ranks][-1]}", flush=True)
-    print("| processes | held-out accuracy | steps | distill (median s) | wall (median s) |")
-    print("|---|---|---|---|---|")
-    for ranks, results in runs.items():
+        for name, config in configs.items():
+            runs[name].append(timed(*config))
+            print(f"# {name}: {runs[name][-1]}", flush=True)
+    print("| run | held-out accuracy | steps | distill (median s) | wall (median s) | CPU (median s) |")
+    print("|---|---|---|---|---|---|")
+    for name, results in runs.items():
         accuracy = sorted({f"{r['accuracy']:.2f}%" for r in results})
-        print(f"| {ranks} | {', '.join(accuracy)} | {results[0]['steps']} | "
-              f"{statistics.median(r['distill_s'] for r in results):.1f} | "
-              f"{statistics.median(r['wall_s'] for r in results):.1f} |")
+        median = {key: statistics.median(r[key] for r in results) for key in ("distill_s", "wall_s", "cpu_s")}
+        print(f"| {name} | {', '.join(accuracy)} | {results[0]['steps']} | {median['distill_s']:.1f} | "
+              f"{median['wall_s']:.1f} | {median['cpu_s']:.1f} |")
     return 0
 
 
