@@ -4,6 +4,9 @@ Commands: ``compile MODEL -o OUTDIR``, ``run OUTDIR INPUTS.npz -o OUTPUTS.npz``,
 ``explain PASS MODEL``, ``list-passes``, ``list-ops``.
 MODEL is a path to an ``.onnx`` file or ``zoo:NAME`` for a bundled example model.
 
+Data-parallel distill/quantize: ``torchrun --nproc-per-node N -m passes.cli compile ... --data train.npz -o out/``
+(rank 0 writes the artifact and prints; see ``cmd_compile``).
+
 Exit codes: 0 success; 2 bad input or usage (one clear line on stderr, no traceback); 1 internal error.
 """
 
@@ -78,19 +81,27 @@ def _load_data(path: str | None, batch_size: int) -> list[tuple] | None:
 
 
 def cmd_compile(args) -> int:
+    """Under ``torchrun`` every rank runs the pipeline (distill and quantize work on their shards of ``--data``);
+    rank 0 alone tunes, measures, shows progress and logs, and writes the artifact; the other ranks exit 0."""
     from passes.api import Tune, optimize
+    from passes.core import distributed
 
     model, inputs = _model_and_inputs(args.model)
     data = _load_data(args.data, args.batch_size)
+    world = distributed.world()
+    if not world.main:
+        logging.getLogger().setLevel(logging.ERROR)
     passes = [] if args.passes == "" else (None if args.passes is None else args.passes)
     tune = Tune(trials=args.tune_trials, database=args.tuning_db,
-                progress=sys.stderr.isatty() and not args.json) if args.tune_trials else None
+                progress=sys.stderr.isatty() and not args.json) if args.tune_trials and world.main else None
     instruments = ["verify-each", "timing"]
     instruments += ["numeric-check-each"] if args.numeric_check_each else []
-    instruments += [f"dump-each={args.dump_each}"] if args.dump_each else []
+    instruments += [f"dump-each={args.dump_each}"] if args.dump_each and world.main else []
     opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, data=data, tune=tune,
-                   measure=not args.no_measure, instruments=instruments, threads=args.threads,
-                   progress=None if args.json else _progress)  # --json: nothing on stderr but errors
+                   measure=not args.no_measure and world.main, instruments=instruments, threads=args.threads,
+                   progress=_progress if world.main and not args.json else None)  # --json: only errors on stderr
+    if not world.main:
+        return EXIT_OK
     opt.save(args.output)
     print(opt.report.to_json() if args.json else opt.report.summary())
     if not args.json:

@@ -50,3 +50,15 @@ def assert_nvcc_accepts(source: str, folder) -> str:
                              str(folder / "kernels.ptx")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return (folder / "kernels.ptx").read_text()
+
+
+def torchrun(ranks: int) -> list[str]:
+    """The start of a ``torchrun --nproc-per-node ranks`` command on loopback, at a port free right now."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+            "127.0.0.1", "--master-port", str(port)]

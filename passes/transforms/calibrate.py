@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from passes.core import distributed
 from passes.core.pass_base import PassContext, PassError
 from passes.core.progress import progress_bar
 from passes.ir.graph import Graph, IRError, TensorType, Value
@@ -120,7 +121,10 @@ def run_probe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple]):
 def observe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple], observer: str, progress: bool = False
             ) -> dict[Value, TensorObservation]:
     """Observe ``values`` over ``batches``: one pass for ranges, a second for histograms when the observer needs
-    them (the histogram range must be known before the first count). ``progress``: a bar per pass (tqdm)."""
+    them (the histogram range must be known before the first count). ``progress``: a bar per pass (tqdm). Under
+    ``torchrun`` each rank observes its shard and the ranges (min/max) and histograms (sums) are reduced over the
+    ranks: the same result as one process observing all of them (exactly: ranges are min/max, counts are integers
+    over the same bins)."""
 
     def probe(desc: str):
         bar = progress_bar(batches, enabled=progress, desc=desc, total=len(batches), unit="batch")
@@ -130,15 +134,24 @@ def observe(graph: Graph, values: Sequence[Value], batches: Sequence[tuple], obs
     for outs in probe("calibrate (ranges)"):
         for v, x in zip(values, outs):
             seen[v].update_range(x)
+    world = distributed.world()
+    lows = distributed.all_reduce([seen[v].low for v in values], "min", world)
+    highs = distributed.all_reduce([seen[v].high for v in values], "max", world)
+    for v, low, high in zip(values, lows, highs):
+        seen[v].low, seen[v].high = float(low), float(high)
     if observer == "minmax":
         return seen
+    magnitude = {v: observer == "entropy" and seen[v].signed for v in values}  # entropy bins |x| of signed x
+    for v in values:  # zero counts over the final bins first: a rank whose shard is empty has the same edges
+        obs = seen[v]
+        obs.update_histogram(np.empty(0), *((0.0, max(-obs.low, obs.high)) if magnitude[v] else (obs.low, obs.high)))
     for outs in probe("calibrate (histograms)"):
         for v, x in zip(values, outs):
             obs = seen[v]
-            if observer == "entropy" and obs.signed:
-                obs.update_histogram(np.abs(x), 0.0, max(-obs.low, obs.high))
-            else:
-                obs.update_histogram(x, obs.low, obs.high)
+            obs.update_histogram(np.abs(x) if magnitude[v] else x, obs.edges[0], obs.edges[-1])
+    counts = distributed.all_reduce([seen[v].histogram for v in values], "sum", world)
+    for v, histogram in zip(values, counts):
+        seen[v].histogram = histogram
     return seen
 
 
@@ -237,7 +250,8 @@ def split_items(data: Iterable, graph: Graph, pass_name: str) -> list[tuple[tupl
 
 def evaluate(graph: Graph, metric: Callable[..., float], items: list[tuple]) -> float:
     """``metric(outputs, labels or None)`` per data item through the reference interpreter, averaged weighted
-    by batch size (so a per-batch accuracy averages to the accuracy over all items)."""
+    by batch size (so a per-batch accuracy averages to the accuracy over all items; over every rank's items
+    under ``torchrun``)."""
     import torch
 
     module, total, count = BatchedInterpreter(graph), 0.0, 0
@@ -248,4 +262,5 @@ def evaluate(graph: Graph, metric: Callable[..., float], items: list[tuple]) -> 
         size = int(first.shape[0]) if first.ndim else 1
         total += size * float(metric(outputs, labels))
         count += size
-    return total / max(count, 1)
+    total, count = distributed.all_reduce([total, count], "sum", distributed.world())
+    return float(total) / max(float(count), 1)

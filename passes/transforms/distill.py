@@ -13,6 +13,11 @@ inputs followed by labels. Adam with learning rate ``lr`` for ``epochs`` passes 
 statistics stay fixed (batch norms are inference ops in the IR). Items may have a batch size other than the
 compiled one: the graph is re-batched for training (input shapes, re-inferred types, the batch entry of reshapes).
 
+Data-parallel under ``torchrun`` (``passes.core.distributed``): rank r trains on items r, r + N, ... (padded to
+equal counts), the student wrapped in ``DistributedDataParallel``, teacher targets computed per rank; one step of N
+ranks is one step on the global batch of N items. Losses are averaged over the ranks, progress is shown by rank 0,
+and rank 0's weights are broadcast before the write-back, so every rank ends with the same graph.
+
 Stats: ``steps`` (optimizer steps), ``loss_start_milli`` and ``loss_end_milli`` (mean loss of the first and last
 epoch x 1000); a progress bar (tqdm, on a terminal) shows the epochs when ``ctx.progress`` is set.
 """
@@ -25,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from passes.core import distributed
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
 from passes.core.progress import progress_bar
 from passes.ir.graph import Graph, flatten_structure
@@ -32,6 +38,18 @@ from passes.ir.interpret import GraphModule
 from passes.transforms.calibrate import BatchedInterpreter, split_items
 
 FROZEN_PARAMS = ("running_mean", "running_var")
+
+
+class Student(torch.nn.Module):
+    """The student as one ``nn.Module`` over every batch size (``BatchedInterpreter``), so that
+    ``DistributedDataParallel`` sees its parameters and every forward goes through it."""
+
+    def __init__(self, run: BatchedInterpreter):
+        super().__init__()
+        self.module, self.run = run.module, run
+
+    def forward(self, *inputs):
+        return self.run(*inputs)
 
 
 @dataclass(frozen=True)
@@ -51,14 +69,15 @@ class Distill(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("steps",))
-        batches = self._batches(graph, ctx)
+        world = distributed.world()
+        batches = distributed.shard(self._batches(graph, ctx), world, pad=True)
         if ctx.original is None:
             raise PassError("distill: no teacher (run it in a pipeline or optimize(), or set PassContext.original)")
         torch.manual_seed(self.seed)
         student = GraphModule(graph).train()
         for key, param in student.named_parameters():
             param.requires_grad_(not key.endswith(FROZEN_PARAMS))
-        run_student = BatchedInterpreter(graph, student, "distill")
+        run_student = distributed.data_parallel(Student(BatchedInterpreter(graph, student, "distill")), world)
         run_teacher = BatchedInterpreter(ctx.original, GraphModule(ctx.original).eval(), "distill")
         with torch.no_grad():
             targets = [[t.detach() for t in flatten_structure(run_teacher(*x))] for x, _ in batches]
@@ -66,7 +85,8 @@ class Distill(Pass):
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.epochs * len(batches))
         order, losses, steps = list(range(len(batches))), [], 0
         rng = random.Random(self.seed)
-        bar = progress_bar(range(self.epochs), enabled=ctx.progress is not None, desc="distill", unit="epoch")
+        bar = progress_bar(range(self.epochs), enabled=ctx.progress is not None and world.main, desc="distill",
+                           unit="epoch")
         for _ in bar:
             rng.shuffle(order)
             total = 0.0
@@ -80,8 +100,9 @@ class Distill(Pass):
                 schedule.step()
                 total += float(loss.detach())
                 steps += 1
-            losses.append(total / len(batches))
+            losses.append(float(distributed.all_reduce(total, "sum", world)) / (world.size * len(batches)))
             bar.set_postfix_str(f"loss {losses[-1]:.4f}", refresh=False)
+        distributed.broadcast_parameters(student, world)
         student.write_back(graph)
         decide.done(graph.inputs[0], "steps", f"{self.epochs} epochs, loss {losses[0]:.4f} -> {losses[-1]:.4f}",
                     count=steps)

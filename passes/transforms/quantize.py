@@ -40,6 +40,10 @@ Refusals (the layer stays float): ``fused_pool`` (a ``conv2d_pool``), ``residual
 Accuracy-aware (``metric``, ``tolerance``; see ``Quantize``): the most sensitive layers go back to float until
 the metric is within tolerance of the float graph's; ``keep_float`` names layers to leave float up front.
 
+Under ``torchrun`` (``passes.core.distributed``) each rank calibrates on its shard of the data and the observers,
+SQNR sums and metric totals are reduced over the ranks: every rank takes the same decisions, with the scales one
+process would choose from all the data.
+
 Reports: stats ``quantized``, ``skipped.*``, ``sqnr_db.min`` (the worst
 layer, floored) and ``layer_sqnr_db.<node>`` (every quantized layer, floored; ``Report.to_dict()["sqnr_db"]``
 gathers them); node meta ``quantize.sqnr_db`` (the layer's dequantized output against the float model's, over
@@ -55,6 +59,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from passes.core import distributed
 from passes.core.pass_base import Decisions, Pass, PassContext, PassError, PassResult
 from passes.core.rewrite import remove_unused, replace_node
 from passes.ir.graph import Graph, Value
@@ -188,7 +193,8 @@ def apply_plans(graph: Graph, plans: list[LayerPlan]) -> None:
 
 
 def layer_sqnr(float_graph: Graph, graph: Graph, plans: list[LayerPlan], batches: list[tuple]) -> dict[str, float]:
-    """Per layer: SQNR of the (dequantized) quantized output against the float layer output, over all batches."""
+    """Per layer: SQNR of the (dequantized) quantized output against the float layer output, over all batches
+    (of every rank under ``torchrun``)."""
     values = [Value(plan.node, 0) for plan in plans]
     signal, noise = np.zeros(len(plans)), np.zeros(len(plans))
     for ref, out in zip(run_probe(float_graph, values, batches), run_probe(graph, values, batches)):
@@ -197,6 +203,7 @@ def layer_sqnr(float_graph: Graph, graph: Graph, plans: list[LayerPlan], batches
             dequantized = (out[i] - zero_point) * np.float64(np.float32(scale))
             signal[i] += np.sum(ref[i] ** 2)
             noise[i] += np.sum((ref[i] - dequantized) ** 2)
+    signal, noise = distributed.all_reduce([signal, noise], "sum", distributed.world())
     return {plan.node: sqnr_db(s, n) for plan, s, n in zip(plans, signal, noise)}
 
 
@@ -288,22 +295,23 @@ class Quantize(Pass):
         if not accepted:
             return decide.result()
         items = split_items(ctx.data, graph, "quantize") if ctx.data is not None else []
-        batches = [inputs for inputs, _ in items]
+        local = distributed.shard(items, distributed.world())  # this rank's items; observations are reduced
+        batches = [inputs for inputs, _ in local]
         if self.metric is not None and not items:
             raise PassError(f"quantize: the accuracy metric needs data to evaluate on for {graph.name!r}: pass "
                             "data=[(x,), (x, labels), ...] to optimize()")
         float_graph = graph.copy_graph()
         if self.mode == "dynamic":
             plans = [LayerPlan(node, None, None, *dynamic_layer(graph.nodes[node])) for node in accepted]
-        elif not batches:
+        elif not items:
             raise PassError(f"quantize needs calibration inputs for {len(accepted)} layers of {graph.name!r}: "
                             "pass data=[(x,), ...] to optimize() or --data NPZ to the CLI")
         else:
             plans = self._static_plans(graph, accepted, batches, decide, progress=ctx.progress is not None)
         if self.metric is not None and plans:
-            plans = self._accuracy_search(graph, float_graph, plans, items, decide)
+            plans = self._accuracy_search(graph, float_graph, plans, local, decide)
         apply_plans(graph, plans)
-        sqnr = layer_sqnr(float_graph, graph, plans, batches) if batches and plans else {}
+        sqnr = layer_sqnr(float_graph, graph, plans, batches) if items and plans else {}
         notes = {"quantize.mode": "dynamic"} if self.mode == "dynamic" else {"quantize.observer": self.observer}
         annotate(graph, decide, plans, sqnr, notes)
         # kept layers and metric values are reported, not work: the graph changed only if a layer was quantized
