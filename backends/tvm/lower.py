@@ -20,6 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from backends.tvm import cuda_rnn
 from backends.tvm.kernels import ConvSpec, DenseSpec, conv_kernel, dense_kernel, dense_spec, supports
 from backends.tvm.qdynamic import DEPTH, dense_layout, dynamic_dense_kernel, pack_int8
 from backends.tvm.qkernels import (
@@ -734,7 +735,8 @@ def _recurrent(ctx, xs):
     Per layer and direction the input projection of all time steps is ONE matmul ((T*B, I) x (I, G*H)); each
     step then adds ``h W_hh^T`` and applies the gate math. Weights are transposed once, here.
     """
-    if ctx.target_kind == "llvm":
+    if ctx.target_kind == "llvm" or (ctx.target_kind == "cuda" and cuda_rnn.fits(ctx.data["op"],
+                                                                              ctx.attrs["hidden_size"])):
         return _recurrent_kernels(ctx, xs)
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
@@ -810,8 +812,9 @@ def _layer_outputs(ctx: LowerContext, kind: str, x: relax.Expr, final_h: list, f
 
 
 def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
-    """CPU: per layer, one input-projection dense kernel for both directions and one ``recurrent_kernel`` call
-    (the whole time loop, directions in parallel)."""
+    """Per layer, one input projection for both directions and one kernel for the whole time loop, directions in
+    parallel. CPU: our dense kernel, then ``recurrent_kernel``; cuda: a Relax matmul (dlight), then the persistent
+    ``cuda_rnn.cuda_recurrent_kernel`` (one launch per layer)."""
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
     hidden, layers = a["hidden_size"], a["num_layers"]
@@ -833,9 +836,16 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
         b_hh = [p.get("bias_hh" + s, zeros) if a["bias"] else zeros for s in suffixes]
         if kind != "gru":  # b_hh adds to every gate pre-activation: fold it into the projection
             b_ih, b_hh = [i + h for i, h in zip(b_ih, b_hh)], [zeros] * directions
-        xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, np.concatenate(b_ih).astype(np.float32))
+        bias = np.concatenate(b_ih).astype(np.float32)
         name = f"{kind}_{ctx.node}_l{layer}"
-        func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
+        if ctx.target_kind == "cuda":
+            features = ctx.emit(R.reshape(x, (steps * batch, w_ih.shape[1])))
+            xp = ctx.emit(R.add(R.matmul(features, ctx.const(np.ascontiguousarray(w_ih.T))), ctx.const(bias)))
+            xp = ctx.emit(R.reshape(xp, (steps, batch, -1)))
+            func = cuda_rnn.cuda_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
+        else:
+            xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, bias)
+            func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
         func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
         gv = ctx.bb.add_func(func, name)
         w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
