@@ -730,7 +730,9 @@ def _rnn_cell(kind: str, nonlinearity: str):
 
 @lowering("lstm", "gru", "rnn")
 def _recurrent(ctx, xs):
-    """Multi-layer, bidirectional RNNs, unrolled over the static sequence length.
+    """Multi-layer, bidirectional RNNs. CPU, and cuda when a layer's gate rows fit one block (``cuda_rnn.fits``):
+    ``_recurrent_kernels`` (one kernel per layer for the whole sequence). Otherwise unrolled over the static sequence
+    length, as below.
 
     Per layer and direction the input projection of all time steps is ONE matmul ((T*B, I) x (I, G*H)); each
     step then adds ``h W_hh^T`` and applies the gate math. Weights are transposed once, here.
