@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -93,3 +94,46 @@ def test_numerics_match_pytorch_on_a_gpu(kind, kwargs):
     model, x, compiled = _build(kind, 64, 20, **kwargs)
     with torch.no_grad():
         assert_outputs_close(model(x), compiled(x))
+
+
+@pytest.mark.parametrize("kind,hidden,steps,batch,directions,nonlinearity", [
+    ("lstm", 16, 7, 2, 2, "tanh"), ("gru", 16, 7, 2, 2, "tanh"), ("rnn", 16, 5, 3, 2, "relu"),
+    ("rnn", 12, 5, 1, 1, "tanh"), ("lstm", 128, 12, 1, 2, "tanh")])  # 128: weights split registers / L1
+def test_generated_cuda_matches_pytorch_on_cpu_threads(kind, hidden, steps, batch, directions, nonlinearity,
+                                                       tmp_path):
+    """The kernel's CUDA C, run by ``tests/cuda_emulator.py`` (a std::thread per CUDA thread, barriers for
+    ``__syncthreads``), against nn.LSTM/GRU/RNN with random h0/c0; outputs poisoned with NaN first."""
+    import tvm
+
+    from backends.tvm.recurrent import GATES
+    from backends.tvm.target import make_target
+    from tests import cuda_emulator
+
+    if not cuda_emulator.available():
+        pytest.skip("g++ not installed")
+    torch.manual_seed(0)
+    extra = {"nonlinearity": nonlinearity} if kind == "rnn" else {}
+    model = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](8, hidden, bidirectional=directions == 2,
+                                                                  **extra).eval()
+    x, h0, c0 = torch.randn(steps, batch, 8), torch.randn(directions, batch, hidden), torch.randn(directions, batch,
+                                                                                                  hidden)
+    with torch.no_grad():
+        y, state = model(x, (h0, c0)) if kind == "lstm" else model(x, h0)
+    gates, suffixes = GATES[kind] * hidden, ["_l0", "_l0_reverse"][:directions]
+    p = {k: v.numpy() for k, v in model.state_dict().items()}
+    b_ih, b_hh = ([p[f"bias_{w}" + s] for s in suffixes] for w in ("ih", "hh"))
+    if kind != "gru":
+        b_ih, b_hh = [i + h for i, h in zip(b_ih, b_hh)], [np.zeros(gates, np.float32)] * directions
+    w_ih = np.concatenate([p["weight_ih" + s] for s in suffixes])
+    xp = x.numpy().reshape(-1, 8) @ w_ih.T + np.concatenate(b_ih)
+    poison = lambda *shape: np.full(shape, np.nan, np.float32)  # noqa: E731
+    arrays = {"xp": np.ascontiguousarray(xp.reshape(steps, batch, -1), np.float32),
+              "w": np.ascontiguousarray(np.stack([p["weight_hh" + s].T for s in suffixes]), np.float32),
+              "b_hh": np.ascontiguousarray(np.tile(np.concatenate(b_hh), (1, batch, 1)), np.float32),
+              "h0": h0.numpy(), "c0": c0.numpy(), "y": poison(steps, batch, directions * hidden),
+              "h_n": poison(directions, batch, hidden), "c_n": poison(directions, batch, hidden)}
+    func = cuda_recurrent_kernel(kind, steps, batch, hidden, directions, nonlinearity).with_attr("global_symbol", "k")
+    source = tvm.tirx.build(tvm.IRModule({"k": func}), target=make_target("cuda")).imports[0].inspect_source()
+    cuda_emulator.emulate(source, arrays, directions * batch, gates, tmp_path)
+    expected = (y, state[0], state[1]) if kind == "lstm" else (y, state)
+    assert_outputs_close(expected, tuple(arrays[k] for k in ("y", "h_n", "c_n")[:len(expected)]))
