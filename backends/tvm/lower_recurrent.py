@@ -10,6 +10,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax import op as R
 
+from backends.tvm import cuda_rnn
 from backends.tvm.lowering import LowerContext, call_dense_kernel, dynamic_dense, lowering
 from backends.tvm.recurrent import (
     GATES,
@@ -152,8 +153,9 @@ def _recurrent(ctx, xs):
 
 
 def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
-    """CPU: per layer, one input-projection dense kernel for both directions and one ``recurrent_kernel`` call
-    (the whole time loop, directions in parallel)."""
+    """Per layer, one input projection for both directions and one kernel for the whole time loop, directions in
+    parallel. CPU: our dense kernel, then ``recurrent_kernel``; cuda: a Relax matmul (dlight), then the persistent
+    ``cuda_rnn.cuda_recurrent_kernel`` (one launch per layer)."""
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
     rnn = _Layers.of(ctx, xs, kind)
@@ -167,9 +169,16 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
         b_hh = [p.get("bias_hh" + s, zeros) if a["bias"] else zeros for s in suffixes]
         if kind != "gru":  # b_hh adds to every gate pre-activation: fold it into the projection
             b_ih, b_hh = [i + h for i, h in zip(b_ih, b_hh)], [zeros] * directions
-        xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, np.concatenate(b_ih).astype(np.float32))
+        bias = np.concatenate(b_ih).astype(np.float32)
         name = f"{kind}_{ctx.node}_l{layer}"
-        func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
+        if ctx.target_kind == "cuda":
+            features = ctx.emit(R.reshape(x, (steps * batch, w_ih.shape[1])))
+            xp = ctx.emit(R.add(R.matmul(features, ctx.const(np.ascontiguousarray(w_ih.T))), ctx.const(bias)))
+            xp = ctx.emit(R.reshape(xp, (steps, batch, -1)))
+            func = cuda_rnn.cuda_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
+        else:
+            xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, bias)
+            func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
         func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
         gv = ctx.bb.add_func(func, name)
         w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from backends.tvm import cuda_rnn
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
 from passes.ir.graph import Graph, Value
 
@@ -122,6 +123,8 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> Choice
         return Choice("dense" if isinstance(spec, DenseSpec) else "conv", spec)
     if uses_integer_kernel(graph, node, target_kind):
         return Choice("depthwise" if is_depthwise(graph, node) else "integer")
+    if target_kind == "cuda" and op in RECURRENT_OPS and cuda_rnn.fits(op, data["attrs"]["hidden_size"]):
+        return Choice("recurrent")  # the persistent kernel: one launch per layer for the whole sequence
     if target_kind != "llvm":
         return RELAX
     if op in RECURRENT_OPS:
