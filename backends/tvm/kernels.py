@@ -31,6 +31,8 @@ import tvm
 from tvm import s_tir, te, tirx
 from tvm.s_tir import Schedule
 
+from passes.ir.ops import commutes_with_max
+
 F32 = "float32"
 
 
@@ -109,6 +111,8 @@ class ConvSpec:
     pool: str | None = None                  # "max" | "avg" | None
     pool_kernel: tuple[int, int] = (1, 1)
     pool_stride: tuple[int, int] = (1, 1)
+    pool_padding: tuple[int, int] = (0, 0)   # max pools: -inf padding
+    pool_ceil_mode: bool = False
     dtype: str = F32                         # storage of data, weight, bias, residual, output; accumulation is fp32
 
     @property
@@ -137,8 +141,27 @@ class ConvSpec:
         n, oc, oh, ow = self.conv_shape
         if self.pool is None:
             return n, oc, oh, ow
-        (kh, kw), (sh, sw) = self.pool_kernel, self.pool_stride
-        return n, oc, (oh - kh) // sh + 1, (ow - kw) // sw + 1
+        return n, oc, *(pool_output_size(size, k, s, p, self.pool_ceil_mode) for size, k, s, p in
+                        zip((oh, ow), self.pool_kernel, self.pool_stride, self.pool_padding))
+
+    @property
+    def window_extent(self) -> tuple[int, int]:
+        """Rows/columns of the (padded) conv output that the pooling windows span: the conv stage's domain,
+        starting ``pool_padding`` before conv output 0."""
+        if self.pool is None:
+            return self.conv_shape[2:]
+        return tuple((o - 1) * s + k for o, s, k in zip(self.out_shape[2:], self.pool_stride, self.pool_kernel))
+
+    @property
+    def pool_commutes(self) -> bool:
+        """A max pool whose bias and activation are applied after it: max(f(v) + b) == f(max(v) + b)."""
+        return self.pool == "max" and commutes_with_max(self.activation, self.activation_params)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """torch's pooled size: with ceil_mode a last partial window counts unless it starts in the right padding."""
+    out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + padding else out
 
 
 def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, padding: tuple, dilation: tuple
@@ -152,21 +175,34 @@ def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, paddi
 
 
 def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
-    """TE stages; returns the PrimFunc arguments [data, weight, (bias,) output]."""
+    """TE stages; returns the PrimFunc arguments [data, weight, (bias,) (residual,) output].
+
+    With a pool, the conv stage spans the rows/columns the pooling windows read (``window_extent``), starting
+    ``pool_padding`` before conv output 0: the input gets ``pool_padding * stride`` more zero padding, and the
+    positions outside the real conv output (max pool padding, ceil-mode overhang) are masked to -inf before the
+    max, so they are never selected (every torch window holds a real element).
+    """
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     dtype = spec.dtype
+    pooled = spec.pool is not None
+    (pph, ppw) = spec.pool_padding if pooled else (0, 0)
+    extent_h, extent_w = spec.window_extent
+    low_h, low_w = ph + pph * sh, pw + ppw * sw  # zero rows/cols before the input
+    padded_h = max((extent_h - 1) * sh + (kh - 1) * dh + 1, low_h + h + ph)
+    padded_w = max((extent_w - 1) * sw + (kw - 1) * dw + 1, low_w + w + pw)
     data = te.placeholder(spec.in_shape, dtype, name="data")
     packed = spec.channels_vectorized
     weight = te.placeholder((cg, kh, kw, oc) if packed else spec.weight_shape, dtype, name="weight")
     args = [data, weight]
     source = data
-    if ph or pw:
+    if (padded_h, padded_w) != (h, w):
         source = te.compute(
-            (n, c, h + 2 * ph, w + 2 * pw),
-            lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
-                                                  data[b, ch, y - ph, x - pw], tirx.const(0.0, dtype)), name="pad")
+            (n, c, padded_h, padded_w),
+            lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= low_h, y < h + low_h, x >= low_w, x < w + low_w),
+                                                  data[b, ch, y - low_h, x - low_w], tirx.const(0.0, dtype)),
+            name="pad")
     rc = te.reduce_axis((0, cg), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -179,37 +215,51 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
                       axis=[rc, ry, rx])
 
     if packed:  # accumulate channels-last so a tile's channel vector is contiguous in registers
-        conv = te.compute((n_, oh, ow, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
+        conv = te.compute((n_, extent_h, extent_w, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
         value = lambda b, o, y, x: conv[b, y, x, o]  # noqa: E731
     else:
-        conv = te.compute(spec.conv_shape, dot, name="conv")
+        conv = te.compute((n_, oc_, extent_h, extent_w), dot, name="conv")
         value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
     act_fn = TE_ACTIVATIONS[spec.activation]
     bias = te.placeholder((oc,), dtype, name="bias") if spec.has_bias else None
     residual = te.placeholder(spec.conv_shape, dtype, name="residual") if spec.residual else None
     args += [t for t in (bias, residual) if t is not None]
 
-    def pre_activation(b, o, y, x):
-        v = value(b, o, y, x)
+    def finish(v, b, o, y, x):
+        """act(v + bias [+ residual]) narrowed to the storage dtype."""
         v = v + _wide(bias[o]) if bias is not None else v
-        return v + _wide(residual[b, o, y, x]) if residual is not None else v
+        v = v + _wide(residual[b, o, y, x]) if residual is not None else v
+        return _narrow(act_fn(v, spec.activation_params), dtype)
 
-    epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: _narrow(act_fn(pre_activation(b, o, y, x),
-                                                                             spec.activation_params), dtype),
-                          name="epilogue")
-    if spec.pool is None:
+    if not pooled:
+        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: finish(value(b, o, y, x), b, o, y, x),
+                              name="epilogue")
         return [*args, epilogue]
+    masked = pph or ppw or extent_h > oh or extent_w > ow
+    commutes = spec.pool_commutes
+
+    def windowed(b, o, y, x):
+        v = value(b, o, y, x) if commutes else finish(value(b, o, y, x), b, o, y, x)
+        if not masked:
+            return v
+        inside = tirx.all(y >= pph, y < oh + pph, x >= ppw, x < ow + ppw)
+        return tirx.Select(inside, v, tirx.min_value(F32 if commutes else dtype))
+
+    epilogue = te.compute((n_, oc_, extent_h, extent_w), windowed, name="epilogue")
     (pkh, pkw), (psh, psw) = spec.pool_kernel, spec.pool_stride
     wy = te.reduce_axis((0, pkh), "wy")
     wx = te.reduce_axis((0, pkw), "wx")
     if spec.pool == "max":
-        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(epilogue[b, o, y * psh + wy, x * psw + wx],
-                                                                      axis=[wy, wx]), name="pool")
+        pooled_t = te.compute(spec.out_shape, lambda b, o, y, x: te.max(epilogue[b, o, y * psh + wy, x * psw + wx],
+                                                                        axis=[wy, wx]), name="pool")
     else:  # mean of the window, as a sum of pre-scaled values (one reduction stage, no window-sum buffer)
         scale = tirx.const(1.0 / (pkh * pkw), dtype)
-        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(
+        pooled_t = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(
             epilogue[b, o, y * psh + wy, x * psw + wx] * scale, axis=[wy, wx]), name="pool")
-    return [*args, pooled]
+    if not commutes:
+        return [*args, pooled_t]
+    post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled_t[b, o, y, x], b, o, y, x), name="post")
+    return [*args, post]
 
 
 def _wide(x):
@@ -263,13 +313,18 @@ def default_tile(spec: ConvSpec) -> Tile:
     return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 2), cols=cols)
 
 
+def _output_block(spec: ConvSpec) -> str:
+    """The stage that writes the kernel's output: the one whose loops are tiled."""
+    return "post" if spec.pool_commutes else "pool" if spec.pool else "epilogue"
+
+
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
     tile = tile or default_tile(spec)
     sch = Schedule(func)
     conv = sch.get_sblock("conv")
     epilogue = sch.get_sblock("epilogue")
     pooled = spec.pool is not None
-    out = sch.get_sblock("pool") if pooled else epilogue
+    out = sch.get_sblock(_output_block(spec))
     loops = sch.get_loops(out)
     n, o, y, x = loops[:4]
     o_outer, o_inner = sch.split(o, [None, tile.oc_block])
@@ -277,6 +332,9 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     x_outer, x_inner = sch.split(x, [None, tile.cols])
     by_channel = spec.channels_vectorized
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
+    if spec.pool_commutes:  # the pooled tile, then bias and activation on it
+        sch.compute_at(sch.get_sblock("pool"), x_outer)
+        sch.set_scope(sch.get_sblock("pool"), 0, "local")
     if pooled:
         sch.compute_at(epilogue, x_outer)
     sch.compute_at(conv, x_outer)
@@ -310,13 +368,16 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
 def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tirx.PrimFunc:
     sch = Schedule(func)
     pooled = spec.pool is not None
-    out = sch.get_sblock("pool" if pooled else "epilogue")
+    out = sch.get_sblock(_output_block(spec))
     conv = sch.get_sblock("conv")
     n, o, y, x = sch.get_loops(out)[:4]
     fused = sch.fuse(n, o, y, x)
     block_x, thread_x = sch.split(fused, [None, threads])
     sch.bind(block_x, "blockIdx.x")
     sch.bind(thread_x, "threadIdx.x")
+    if spec.pool_commutes:
+        sch.compute_at(sch.get_sblock("pool"), thread_x)
+        sch.set_scope(sch.get_sblock("pool"), 0, "local")
     if pooled:
         sch.compute_at(sch.get_sblock("epilogue"), thread_x)
     sch.compute_at(conv, thread_x)
@@ -341,6 +402,12 @@ def conv_kernel(spec: ConvSpec, target_kind: str, tile: Tile | None = None) -> t
 
 
 def supports(spec: ConvSpec) -> bool:
+    """Average pools only over whole windows inside the conv output (no padding, no partial ceil-mode window)."""
+    if spec.pool is not None and spec.residual:
+        return False
+    if spec.pool == "avg" and (any(spec.pool_padding) or spec.window_extent[0] > spec.conv_shape[2]
+                               or spec.window_extent[1] > spec.conv_shape[3]):
+        return False
     return spec.activation in TE_ACTIVATIONS and spec.pool in (None, "max", "avg")
 
 

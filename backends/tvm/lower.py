@@ -128,7 +128,8 @@ def conv_spec_of(graph: Graph, node: str) -> ConvSpec:
                     stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
                     has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
                     residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
-                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype)
+                    pool_stride=a.get("pool_stride", (1, 1)), pool_padding=a.get("pool_padding", (0, 0)),
+                    pool_ceil_mode=a.get("pool_ceil_mode", False), dtype=graph.value_type(operands[0]).dtype)
 
 
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")  # our kernels store these and accumulate in fp32
@@ -182,7 +183,8 @@ def _conv2d_pool(ctx, xs):
     """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
     spec = conv_spec_of(ctx.graph, ctx.node)
     if not supports(spec):
-        raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r}")
+        raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r} with padding "
+                       f"{spec.pool_padding}, ceil_mode={spec.pool_ceil_mode}; run without fuse-conv-pool")
     return call_conv_kernel(ctx, xs[0], spec)
 
 
