@@ -146,11 +146,18 @@ class ConvSpec:
 
     @property
     def window_extent(self) -> tuple[int, int]:
-        """Rows/columns of the (padded) conv output that the pooling windows span: the conv stage's domain,
-        starting ``pool_padding`` before conv output 0."""
+        """Rows/columns the pooling windows span, from ``pool_padding`` before conv output 0."""
         if self.pool is None:
             return self.conv_shape[2:]
         return tuple((o - 1) * s + k for o, s, k in zip(self.out_shape[2:], self.pool_stride, self.pool_kernel))
+
+    @property
+    def banded(self) -> bool:
+        """Pooling windows overlap or reach outside the conv output: the kernel computes a band of whole conv
+        rows per tile (neighbouring windows share them) instead of one register tile per set of windows."""
+        return self.pool is not None and (self.pool_kernel != self.pool_stride or any(self.pool_padding)
+                                          or self.window_extent[0] > self.conv_shape[2]
+                                          or self.window_extent[1] > self.conv_shape[3])
 
     @property
     def pool_commutes(self) -> bool:
@@ -177,37 +184,37 @@ def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, paddi
 def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     """TE stages; returns the PrimFunc arguments [data, weight, (bias,) (residual,) output].
 
-    With a pool, the conv stage spans the rows/columns the pooling windows read (``window_extent``), starting
-    ``pool_padding`` before conv output 0: the input gets ``pool_padding * stride`` more zero padding, and the
-    positions outside the real conv output (max pool padding, ceil-mode overhang) are masked to -inf before the
-    max, so they are never selected (every torch window holds a real element).
+    A max pool's windows may reach outside the conv output (pool padding, a ceil-mode window); torch guarantees each
+    holds a real element. Rows: the conv stage spans the rows the windows read (``window_extent``, from
+    ``pool_padding`` rows before conv row 0; the input gets ``pool_padding * stride`` more zero rows) and the
+    rows outside the conv output are -inf, never selected; so a band of pooled rows needs a constant number of conv
+    rows. Columns: a window reads the nearest conv column inside itself instead (the index clamped to the conv
+    output): a repeated element never changes a max, so this too is -inf padding, and a band's columns are exactly
+    the conv output's (a whole number of vectors).
     """
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     dtype = spec.dtype
-    pooled = spec.pool is not None
-    (pph, ppw) = spec.pool_padding if pooled else (0, 0)
-    extent_h, extent_w = spec.window_extent
-    low_h, low_w = ph + pph * sh, pw + ppw * sw  # zero rows/cols before the input
-    padded_h = max((extent_h - 1) * sh + (kh - 1) * dh + 1, low_h + h + ph)
-    padded_w = max((extent_w - 1) * sw + (kw - 1) * dw + 1, low_w + w + pw)
     data = te.placeholder(spec.in_shape, dtype, name="data")
     packed = spec.channels_vectorized
     weight = te.placeholder((cg, kh, kw, oc) if packed else spec.weight_shape, dtype, name="weight")
     args = [data, weight]
     source = data
-    if (padded_h, padded_w) != (h, w):
+    n_, oc_, oh, ow = spec.conv_shape
+    row_pad = spec.pool_padding[0] if spec.pool else 0  # conv rows computed before conv row 0 (masked)
+    rows = spec.window_extent[0] if spec.pool else oh   # conv rows computed (from -row_pad)
+    low = ph + row_pad * sh                              # zero rows before the input
+    padded_h = max((rows - 1) * sh + (kh - 1) * dh + 1, h + 2 * ph + row_pad * sh)
+    if (padded_h, pw, low) != (h, 0, 0):
         source = te.compute(
-            (n, c, padded_h, padded_w),
-            lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= low_h, y < h + low_h, x >= low_w, x < w + low_w),
-                                                  data[b, ch, y - low_h, x - low_w], tirx.const(0.0, dtype)),
-            name="pad")
+            (n, c, padded_h, w + 2 * pw),
+            lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= low, y < h + low, x >= pw, x < w + pw),
+                                                  data[b, ch, y - low, x - pw], tirx.const(0.0, dtype)), name="pad")
     rc = te.reduce_axis((0, cg), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     per_group = oc // spec.groups
-    n_, oc_, oh, ow = spec.conv_shape
 
     def dot(b, o, y, x):
         w = weight[rc, ry, rx, o] if packed else weight[o, rc, ry, rx]
@@ -215,10 +222,10 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
                       axis=[rc, ry, rx])
 
     if packed:  # accumulate channels-last so a tile's channel vector is contiguous in registers
-        conv = te.compute((n_, extent_h, extent_w, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
+        conv = te.compute((n_, rows, ow, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
         value = lambda b, o, y, x: conv[b, y, x, o]  # noqa: E731
     else:
-        conv = te.compute((n_, oc_, extent_h, extent_w), dot, name="conv")
+        conv = te.compute((n_, oc_, rows, ow), dot, name="conv")
         value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
     act_fn = TE_ACTIVATIONS[spec.activation]
     bias = te.placeholder((oc,), dtype, name="bias") if spec.has_bias else None
@@ -231,34 +238,37 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
         v = v + _wide(residual[b, o, y, x]) if residual is not None else v
         return _narrow(act_fn(v, spec.activation_params), dtype)
 
-    if not pooled:
-        epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: finish(value(b, o, y, x), b, o, y, x),
-                              name="epilogue")
-        return [*args, epilogue]
-    masked = pph or ppw or extent_h > oh or extent_w > ow
-    commutes = spec.pool_commutes
+    commutes = spec.pool_commutes  # bias and activation after the max: on the pooled tile only
+    masked = row_pad > 0 or rows > oh
 
     def windowed(b, o, y, x):
         v = value(b, o, y, x) if commutes else finish(value(b, o, y, x), b, o, y, x)
         if not masked:
             return v
-        inside = tirx.all(y >= pph, y < oh + pph, x >= ppw, x < ow + ppw)
-        return tirx.Select(inside, v, tirx.min_value(F32 if commutes else dtype))
+        return tirx.Select(tirx.all(y >= row_pad, y < oh + row_pad), v, tirx.min_value(F32 if commutes else dtype))
 
-    epilogue = te.compute((n_, oc_, extent_h, extent_w), windowed, name="epilogue")
-    (pkh, pkw), (psh, psw) = spec.pool_kernel, spec.pool_stride
+    epilogue = te.compute((n_, oc_, rows, ow), windowed, name="epilogue")
+    if spec.pool is None:
+        return [*args, epilogue]
+    (pkh, pkw), (psh, psw), ppw = spec.pool_kernel, spec.pool_stride, spec.pool_padding[1]
     wy = te.reduce_axis((0, pkh), "wy")
     wx = te.reduce_axis((0, pkw), "wx")
+    clamp = ppw > 0 or spec.window_extent[1] > ow
+
+    def window(b, o, y, x):
+        column = tirx.max(tirx.min(x * psw + wx - ppw, ow - 1), 0) if clamp else x * psw + wx
+        return epilogue[b, o, y * psh + wy, column]
+
     if spec.pool == "max":
-        pooled_t = te.compute(spec.out_shape, lambda b, o, y, x: te.max(epilogue[b, o, y * psh + wy, x * psw + wx],
-                                                                        axis=[wy, wx]), name="pool")
+        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(window(b, o, y, x), axis=[wy, wx]),
+                            name="pool")
     else:  # mean of the window, as a sum of pre-scaled values (one reduction stage, no window-sum buffer)
         scale = tirx.const(1.0 / (pkh * pkw), dtype)
-        pooled_t = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(
-            epilogue[b, o, y * psh + wy, x * psw + wx] * scale, axis=[wy, wx]), name="pool")
+        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(window(b, o, y, x) * scale, axis=[wy, wx]),
+                            name="pool")
     if not commutes:
-        return [*args, pooled_t]
-    post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled_t[b, o, y, x], b, o, y, x), name="post")
+        return [*args, pooled]
+    post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled[b, o, y, x], b, o, y, x), name="post")
     return [*args, post]
 
 
@@ -302,6 +312,10 @@ def default_tile(spec: ConvSpec) -> Tile:
         cols = largest_divisor(ow, max(1, max_pixels // col_scale))
         rows = largest_divisor(oh, max(1, max_pixels // (cols * col_scale)))
         return Tile(oc_block=oc_block, rows=rows, cols=cols)
+    if spec.banded:  # a band of 8 pooled rows: the halo costs (kernel - stride) / (8 * stride) of the conv
+        _, _, conv_h, conv_w = spec.conv_shape
+        return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
+                    cols=largest_divisor(conv_w, VECTOR_LANES))
     if spec.pool:  # measured on Zen 4: 4 channels x 2 pooled rows x one vector of conv columns
         cols = largest_divisor(ow, max(1, VECTOR_LANES // spec.pool_stride[1]))
         return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, 2), cols=cols)
@@ -320,6 +334,8 @@ def _output_block(spec: ConvSpec) -> str:
 
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
     tile = tile or default_tile(spec)
+    if spec.banded:
+        return _schedule_cpu_banded(spec, func, tile)
     sch = Schedule(func)
     conv = sch.get_sblock("conv")
     epilogue = sch.get_sblock("epilogue")
@@ -338,10 +354,24 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     if pooled:
         sch.compute_at(epilogue, x_outer)
     sch.compute_at(conv, x_outer)
-    # Under x_outer: the tile's spatial loops in the conv's own order ((o, y, x), or (y, x, o) when channels are
-    # vectorized), unit extents omitted, then the reductions. The last spatial loop becomes the vector.
-    # compute_at drops unit-extent loops, reductions included (1x1 kernels, depthwise channels).
-    tile_loops = sch.get_loops(conv)[4:]
+    reduction = _register_tile(sch, conv, spec, 4)  # under n, o_outer, y_outer, x_outer
+    if pooled:
+        sch.compute_inline(epilogue)
+    elif not by_channel:
+        sch.vectorize(x_inner)
+    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    if reduction is not None:
+        sch.decompose_reduction(conv, reduction)
+    _schedule_pad(sch, spec)
+    return sch.mod["main"]
+
+
+def _register_tile(sch: Schedule, conv, spec: ConvSpec, outer: int):
+    """The conv block computed under ``outer`` loops: reductions outside, the tile's spatial loops inside (in the
+    conv's own order: (o, y, x), or (y, x, o) when channels are vectorized), the last one the vector; the
+    accumulator tile in registers. compute_at drops unit-extent loops, reductions included (1x1 kernels,
+    depthwise channels). Returns the outer reduction loop, to decompose once the rest is scheduled."""
+    tile_loops = sch.get_loops(conv)[outer:]
     reductions = sum(extent > 1 for extent in spec.weight_shape[1:])
     split_at = len(tile_loops) - reductions
     spatial, reduction = tile_loops[:split_at], tile_loops[split_at:]
@@ -349,19 +379,57 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     if spatial:
         sch.vectorize(spatial[-1])
     sch.set_scope(conv, 0, "local")
-    if pooled:
-        sch.compute_inline(epilogue)
-    elif not by_channel:
-        sch.vectorize(x_inner)
-    sch.parallel(sch.fuse(n, o_outer, y_outer))
-    if reduction:
-        sch.decompose_reduction(conv, reduction[0])
+    return reduction[0] if reduction else None
+
+
+def _schedule_pad(sch: Schedule, spec: ConvSpec) -> None:
     if spec.padding != (0, 0):
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:2]))
         if spec.in_shape[3] + 2 * spec.padding[1] <= 4 * VECTOR_LANES:
             sch.vectorize(pad_loops[-1])
+
+
+def _schedule_cpu_banded(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
+    """Overlapping or padded pooling windows: per task, ``tile.oc_block`` channels x a band of ``tile.rows``
+    pooled rows x the whole width. The conv rows the band's windows read are computed once into a band buffer
+    (cache-resident: oc_block x ((rows - 1) * stride + kernel) x conv width), register tile by register tile
+    (``tile.cols`` columns or pixels), then pooled from it; only the kernel - stride rows shared with the next band
+    are computed twice (a halo), never once per window."""
+    sch = Schedule(func)
+    conv = sch.get_sblock("conv")
+    band = sch.cache_write(conv, 0, "global")  # `conv` now fills a register tile; `band` stores it in the band
+    out = sch.get_sblock(_output_block(spec))
+    n, o, y, x = sch.get_loops(out)[:4]
+    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    y_outer, y_inner = sch.split(y, [None, tile.rows])
+    sch.reorder(n, o_outer, y_outer, o_inner, y_inner, x)
+    if spec.pool_commutes:
+        sch.compute_at(sch.get_sblock("pool"), y_outer)
+        sch.set_scope(sch.get_sblock("pool"), 0, "local")
+    epilogue = sch.get_sblock("epilogue")
+    sch.compute_at(epilogue, y_outer)
+    sch.compute_at(band, y_outer)
+    band_loops = sch.get_loops(band)[3:]  # (o, y, x) or, channels vectorized, (y, x, o); unit extents dropped
+    if spec.channels_vectorized:
+        *rows, cols, channels = band_loops
+        col_outer, col_inner = sch.split(cols, [None, tile.cols])
+        sch.reorder(*rows, col_outer, col_inner, channels)
+        sch.vectorize(channels)
+    else:
+        *lead, cols = band_loops
+        col_outer, col_inner = sch.split(cols, [None, tile.cols])
+        sch.reorder(*lead[1:], col_outer, *lead[:1], col_inner)
+        sch.vectorize(col_inner)
+    depth = [sch.get(loop) for loop in sch.get_loops(band)].index(sch.get(col_outer)) + 1
+    sch.compute_at(conv, col_outer)
+    reduction = _register_tile(sch, conv, spec, depth)
+    sch.compute_inline(epilogue)
+    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    if reduction is not None:
+        sch.decompose_reduction(conv, reduction)
+    _schedule_pad(sch, spec)
     return sch.mod["main"]
 
 
