@@ -362,6 +362,7 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     sch.parallel(sch.fuse(n, o_outer, y_outer))
     if reduction is not None:
         sch.decompose_reduction(conv, reduction)
+    _vectorize_pool(sch, spec, shared=2)  # the parallel loop, x_outer
     _schedule_pad(sch, spec)
     return sch.mod["main"]
 
@@ -380,6 +381,25 @@ def _register_tile(sch: Schedule, conv, spec: ConvSpec, outer: int):
         sch.vectorize(spatial[-1])
     sch.set_scope(conv, 0, "local")
     return reduction[0] if reduction else None
+
+
+def _vectorize_pool(sch: Schedule, spec: ConvSpec, shared: int) -> None:
+    """The window reduction outside, a vector of pooled columns inside (then bias and activation on it).
+
+    ``shared``: loops the pool shares with the tile (the parallel one, ...). A pool placed by compute_at (before
+    bias and activation) lost its unit-extent loops; one that writes the output kept them."""
+    if spec.pool is None:
+        return
+    pool = sch.get_sblock("pool")
+    own = sch.get_loops(pool)[shared:]
+    windows = sum(k > 1 for k in spec.pool_kernel) if spec.pool_commutes else 2
+    if windows == 0 or len(own) <= windows:
+        return
+    sch.reorder(*own[-windows:], own[-windows - 1])
+    sch.vectorize(own[-windows - 1])
+    sch.decompose_reduction(pool, own[-windows])
+    if spec.pool_commutes:
+        sch.vectorize(sch.get_loops(sch.get_sblock("post"))[-1])
 
 
 def _schedule_pad(sch: Schedule, spec: ConvSpec) -> None:
@@ -429,6 +449,7 @@ def _schedule_cpu_banded(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tir
     sch.parallel(sch.fuse(n, o_outer, y_outer))
     if reduction is not None:
         sch.decompose_reduction(conv, reduction)
+    _vectorize_pool(sch, spec, shared=1)  # the parallel loop
     _schedule_pad(sch, spec)
     return sch.mod["main"]
 
