@@ -119,12 +119,14 @@ class ConvSpec:
     def channels_vectorized(self) -> bool:
         """Vectorize over output channels (weights packed (C/g, KH, KW, OC)) instead of output columns.
 
-        Pays for ordinary (groups=1) convs whose output rows are too short to fill a vector, and for 1x1 convs,
-        whose few FLOPs per loaded input column would otherwise leave the FMA units idle.
+        Pays for ordinary (groups=1) convs whose output rows are too short to fill a vector, for 1x1 convs,
+        whose few FLOPs per loaded input column would otherwise leave the FMA units idle, and under overlapping
+        pooling windows: the band is then channels-last, so a window's max is a max of channel vectors (no
+        strided column gathers, in the conv of a strided stem either).
         """
         _, oc, _, ow = self.conv_shape
         one_by_one = self.weight_shape[2:] == (1, 1)
-        return self.groups == 1 and oc % 8 == 0 and (ow < VECTOR_LANES or one_by_one)
+        return self.groups == 1 and oc % 8 == 0 and (ow < VECTOR_LANES or one_by_one or self.banded)
 
     def pack_weight(self, weight):
         """The weight in the kernel's layout (done once, at compile time)."""
@@ -305,6 +307,13 @@ class Tile:
 def default_tile(spec: ConvSpec) -> Tile:
     """Heuristic register tile: about 16 accumulator vectors, the conv tile row a whole vector when possible."""
     _, oc, oh, ow = spec.out_shape
+    if spec.banded:  # a band of 8 pooled rows: the halo costs (kernel - stride) / (8 * stride) of the conv
+        conv_w = spec.conv_shape[3]
+        if spec.channels_vectorized:  # register tile: one vector of channels x up to 7 pixels of a conv row
+            return Tile(oc_block=next(b for b in (VECTOR_LANES, 8) if oc % b == 0), rows=largest_divisor(oh, 8),
+                        cols=largest_divisor(conv_w, 7))
+        return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
+                    cols=largest_divisor(conv_w, VECTOR_LANES))
     if spec.channels_vectorized:  # 1-2 vectors of channels x up to 14 pixels: about 14 accumulator vectors
         oc_block = next(b for b in (2 * VECTOR_LANES, VECTOR_LANES, 8) if oc % b == 0)
         max_pixels = 7 if oc_block > VECTOR_LANES else 14
@@ -312,10 +321,6 @@ def default_tile(spec: ConvSpec) -> Tile:
         cols = largest_divisor(ow, max(1, max_pixels // col_scale))
         rows = largest_divisor(oh, max(1, max_pixels // (cols * col_scale)))
         return Tile(oc_block=oc_block, rows=rows, cols=cols)
-    if spec.banded:  # a band of 8 pooled rows: the halo costs (kernel - stride) / (8 * stride) of the conv
-        _, _, conv_h, conv_w = spec.conv_shape
-        return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
-                    cols=largest_divisor(conv_w, VECTOR_LANES))
     if spec.pool:  # measured on Zen 4: 4 channels x 2 pooled rows x one vector of conv columns
         cols = largest_divisor(ow, max(1, VECTOR_LANES // spec.pool_stride[1]))
         return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, 2), cols=cols)
@@ -395,8 +400,13 @@ def _vectorize_pool(sch: Schedule, spec: ConvSpec, shared: int) -> None:
     windows = sum(k > 1 for k in spec.pool_kernel) if spec.pool_commutes else 2
     if windows == 0 or len(own) <= windows:
         return
-    sch.reorder(*own[-windows:], own[-windows - 1])
-    sch.vectorize(own[-windows - 1])
+    # a channels-last band: a vector of channels (the first own loop); otherwise a vector of pooled columns,
+    # except in a column-vectorized band, where the columns are strided gathers and scalar code was faster
+    if spec.banded and not spec.channels_vectorized:
+        return
+    lanes = own[0] if spec.banded else own[-windows - 1]
+    sch.reorder(*own[-windows:], lanes)
+    sch.vectorize(lanes)
     sch.decompose_reduction(pool, own[-windows])
     if spec.pool_commutes:
         sch.vectorize(sch.get_loops(sch.get_sblock("post"))[-1])

@@ -112,17 +112,18 @@ def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
 
 
 def test_overlapping_windows_compute_each_band_of_conv_rows_once():
-    """The ResNet stem's 3x3/2 padded windows: per task 8 channels x 8 pooled rows, whose windows read 17 conv rows
-    (16 + one halo row shared with the next band, and a -inf row above the first), all 32 columns; the conv is
-    accumulated in a one-vector register tile and never exists at full size."""
+    """The ResNet stem's 3x3/2 padded windows: per task 16 channels x 8 pooled rows, whose windows read 17 conv rows
+    (16 + one halo row shared with the next band, and a -inf row above the first), all 32 columns, channels-last;
+    the conv is accumulated in a register tile of 4 pixels x one channel vector and never exists at full size."""
     stem = ConvSpec(in_shape=(1, 3, 64, 64), weight_shape=(16, 3, 7, 7), stride=(2, 2), padding=(3, 3),
                     dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max", pool_kernel=(3, 3),
                     pool_stride=(2, 2), pool_padding=(1, 1))
-    assert stem.banded and stem.conv_shape == (1, 16, 32, 32) and stem.out_shape == (1, 16, 16, 16)
+    assert stem.banded and stem.channels_vectorized
+    assert stem.conv_shape == (1, 16, 32, 32) and stem.out_shape == (1, 16, 16, 16)
     buffers = {name: (shape, scope) for name, shape, scope in compacted_buffers(conv_kernel(stem, "llvm"))}
-    assert buffers["conv"] == ((1, 8, 17, 32), "global")  # the band: 17 / 16 conv rows computed per pooled row pair
-    assert buffers["conv_global_local"] == ((1, 8, 1, 16), "local")  # the register tile
-    assert buffers["pool_local"] == ((1, 8, 8, 16), "local")
+    assert buffers["conv"] == ((1, 17, 32, 16), "global")  # the band: 17 conv rows per 8 pooled rows
+    assert buffers["conv_global_local"] == ((1, 1, 4, 16), "local")  # the register tile
+    assert buffers["pool_local"] == ((1, 16, 8, 16), "local")
 
 
 @pytest.mark.cuda
