@@ -83,6 +83,17 @@ def test_overlapping_padded_ceil_mode_windows(layers, shape):
     compile_and_compare(model, torch.randn(*shape), passes="fuse-conv-pool", expect_op="conv2d_pool")
 
 
+@pytest.mark.parametrize("layers, expect_op", [
+    ((nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1, bias=False), nn.AvgPool2d(2)), "avg_pool2d"),  # transition
+    ((nn.Conv2d(8, 16, 3, padding=1), nn.AvgPool2d(2)), "conv2d"),  # one 4x4/2 conv
+], ids=repr)
+def test_folded_conv_avg_pool_through_tvm(layers, expect_op):
+    """fold-conv-avg-pool in the default pipeline: the rewritten graph compiles and matches PyTorch."""
+    graph = compile_and_compare(nn.Sequential(*layers).eval(), torch.randn(1, 8, 14, 14), passes="default",
+                                expect_op=expect_op)
+    assert "conv2d_pool" not in [d["op"] for _, d in graph.nodes(data=True)]
+
+
 @pytest.mark.parametrize("m, k, n, act", [(1, 64, 10, nn.Identity()), (5, 33, 48, nn.ReLU()), (2, 7, 3, nn.Tanh()),
                                           (40, 128, 96, nn.SiLU())], ids=str)
 def test_dense_kernel_matches_pytorch(m, k, n, act):

@@ -117,3 +117,17 @@ def test_idempotent():
     graph = check_numerics(FoldConvAvgPool(), nn.Sequential(nn.Conv2d(8, 4, 1), nn.AvgPool2d(2)),
                            seeded((1, 8, 8, 8)))
     assert_idempotent(FoldConvAvgPool(), graph)
+
+
+def test_explain_shows_rewrites_and_refusals(tmp_path, capsys):
+    from passes.cli import main
+
+    model = Fn(lambda s, x: (s.pool(s.transition(x)), s.pool(torch.relu(s.conv(x)))),
+               transition=nn.Conv2d(3, 4, 1), conv=nn.Conv2d(3, 4, 3), pool=nn.AvgPool2d(2))
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model.eval(), seeded((1, 3, 8, 8)), str(path), dynamo=False)
+    assert main(["explain", "fold-conv-avg-pool", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fold-conv-avg-pool: 2 candidate(s)" in out
+    assert "REWRITTEN" in out and "pooled_first" in out
+    assert "skipped" in out and "activation_between" in out
