@@ -13,11 +13,17 @@ CPU (llvm), per output tile of ``oc_block`` channels x ``rows`` rows x ``width``
                 acc[oc][r][0:width] += w[oc, ic, kh, kw] * x[ic, row*s + kh, col*s + kw : +width]
         out[...] = pool(act(acc + bias))                # epilogue straight from registers
 
-With a pool fused, the tile covers whole pooling windows (non-overlapping, guaranteed by the pass), so each conv
-output is computed exactly once and the full-size conv output never exists in memory: the only buffers are the
-padded input (when padding > 0), the local accumulator tile and the pooled output.
+With a pool fused whose windows tile the conv output (kernel == stride, no padding), the register tile covers
+whole pooling windows, so each conv output is computed exactly once and the full-size conv output never exists in
+memory: the only buffers are the padded input (when padding > 0), the local accumulator tile and the pooled output.
+Overlapping or padded windows (ResNet's 3x3/2 max pool with padding 1, ceil mode) are ``banded``: per task a band
+of pooled rows, whose conv rows are computed once into a cache-resident band buffer (channels-last when the
+channels fill vectors), register tile by register tile, then pooled; only the kernel - stride rows shared with
+the next band are computed twice. Max-pool padding is -inf (see ``conv_compute``); bias and an activation that
+commutes with max (``passes.ir.ops.commutes_with_max``) are applied after the pool, on k^2/s^2 fewer values.
 
-CUDA: one thread per pooled output (or conv output), its conv window accumulated in local memory.
+CUDA: one thread per pooled output (or conv output), its conv window accumulated in local memory (overlapping
+windows recompute their shared conv outputs there; fuse-conv-pool stays off on cuda by default).
 """
 
 from __future__ import annotations
