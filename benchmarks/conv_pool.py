@@ -69,12 +69,13 @@ def densenet() -> tuple[nn.Module, torch.Tensor]:
     return seeded(torchvision.models.densenet121(weights=None)), torch.randn(1, 3, 224, 224)
 
 
-CASES = {"stem": (stem, UNFUSED, FUSED), "stack": (stack, UNFUSED, FUSED),
-         "densenet": (densenet, DEFAULT_WITHOUT_FOLD, DEFAULT)}
+# name -> (model maker, passes A, passes B, calls per timing: TVM's time evaluator number x repeat)
+CASES = {"stem": (stem, UNFUSED, FUSED, (10, 5)), "stack": (stack, UNFUSED, FUSED, (10, 5)),
+         "densenet": (densenet, DEFAULT_WITHOUT_FOLD, DEFAULT, (1, 3))}
 
 
 def compare(name: str, rounds: int) -> dict:
-    make, passes_a, passes_b = CASES[name]
+    make, passes_a, passes_b, (number, repeat) = CASES[name]
     torch.manual_seed(0)
     model, x = make()
     with torch.no_grad():
@@ -89,7 +90,7 @@ def compare(name: str, rounds: int) -> dict:
                         "ops": sorted({d["op"] for _, d in opt.graph.nodes(data=True)})}
     for _ in range(rounds):  # interleaved: A, B, A, B, ...
         for label in ("A", "B"):
-            built[label]["times"].append(built[label]["opt"].compiled.time_ms(x, number=10, repeat=5))
+            built[label]["times"].append(built[label]["opt"].compiled.time_ms(x, number=number, repeat=repeat))
     ratios = [b / a for a, b in zip(built["A"]["times"], built["B"]["times"])]
     row = {"case": name, "A": passes_a, "B": passes_b, "ratio_median": statistics.median(ratios),
            "ratio_min": min(ratios), "ratio_max": max(ratios)}
