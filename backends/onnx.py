@@ -165,7 +165,8 @@ def _conv_transpose(ex, xs, a, p):
 def _conv_pool(ex, xs, a, p):
     y = _activation(ex, _conv_node(ex, xs[0], a, p), a["activation"], a["activation_params"])
     pool = "MaxPool" if a["pool"] == "max" else "AveragePool"
-    return ex.one(pool, [y], kernel_shape=list(a["pool_kernel"]), strides=list(a["pool_stride"]))
+    return ex.one(pool, [y], kernel_shape=list(a["pool_kernel"]), strides=list(a["pool_stride"]),
+                  pads=list(a["pool_padding"]) * 2, ceil_mode=int(a["pool_ceil_mode"]))
 
 
 @exports("batch_norm")

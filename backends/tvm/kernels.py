@@ -13,11 +13,17 @@ CPU (llvm), per output tile of ``oc_block`` channels x ``rows`` rows x ``width``
                 acc[oc][r][0:width] += w[oc, ic, kh, kw] * x[ic, row*s + kh, col*s + kw : +width]
         out[...] = pool(act(acc + bias))                # epilogue straight from registers
 
-With a pool fused, the tile covers whole pooling windows (non-overlapping, guaranteed by the pass), so each conv
-output is computed exactly once and the full-size conv output never exists in memory: the only buffers are the
-padded input (when padding > 0), the local accumulator tile and the pooled output.
+With a pool fused whose windows tile the conv output (kernel == stride, no padding), the register tile covers
+whole pooling windows, so each conv output is computed exactly once and the full-size conv output never exists in
+memory: the only buffers are the padded input (when padding > 0), the local accumulator tile and the pooled output.
+Overlapping or padded windows (ResNet's 3x3/2 max pool with padding 1, ceil mode) are ``banded``: per task a band
+of pooled rows, whose conv rows are computed once into a cache-resident band buffer (channels-last when the
+channels fill vectors), register tile by register tile, then pooled; only the kernel - stride rows shared with
+the next band are computed twice. Max-pool padding is -inf (see ``conv_compute``); bias and an activation that
+commutes with max (``passes.ir.ops.commutes_with_max``) are applied after the pool, on k^2/s^2 fewer values.
 
-CUDA: one thread per pooled output (or conv output), its conv window accumulated in local memory.
+CUDA: one thread per pooled output (or conv output), its conv window accumulated in local memory (overlapping
+windows recompute their shared conv outputs there; fuse-conv-pool stays off on cuda by default).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from dataclasses import dataclass
 import tvm
 from tvm import s_tir, te, tirx
 from tvm.s_tir import Schedule
+
+from passes.ir.ops import commutes_with_max
 
 F32 = "float32"
 
@@ -109,6 +117,8 @@ class ConvSpec:
     pool: str | None = None                  # "max" | "avg" | None
     pool_kernel: tuple[int, int] = (1, 1)
     pool_stride: tuple[int, int] = (1, 1)
+    pool_padding: tuple[int, int] = (0, 0)   # max pools: -inf padding
+    pool_ceil_mode: bool = False
     dtype: str = F32                         # storage of data, weight, bias, residual, output; accumulation is fp32
     lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
 
@@ -116,12 +126,14 @@ class ConvSpec:
     def channels_vectorized(self) -> bool:
         """Vectorize over output channels (weights packed (C/g, KH, KW, OC)) instead of output columns.
 
-        Pays for ordinary (groups=1) convs whose output rows are too short to fill a vector, and for 1x1 convs,
-        whose few FLOPs per loaded input column would otherwise leave the FMA units idle.
+        Pays for ordinary (groups=1) convs whose output rows are too short to fill a vector, for 1x1 convs,
+        whose few FLOPs per loaded input column would otherwise leave the FMA units idle, and under overlapping
+        pooling windows: the band is then channels-last, so a window's max is a max of channel vectors (no
+        strided column gathers, in the conv of a strided stem either).
         """
         _, oc, _, ow = self.conv_shape
         one_by_one = self.weight_shape[2:] == (1, 1)
-        return self.groups == 1 and oc % 8 == 0 and (ow < self.lanes or one_by_one)
+        return self.groups == 1 and oc % 8 == 0 and (ow < self.lanes or one_by_one or self.banded)
 
     def pack_weight(self, weight):
         """The weight in the kernel's layout (done once, at compile time)."""
@@ -138,8 +150,34 @@ class ConvSpec:
         n, oc, oh, ow = self.conv_shape
         if self.pool is None:
             return n, oc, oh, ow
-        (kh, kw), (sh, sw) = self.pool_kernel, self.pool_stride
-        return n, oc, (oh - kh) // sh + 1, (ow - kw) // sw + 1
+        return n, oc, *(pool_output_size(size, k, s, p, self.pool_ceil_mode) for size, k, s, p in
+                        zip((oh, ow), self.pool_kernel, self.pool_stride, self.pool_padding))
+
+    @property
+    def window_extent(self) -> tuple[int, int]:
+        """Rows/columns the pooling windows span, from ``pool_padding`` before conv output 0."""
+        if self.pool is None:
+            return self.conv_shape[2:]
+        return tuple((o - 1) * s + k for o, s, k in zip(self.out_shape[2:], self.pool_stride, self.pool_kernel))
+
+    @property
+    def banded(self) -> bool:
+        """Pooling windows overlap or reach outside the conv output: the kernel computes a band of whole conv
+        rows per tile (neighbouring windows share them) instead of one register tile per set of windows."""
+        return self.pool is not None and (self.pool_kernel != self.pool_stride or any(self.pool_padding)
+                                          or self.window_extent[0] > self.conv_shape[2]
+                                          or self.window_extent[1] > self.conv_shape[3])
+
+    @property
+    def pool_commutes(self) -> bool:
+        """A max pool whose bias and activation are applied after it: max(f(v) + b) == f(max(v) + b)."""
+        return self.pool == "max" and commutes_with_max(self.activation, self.activation_params)
+
+
+def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """torch's pooled size: with ceil_mode a last partial window counts unless it starts in the right padding."""
+    out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    return out - 1 if ceil_mode and (out - 1) * stride >= size + padding else out
 
 
 def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, padding: tuple, dilation: tuple
@@ -153,7 +191,16 @@ def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, paddi
 
 
 def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
-    """TE stages; returns the PrimFunc arguments [data, weight, (bias,) output]."""
+    """TE stages; returns the PrimFunc arguments [data, weight, (bias,) (residual,) output].
+
+    A max pool's windows may reach outside the conv output (pool padding, a ceil-mode window); torch guarantees each
+    holds a real element. Rows: the conv stage spans the rows the windows read (``window_extent``, from
+    ``pool_padding`` rows before conv row 0; the input gets ``pool_padding * stride`` more zero rows) and the
+    rows outside the conv output are -inf, never selected; so a band of pooled rows needs a constant number of conv
+    rows. Columns: a window reads the nearest conv column inside itself instead (the index clamped to the conv
+    output): a repeated element never changes a max, so this too is -inf padding, and a band's columns are exactly
+    the conv output's (a whole number of vectors).
+    """
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -163,16 +210,20 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     weight = te.placeholder((cg, kh, kw, oc) if packed else spec.weight_shape, dtype, name="weight")
     args = [data, weight]
     source = data
-    if ph or pw:
+    n_, oc_, oh, ow = spec.conv_shape
+    row_pad = spec.pool_padding[0] if spec.pool else 0  # conv rows computed before conv row 0 (masked)
+    rows = spec.window_extent[0] if spec.pool else oh   # conv rows computed (from -row_pad)
+    low = ph + row_pad * sh                              # zero rows before the input
+    padded_h = max((rows - 1) * sh + (kh - 1) * dh + 1, h + 2 * ph + row_pad * sh)
+    if (padded_h, pw, low) != (h, 0, 0):
         source = te.compute(
-            (n, c, h + 2 * ph, w + 2 * pw),
-            lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
-                                                  data[b, ch, y - ph, x - pw], tirx.const(0.0, dtype)), name="pad")
+            (n, c, padded_h, w + 2 * pw),
+            lambda b, ch, y, x: tirx.if_then_else(tirx.all(y >= low, y < h + low, x >= pw, x < w + pw),
+                                                  data[b, ch, y - low, x - pw], tirx.const(0.0, dtype)), name="pad")
     rc = te.reduce_axis((0, cg), "rc")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     per_group = oc // spec.groups
-    n_, oc_, oh, ow = spec.conv_shape
 
     def dot(b, o, y, x):
         w = weight[rc, ry, rx, o] if packed else weight[o, rc, ry, rx]
@@ -180,37 +231,54 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
                       axis=[rc, ry, rx])
 
     if packed:  # accumulate channels-last so a tile's channel vector is contiguous in registers
-        conv = te.compute((n_, oh, ow, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
+        conv = te.compute((n_, rows, ow, oc_), lambda b, y, x, o: dot(b, o, y, x), name="conv")
         value = lambda b, o, y, x: conv[b, y, x, o]  # noqa: E731
     else:
-        conv = te.compute(spec.conv_shape, dot, name="conv")
+        conv = te.compute((n_, oc_, rows, ow), dot, name="conv")
         value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
     act_fn = TE_ACTIVATIONS[spec.activation]
     bias = te.placeholder((oc,), dtype, name="bias") if spec.has_bias else None
     residual = te.placeholder(spec.conv_shape, dtype, name="residual") if spec.residual else None
     args += [t for t in (bias, residual) if t is not None]
 
-    def pre_activation(b, o, y, x):
-        v = value(b, o, y, x)
+    def finish(v, b, o, y, x):
+        """act(v + bias [+ residual]) narrowed to the storage dtype."""
         v = v + _wide(bias[o]) if bias is not None else v
-        return v + _wide(residual[b, o, y, x]) if residual is not None else v
+        v = v + _wide(residual[b, o, y, x]) if residual is not None else v
+        return _narrow(act_fn(v, spec.activation_params), dtype)
 
-    epilogue = te.compute(spec.conv_shape, lambda b, o, y, x: _narrow(act_fn(pre_activation(b, o, y, x),
-                                                                             spec.activation_params), dtype),
-                          name="epilogue")
+    commutes = spec.pool_commutes  # bias and activation after the max: on the pooled tile only
+    masked = row_pad > 0 or rows > oh
+
+    def windowed(b, o, y, x):
+        v = value(b, o, y, x) if commutes else finish(value(b, o, y, x), b, o, y, x)
+        if not masked:
+            return v
+        return tirx.Select(tirx.all(y >= row_pad, y < oh + row_pad), v, tirx.min_value(F32 if commutes else dtype))
+
+    epilogue = te.compute((n_, oc_, rows, ow), windowed, name="epilogue")
     if spec.pool is None:
         return [*args, epilogue]
-    (pkh, pkw), (psh, psw) = spec.pool_kernel, spec.pool_stride
+    (pkh, pkw), (psh, psw), ppw = spec.pool_kernel, spec.pool_stride, spec.pool_padding[1]
     wy = te.reduce_axis((0, pkh), "wy")
     wx = te.reduce_axis((0, pkw), "wx")
+    clamp = ppw > 0 or spec.window_extent[1] > ow
+
+    def window(b, o, y, x):
+        column = tirx.max(tirx.min(x * psw + wx - ppw, ow - 1), 0) if clamp else x * psw + wx
+        return epilogue[b, o, y * psh + wy, column]
+
     if spec.pool == "max":
-        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(epilogue[b, o, y * psh + wy, x * psw + wx],
-                                                                      axis=[wy, wx]), name="pool")
+        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(window(b, o, y, x), axis=[wy, wx]),
+                            name="pool")
     else:  # mean of the window, as a sum of pre-scaled values (one reduction stage, no window-sum buffer)
         scale = tirx.const(1.0 / (pkh * pkw), dtype)
-        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(
-            epilogue[b, o, y * psh + wy, x * psw + wx] * scale, axis=[wy, wx]), name="pool")
-    return [*args, pooled]
+        pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(window(b, o, y, x) * scale, axis=[wy, wx]),
+                            name="pool")
+    if not commutes:
+        return [*args, pooled]
+    post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled[b, o, y, x], b, o, y, x), name="post")
+    return [*args, post]
 
 
 def _wide(x):
@@ -255,6 +323,16 @@ def default_tile(spec: ConvSpec) -> Tile:
     possible."""
     _, oc, oh, ow = spec.out_shape
     lanes, budget = spec.lanes, accumulator_vectors(spec.lanes)
+    if spec.banded:  # a band of 8 pooled rows: the halo costs (kernel - stride) / (8 * stride) of the conv
+        conv_w = spec.conv_shape[3]
+        if spec.channels_vectorized:
+            # register tile: 16 channels x 4 pixels of a conv row. Measured on Zen 3 (AVX2: 16 floats are two
+            # registers) on the ResNet stem, fused/unfused: 0.46 with 4 pixels (8 accumulator registers), 0.89
+            # with 7 (14 accumulators + weights + broadcast > 16 registers: spills), 0.70 with 2
+            return Tile(oc_block=next(b for b in (VECTOR_LANES, 8) if oc % b == 0), rows=largest_divisor(oh, 8),
+                        cols=largest_divisor(conv_w, 4))
+        return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
+                    cols=largest_divisor(conv_w, lanes))
     if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels: about 14 accumulator vectors on AVX-512
         oc_block = next(b for b in (2 * lanes, lanes, 8) if oc % b == 0)
         max_pixels = (budget - 2) // -(-oc_block // lanes)
@@ -262,9 +340,10 @@ def default_tile(spec: ConvSpec) -> Tile:
         cols = largest_divisor(ow, max(1, max_pixels // col_scale))
         rows = largest_divisor(oh, max(1, max_pixels // (cols * col_scale)))
         return Tile(oc_block=oc_block, rows=rows, cols=cols)
-    if spec.pool:  # measured on Zen 4: 4 channels x 2 pooled rows x one vector of conv columns
+    if spec.pool:  # 4 channels x 1 pooled row x one vector of conv columns: measured on Zen 3 (AVX2) on a
+        # conv-ReLU-maxpool stack, fused/unfused 0.47 against 0.85 with 2 pooled rows (32 accumulator registers)
         cols = largest_divisor(ow, max(1, lanes // spec.pool_stride[1]))
-        return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, 2), cols=cols)
+        return Tile(oc_block=largest_divisor(oc, 4), rows=1, cols=cols)
     # measured on Zen 4 over VGG/ResNet shapes: 4 channels x 4 rows x one vector beats 8 x 2 by 5-45% for stride 1;
     # strided convs (ResNet's 7x7/2 stem) read rows far apart and prefer 8 x 2
     cols = largest_divisor(ow, lanes)
@@ -273,13 +352,20 @@ def default_tile(spec: ConvSpec) -> Tile:
     return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, budget // 8), cols=cols)
 
 
+def _output_block(spec: ConvSpec) -> str:
+    """The stage that writes the kernel's output: the one whose loops are tiled."""
+    return "post" if spec.pool_commutes else "pool" if spec.pool else "epilogue"
+
+
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
     tile = tile or default_tile(spec)
+    if spec.banded:
+        return _schedule_cpu_banded(spec, func, tile)
     sch = Schedule(func)
     conv = sch.get_sblock("conv")
     epilogue = sch.get_sblock("epilogue")
     pooled = spec.pool is not None
-    out = sch.get_sblock("pool") if pooled else epilogue
+    out = sch.get_sblock(_output_block(spec))
     loops = sch.get_loops(out)
     n, o, y, x = loops[:4]
     o_outer, o_inner = sch.split(o, [None, tile.oc_block])
@@ -287,13 +373,31 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     x_outer, x_inner = sch.split(x, [None, tile.cols])
     by_channel = spec.channels_vectorized
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
+    if spec.pool_commutes:  # the pooled tile, then bias and activation on it
+        sch.compute_at(sch.get_sblock("pool"), x_outer)
+        sch.set_scope(sch.get_sblock("pool"), 0, "local")
     if pooled:
         sch.compute_at(epilogue, x_outer)
     sch.compute_at(conv, x_outer)
-    # Under x_outer: the tile's spatial loops in the conv's own order ((o, y, x), or (y, x, o) when channels are
-    # vectorized), unit extents omitted, then the reductions. The last spatial loop becomes the vector.
-    # compute_at drops unit-extent loops, reductions included (1x1 kernels, depthwise channels).
-    tile_loops = sch.get_loops(conv)[4:]
+    reduction = _register_tile(sch, conv, spec, 4)  # under n, o_outer, y_outer, x_outer
+    if pooled:
+        sch.compute_inline(epilogue)
+    elif not by_channel:
+        sch.vectorize(x_inner)
+    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    if reduction is not None:
+        sch.decompose_reduction(conv, reduction)
+    _vectorize_pool(sch, spec, shared=2)  # the parallel loop, x_outer
+    _schedule_pad(sch, spec)
+    return sch.mod["main"]
+
+
+def _register_tile(sch: Schedule, conv, spec: ConvSpec, outer: int):
+    """The conv block computed under ``outer`` loops: reductions outside, the tile's spatial loops inside (in the
+    conv's own order: (o, y, x), or (y, x, o) when channels are vectorized), the last one the vector; the
+    accumulator tile in registers. compute_at drops unit-extent loops, reductions included (1x1 kernels,
+    depthwise channels). Returns the outer reduction loop, to decompose once the rest is scheduled."""
+    tile_loops = sch.get_loops(conv)[outer:]
     reductions = sum(extent > 1 for extent in spec.weight_shape[1:])
     split_at = len(tile_loops) - reductions
     spatial, reduction = tile_loops[:split_at], tile_loops[split_at:]
@@ -301,32 +405,98 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     if spatial:
         sch.vectorize(spatial[-1])
     sch.set_scope(conv, 0, "local")
-    if pooled:
-        sch.compute_inline(epilogue)
-    elif not by_channel:
-        sch.vectorize(x_inner)
-    sch.parallel(sch.fuse(n, o_outer, y_outer))
-    if reduction:
-        sch.decompose_reduction(conv, reduction[0])
+    return reduction[0] if reduction else None
+
+
+def _vectorize_pool(sch: Schedule, spec: ConvSpec, shared: int) -> None:
+    """The window reduction outside, a vector of pooled columns inside (then bias and activation on it).
+
+    ``shared``: loops the pool shares with the tile (the parallel one, ...). A pool placed by compute_at (before
+    bias and activation) lost its unit-extent loops; one that writes the output kept them."""
+    if spec.pool is None:
+        return
+    pool = sch.get_sblock("pool")
+    own = sch.get_loops(pool)[shared:]
+    windows = sum(k > 1 for k in spec.pool_kernel) if spec.pool_commutes else 2
+    if windows == 0 or len(own) <= windows:
+        return
+    # a channels-last band: a vector of channels (the first own loop); otherwise a vector of pooled columns,
+    # except in a column-vectorized band, where the columns are strided gathers and scalar code was faster
+    if spec.banded and not spec.channels_vectorized:
+        return
+    lanes = own[0] if spec.banded else own[-windows - 1]
+    sch.reorder(*own[-windows:], lanes)
+    sch.vectorize(lanes)
+    sch.decompose_reduction(pool, own[-windows])
+    if spec.pool_commutes:
+        sch.vectorize(sch.get_loops(sch.get_sblock("post"))[-1])
+
+
+def _schedule_pad(sch: Schedule, spec: ConvSpec) -> None:
     if spec.padding != (0, 0):
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:2]))
         if spec.in_shape[3] + 2 * spec.padding[1] <= 4 * spec.lanes:
             sch.vectorize(pad_loops[-1])
+
+
+def _schedule_cpu_banded(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
+    """Overlapping or padded pooling windows: per task, ``tile.oc_block`` channels x a band of ``tile.rows``
+    pooled rows x the whole width. The conv rows the band's windows read are computed once into a band buffer
+    (cache-resident: oc_block x ((rows - 1) * stride + kernel) x conv width), register tile by register tile
+    (``tile.cols`` columns or pixels), then pooled from it; only the kernel - stride rows shared with the next band
+    are computed twice (a halo), never once per window."""
+    sch = Schedule(func)
+    conv = sch.get_sblock("conv")
+    band = sch.cache_write(conv, 0, "global")  # `conv` now fills a register tile; `band` stores it in the band
+    out = sch.get_sblock(_output_block(spec))
+    n, o, y, x = sch.get_loops(out)[:4]
+    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    y_outer, y_inner = sch.split(y, [None, tile.rows])
+    sch.reorder(n, o_outer, y_outer, o_inner, y_inner, x)
+    if spec.pool_commutes:
+        sch.compute_at(sch.get_sblock("pool"), y_outer)
+        sch.set_scope(sch.get_sblock("pool"), 0, "local")
+    epilogue = sch.get_sblock("epilogue")
+    sch.compute_at(epilogue, y_outer)
+    sch.compute_at(band, y_outer)
+    band_loops = sch.get_loops(band)[3:]  # (o, y, x) or, channels vectorized, (y, x, o); unit extents dropped
+    if spec.channels_vectorized:
+        *rows, cols, channels = band_loops
+        col_outer, col_inner = sch.split(cols, [None, tile.cols])
+        sch.reorder(*rows, col_outer, col_inner, channels)
+        sch.vectorize(channels)
+    else:
+        *lead, cols = band_loops
+        col_outer, col_inner = sch.split(cols, [None, tile.cols])
+        sch.reorder(*lead[1:], col_outer, *lead[:1], col_inner)
+        sch.vectorize(col_inner)
+    depth = [sch.get(loop) for loop in sch.get_loops(band)].index(sch.get(col_outer)) + 1
+    sch.compute_at(conv, col_outer)
+    reduction = _register_tile(sch, conv, spec, depth)
+    sch.compute_inline(epilogue)
+    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    if reduction is not None:
+        sch.decompose_reduction(conv, reduction)
+    _vectorize_pool(sch, spec, shared=1)  # the parallel loop
+    _schedule_pad(sch, spec)
     return sch.mod["main"]
 
 
 def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tirx.PrimFunc:
     sch = Schedule(func)
     pooled = spec.pool is not None
-    out = sch.get_sblock("pool" if pooled else "epilogue")
+    out = sch.get_sblock(_output_block(spec))
     conv = sch.get_sblock("conv")
     n, o, y, x = sch.get_loops(out)[:4]
     fused = sch.fuse(n, o, y, x)
     block_x, thread_x = sch.split(fused, [None, threads])
     sch.bind(block_x, "blockIdx.x")
     sch.bind(thread_x, "threadIdx.x")
+    if spec.pool_commutes:
+        sch.compute_at(sch.get_sblock("pool"), thread_x)
+        sch.set_scope(sch.get_sblock("pool"), 0, "local")
     if pooled:
         sch.compute_at(sch.get_sblock("epilogue"), thread_x)
     sch.compute_at(conv, thread_x)
@@ -351,6 +521,12 @@ def conv_kernel(spec: ConvSpec, target_kind: str, tile: Tile | None = None) -> t
 
 
 def supports(spec: ConvSpec) -> bool:
+    """Average pools only over whole windows inside the conv output (no padding, no partial ceil-mode window)."""
+    if spec.pool is not None and spec.residual:
+        return False
+    if spec.pool == "avg" and (any(spec.pool_padding) or spec.window_extent[0] > spec.conv_shape[2]
+                               or spec.window_extent[1] > spec.conv_shape[3]):
+        return False
     return spec.activation in TE_ACTIVATIONS and spec.pool in (None, "max", "avg")
 
 

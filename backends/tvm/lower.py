@@ -81,7 +81,8 @@ def _conv2d_pool(ctx, xs):
     """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
     if ctx.choice.kernel != "conv":
         spec = conv_spec_of(ctx.graph, ctx.node, ctx.target.lanes)
-        raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r}")
+        raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r} with padding "
+                       f"{spec.pool_padding}, ceil_mode={spec.pool_ceil_mode}; run without fuse-conv-pool")
     return call_conv_kernel(ctx, xs[0], ctx.choice.spec)
 
 

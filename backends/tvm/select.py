@@ -24,7 +24,8 @@ def conv_spec_of(graph: Graph, node: str, lanes: int = 16) -> ConvSpec:
                     stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
                     has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
                     residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
-                    pool_stride=a.get("pool_stride", (1, 1)), dtype=graph.value_type(operands[0]).dtype,
+                    pool_stride=a.get("pool_stride", (1, 1)), pool_padding=a.get("pool_padding", (0, 0)),
+                    pool_ceil_mode=a.get("pool_ceil_mode", False), dtype=graph.value_type(operands[0]).dtype,
                     lanes=lanes)
 
 

@@ -14,7 +14,7 @@ Example (conv followed by batch norm, the conv output used only by the norm)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -86,18 +86,7 @@ class Pattern:
         With ``rewrite``, each accepted match is rewritten at once, before the next candidate (in topological
         order) is matched: for fusions where an earlier rewrite is what makes a later match possible.
         """
-        accepted = []
-        for anchor in self.candidates(graph):
-            if anchor not in graph:  # removed by an earlier rewrite
-                continue
-            match, refused = self._first_acceptable(graph, anchor, check)
-            if match is None:
-                decide.skip(anchor, *(refused or ("no_producer", f"input comes from {graph.operands(anchor)[0].node}")))
-                continue
-            accepted.append(match)
-            if rewrite is not None:
-                rewrite(match)
-        return accepted
+        return scan_alternatives((self,), graph, decide, check, rewrite)
 
     def _first_acceptable(self, graph: Graph, anchor: str, check: Callable[[Match], tuple[str, str] | None] | None
                           ) -> tuple[Match | None, tuple[str, str] | None]:
@@ -129,6 +118,34 @@ class Pattern:
                 taken |= set(match.values())
                 break
         return found
+
+
+def scan_alternatives(patterns: Sequence[Pattern], graph: Graph, decide,
+                      check: Callable[[Match], tuple[str, str] | None] | None = None,
+                      rewrite: Callable[[Match], None] | None = None) -> list[Match]:
+    """``Pattern.scan`` over alternative patterns (optional roles written out, longest first): per anchor candidate
+    of any pattern, in topological order, the first pattern with an acceptable match wins; a refused candidate is
+    counted once, with the first pattern's ``check`` refusal, else ``shared_output``, else ``no_producer``."""
+    accepted = []
+    anchor_ops = {op for p in patterns for op in p.ops(p.anchor)}
+    for anchor in [n for n in graph.topo_order() if graph.nodes[n]["op"] in anchor_ops]:
+        if anchor not in graph:  # removed by an earlier rewrite
+            continue
+        match, refused = None, None
+        for pattern in patterns:
+            if graph.nodes[anchor]["op"] not in pattern.ops(pattern.anchor):
+                continue
+            match, why = pattern._first_acceptable(graph, anchor, check)
+            if match is not None:
+                break
+            refused = refused or why
+        if match is None:
+            decide.skip(anchor, *(refused or ("no_producer", f"input comes from {graph.operands(anchor)[0].node}")))
+            continue
+        accepted.append(match)
+        if rewrite is not None:
+            rewrite(match)
+    return accepted
 
 
 def _node_match(graph_node: dict, pattern_node: dict) -> bool:

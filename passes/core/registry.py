@@ -24,6 +24,7 @@ BUILTIN_PASSES: dict[str, str] = {
         "passes.transforms.eliminate_common_subexpressions:EliminateCommonSubexpressions",
     "remove-identities": "passes.transforms.remove_identities:RemoveIdentities",
     "fold-batch-norm": "passes.transforms.fold_batch_norm:FoldBatchNorm",
+    "fold-conv-avg-pool": "passes.transforms.fold_conv_avg_pool:FoldConvAvgPool",
     "fuse-conv-activation": "passes.transforms.fuse_conv_activation:FuseConvActivation",
     "fuse-conv-pool": "passes.transforms.fuse_conv_pool:FuseConvPool",
     "fuse-conv-add": "passes.transforms.fuse_conv_add:FuseConvAdd",
@@ -40,8 +41,8 @@ BUILTIN_PASSES: dict[str, str] = {
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.
 PRESETS: dict[str, tuple[str, ...]] = {
     "default": ("fold-qdq", "integer-max-pool", "remove-identities", "fold-constants",
-                "eliminate-common-subexpressions", "fold-batch-norm", "fuse-conv-activation", "fuse-conv-add",
-                "fuse-qconv-add", "fuse-conv-pool", "eliminate-dead-nodes"),
+                "eliminate-common-subexpressions", "fold-batch-norm", "fold-conv-avg-pool", "fuse-conv-activation",
+                "fuse-conv-add", "fuse-qconv-add", "fuse-conv-pool", "eliminate-dead-nodes"),
 }
 
 _registered: dict[str, type[Pass]] = {}

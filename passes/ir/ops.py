@@ -281,6 +281,17 @@ def activation_of(op: str, attrs: Mapping[str, Any]) -> tuple[str, tuple[float, 
     return None
 
 
+def commutes_with_max(activation: str, params: tuple[float, ...]) -> bool:
+    """Whether ``max(f(a), f(b)) == f(max(a, b))`` exactly in float32: f is non-decreasing and made of rounding-
+    monotone operations (max/min/scaling by a non-negative constant), so a max pool may apply it after pooling.
+
+    sigmoid/tanh/elu are non-decreasing in exact arithmetic, but the backends evaluate them with approximations
+    that are not guaranteed monotone to the last ulp, so they are applied before the pool."""
+    if activation == "leaky_relu":
+        return params[0] >= 0.0
+    return activation in ("none", "relu", "relu6", "clamp", "hardsigmoid")
+
+
 def apply_activation(x: torch.Tensor, attrs: Mapping[str, Any]) -> torch.Tensor:
     return ACTIVATIONS[attrs["activation"]](x, attrs["activation_params"])
 
@@ -324,8 +335,9 @@ def _conv_out_spatial(in_shape: tuple[int, ...], attrs: Mapping[str, Any], kerne
 def _conv2d_pool(xs, a, p):
     y = apply_activation(F.conv2d(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"],
                                   a["groups"]), a)
-    pool = F.max_pool2d if a["pool"] == "max" else F.avg_pool2d
-    return pool(y, a["pool_kernel"], a["pool_stride"])
+    if a["pool"] == "max":
+        return F.max_pool2d(y, a["pool_kernel"], a["pool_stride"], a["pool_padding"], 1, a["pool_ceil_mode"])
+    return F.avg_pool2d(y, a["pool_kernel"], a["pool_stride"], a["pool_padding"], a["pool_ceil_mode"])
 
 
 def _conv2d_pool_flops(in_types, out_types, attrs, params) -> int:
@@ -338,9 +350,11 @@ def _conv2d_pool_flops(in_types, out_types, attrs, params) -> int:
 register_op(OpDef(
     "conv2d_pool", _conv2d_pool,
     attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, **_FUSED_ACTIVATION,
-           "pool": REQUIRED, "pool_kernel": REQUIRED, "pool_stride": REQUIRED},
+           "pool": REQUIRED, "pool_kernel": REQUIRED, "pool_stride": REQUIRED, "pool_padding": (0, 0),
+           "pool_ceil_mode": False},
     params=("weight",), optional_params=("bias",), flops=_conv2d_pool_flops,
-    doc="Fused pool(act(conv2d(x) + b)), pool 'max' or 'avg' with non-overlapping windows (from fuse-conv-pool)."))
+    doc="Fused pool(act(conv2d(x) + b)) (from fuse-conv-pool): pool 'max' (any window, padding, ceil mode) or "
+        "'avg' (no padding, no partial windows)."))
 
 for _nd, _convt in ((1, F.conv_transpose1d), (2, F.conv_transpose2d)):
     register_op(OpDef(

@@ -66,6 +66,34 @@ def test_conv_pool_both_schedules(conv, pool):
                         expect_op="conv2d_pool")
 
 
+@pytest.mark.parametrize("layers, shape", [
+    ((nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(3, 2, 1)), (1, 3, 46, 38)),
+    ((nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.MaxPool2d(3, 2, 1, ceil_mode=True)), (1, 4, 17, 20)),
+    ((nn.Conv2d(8, 32, 3, padding=1), nn.LeakyReLU(0.1), nn.MaxPool2d(3, 2, ceil_mode=True)), (1, 8, 12, 12)),
+    ((nn.Conv2d(4, 8, 3, padding=1), nn.Tanh(), nn.AvgPool2d(3, 2)), (1, 4, 21, 19)),
+    ((nn.Conv2d(4, 8, 3, padding=1), nn.ReLU6(), nn.MaxPool2d(3, 1, 1)), (1, 4, 13, 9)),
+], ids=repr)
+def test_overlapping_padded_ceil_mode_windows(layers, shape):
+    """Windows that share conv outputs, -inf padding, partial ceil-mode windows; both activation placements."""
+    model = nn.Sequential(*layers).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.running_mean.uniform_(-1.0, 1.0)
+    compile_and_compare(model, torch.randn(*shape), passes="fuse-conv-pool", expect_op="conv2d_pool")
+
+
+@pytest.mark.parametrize("layers, expect_op", [
+    ((nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 1, bias=False), nn.AvgPool2d(2)), "avg_pool2d"),  # transition
+    ((nn.Conv2d(8, 16, 3, padding=1), nn.AvgPool2d(2)), "conv2d"),  # one 4x4/2 conv
+], ids=repr)
+def test_folded_conv_avg_pool_through_tvm(layers, expect_op):
+    """fold-conv-avg-pool in the default pipeline: the rewritten graph compiles and matches PyTorch."""
+    graph = compile_and_compare(nn.Sequential(*layers).eval(), torch.randn(1, 8, 14, 14), passes="default",
+                                expect_op=expect_op)
+    assert "conv2d_pool" not in [d["op"] for _, d in graph.nodes(data=True)]
+
+
 @pytest.mark.parametrize("m, k, n, act", [(1, 64, 10, nn.Identity()), (5, 33, 48, nn.ReLU()), (2, 7, 3, nn.Tanh()),
                                           (40, 128, 96, nn.SiLU())], ids=str)
 def test_dense_kernel_matches_pytorch(m, k, n, act):
@@ -78,10 +106,12 @@ def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
     prim_funcs = [gv.name_hint for gv, f in lower(graph).functions.items() if gv.name_hint != "main"]
     assert len(prim_funcs) == 1 and prim_funcs[0].startswith("conv2d_pool_")
 
+    specs = []
     for out_channels, width in ((16, 32), (32, 12)):  # column-vectorized and channel-vectorized schedules
-        spec = ConvSpec(in_shape=(1, 8, 32, width), weight_shape=(out_channels, 8, 3, 3), stride=(1, 1),
-                        padding=(1, 1), dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max",
-                        pool_kernel=(2, 2), pool_stride=(2, 2))
+        specs.append(ConvSpec(in_shape=(1, 8, 32, width), weight_shape=(out_channels, 8, 3, 3), stride=(1, 1),
+                              padding=(1, 1), dilation=(1, 1), groups=1, has_bias=True, activation="relu",
+                              pool="max", pool_kernel=(2, 2), pool_stride=(2, 2)))
+    for spec in specs:
         for target in ("llvm", "cuda"):
             buffers = compacted_buffers(conv_kernel(spec, target))
             conv_buffers = [(shape, scope) for name, shape, scope in buffers if name.startswith("conv")]
@@ -90,6 +120,21 @@ def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
             assert conv_buffers and all(scope == "local" and math.prod(shape) <= 512 < full
                                         for shape, scope in conv_buffers), buffers
             assert all(math.prod(shape) < full for name, shape, _ in buffers if name != "pad"), buffers
+
+
+def test_overlapping_windows_compute_each_band_of_conv_rows_once():
+    """The ResNet stem's 3x3/2 padded windows: per task 16 channels x 8 pooled rows, whose windows read 17 conv rows
+    (16 + one halo row shared with the next band, and a -inf row above the first), all 32 columns, channels-last;
+    the conv is accumulated in a register tile of 4 pixels x one channel vector and never exists at full size."""
+    stem = ConvSpec(in_shape=(1, 3, 64, 64), weight_shape=(16, 3, 7, 7), stride=(2, 2), padding=(3, 3),
+                    dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max", pool_kernel=(3, 3),
+                    pool_stride=(2, 2), pool_padding=(1, 1))
+    assert stem.banded and stem.channels_vectorized
+    assert stem.conv_shape == (1, 16, 32, 32) and stem.out_shape == (1, 16, 16, 16)
+    buffers = {name: (shape, scope) for name, shape, scope in compacted_buffers(conv_kernel(stem, "llvm"))}
+    assert buffers["conv"] == ((1, 17, 32, 16), "global")  # the band: 17 conv rows per 8 pooled rows
+    assert buffers["conv_global_local"] == ((1, 1, 4, 16), "local")  # the register tile
+    assert buffers["pool_local"] == ((1, 16, 8, 16), "local")
 
 
 @pytest.mark.cuda
