@@ -40,7 +40,7 @@ import numpy as np
 from passes.core.pass_base import Decisions, Pass, PassContext, PassResult
 from passes.core.pattern import Match, Pattern, scan_alternatives
 from passes.core.rewrite import join_origin, replace_node
-from passes.core.stats import node_flops
+from passes.ir.cost import node_flops
 from passes.ir.graph import Graph, TensorType
 from passes.ir.ops import get_op
 from passes.transforms.fuse_conv_activation import ACTIVATION_OPS

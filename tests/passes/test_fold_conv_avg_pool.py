@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from passes.core.stats import graph_flops
+from passes.ir.cost import graph_flops
 from torch import nn
 
 from passes.core.pass_base import PassContext
