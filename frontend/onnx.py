@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from frontend.errors import FrontendError, UnsupportedConstruct, UnsupportedModelError
@@ -31,7 +33,9 @@ from passes.ir.verify import verify
 MIN_OPSET = 9
 MAX_FILE_BYTES = 4 << 30
 MAX_TENSOR_BYTES = 2 << 30
-MAX_FOLD_ELEMENTS = 1 << 22
+MAX_FOLD_ELEMENTS = 1 << 22  # inputs of one folded node
+MAX_FOLD_OUTPUT_ELEMENTS = MAX_TENSOR_BYTES // 8  # what ConstantOfShape/Expand/Tile/Range may create: an initializer's
+                                                 # limit (the light model zoo builds VGG's 100M-weight layer this way)
 
 DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
           TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
@@ -267,7 +271,6 @@ class _Converter:
         feeds = {n: np.asarray(x) for n, x in zip(names, inputs) if n}
         return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
 
-
     def _check_fold_output_size(self, node: onnx.NodeProto, inputs: list) -> None:
         """Ops whose output size is data-dependent must not allocate absurd tensors while folding."""
         size = None
@@ -279,7 +282,7 @@ class _Converter:
         elif node.op_type == "Range" and len(inputs) == 3:
             start, limit, delta = (float(np.asarray(v)) for v in inputs)
             size = math.ceil((limit - start) / delta) if delta else math.inf
-        if size is not None and size > MAX_FOLD_ELEMENTS:
+        if size is not None and size > MAX_FOLD_OUTPUT_ELEMENTS:
             raise FrontendError(f"{self.where}: would create a tensor of {size} elements; refusing to allocate")
 
 
@@ -488,9 +491,18 @@ HANDLERS["Identity"] = _simple("identity")
 
 @handles("Dropout")
 def _dropout(cv, xs):
-    if len(cv.node.output) > 1 and cv.node.output[1]:
-        raise UnsupportedConstruct("the mask output")
-    return cv.emit("dropout", [xs[0]], {"p": float(cv.attr("ratio", 0.5))})
+    """Inference dropout is the identity. Its optional mask output is all ones ("kept"): bool from opset 10, the
+    input's dtype before. A constant ``training_mode`` of true asks for random dropout, which inference cannot give."""
+    if len(xs) > 2 and xs[2] is not None and bool(cv.const(xs[2], "Dropout training_mode")):
+        raise UnsupportedConstruct("training_mode=true (random dropout); export the model in eval mode")
+    ratio = cv.attr("ratio", 0.5)
+    if cv.opset >= 12 and len(xs) > 1 and xs[1] is not None and not isinstance(xs[1], Value):
+        ratio = float(np.asarray(xs[1]))
+    y = cv.emit("dropout", [xs[0]], {"p": float(ratio)})
+    if len(cv.node.output) < 2 or not cv.node.output[1]:
+        return y
+    dtype = "bool" if cv.opset >= 10 else cv.graph.value_type(y).dtype
+    return y, np.ones(cv.shape(y), dtype)
 
 
 @handles("HardSigmoid")
@@ -535,7 +547,22 @@ HANDLERS["Softmax"] = _softmax("softmax")
 HANDLERS["LogSoftmax"] = _softmax("log_softmax")
 
 
+def _onnx_pool_size(size: int, kernel: int, stride: int, pad: tuple[int, int], ceil_mode: bool) -> int:
+    """ONNX Runtime's output length: in ceil mode a last window that would start in the end padding is dropped
+    (torch's rule too, but torch applies it to its own symmetric padding, not to a pad op in front of the pool)."""
+    span = size + pad[0] + pad[1] - kernel
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + pad[0] else out
+
+
 def _pool(kind: str):
+    """MaxPool / AveragePool. Torch pools pad symmetrically by at most half a kernel; other ``pads`` become an
+    explicit ``pad`` op (-3.4e38 for max, 0 for average) and a pool without padding. For an average that must not
+    count the padding (``count_include_pad=0``), the zero-padded average ``sum/D`` is multiplied by the constant
+    ``D/count`` (the reciprocal of the same pool over padded ones), so each window is divided by its real elements.
+    In ceil mode the padded input can yield one more window than ONNX's rule allows: it is sliced off."""
     def handler(cv, xs):
         x = xs[0]
         if len(cv.node.output) > 1 and cv.node.output[1]:
@@ -546,26 +573,33 @@ def _pool(kind: str):
             raise UnsupportedConstruct(f"{nd}-d pooling")
         strides = tuple(cv.attr("strides", [1] * nd))
         dilations = tuple(cv.attr("dilations", [1] * nd))
-        pads = _spatial_pads(cv, nd, kernel, strides, dilations, cv.shape(x)[2:])
-        include_pad = bool(cv.attr("count_include_pad", 0))
         if kind == "avg" and any(d != 1 for d in dilations):
             raise UnsupportedConstruct("dilated average pooling")
-        explicit = any(lo != hi for lo, hi in pads) or any(2 * lo > k for (lo, _), k in zip(pads, kernel))
-        if kind == "avg" and not include_pad and explicit:
-            raise UnsupportedConstruct("asymmetric or over-half-kernel pads with count_include_pad=0")
-        if explicit:  # torch pools pad symmetrically and at most half a kernel: pad explicitly instead
-            flat = tuple(p for lo_hi in reversed(pads) for p in lo_hi)
-            x = cv.emit("pad", [x], {"pad": flat, "mode": "constant", "value": -3.4e38 if kind == "max" else 0.0})
-            padding = (0,) * nd
-        else:
-            padding = tuple(lo for lo, _ in pads)
-        attrs = {"kernel_size": kernel, "stride": strides, "padding": padding,
-                 "ceil_mode": bool(cv.attr("ceil_mode", 0))}
-        if kind == "max":
-            attrs["dilation"] = dilations
-        else:
-            attrs["count_include_pad"] = include_pad
-        return cv.emit(f"{kind}_pool{nd}d", [x], attrs)
+        spatial = cv.shape(x)[2:]
+        pads = _spatial_pads(cv, nd, kernel, strides, dilations, spatial)
+        include_pad = bool(cv.attr("count_include_pad", 0))
+        ceil_mode = bool(cv.attr("ceil_mode", 0))
+        attrs = {"kernel_size": kernel, "stride": strides, "ceil_mode": ceil_mode}
+        attrs.update({"dilation": dilations} if kind == "max" else {"count_include_pad": include_pad})
+        if all(lo == hi and 2 * lo <= k for (lo, hi), k in zip(pads, kernel)):
+            return cv.emit(f"{kind}_pool{nd}d", [x], {**attrs, "padding": tuple(lo for lo, _ in pads)})
+        flat = tuple(p for lo_hi in reversed(pads) for p in lo_hi)
+        padded = cv.emit("pad", [x], {"pad": flat, "mode": "constant", "value": -3.4e38 if kind == "max" else 0.0})
+        y = cv.emit(f"{kind}_pool{nd}d", [padded], {**attrs, "padding": (0,) * nd, "count_include_pad": True}
+                    if kind == "avg" else {**attrs, "padding": (0,) * nd})
+        sizes = [_onnx_pool_size(n, (k - 1) * d + 1, s, p, ceil_mode)
+                 for n, k, d, s, p in zip(spatial, kernel, dilations, strides, pads)]
+        for dim, size in enumerate(sizes, start=2):
+            if cv.shape(y)[dim] > size:
+                y = cv.emit("slice", [y], {"dim": dim, "start": 0, "end": size, "step": 1})
+        if kind == "avg" and not include_pad:
+            ones = F.pad(torch.ones((1, 1, *spatial)), flat)
+            real = getattr(F, f"avg_pool{nd}d")(ones, kernel, strides, 0, ceil_mode, True).numpy()
+            real = real[(..., *(slice(0, size) for size in sizes))]
+            if not np.all(real > 0):
+                raise UnsupportedConstruct("pads so large that a window holds only padding")
+            y = cv.emit("mul", [y, (1.0 / real).astype(np.float32)])
+        return y
     return handler
 
 
