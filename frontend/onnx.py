@@ -137,8 +137,9 @@ def tensor_to_numpy(tensor: TensorProto, where: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ converter
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, name: str):
+    def __init__(self, model: onnx.ModelProto, name: str, input_shapes: dict[str, tuple[int, ...]] | None = None):
         self.model = model
+        self.input_shapes = dict(input_shapes or {})
         self.graph = Graph(name=name)
         self.opset = _default_opset(model)
         self.env: dict[str, Value | np.ndarray] = {}
@@ -188,10 +189,14 @@ class _Converter:
         for tensor in g.initializer:
             initializers[tensor.name] = tensor_to_numpy(tensor, f"initializer '{tensor.name}'")
         self.env.update(initializers)
-        for inp in g.input:
-            if inp.name in initializers:
-                continue  # an input that is also an initializer: a constant (ONNX < IR 4 style)
-            self.env[inp.name] = self.graph.add_input(_safe_name(inp.name), _input_type(inp), origin=(inp.name,))
+        inputs = [inp for inp in g.input if inp.name not in initializers]  # others: constants (ONNX < IR 4 style)
+        unknown = sorted(set(self.input_shapes) - {inp.name for inp in inputs})
+        if unknown:
+            raise FrontendError(f"input_shapes names {', '.join(map(repr, unknown))}, but the model's inputs are "
+                                f"{[inp.name for inp in inputs]}")
+        for inp in inputs:
+            kind = _input_type(inp, self.input_shapes.get(inp.name))
+            self.env[inp.name] = self.graph.add_input(_safe_name(inp.name), kind, origin=(inp.name,))
         for node in _topological(g):
             self.node = node
             self.convert(node)
@@ -298,26 +303,50 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return version
 
 
-def _input_type(inp: onnx.ValueInfoProto) -> TensorType:
+def _input_type(inp: onnx.ValueInfoProto, override: tuple[int, ...] | None = None) -> TensorType:
+    """The input's static type; ``override`` (from ``input_shapes``) replaces its declared dims, as onnxsim's
+    ``--overwrite-input-shape`` does: the only way to import a model exported with dynamic (symbolic) dims."""
     t = inp.type.tensor_type
     dtype = DTYPES.get(t.elem_type)
     if dtype is None:
         raise FrontendError(f"input '{inp.name}': unsupported element type "
                             f"{TensorProto.DataType.Name(t.elem_type) if t.elem_type else 'none'}")
-    if not t.HasField("shape"):
-        raise FrontendError(f"input '{inp.name}': no shape; export the model with static input shapes")
-    dims = []
-    for i, d in enumerate(t.shape.dim):
-        if not d.HasField("dim_value") or d.dim_value <= 0:
-            label = d.dim_param or "?"
-            raise FrontendError(f"input '{inp.name}': dim {i} is dynamic ({label}); export the model with static "
-                                "input shapes (batch 1)")
-        if d.dim_value > 1 << 24:
-            raise FrontendError(f"input '{inp.name}': dim {i} = {d.dim_value} is absurdly large")
-        dims.append(d.dim_value)
+    declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                for d in t.shape.dim] if t.HasField("shape") else None
+    if override is not None:
+        dims = list(override)
+        if declared is not None and len(dims) != len(declared):
+            raise FrontendError(f"input '{inp.name}' has rank {len(declared)} (dims {_dims_text(declared)}), but "
+                                f"input_shapes gives {len(dims)} dims {_dims_text(dims)}")
+        if any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d <= 0 for d in dims):
+            raise FrontendError(f"input_shapes['{inp.name}'] = {tuple(override)}: dims must be positive integers")
+    elif declared is None:
+        raise FrontendError(f"input '{inp.name}': no shape; give one with {_shape_hint(inp.name, None)}")
+    elif any(isinstance(d, str) for d in declared):
+        dynamic = ", ".join(f"dim {i} is {d!r}" for i, d in enumerate(declared) if isinstance(d, str))
+        raise FrontendError(f"input '{inp.name}' has dynamic dims {_dims_text(declared)} ({dynamic}); give it a "
+                            f"static shape with {_shape_hint(inp.name, declared)}")
+    else:
+        dims = declared
+    for i, d in enumerate(dims):
+        if d > 1 << 24:
+            raise FrontendError(f"input '{inp.name}': dim {i} = {d} is absurdly large")
     if math.prod(dims) * 4 > MAX_TENSOR_BYTES:
         raise FrontendError(f"input '{inp.name}': shape {dims} is too large")
-    return TensorType(tuple(dims), dtype)
+    return TensorType(tuple(int(d) for d in dims), dtype)
+
+
+def _dims_text(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def _shape_hint(name: str, declared: list | None) -> str:
+    """How to give ``name`` a static shape, in both doors: symbolic dims stay as their names (to fill in), except a
+    dynamic leading (batch) dim, shown as 1."""
+    dims = [1 if i == 0 and isinstance(d, str) else d for i, d in enumerate(declared)] if declared else ["d0", "d1",
+                                                                                                        "..."]
+    return (f"optimize(path, input_shapes={{'{name}': ({', '.join(map(str, dims))}{',' if len(dims) == 1 else ''})}}) "
+            f"or `python -m passes.cli compile ... --input-shape {name}:{'x'.join(map(str, dims))}`")
 
 
 def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -1050,9 +1079,12 @@ HANDLERS["GRU"] = _recurrent("GRU")
 HANDLERS["RNN"] = _recurrent("RNN")
 
 
-def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = None) -> Graph:
+def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = None,
+              input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
     """Import an ONNX model (path or ``ModelProto``) as a verified IR graph.
 
+    ``input_shapes`` maps input names to static shapes that replace the declared ones (dynamic batch or spatial
+    dims must be fixed this way), e.g. ``from_onnx("m.onnx", input_shapes={"x": (1, 3, 224, 224)})``.
     Raises ``FrontendError`` (one message naming the problem and the model element) or ``UnsupportedModelError``
     (every unsupported op at once).
     """
@@ -1062,5 +1094,5 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = Non
     else:
         proto = load_model(model)
         default_name = Path(model).stem
-        return _Converter(proto, name or _safe_name(default_name)).run()
-    return _Converter(proto, name or _safe_name(proto.graph.name or default_name)).run()
+        return _Converter(proto, name or _safe_name(default_name), input_shapes).run()
+    return _Converter(proto, name or _safe_name(proto.graph.name or default_name), input_shapes).run()

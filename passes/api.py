@@ -114,12 +114,17 @@ def load(path: str | os.PathLike) -> LoadedModel:
 DEFAULT_PIPELINE: tuple[str, ...] = ("default",)
 
 
-def import_model(model: Any, example_inputs: Sequence[Any] | None = None):
-    """Frontend dispatch: an ``nn.Module`` goes through torch.fx, a path to ``.onnx`` through the ONNX frontend."""
+def import_model(model: Any, example_inputs: Sequence[Any] | None = None,
+                 input_shapes: dict[str, Sequence[int]] | None = None):
+    """Frontend dispatch: an ``nn.Module`` goes through torch.fx, a path to ``.onnx`` through the ONNX frontend
+    (``input_shapes``: static shapes for the file's inputs, replacing dynamic dims)."""
     if isinstance(model, (str, os.PathLike)):
         from frontend.onnx import from_onnx
 
-        return from_onnx(model)
+        shapes = {name: tuple(shape) for name, shape in input_shapes.items()} if input_shapes else None
+        return from_onnx(model, input_shapes=shapes)
+    if input_shapes:
+        raise ValueError("input_shapes is for ONNX files; a PyTorch model's shapes come from example_inputs")
     from frontend.torch_fx import from_torch
 
     if example_inputs is None:
@@ -146,7 +151,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
              example_inputs: Sequence[Any] | None = None, data: Iterable | None = None,
              tune: Tune | None = None, measure: bool = True,
              instruments: Sequence[Any] = ("verify-each",),
-             progress: Callable[[str], None] | None = None) -> OptimizedModel:
+             progress: Callable[[str], None] | None = None,
+             input_shapes: dict[str, Sequence[int]] | None = None) -> OptimizedModel:
     """Optimize and compile ``model`` for ``target``.
 
     Example::
@@ -163,6 +169,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     model on the example inputs and check it against the original (PyTorch or ONNX Runtime) for the report.
     ``instruments``: ``"verify-each"`` (default), ``"numeric-check-each"``, ``"timing"``, ``"dump-each=DIR"``.
     ``progress``: called with a short message as each step starts (the CLI prints them).
+    ``input_shapes``: for an ONNX file, static shapes by input name that replace its declared (e.g. dynamic batch)
+    dims, as onnxsim's ``--overwrite-input-shape``: ``optimize("m.onnx", input_shapes={"x": (1, 3, 224, 224)})``.
     """
     step = progress or (lambda message: None)
     from backends.tvm.module import build
@@ -172,7 +180,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     step("importing the model")
-    graph = import_model(model, example_inputs)
+    graph = import_model(model, example_inputs, input_shapes)
     seconds["import"] = time.perf_counter() - start
     if example_inputs is None:
         example_inputs = tuple(_random_inputs(graph))
