@@ -649,6 +649,183 @@ HANDLERS["GlobalAveragePool"] = _global_pool("avg")
 HANDLERS["GlobalMaxPool"] = _global_pool("max")
 
 
+@handles("LayerNormalization")
+def _layer_norm(cv, xs):
+    """Normalize over the dims from ``axis`` on; Scale and B (optional) broadcast to those dims become the
+    ``layer_norm`` op's weight and bias (torch's F.layer_norm with ``normalized_shape = X.shape[axis:]``)."""
+    x, shape = xs[0], cv.shape(xs[0])
+    if any(cv.node.output[1:]):
+        raise UnsupportedConstruct("the Mean/InvStdDev outputs (training statistics)")
+    if int(cv.attr("stash_type", 1)) != 1:
+        raise UnsupportedConstruct(f"stash_type={cv.attr('stash_type')} (statistics in another precision than "
+                                   "float32)")
+    normalized = tuple(shape[int(cv.attr("axis", -1)) % len(shape):])
+    weight = np.broadcast_to(cv.const(xs[1], "LayerNormalization Scale"), normalized).astype(np.float32)
+    bias = (np.broadcast_to(cv.const(xs[2], "LayerNormalization B"), normalized).astype(np.float32)
+            if len(xs) > 2 and xs[2] is not None else None)
+    return cv.emit("layer_norm", [x], {"normalized_shape": normalized, "eps": float(cv.attr("epsilon", 1e-5))},
+                   {"weight": weight, "bias": bias})
+
+
+@handles("GroupNormalization")
+def _group_norm(cv, xs):
+    """GroupNormalization-18 gives scale and bias one value per group (ONNX deprecated that: torch's GroupNorm
+    has one per channel), repeated here over the group's channels; GroupNormalization-21 gives one per channel."""
+    x = xs[0]
+    channels, groups = cv.shape(x)[1], int(cv.attr("num_groups"))
+    if groups <= 0 or channels % groups:
+        raise FrontendError(f"{cv.where}: num_groups={groups} does not divide the {channels} channels")
+    if int(cv.attr("stash_type", 1)) != 1:
+        raise UnsupportedConstruct(f"stash_type={cv.attr('stash_type')} (statistics in another precision than "
+                                   "float32)")
+    per_group = cv.opset < 21
+    expected = groups if per_group else channels
+    params = {}
+    for slot, name in ((1, "scale"), (2, "bias")):
+        value = cv.const(xs[slot], f"GroupNormalization {name}").astype(np.float32).reshape(-1)
+        if value.size != expected:
+            raise FrontendError(f"{cv.where}: {name} has {value.size} values; GroupNormalization-"
+                                f"{18 if per_group else 21} expects one per {'group' if per_group else 'channel'} "
+                                f"({expected})")
+        params["weight" if slot == 1 else "bias"] = np.repeat(value, channels // groups) if per_group else value
+    return cv.emit("group_norm", [x], {"num_groups": groups, "eps": float(cv.attr("epsilon", 1e-5))}, params)
+
+
+# ONNX Resize's source coordinate of output index x (float32, as ONNX Runtime computes it), per
+# coordinate_transformation_mode; s = scale (out/in, or the given scale), n = input length, m = output length
+_RESIZE_COORDINATES: dict[str, Callable] = {
+    "half_pixel": lambda x, s, n, m: (x + np.float32(0.5)) / s - np.float32(0.5),
+    "pytorch_half_pixel": lambda x, s, n, m: (x + np.float32(0.5)) / s - np.float32(0.5) if m > 1 else x * 0,
+    "align_corners": lambda x, s, n, m: x * np.float32((n - 1) / (m - 1)) if m > 1 else x * 0,
+    "asymmetric": lambda x, s, n, m: x / s,
+    "tf_half_pixel_for_nn": lambda x, s, n, m: (x + np.float32(0.5)) / s,
+}
+
+_NEAREST_ROUNDING: dict[str, Callable] = {
+    "round_prefer_floor": lambda c: np.where(c - np.floor(c) == 0.5, np.floor(c), np.round(c)),
+    "round_prefer_ceil": lambda c: np.where(c - np.floor(c) == 0.5, np.ceil(c), np.round(c)),
+    "floor": np.floor,
+    "ceil": np.ceil,
+}
+
+# torch's coordinate map for bilinear (align_corners False: half pixel, clamped at 0; True: corners)
+_LINEAR_MODES = {"half_pixel": False, "pytorch_half_pixel": False, "align_corners": True}
+
+
+def _nearest_sources(coordinate: str, rounding: str, scale: float, n: int, m: int) -> np.ndarray:
+    """The input index each output index reads under ONNX's nearest rule (Resize-10 and Upsample round like
+    ONNX Runtime's "simple" mode: down when enlarging, up when shrinking)."""
+    c = _RESIZE_COORDINATES[coordinate](np.arange(m, dtype=np.float32), np.float32(scale), n, m)
+    if rounding == "simple":
+        rounding = "ceil" if scale < 1 else "floor"
+    return np.clip(_NEAREST_ROUNDING[rounding](c), 0, n - 1).astype(np.int64)
+
+
+def _torch_nearest_sources(mode: str, scale: float | None, n: int, m: int) -> np.ndarray:
+    """The input index each output index reads in ``F.interpolate`` (nearest modes are separable per axis)."""
+    line = torch.arange(n, dtype=torch.float32).view(1, 1, n)
+    if scale is None:
+        y = F.interpolate(line, size=m, mode=mode)
+    else:
+        y = F.interpolate(line, scale_factor=scale, mode=mode, recompute_scale_factor=False)
+    return y.view(-1).numpy().astype(np.int64) if y.shape[-1] == m else np.full(m, -1)
+
+
+def _resize_request(cv, xs) -> tuple[list[int], list[float], bool, str, str]:
+    """(output spatial sizes, spatial scales, scales given?, coordinate mode, nearest rounding) of Resize/Upsample;
+    ONNX's defaults per opset: Upsample and Resize-10 map asymmetrically, Resize-11+ by half pixels."""
+    shape = cv.shape(xs[0])
+    rank = len(shape)
+    if cv.node.op_type == "Upsample" or cv.opset < 11:
+        scales = cv.attr("scales") if cv.node.op_type == "Upsample" and cv.opset < 9 else cv.const(
+            xs[1], f"{cv.node.op_type} scales").tolist()
+        sizes, coordinate, rounding = None, "asymmetric", "simple"
+    else:
+        scales = xs[2] if len(xs) > 2 and xs[2] is not None else None
+        sizes = xs[3] if len(xs) > 3 and xs[3] is not None else None
+        scales = cv.const(scales, "Resize scales").tolist() if scales is not None else None
+        sizes = cv.const(sizes, "Resize sizes").tolist() if sizes is not None else None
+        scales = scales or None  # an empty scales input means "use sizes"
+        coordinate = cv.attr("coordinate_transformation_mode", "half_pixel")
+        rounding = cv.attr("nearest_mode", "round_prefer_floor")
+        if cv.attr("keep_aspect_ratio_policy", "stretch") != "stretch" and sizes is not None:
+            raise UnsupportedConstruct(f"keep_aspect_ratio_policy={cv.attr('keep_aspect_ratio_policy')!r}")
+        axes = cv.attr("axes")
+        if axes is not None:  # values for the listed axes only; the others keep their size
+            axes = [int(a) % rank for a in axes]
+            full_scales, full_sizes = [1.0] * rank, list(shape)
+            for i, axis in enumerate(axes):
+                if scales is not None:
+                    full_scales[axis] = scales[i]
+                if sizes is not None:
+                    full_sizes[axis] = sizes[i]
+            scales, sizes = (full_scales if scales is not None else None), (full_sizes if sizes is not None else None)
+    if sizes is not None:
+        if len(sizes) != rank:
+            raise FrontendError(f"{cv.where}: sizes {sizes} do not match the input's rank {rank}")
+        out = [int(s) for s in sizes]
+        used = [o / n for o, n in zip(out, shape)]
+    elif scales is not None:
+        if len(scales) != rank:
+            raise FrontendError(f"{cv.where}: scales {scales} do not match the input's rank {rank}")
+        used = [float(s) for s in scales]
+        out = [int(math.floor(n * s)) for n, s in zip(shape, used)]
+    else:
+        raise FrontendError(f"{cv.where}: neither scales nor sizes is given")
+    if out[:2] != list(shape[:2]):
+        raise UnsupportedConstruct("resizing the batch or channel axis (scales/sizes must keep dims 0 and 1)")
+    if min(out) <= 0:
+        raise FrontendError(f"{cv.where}: output shape {out} is empty")
+    return out[2:], used[2:], sizes is None, coordinate, rounding
+
+
+@handles("Resize", "Upsample")
+def _resize(cv, xs):
+    """Resize/Upsample onto ``interpolate`` when the maps agree exactly: nearest (any coordinate mode and
+    rounding whose index map equals torch's "nearest" or "nearest-exact" on these sizes: the maps are compared
+    index by index) and linear on 2-d images with half_pixel / pytorch_half_pixel (torch's align_corners=False)
+    or align_corners. Everything else is refused, naming the attribute."""
+    x = xs[0]
+    spatial = cv.shape(x)[2:]
+    out, scales, by_scale, coordinate, rounding = _resize_request(cv, xs)
+    mode = cv.attr("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise UnsupportedConstruct(f"mode={mode!r} (nearest and linear map onto interpolate)")
+    if cv.attr("antialias", 0) and any(o < n for o, n in zip(out, spatial)):
+        raise UnsupportedConstruct("antialias=1 when downscaling")
+    if coordinate not in _RESIZE_COORDINATES:
+        raise UnsupportedConstruct(f"coordinate_transformation_mode={coordinate!r}")
+    if list(out) == list(spatial) and all(s == 1 for s in scales):
+        return cv.emit("identity", [x])
+    if mode == "linear":
+        if len(spatial) != 2:
+            raise UnsupportedConstruct(f"linear resize of {len(spatial)}-d data (bilinear images only)")
+        if coordinate not in _LINEAR_MODES:
+            raise UnsupportedConstruct(f"coordinate_transformation_mode={coordinate!r} with mode='linear' "
+                                       "(torch's bilinear maps half_pixel, pytorch_half_pixel or align_corners)")
+        if coordinate == "pytorch_half_pixel" and any(o == 1 < n for o, n in zip(out, spatial)):
+            raise UnsupportedConstruct("coordinate_transformation_mode='pytorch_half_pixel' with an output "
+                                       "length of 1 (ONNX reads index 0, torch the centre)")
+        align = _LINEAR_MODES[coordinate]
+        return cv.emit("interpolate", [x], {"size": tuple(out), "mode": "bilinear", "align_corners": align,
+                                            "scale_factor": tuple(scales) if by_scale and not align else None})
+    if len(spatial) not in (1, 2):
+        raise UnsupportedConstruct(f"nearest resize of {len(spatial)}-d data")
+    if rounding not in _NEAREST_ROUNDING and rounding != "simple":
+        raise UnsupportedConstruct(f"nearest_mode={rounding!r}")
+    wanted = [_nearest_sources(coordinate, rounding, s, n, m) for s, n, m in zip(scales, spatial, out)]
+    for torch_mode in ("nearest", "nearest-exact"):
+        for scale_factor in ((tuple(scales), None) if by_scale else (None,)):
+            maps = [_torch_nearest_sources(torch_mode, None if scale_factor is None else s, n, m)
+                    for s, n, m in zip(scales, spatial, out)]
+            if all(np.array_equal(a, b) for a, b in zip(maps, wanted)):
+                return cv.emit("interpolate", [x], {"size": tuple(out), "mode": torch_mode, "align_corners": False,
+                                                    "scale_factor": scale_factor})
+    raise UnsupportedConstruct(f"coordinate_transformation_mode={coordinate!r} with nearest_mode="
+                               f"{'floor (opset < 11)' if rounding == 'simple' else repr(rounding)}: on these sizes "
+                               "its index map matches neither torch's 'nearest' nor 'nearest-exact'")
+
+
 @handles("LRN")
 def _lrn(cv, xs):
     return cv.emit("lrn", [xs[0]], {"size": int(cv.attr("size")), "alpha": float(cv.attr("alpha", 1e-4)),

@@ -11,14 +11,19 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from frontend.errors import UnsupportedModelError
+from frontend.errors import FrontendError, UnsupportedModelError
 from frontend.onnx import from_onnx
 from passes.core.stats import op_histogram
 from passes.ir.graph import flatten_structure
 from passes.ir.interpret import run_reference
+from passes.ir.ops import OPS
 from tests.helpers import assert_outputs_close
 
 ort.set_default_logger_severity(3)  # ONNX Runtime's own shape warnings are not test output
+
+# the layer_norm / group_norm / interpolate ops come from the PyTorch-side branch of the same issue
+needs_new_ops = pytest.mark.skipif(not {"layer_norm", "group_norm", "interpolate"} <= set(OPS),
+                                   reason="the layer_norm/group_norm/interpolate ops are not in the op table yet")
 
 
 def f32(rng: np.random.Generator, *shape) -> np.ndarray:
@@ -173,3 +178,176 @@ def test_max_pool_indices_output_is_refused():
     model = model_of("MaxPool", {"x": x}, outputs={"y": TensorProto.FLOAT, "i": TensorProto.INT64},
                      kernel_shape=[2, 2])
     assert "MaxPool: the Indices output (node 'n')" in refusal(model)
+
+
+# ------------------------------------------------------------------------------------------------ Resize / Upsample
+def resize_model(x: np.ndarray, scales=None, sizes=None, opset: int = 13, **attrs) -> onnx.ModelProto:
+    inits = {"roi": np.zeros(0, np.float32), "scales": np.asarray(scales if scales is not None else [], np.float32)}
+    if sizes is not None:
+        inits["sizes"] = np.asarray(sizes, np.int64)
+    return model_of("Resize", {"x": x}, inits, opset=opset, **attrs)
+
+
+RESIZES = [  # (input shape, scales, sizes, attrs): what exporters write (torch, TF converters, hand-made)
+    ((1, 2, 5, 6), [1, 1, 2, 2], None, {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                         "nearest_mode": "floor"}),                      # torch nearest
+    ((1, 2, 5, 6), [1, 1, 2, 3], None, {"mode": "nearest"}),                            # ONNX defaults
+    ((1, 2, 8, 6), None, [1, 2, 4, 3], {"mode": "nearest", "coordinate_transformation_mode": "half_pixel",
+                                        "nearest_mode": "round_prefer_ceil"}),           # nearest-exact, down
+    ((1, 2, 5, 6), None, [1, 2, 10, 12], {"mode": "nearest", "coordinate_transformation_mode": "pytorch_half_pixel",
+                                          "nearest_mode": "round_prefer_floor"}),
+    ((1, 2, 5), [1, 1, 4], None, {"mode": "nearest", "coordinate_transformation_mode": "tf_half_pixel_for_nn",
+                                  "nearest_mode": "floor"}),                             # 1-d
+    ((1, 2, 5, 6), [1, 1, 2, 2], None, {"mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}),
+    ((1, 2, 5, 6), [1, 1, 1.5, 2.5], None, {"mode": "linear"}),                         # half_pixel, odd scales
+    ((1, 2, 5, 6), None, [1, 2, 9, 4], {"mode": "linear", "coordinate_transformation_mode": "align_corners"}),
+    ((1, 2, 8, 8), None, [1, 2, 3, 5], {"mode": "linear", "coordinate_transformation_mode": "half_pixel"}),
+]
+
+
+@needs_new_ops
+@pytest.mark.parametrize("shape, scales, sizes, attrs", RESIZES, ids=[f"{r[3]['mode']}-{i}"
+                                                                      for i, r in enumerate(RESIZES)])
+def test_resize_matches_onnx_runtime(shape, scales, sizes, attrs):
+    x = f32(np.random.default_rng(8), *shape)
+    graph = assert_matches_onnx_runtime(resize_model(x, scales, sizes, **attrs), {"x": x})
+    assert op_histogram(graph) == {"interpolate": 1}
+
+
+@needs_new_ops
+@pytest.mark.parametrize("opset, mode, scales", [(9, "nearest", [1, 1, 2, 3]), (10, "nearest", [1, 1, 2, 2]),
+                                                 (10, "nearest", [1, 1, 0.5, 0.5])])
+def test_upsample_and_resize_10_match_onnx_runtime(opset, mode, scales):
+    x = f32(np.random.default_rng(9), 1, 2, 6, 4)
+    op = "Upsample" if opset < 10 else "Resize"
+    assert_matches_onnx_runtime(model_of(op, {"x": x}, {"scales": np.asarray(scales, np.float32)}, opset=opset,
+                                         mode=mode), {"x": x})
+
+
+@needs_new_ops
+def test_resize_structure_keeps_the_scale_factor_of_a_scales_input():
+    x = f32(np.random.default_rng(10), 1, 2, 5, 6)
+    graph = from_onnx(resize_model(x, [1, 1, 1.5, 2.5], mode="linear"))
+    (attrs,) = (d["attrs"] for _, d in graph.nodes(data=True) if d["op"] == "interpolate")
+    assert attrs == {"size": (7, 15), "mode": "bilinear", "align_corners": False, "scale_factor": (1.5, 2.5)}
+
+
+@needs_new_ops
+def test_resize_with_sizes_maps_nearest_exact():
+    x = f32(np.random.default_rng(10), 1, 2, 8, 6)
+    graph = from_onnx(resize_model(x, None, [1, 2, 4, 3], mode="nearest", coordinate_transformation_mode="half_pixel",
+                                   nearest_mode="round_prefer_ceil"))
+    (attrs,) = (d["attrs"] for _, d in graph.nodes(data=True) if d["op"] == "interpolate")
+    assert attrs == {"size": (4, 3), "mode": "nearest-exact", "align_corners": False, "scale_factor": None}
+
+
+RESIZE_REFUSALS = [
+    ({"mode": "cubic"}, [1, 1, 2, 2], "Resize: mode='cubic' (nearest and linear map onto interpolate) (node 'n')"),
+    ({"mode": "linear", "coordinate_transformation_mode": "asymmetric"}, [1, 1, 2, 2],
+     "coordinate_transformation_mode='asymmetric' with mode='linear'"),
+    ({"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"}, [1, 1, 2, 2],
+     "coordinate_transformation_mode='tf_crop_and_resize' (node 'n')"),
+    ({"mode": "nearest", "coordinate_transformation_mode": "align_corners", "nearest_mode": "floor"}, [1, 1, 2, 2],
+     "coordinate_transformation_mode='align_corners' with nearest_mode='floor': on these sizes its index map "
+     "matches neither torch's 'nearest' nor 'nearest-exact'"),
+    ({"mode": "nearest"}, [1, 2, 2, 2], "resizing the batch or channel axis"),
+    ({"mode": "linear", "antialias": 1}, [1, 1, 0.5, 0.5], "antialias=1 when downscaling"),
+]
+
+
+@needs_new_ops
+@pytest.mark.parametrize("attrs, scales, message", RESIZE_REFUSALS,
+                         ids=["cubic", "linear-asymmetric", "crop-and-resize", "nearest-align-corners", "channels",
+                              "antialias"])
+def test_resize_refusals_name_the_node_and_attribute(attrs, scales, message):
+    x = f32(np.random.default_rng(11), 1, 2, 6, 6)
+    assert message in refusal(resize_model(x, scales, opset=18, **attrs))
+
+
+@needs_new_ops
+def test_resize_with_run_time_sizes_is_refused():
+    x = f32(np.random.default_rng(11), 1, 2, 6, 6)
+    model = model_of("Resize", {"x": x, "sizes": np.array([1, 2, 12, 12], np.int64)},
+                     {"roi": np.zeros(0, np.float32), "scales": np.zeros(0, np.float32)},
+                     slots=["x", "roi", "scales", "sizes"])
+    assert "Resize sizes must be a constant" in refusal(model)
+
+
+@needs_new_ops
+def test_pytorch_half_pixel_to_length_one_is_refused():
+    x = f32(np.random.default_rng(11), 1, 2, 6, 6)
+    model = resize_model(x, None, [1, 2, 1, 3], mode="linear", coordinate_transformation_mode="pytorch_half_pixel")
+    assert "an output length of 1" in refusal(model)
+
+
+# ------------------------------------------------------------------------------------------------ normalizations
+@needs_new_ops
+@pytest.mark.parametrize("shape, axis, bias", [((2, 5, 8), -1, True), ((2, 3, 4, 5), 1, False), ((3, 6), 0, True)])
+def test_layer_normalization_matches_onnx_runtime(shape, axis, bias):
+    rng = np.random.default_rng(12)
+    x = f32(rng, *shape)
+    normalized = shape[axis % len(shape):]
+    inits = {"scale": f32(rng, *normalized)} | ({"b": f32(rng, *normalized)} if bias else {})
+    graph = assert_matches_onnx_runtime(model_of("LayerNormalization", {"x": x}, inits, axis=axis, epsilon=1e-3),
+                                        {"x": x})
+    (node,) = (d for _, d in graph.nodes(data=True) if d["op"] == "layer_norm")
+    assert node["attrs"] == {"normalized_shape": normalized, "eps": float(np.float32(1e-3))}  # a float32 attribute
+    assert set(node["params"]) == ({"weight", "bias"} if bias else {"weight"})
+
+
+@needs_new_ops
+def test_layer_normalization_broadcasts_a_smaller_scale():
+    rng = np.random.default_rng(13)
+    x = f32(rng, 2, 3, 4)
+    assert_matches_onnx_runtime(model_of("LayerNormalization", {"x": x}, {"scale": f32(rng, 4)}, axis=1), {"x": x})
+
+
+@needs_new_ops
+def test_layer_normalization_statistics_outputs_are_refused():
+    rng = np.random.default_rng(13)
+    x = f32(rng, 2, 4)
+    model = model_of("LayerNormalization", {"x": x}, {"scale": f32(rng, 4)},
+                     outputs={"y": TensorProto.FLOAT, "mean": TensorProto.FLOAT})
+    assert "LayerNormalization: the Mean/InvStdDev outputs (training statistics) (node 'n')" in refusal(model)
+
+
+@needs_new_ops
+def test_layer_normalization_with_a_run_time_scale_is_refused():
+    rng = np.random.default_rng(13)
+    x = f32(rng, 2, 4)
+    model = model_of("LayerNormalization", {"x": x, "scale": f32(rng, 4)})
+    assert "LayerNormalization Scale must be a constant" in refusal(model)
+
+
+@needs_new_ops
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_normalization_matches_onnx_runtime(opset):
+    """Opset 18: scale/bias per group (repeated over the group's channels); opset 21: per channel."""
+    rng = np.random.default_rng(14)
+    x = f32(rng, 2, 6, 4, 5)
+    count = 3 if opset == 18 else 6
+    model = model_of("GroupNormalization", {"x": x}, {"scale": f32(rng, count), "bias": f32(rng, count)},
+                     opset=opset, num_groups=3, epsilon=1e-4)
+    graph = assert_matches_onnx_runtime(model, {"x": x})
+    (node,) = (d for _, d in graph.nodes(data=True) if d["op"] == "group_norm")
+    assert node["attrs"] == {"num_groups": 3, "eps": float(np.float32(1e-4))} and node["params"]["weight"].shape == (6,)
+
+
+@needs_new_ops
+def test_group_normalization_18_with_per_channel_scale_is_an_error():
+    rng = np.random.default_rng(15)
+    x = f32(rng, 1, 6, 4)
+    model = model_of("GroupNormalization", {"x": x}, {"scale": f32(rng, 6), "bias": f32(rng, 6)}, opset=18,
+                     num_groups=3)
+    with pytest.raises(FrontendError, match=r"scale has 6 values; GroupNormalization-18 expects one per group \(3\)"):
+        from_onnx(model)
+
+
+@needs_new_ops
+def test_group_normalization_with_groups_not_dividing_channels_is_an_error():
+    rng = np.random.default_rng(15)
+    x = f32(rng, 1, 6, 4)
+    model = model_of("GroupNormalization", {"x": x}, {"scale": f32(rng, 4), "bias": f32(rng, 4)}, opset=18,
+                     num_groups=4)
+    with pytest.raises(FrontendError, match="num_groups=4 does not divide the 6 channels"):
+        from_onnx(model)
