@@ -23,6 +23,8 @@ from typing import Any
 import networkx as nx
 import numpy as np
 import onnx
+import torch
+import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from frontend.errors import FrontendError, UnsupportedConstruct, UnsupportedModelError
@@ -32,7 +34,9 @@ from passes.ir.verify import verify
 MIN_OPSET = 9
 MAX_FILE_BYTES = 4 << 30
 MAX_TENSOR_BYTES = 2 << 30
-MAX_FOLD_ELEMENTS = 1 << 22
+MAX_FOLD_ELEMENTS = 1 << 22  # inputs of one folded node
+MAX_FOLD_OUTPUT_ELEMENTS = MAX_TENSOR_BYTES // 8  # what ConstantOfShape/Expand/Tile/Range may create: an initializer's
+                                                 # limit (the light model zoo builds VGG's 100M-weight layer this way)
 
 DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64", TensorProto.INT32: "int32",
           TensorProto.INT8: "int8", TensorProto.UINT8: "uint8", TensorProto.BOOL: "bool",
@@ -134,8 +138,9 @@ def tensor_to_numpy(tensor: TensorProto, where: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ converter
 class _Converter:
-    def __init__(self, model: onnx.ModelProto, name: str):
+    def __init__(self, model: onnx.ModelProto, name: str, input_shapes: dict[str, tuple[int, ...]] | None = None):
         self.model = model
+        self.input_shapes = dict(input_shapes or {})
         self.graph = Graph(name=name)
         self.opset = _default_opset(model)
         self.env: dict[str, Value | np.ndarray] = {}
@@ -185,10 +190,14 @@ class _Converter:
         for tensor in g.initializer:
             initializers[tensor.name] = tensor_to_numpy(tensor, f"initializer '{tensor.name}'")
         self.env.update(initializers)
-        for inp in g.input:
-            if inp.name in initializers:
-                continue  # an input that is also an initializer: a constant (ONNX < IR 4 style)
-            self.env[inp.name] = self.graph.add_input(_safe_name(inp.name), _input_type(inp), origin=(inp.name,))
+        inputs = [inp for inp in g.input if inp.name not in initializers]  # others: constants (ONNX < IR 4 style)
+        unknown = sorted(set(self.input_shapes) - {inp.name for inp in inputs})
+        if unknown:
+            raise FrontendError(f"input_shapes names {', '.join(map(repr, unknown))}, but the model's inputs are "
+                                f"{[inp.name for inp in inputs]}")
+        for inp in inputs:
+            kind = _input_type(inp, self.input_shapes.get(inp.name))
+            self.env[inp.name] = self.graph.add_input(_safe_name(inp.name), kind, origin=(inp.name,))
         for node in _topological(g):
             self.node = node
             self.convert(node)
@@ -268,7 +277,6 @@ class _Converter:
         feeds = {n: np.asarray(x) for n, x in zip(names, inputs) if n}
         return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
 
-
     def _check_fold_output_size(self, node: onnx.NodeProto, inputs: list) -> None:
         """Ops whose output size is data-dependent must not allocate absurd tensors while folding."""
         size = None
@@ -280,7 +288,7 @@ class _Converter:
         elif node.op_type == "Range" and len(inputs) == 3:
             start, limit, delta = (float(np.asarray(v)) for v in inputs)
             size = math.ceil((limit - start) / delta) if delta else math.inf
-        if size is not None and size > MAX_FOLD_ELEMENTS:
+        if size is not None and size > MAX_FOLD_OUTPUT_ELEMENTS:
             raise FrontendError(f"{self.where}: would create a tensor of {size} elements; refusing to allocate")
 
 
@@ -296,26 +304,50 @@ def _default_opset(model: onnx.ModelProto) -> int:
     return version
 
 
-def _input_type(inp: onnx.ValueInfoProto) -> TensorType:
+def _input_type(inp: onnx.ValueInfoProto, override: tuple[int, ...] | None = None) -> TensorType:
+    """The input's static type; ``override`` (from ``input_shapes``) replaces its declared dims, as onnxsim's
+    ``--overwrite-input-shape`` does: the only way to import a model exported with dynamic (symbolic) dims."""
     t = inp.type.tensor_type
     dtype = DTYPES.get(t.elem_type)
     if dtype is None:
         raise FrontendError(f"input '{inp.name}': unsupported element type "
                             f"{TensorProto.DataType.Name(t.elem_type) if t.elem_type else 'none'}")
-    if not t.HasField("shape"):
-        raise FrontendError(f"input '{inp.name}': no shape; export the model with static input shapes")
-    dims = []
-    for i, d in enumerate(t.shape.dim):
-        if not d.HasField("dim_value") or d.dim_value <= 0:
-            label = d.dim_param or "?"
-            raise FrontendError(f"input '{inp.name}': dim {i} is dynamic ({label}); export the model with static "
-                                "input shapes (batch 1)")
-        if d.dim_value > 1 << 24:
-            raise FrontendError(f"input '{inp.name}': dim {i} = {d.dim_value} is absurdly large")
-        dims.append(d.dim_value)
+    declared = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or "?")
+                for d in t.shape.dim] if t.HasField("shape") else None
+    if override is not None:
+        dims = list(override)
+        if declared is not None and len(dims) != len(declared):
+            raise FrontendError(f"input '{inp.name}' has rank {len(declared)} (dims {_dims_text(declared)}), but "
+                                f"input_shapes gives {len(dims)} dims {_dims_text(dims)}")
+        if any(not isinstance(d, (int, np.integer)) or isinstance(d, bool) or d <= 0 for d in dims):
+            raise FrontendError(f"input_shapes['{inp.name}'] = {tuple(override)}: dims must be positive integers")
+    elif declared is None:
+        raise FrontendError(f"input '{inp.name}': no shape; give one with {_shape_hint(inp.name, None)}")
+    elif any(isinstance(d, str) for d in declared):
+        dynamic = ", ".join(f"dim {i} is {d!r}" for i, d in enumerate(declared) if isinstance(d, str))
+        raise FrontendError(f"input '{inp.name}' has dynamic dims {_dims_text(declared)} ({dynamic}); give it a "
+                            f"static shape with {_shape_hint(inp.name, declared)}")
+    else:
+        dims = declared
+    for i, d in enumerate(dims):
+        if d > 1 << 24:
+            raise FrontendError(f"input '{inp.name}': dim {i} = {d} is absurdly large")
     if math.prod(dims) * 4 > MAX_TENSOR_BYTES:
         raise FrontendError(f"input '{inp.name}': shape {dims} is too large")
-    return TensorType(tuple(dims), dtype)
+    return TensorType(tuple(int(d) for d in dims), dtype)
+
+
+def _dims_text(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def _shape_hint(name: str, declared: list | None) -> str:
+    """How to give ``name`` a static shape, in both doors: symbolic dims stay as their names (to fill in), except a
+    dynamic leading (batch) dim, shown as 1."""
+    dims = [1 if i == 0 and isinstance(d, str) else d for i, d in enumerate(declared)] if declared else ["d0", "d1",
+                                                                                                        "..."]
+    return (f"optimize(path, input_shapes={{'{name}': ({', '.join(map(str, dims))}{',' if len(dims) == 1 else ''})}}) "
+            f"or `python -m passes.cli compile ... --input-shape {name}:{'x'.join(map(str, dims))}`")
 
 
 def _topological(g: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -475,9 +507,18 @@ HANDLERS["Identity"] = _simple("identity")
 
 @handles("Dropout")
 def _dropout(cv, xs):
-    if len(cv.node.output) > 1 and cv.node.output[1]:
-        raise UnsupportedConstruct("the mask output")
-    return cv.emit("dropout", [xs[0]], {"p": float(cv.attr("ratio", 0.5))})
+    """Inference dropout is the identity. Its optional mask output is all ones ("kept"): bool from opset 10, the
+    input's dtype before. A constant ``training_mode`` of true asks for random dropout, which inference cannot give."""
+    if len(xs) > 2 and xs[2] is not None and bool(cv.const(xs[2], "Dropout training_mode")):
+        raise UnsupportedConstruct("training_mode=true (random dropout); export the model in eval mode")
+    ratio = cv.attr("ratio", 0.5)
+    if cv.opset >= 12 and len(xs) > 1 and xs[1] is not None and not isinstance(xs[1], Value):
+        ratio = float(np.asarray(xs[1]))
+    y = cv.emit("dropout", [xs[0]], {"p": float(ratio)})
+    if len(cv.node.output) < 2 or not cv.node.output[1]:
+        return y
+    dtype = "bool" if cv.opset >= 10 else cv.graph.value_type(y).dtype
+    return y, np.ones(cv.shape(y), dtype)
 
 
 @handles("HardSigmoid")
@@ -522,7 +563,22 @@ HANDLERS["Softmax"] = _softmax("softmax")
 HANDLERS["LogSoftmax"] = _softmax("log_softmax")
 
 
+def _onnx_pool_size(size: int, kernel: int, stride: int, pad: tuple[int, int], ceil_mode: bool) -> int:
+    """ONNX Runtime's output length: in ceil mode a last window that would start in the end padding is dropped
+    (torch's rule too, but torch applies it to its own symmetric padding, not to a pad op in front of the pool)."""
+    span = size + pad[0] + pad[1] - kernel
+    if not ceil_mode:
+        return span // stride + 1
+    out = -(-span // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + pad[0] else out
+
+
 def _pool(kind: str):
+    """MaxPool / AveragePool. Torch pools pad symmetrically by at most half a kernel; other ``pads`` become an
+    explicit ``pad`` op (-3.4e38 for max, 0 for average) and a pool without padding. For an average that must not
+    count the padding (``count_include_pad=0``), the zero-padded average ``sum/D`` is multiplied by the constant
+    ``D/count`` (the reciprocal of the same pool over padded ones), so each window is divided by its real elements.
+    In ceil mode the padded input can yield one more window than ONNX's rule allows: it is sliced off."""
     def handler(cv, xs):
         x = xs[0]
         if len(cv.node.output) > 1 and cv.node.output[1]:
@@ -533,26 +589,33 @@ def _pool(kind: str):
             raise UnsupportedConstruct(f"{nd}-d pooling")
         strides = tuple(cv.attr("strides", [1] * nd))
         dilations = tuple(cv.attr("dilations", [1] * nd))
-        pads = _spatial_pads(cv, nd, kernel, strides, dilations, cv.shape(x)[2:])
-        include_pad = bool(cv.attr("count_include_pad", 0))
         if kind == "avg" and any(d != 1 for d in dilations):
             raise UnsupportedConstruct("dilated average pooling")
-        explicit = any(lo != hi for lo, hi in pads) or any(2 * lo > k for (lo, _), k in zip(pads, kernel))
-        if kind == "avg" and not include_pad and explicit:
-            raise UnsupportedConstruct("asymmetric or over-half-kernel pads with count_include_pad=0")
-        if explicit:  # torch pools pad symmetrically and at most half a kernel: pad explicitly instead
-            flat = tuple(p for lo_hi in reversed(pads) for p in lo_hi)
-            x = cv.emit("pad", [x], {"pad": flat, "mode": "constant", "value": -3.4e38 if kind == "max" else 0.0})
-            padding = (0,) * nd
-        else:
-            padding = tuple(lo for lo, _ in pads)
-        attrs = {"kernel_size": kernel, "stride": strides, "padding": padding,
-                 "ceil_mode": bool(cv.attr("ceil_mode", 0))}
-        if kind == "max":
-            attrs["dilation"] = dilations
-        else:
-            attrs["count_include_pad"] = include_pad
-        return cv.emit(f"{kind}_pool{nd}d", [x], attrs)
+        spatial = cv.shape(x)[2:]
+        pads = _spatial_pads(cv, nd, kernel, strides, dilations, spatial)
+        include_pad = bool(cv.attr("count_include_pad", 0))
+        ceil_mode = bool(cv.attr("ceil_mode", 0))
+        attrs = {"kernel_size": kernel, "stride": strides, "ceil_mode": ceil_mode}
+        attrs.update({"dilation": dilations} if kind == "max" else {"count_include_pad": include_pad})
+        if all(lo == hi and 2 * lo <= k for (lo, hi), k in zip(pads, kernel)):
+            return cv.emit(f"{kind}_pool{nd}d", [x], {**attrs, "padding": tuple(lo for lo, _ in pads)})
+        flat = tuple(p for lo_hi in reversed(pads) for p in lo_hi)
+        padded = cv.emit("pad", [x], {"pad": flat, "mode": "constant", "value": -3.4e38 if kind == "max" else 0.0})
+        y = cv.emit(f"{kind}_pool{nd}d", [padded], {**attrs, "padding": (0,) * nd, "count_include_pad": True}
+                    if kind == "avg" else {**attrs, "padding": (0,) * nd})
+        sizes = [_onnx_pool_size(n, (k - 1) * d + 1, s, p, ceil_mode)
+                 for n, k, d, s, p in zip(spatial, kernel, dilations, strides, pads)]
+        for dim, size in enumerate(sizes, start=2):
+            if cv.shape(y)[dim] > size:
+                y = cv.emit("slice", [y], {"dim": dim, "start": 0, "end": size, "step": 1})
+        if kind == "avg" and not include_pad:
+            ones = F.pad(torch.ones((1, 1, *spatial)), flat)
+            real = getattr(F, f"avg_pool{nd}d")(ones, kernel, strides, 0, ceil_mode, True).numpy()
+            real = real[(..., *(slice(0, size) for size in sizes))]
+            if not np.all(real > 0):
+                raise UnsupportedConstruct("pads so large that a window holds only padding")
+            y = cv.emit("mul", [y, (1.0 / real).astype(np.float32)])
+        return y
     return handler
 
 
@@ -571,6 +634,183 @@ def _global_pool(kind: str):
 
 HANDLERS["GlobalAveragePool"] = _global_pool("avg")
 HANDLERS["GlobalMaxPool"] = _global_pool("max")
+
+
+@handles("LayerNormalization")
+def _layer_norm(cv, xs):
+    """Normalize over the dims from ``axis`` on; Scale and B (optional) broadcast to those dims become the
+    ``layer_norm`` op's weight and bias (torch's F.layer_norm with ``normalized_shape = X.shape[axis:]``)."""
+    x, shape = xs[0], cv.shape(xs[0])
+    if any(cv.node.output[1:]):
+        raise UnsupportedConstruct("the Mean/InvStdDev outputs (training statistics)")
+    if int(cv.attr("stash_type", 1)) != 1:
+        raise UnsupportedConstruct(f"stash_type={cv.attr('stash_type')} (statistics in another precision than "
+                                   "float32)")
+    normalized = tuple(shape[int(cv.attr("axis", -1)) % len(shape):])
+    weight = np.broadcast_to(cv.const(xs[1], "LayerNormalization Scale"), normalized).astype(np.float32)
+    bias = (np.broadcast_to(cv.const(xs[2], "LayerNormalization B"), normalized).astype(np.float32)
+            if len(xs) > 2 and xs[2] is not None else None)
+    return cv.emit("layer_norm", [x], {"normalized_shape": normalized, "eps": float(cv.attr("epsilon", 1e-5))},
+                   {"weight": weight, "bias": bias})
+
+
+@handles("GroupNormalization")
+def _group_norm(cv, xs):
+    """GroupNormalization-18 gives scale and bias one value per group (ONNX deprecated that: torch's GroupNorm
+    has one per channel), repeated here over the group's channels; GroupNormalization-21 gives one per channel."""
+    x = xs[0]
+    channels, groups = cv.shape(x)[1], int(cv.attr("num_groups"))
+    if groups <= 0 or channels % groups:
+        raise FrontendError(f"{cv.where}: num_groups={groups} does not divide the {channels} channels")
+    if int(cv.attr("stash_type", 1)) != 1:
+        raise UnsupportedConstruct(f"stash_type={cv.attr('stash_type')} (statistics in another precision than "
+                                   "float32)")
+    per_group = cv.opset < 21
+    expected = groups if per_group else channels
+    params = {}
+    for slot, name in ((1, "scale"), (2, "bias")):
+        value = cv.const(xs[slot], f"GroupNormalization {name}").astype(np.float32).reshape(-1)
+        if value.size != expected:
+            raise FrontendError(f"{cv.where}: {name} has {value.size} values; GroupNormalization-"
+                                f"{18 if per_group else 21} expects one per {'group' if per_group else 'channel'} "
+                                f"({expected})")
+        params["weight" if slot == 1 else "bias"] = np.repeat(value, channels // groups) if per_group else value
+    return cv.emit("group_norm", [x], {"num_groups": groups, "eps": float(cv.attr("epsilon", 1e-5))}, params)
+
+
+# ONNX Resize's source coordinate of output index x (float32, as ONNX Runtime computes it), per
+# coordinate_transformation_mode; s = scale (out/in, or the given scale), n = input length, m = output length
+_RESIZE_COORDINATES: dict[str, Callable] = {
+    "half_pixel": lambda x, s, n, m: (x + np.float32(0.5)) / s - np.float32(0.5),
+    "pytorch_half_pixel": lambda x, s, n, m: (x + np.float32(0.5)) / s - np.float32(0.5) if m > 1 else x * 0,
+    "align_corners": lambda x, s, n, m: x * np.float32((n - 1) / (m - 1)) if m > 1 else x * 0,
+    "asymmetric": lambda x, s, n, m: x / s,
+    "tf_half_pixel_for_nn": lambda x, s, n, m: (x + np.float32(0.5)) / s,
+}
+
+_NEAREST_ROUNDING: dict[str, Callable] = {
+    "round_prefer_floor": lambda c: np.where(c - np.floor(c) == 0.5, np.floor(c), np.round(c)),
+    "round_prefer_ceil": lambda c: np.where(c - np.floor(c) == 0.5, np.ceil(c), np.round(c)),
+    "floor": np.floor,
+    "ceil": np.ceil,
+}
+
+# torch's coordinate map for bilinear (align_corners False: half pixel, clamped at 0; True: corners)
+_LINEAR_MODES = {"half_pixel": False, "pytorch_half_pixel": False, "align_corners": True}
+
+
+def _nearest_sources(coordinate: str, rounding: str, scale: float, n: int, m: int) -> np.ndarray:
+    """The input index each output index reads under ONNX's nearest rule (Resize-10 and Upsample round like
+    ONNX Runtime's "simple" mode: down when enlarging, up when shrinking)."""
+    c = _RESIZE_COORDINATES[coordinate](np.arange(m, dtype=np.float32), np.float32(scale), n, m)
+    if rounding == "simple":
+        rounding = "ceil" if scale < 1 else "floor"
+    return np.clip(_NEAREST_ROUNDING[rounding](c), 0, n - 1).astype(np.int64)
+
+
+def _torch_nearest_sources(mode: str, scale: float | None, n: int, m: int) -> np.ndarray:
+    """The input index each output index reads in ``F.interpolate`` (nearest modes are separable per axis)."""
+    line = torch.arange(n, dtype=torch.float32).view(1, 1, n)
+    if scale is None:
+        y = F.interpolate(line, size=m, mode=mode)
+    else:
+        y = F.interpolate(line, scale_factor=scale, mode=mode, recompute_scale_factor=False)
+    return y.view(-1).numpy().astype(np.int64) if y.shape[-1] == m else np.full(m, -1)
+
+
+def _resize_request(cv, xs) -> tuple[list[int], list[float], bool, str, str]:
+    """(output spatial sizes, spatial scales, scales given?, coordinate mode, nearest rounding) of Resize/Upsample;
+    ONNX's defaults per opset: Upsample and Resize-10 map asymmetrically, Resize-11+ by half pixels."""
+    shape = cv.shape(xs[0])
+    rank = len(shape)
+    if cv.node.op_type == "Upsample" or cv.opset < 11:
+        scales = cv.attr("scales") if cv.node.op_type == "Upsample" and cv.opset < 9 else cv.const(
+            xs[1], f"{cv.node.op_type} scales").tolist()
+        sizes, coordinate, rounding = None, "asymmetric", "simple"
+    else:
+        scales = xs[2] if len(xs) > 2 and xs[2] is not None else None
+        sizes = xs[3] if len(xs) > 3 and xs[3] is not None else None
+        scales = cv.const(scales, "Resize scales").tolist() if scales is not None else None
+        sizes = cv.const(sizes, "Resize sizes").tolist() if sizes is not None else None
+        scales = scales or None  # an empty scales input means "use sizes"
+        coordinate = cv.attr("coordinate_transformation_mode", "half_pixel")
+        rounding = cv.attr("nearest_mode", "round_prefer_floor")
+        if cv.attr("keep_aspect_ratio_policy", "stretch") != "stretch" and sizes is not None:
+            raise UnsupportedConstruct(f"keep_aspect_ratio_policy={cv.attr('keep_aspect_ratio_policy')!r}")
+        axes = cv.attr("axes")
+        if axes is not None:  # values for the listed axes only; the others keep their size
+            axes = [int(a) % rank for a in axes]
+            full_scales, full_sizes = [1.0] * rank, list(shape)
+            for i, axis in enumerate(axes):
+                if scales is not None:
+                    full_scales[axis] = scales[i]
+                if sizes is not None:
+                    full_sizes[axis] = sizes[i]
+            scales, sizes = (full_scales if scales is not None else None), (full_sizes if sizes is not None else None)
+    if sizes is not None:
+        if len(sizes) != rank:
+            raise FrontendError(f"{cv.where}: sizes {sizes} do not match the input's rank {rank}")
+        out = [int(s) for s in sizes]
+        used = [o / n for o, n in zip(out, shape)]
+    elif scales is not None:
+        if len(scales) != rank:
+            raise FrontendError(f"{cv.where}: scales {scales} do not match the input's rank {rank}")
+        used = [float(s) for s in scales]
+        out = [int(math.floor(n * s)) for n, s in zip(shape, used)]
+    else:
+        raise FrontendError(f"{cv.where}: neither scales nor sizes is given")
+    if out[:2] != list(shape[:2]):
+        raise UnsupportedConstruct("resizing the batch or channel axis (scales/sizes must keep dims 0 and 1)")
+    if min(out) <= 0:
+        raise FrontendError(f"{cv.where}: output shape {out} is empty")
+    return out[2:], used[2:], sizes is None, coordinate, rounding
+
+
+@handles("Resize", "Upsample")
+def _resize(cv, xs):
+    """Resize/Upsample onto ``interpolate`` when the maps agree exactly: nearest (any coordinate mode and
+    rounding whose index map equals torch's "nearest" or "nearest-exact" on these sizes: the maps are compared
+    index by index) and linear on 2-d images with half_pixel / pytorch_half_pixel (torch's align_corners=False)
+    or align_corners. Everything else is refused, naming the attribute."""
+    x = xs[0]
+    spatial = cv.shape(x)[2:]
+    out, scales, by_scale, coordinate, rounding = _resize_request(cv, xs)
+    mode = cv.attr("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        raise UnsupportedConstruct(f"mode={mode!r} (nearest and linear map onto interpolate)")
+    if cv.attr("antialias", 0) and any(o < n for o, n in zip(out, spatial)):
+        raise UnsupportedConstruct("antialias=1 when downscaling")
+    if coordinate not in _RESIZE_COORDINATES:
+        raise UnsupportedConstruct(f"coordinate_transformation_mode={coordinate!r}")
+    if list(out) == list(spatial) and all(s == 1 for s in scales):
+        return cv.emit("identity", [x])
+    if mode == "linear":
+        if len(spatial) != 2:
+            raise UnsupportedConstruct(f"linear resize of {len(spatial)}-d data (bilinear images only)")
+        if coordinate not in _LINEAR_MODES:
+            raise UnsupportedConstruct(f"coordinate_transformation_mode={coordinate!r} with mode='linear' "
+                                       "(torch's bilinear maps half_pixel, pytorch_half_pixel or align_corners)")
+        if coordinate == "pytorch_half_pixel" and any(o == 1 < n for o, n in zip(out, spatial)):
+            raise UnsupportedConstruct("coordinate_transformation_mode='pytorch_half_pixel' with an output "
+                                       "length of 1 (ONNX reads index 0, torch the centre)")
+        align = _LINEAR_MODES[coordinate]
+        return cv.emit("interpolate", [x], {"size": tuple(out), "mode": "bilinear", "align_corners": align,
+                                            "scale_factor": tuple(scales) if by_scale and not align else None})
+    if len(spatial) not in (1, 2):
+        raise UnsupportedConstruct(f"nearest resize of {len(spatial)}-d data")
+    if rounding not in _NEAREST_ROUNDING and rounding != "simple":
+        raise UnsupportedConstruct(f"nearest_mode={rounding!r}")
+    wanted = [_nearest_sources(coordinate, rounding, s, n, m) for s, n, m in zip(scales, spatial, out)]
+    for torch_mode in ("nearest", "nearest-exact"):
+        for scale_factor in ((tuple(scales), None) if by_scale else (None,)):
+            maps = [_torch_nearest_sources(torch_mode, None if scale_factor is None else s, n, m)
+                    for s, n, m in zip(scales, spatial, out)]
+            if all(np.array_equal(a, b) for a, b in zip(maps, wanted)):
+                return cv.emit("interpolate", [x], {"size": tuple(out), "mode": torch_mode, "align_corners": False,
+                                                    "scale_factor": scale_factor})
+    raise UnsupportedConstruct(f"coordinate_transformation_mode={coordinate!r} with nearest_mode="
+                               f"{'floor (opset < 11)' if rounding == 'simple' else repr(rounding)}: on these sizes "
+                               "its index map matches neither torch's 'nearest' nor 'nearest-exact'")
 
 
 @handles("LRN")
@@ -1003,9 +1243,12 @@ HANDLERS["GRU"] = _recurrent("GRU")
 HANDLERS["RNN"] = _recurrent("RNN")
 
 
-def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = None) -> Graph:
+def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = None,
+              input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
     """Import an ONNX model (path or ``ModelProto``) as a verified IR graph.
 
+    ``input_shapes`` maps input names to static shapes that replace the declared ones (dynamic batch or spatial
+    dims must be fixed this way), e.g. ``from_onnx("m.onnx", input_shapes={"x": (1, 3, 224, 224)})``.
     Raises ``FrontendError`` (one message naming the problem and the model element) or ``UnsupportedModelError``
     (every unsupported op at once).
     """
@@ -1015,5 +1258,5 @@ def from_onnx(model: str | os.PathLike | onnx.ModelProto, name: str | None = Non
     else:
         proto = load_model(model)
         default_name = Path(model).stem
-        return _Converter(proto, name or _safe_name(default_name)).run()
-    return _Converter(proto, name or _safe_name(proto.graph.name or default_name)).run()
+        return _Converter(proto, name or _safe_name(default_name), input_shapes).run()
+    return _Converter(proto, name or _safe_name(proto.graph.name or default_name), input_shapes).run()

@@ -117,12 +117,17 @@ def load(path: str | os.PathLike, threads: int | None = None) -> LoadedModel:
 DEFAULT_PIPELINE: tuple[str, ...] = ("default",)
 
 
-def import_model(model: Any, example_inputs: Sequence[Any] | None = None):
-    """Frontend dispatch: an ``nn.Module`` goes through torch.fx, a path to ``.onnx`` through the ONNX frontend."""
+def import_model(model: Any, example_inputs: Sequence[Any] | None = None,
+                 input_shapes: dict[str, Sequence[int]] | None = None):
+    """Frontend dispatch: an ``nn.Module`` goes through torch.fx, a path to ``.onnx`` through the ONNX frontend
+    (``input_shapes``: static shapes for the file's inputs, replacing dynamic dims)."""
     if isinstance(model, (str, os.PathLike)):
         from frontend.onnx import from_onnx
 
-        return from_onnx(model)
+        shapes = {name: tuple(shape) for name, shape in input_shapes.items()} if input_shapes else None
+        return from_onnx(model, input_shapes=shapes)
+    if input_shapes:
+        raise ValueError("input_shapes is for ONNX files; a PyTorch model's shapes come from example_inputs")
     from frontend.torch_fx import from_torch
 
     if example_inputs is None:
@@ -149,7 +154,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
              example_inputs: Sequence[Any] | None = None, data: Iterable | None = None,
              tune: Tune | None = None, measure: bool = True,
              instruments: Sequence[Any] = ("verify-each",),
-             progress: Callable[[str], None] | None = None, threads: int | None = None) -> OptimizedModel:
+             progress: Callable[[str], None] | None = None, threads: int | None = None,
+             input_shapes: dict[str, Sequence[int]] | None = None) -> OptimizedModel:
     """Optimize and compile ``model`` for ``target``.
 
     Example::
@@ -168,6 +174,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     ``progress``: called with a short message as each step starts (the CLI prints them).
     ``threads``: CPU threads the compiled model runs on (None: one per physical core the process may use; a
     ``TVM_NUM_THREADS`` set by the user wins). No environment set-up is needed for full speed.
+    ``input_shapes``: for an ONNX file, static shapes by input name that replace its declared (e.g. dynamic batch)
+    dims, as onnxsim's ``--overwrite-input-shape``: ``optimize("m.onnx", input_shapes={"x": (1, 3, 224, 224)})``.
     """
     step = progress or (lambda message: None)
     from backends.tvm.module import build
@@ -178,7 +186,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     step("importing the model")
-    graph = import_model(model, example_inputs)
+    graph = import_model(model, example_inputs, input_shapes)
     seconds["import"] = time.perf_counter() - start
     if example_inputs is None:
         example_inputs = tuple(_random_inputs(graph))

@@ -50,6 +50,28 @@ def _model_and_inputs(spec: str) -> tuple[Any, tuple | None]:
     return str(path), None
 
 
+def _input_shapes(specs: list[str] | None, model: str) -> dict[str, tuple[int, ...]] | None:
+    """``--input-shape NAME:1x3x224x224`` (repeatable) -> {NAME: (1, 3, 224, 224)}; the name may contain ':'."""
+    if not specs:
+        return None
+    if model.startswith("zoo:"):
+        raise UsageError("--input-shape is for ONNX files; zoo models have fixed example inputs")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, _, dims = spec.rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            shape = ()
+        if not name or not shape or min(shape) <= 0:
+            raise UsageError(f"--input-shape {spec!r}: expected NAME:DIMS with positive dims joined by 'x', "
+                             "e.g. x:1x3x224x224")
+        if name in shapes:
+            raise UsageError(f"--input-shape names input {name!r} twice")
+        shapes[name] = shape
+    return shapes
+
+
 def _progress(message: str) -> None:
     """Step messages on stderr when it is a terminal (stdout stays clean for --json; errors stay one line)."""
     if sys.stderr.isatty():
@@ -99,7 +121,8 @@ def cmd_compile(args) -> int:
     instruments += [f"dump-each={args.dump_each}"] if args.dump_each and world.main else []
     opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, data=data, tune=tune,
                    measure=not args.no_measure and world.main, instruments=instruments, threads=args.threads,
-                   progress=_progress if world.main and not args.json else None)  # --json: only errors on stderr
+                   progress=_progress if world.main and not args.json else None,  # --json: only errors on stderr
+                   input_shapes=_input_shapes(args.input_shape, args.model))
     if not world.main:
         return EXIT_OK
     opt.save(args.output)
@@ -138,7 +161,7 @@ def cmd_inspect(args) -> int:
     from passes.ir.cost import graph_flops, graph_params, op_histogram
 
     model, inputs = _model_and_inputs(args.model)
-    graph = import_model(model, inputs)
+    graph = import_model(model, inputs, _input_shapes(args.input_shape, args.model))
     info = {"model": graph.name,
             "inputs": {n: str(graph.nodes[n]["out_types"][0]) for n in graph.inputs},
             "outputs": [str(graph.value_type(v)) for v in graph.output_values()],
@@ -168,7 +191,7 @@ def cmd_explain(args) -> int:
 
     target = get_pass_class(args.pass_name).name
     model, inputs = _model_and_inputs(args.model)
-    graph = import_model(model, inputs)
+    graph = import_model(model, inputs, _input_shapes(args.input_shape, args.model))
     pipeline = resolve(args.passes if args.passes is not None else "default")
     names = [p.name for p in pipeline]
     if target not in names:
@@ -218,6 +241,11 @@ def _threads_argument(parser: argparse.ArgumentParser, what: str) -> None:
                         help=f"CPU threads for {what} (default: one per physical core; TVM_NUM_THREADS wins if set)")
 
 
+def _add_input_shape(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input-shape", action="append", metavar="NAME:DIMS",
+                   help="static shape for an ONNX input with dynamic dims, e.g. x:1x3x224x224 (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m passes.cli",
                                      description="Optimize and compile CNN/RNN models with Apache TVM.")
@@ -241,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-o", "--output", required=True, help="artifact folder to create (must not exist)")
     _threads_argument(p, "the latency measurement")
+    _add_input_shape(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz file")
@@ -254,12 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--graph", action="store_true", help="also print the IR")
     p.add_argument("--json", action="store_true")
+    _add_input_shape(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("explain", help="list every candidate a pass considers and why it was or was not rewritten")
     p.add_argument("pass_name", metavar="PASS")
     p.add_argument("model")
     p.add_argument("--passes", default=None, help="pipeline to run before PASS (default: the default pipeline)")
+    _add_input_shape(p)
     p.set_defaults(func=cmd_explain)
 
     sub.add_parser("list-passes", help="registered passes and their options").set_defaults(func=cmd_list_passes)

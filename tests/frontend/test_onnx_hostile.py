@@ -155,7 +155,7 @@ CASES: dict[str, tuple] = {
                          "node 'conv1' (Conv)"),
     "dynamic input dim": (lambda tmp: write(tmp / "m.onnx", model_of([_op("Relu", ["x"], ["y"])],
                                                                      [vi("x", ["N", 4])], [vi("y", None)])),
-                          "dim 0 is dynamic (N)"),
+                          "input 'x' has dynamic dims [N, 4] (dim 0 is 'N')"),
     "input without shape": (lambda tmp: write(tmp / "m.onnx", model_of([_op("Relu", ["x"], ["y"])],
                                                                        [vi("x", None)], [vi("y", None)])),
                             "input 'x': no shape"),

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from passes.ir.cost import graph_flops
 from torch import nn
 
 from passes.core.pass_base import PassContext
+from passes.ir.cost import graph_flops
 from passes.ir.text import graph_text
 from passes.transforms.fold_conv_avg_pool import FoldConvAvgPool, combined_weight
 from passes.transforms.fuse_conv_activation import FuseConvActivation
