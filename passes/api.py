@@ -135,11 +135,25 @@ def _accuracy(reference_outputs: Any, outputs: Any) -> dict[str, float]:
 
     worst_abs, worst_rel = 0.0, 0.0
     for ref, out in zip(flatten_structure(reference_outputs), flatten_structure(outputs)):
-        ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
-        err = float(np.max(np.abs(ref - out))) if ref.size else 0.0
+        ref, out = np.asarray(_to_numpy(ref), dtype=np.float64), np.asarray(_to_numpy(out), dtype=np.float64)
+        if not ref.size:
+            continue
+        err = float(np.max(_nan_aware_error(ref, out)))
+        scale = np.abs(ref[np.isfinite(ref)])
         worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-12))
+        worst_rel = max(worst_rel, err / max(float(np.max(scale)) if scale.size else 0.0, 1e-12))
     return {"max_abs_error": worst_abs, "max_rel_error": worst_rel}
+
+
+def _nan_aware_error(ref, out):
+    """|ref - out| elementwise, 0 where both are the same NaN or infinity, inf where only one side is NaN or they
+    are different infinities. Why: Python's ``max`` and ``np.abs(ref - out)`` let a NaN output pass as error 0."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        err = np.abs(ref - out)
+    same = (ref == out) | (np.isnan(ref) & np.isnan(out))
+    return np.where(same, 0.0, np.where(np.isnan(err), np.inf, err))
 
 
 def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, target: str = "llvm",
@@ -165,6 +179,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     ``progress``: called with a short message as each step starts (the CLI prints them).
     """
     step = progress or (lambda message: None)
+    if _is_tensor(example_inputs):  # a bare tensor is the one input, not a sequence of its rows
+        example_inputs = (example_inputs,)
     from backends.tvm.module import build
     from passes.core.pipeline import Pipeline, make_instruments, resolve
     from passes.core.stats import graph_flops, graph_params
@@ -177,6 +193,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     if example_inputs is None:
         example_inputs = tuple(_random_inputs(graph))
     example_inputs = tuple(example_inputs)
+    _refuse_empty_inputs(graph, example_inputs)
     report = Report(model=graph.name, target=str(target))
     report.flops["before"], report.params["before"] = graph_flops(graph), graph_params(graph)
     report.nodes["before"] = graph.number_of_nodes()
@@ -238,6 +255,20 @@ def _tune(graph, target: str, tune: Tune) -> tuple[dict, dict]:
         return tiles, {"new_trials": 0, "tuned_tasks": len(tiles), "database": str(tune.database)}
     return tune_graph(graph, tvm_target, tune.trials, tune.database, tune.rpc, tune.timeout, cores,
                       progress=tune.progress)
+
+
+def _is_tensor(x: Any) -> bool:
+    import numpy as np
+
+    return isinstance(x, np.ndarray) or type(x).__module__.startswith("torch")
+
+
+def _refuse_empty_inputs(graph, example_inputs: tuple) -> None:
+    """A zero-size example input (batch 0) fixes zero-size shapes the kernels cannot be scheduled for."""
+    for node, t in zip(graph.inputs, graph.input_types()):
+        if 0 in t.shape:
+            raise ValueError(f"input {graph.describe(node)} has a zero-size shape {list(t.shape)}; give example "
+                          "inputs with at least one element along every axis (e.g. batch 1)")
 
 
 def _to_numpy(x: Any) -> Any:

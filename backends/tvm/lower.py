@@ -84,8 +84,10 @@ class LowerContext:
         array = np.asarray(array).astype(dtype) if dtype else np.asarray(array)
         return relax.const(array, str(array.dtype))  # explicit: relax.const narrows int64 data otherwise
 
-    def scalar(self, value: float, dtype: str = "float32") -> relax.Constant:
-        return relax.const(np.asarray(value, dtype=dtype))
+    def scalar(self, value: float, like: relax.Expr | None = None) -> relax.Constant:
+        """A 0-d constant of ``like``'s dtype (float32 without it): Relax binary ops need equal dtypes, so a
+        constant next to a bfloat16/float16 operand must be one too."""
+        return relax.const(float(value), "float32" if like is None else str(like.ty.dtype))
 
     def fail(self, why: str) -> LoweringError:
         return LoweringError(f"TVM backend cannot lower {self.graph.describe(self.node)}: {why}")
@@ -252,8 +254,9 @@ def _lrn(ctx, xs):
     square = ctx.emit(R.reshape(R.multiply(xs[0], xs[0]), (n, 1, c, spatial)))
     padded = ctx.emit(R.nn.pad(square, [0, 0, 0, 0, a["size"] // 2, (a["size"] - 1) // 2, 0, 0]))
     window = ctx.emit(R.nn.avg_pool2d(padded, pool_size=(a["size"], 1), strides=(1, 1), count_include_pad=True))
-    scale = ctx.emit(R.add(ctx.scalar(a["k"]), R.multiply(ctx.scalar(a["alpha"]), R.reshape(window, shape))))
-    return ctx.emit(R.divide(xs[0], R.power(scale, ctx.scalar(a["beta"]))))
+    scale = ctx.emit(R.add(ctx.scalar(a["k"], xs[0]), R.multiply(ctx.scalar(a["alpha"], xs[0]),
+                                                                 R.reshape(window, shape))))
+    return ctx.emit(R.divide(xs[0], R.power(scale, ctx.scalar(a["beta"], xs[0]))))
 
 
 @lowering("linear")
@@ -292,13 +295,13 @@ def _clip(ctx, x, lo: float, hi: float):
     lo, hi = max(float(lo), -FLOAT_MAX), min(float(hi), FLOAT_MAX)
     if lo <= hi:
         return ctx.emit(R.clip(x, lo, hi))
-    return ctx.emit(R.minimum(R.maximum(x, ctx.scalar(lo)), ctx.scalar(hi)))
+    return ctx.emit(R.minimum(R.maximum(x, ctx.scalar(lo, x)), ctx.scalar(hi, x)))
 
 
 def _elu(ctx, x, alpha: float):
     """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
-    negative = R.multiply(ctx.scalar(alpha), R.subtract(R.exp(x), ctx.scalar(1.0)))
-    return ctx.emit(R.where(R.greater(x, ctx.scalar(0.0)), x, negative))
+    negative = R.multiply(ctx.scalar(alpha, x), R.subtract(R.exp(x), ctx.scalar(1.0, x)))
+    return ctx.emit(R.where(R.greater(x, ctx.scalar(0.0, x)), x, negative))
 
 
 def _mish(ctx, x):
@@ -308,13 +311,13 @@ def _mish(ctx, x):
 
 def _hardswish(ctx, x):
     """hardswish(x) = x * relu6(x + 3) / 6."""
-    gate = _clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0))), 0.0, 6.0)
-    return ctx.emit(R.divide(R.multiply(x, gate), ctx.scalar(6.0)))
+    gate = _clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0, x))), 0.0, 6.0)
+    return ctx.emit(R.divide(R.multiply(x, gate), ctx.scalar(6.0, x)))
 
 
 def _hardsigmoid(ctx, x):
     """hardsigmoid(x) = relu6(x + 3) / 6."""
-    return ctx.emit(R.divide(_clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0))), 0.0, 6.0), ctx.scalar(6.0)))
+    return ctx.emit(R.divide(_clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0, x))), 0.0, 6.0), ctx.scalar(6.0, x)))
 
 
 # Activation lowerings f(ctx, x, params), shared by standalone activation ops and fused conv/linear epilogues.
@@ -589,10 +592,10 @@ def dynamic_dense(ctx: LowerContext, x: relax.Expr, weight: np.ndarray, weight_s
     then the integer product of the uint8 rows with the int8 weights, scaled once by s_x * s_w in float. CPU: our
     kernel (``qdynamic.py``, vpdpbusd on VNNI); elsewhere an int32 Relax matmul of the centered rows. Shared by
     ``qlinear_dynamic`` and the input projection of the dynamic int8 RNNs; ``name`` names the kernel."""
-    zero = ctx.scalar(0.0)
+    zero = ctx.scalar(0.0, x)
     low, high = ctx.emit(R.minimum(R.min(x), zero)), ctx.emit(R.maximum(R.max(x), zero))
-    scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0)))
-    scale = ctx.emit(R.where(R.greater(scale, zero), scale, ctx.scalar(1.0)))
+    scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0, x)))
+    scale = ctx.emit(R.where(R.greater(scale, zero), scale, ctx.scalar(1.0, x)))
     zero_point = ctx.emit(R.clip(R.round(R.divide(R.negative(low), scale)), 0.0, 255.0))
     q = ctx.emit(R.clip(R.add(R.round(R.divide(x, scale)), zero_point), 0.0, 255.0))
     if ctx.target_kind == "llvm":

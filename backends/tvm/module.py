@@ -218,6 +218,19 @@ class CompiledModule:
                    _from_json_structure(signature["structure"]))
 
 
+def _relax_pipeline(mod: tvm.IRModule, tvm_target: Any) -> tvm.IRModule:
+    """TVM's default Relax pipeline (what ``tvm.compile`` picks for the target), then NaN-propagating max/min in
+    every kernel (``nan.propagate_nan``: relu, clip and max pooling keep NaN as in PyTorch)."""
+    from tvm import relax
+
+    from backends.tvm.nan import propagate_nan
+
+    gpu = "gpu" in tvm_target.keys
+    pipeline = relax.get_default_pipeline(tvm_target) if gpu else relax.get_pipeline("default")
+    with tvm_target:
+        return propagate_nan(pipeline(mod))
+
+
 def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> CompiledModule:
     """Lower ``graph`` to Relax and build it for ``target``; ``tiles`` are tuned kernel tiles (``tune.py``)."""
     from backends.tvm.lower import lower
@@ -229,7 +242,7 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None) -> Comp
     if tvm_target.kind.name == "llvm":
         with tvm_target:
             mod = optimize_relax_cpu(mod, cores)
-    executable = tvm.compile(mod, target=tvm_target)
+    executable = tvm.compile(_relax_pipeline(mod, tvm_target), target=tvm_target, relax_pipeline=None)
     # Signature names are the model's own input names (an ONNX input "input.1" keeps its dot).
     inputs = [TensorSpec(graph.nodes[n]["origin"][0] if graph.nodes[n]["origin"] else n, t.shape, t.dtype)
               for n, t in zip(graph.inputs, graph.input_types())]
