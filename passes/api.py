@@ -6,7 +6,7 @@ core stays independent of torch.fx, ONNX and TVM.
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import shutil
 import tempfile
@@ -18,8 +18,6 @@ from typing import Any
 
 from passes.core.pass_base import Pass, PassContext
 from passes.report import Report
-
-ARTIFACT_FORMAT = "passes-artifact/1"
 
 
 @dataclass(frozen=True)
@@ -50,6 +48,7 @@ class OptimizedModel:
 
         Written into a temporary sibling folder and renamed at the end, so a failure leaves nothing behind.
         """
+        from backends.tvm.artifact import write_manifest
         from passes.ir.serialize import save_graph
 
         path = Path(path)
@@ -61,8 +60,7 @@ class OptimizedModel:
             self.compiled.export(staging)
             save_graph(self.graph, staging / "ir")
             (staging / "report.json").write_text(self.report.to_json())
-            manifest = {"format": ARTIFACT_FORMAT, "onnx": _export_onnx(self.graph, staging / "optimized.onnx")}
-            (staging / "artifact.json").write_text(json.dumps(manifest, indent=1))
+            write_manifest(staging, onnx=_export_onnx(self.graph, staging / "optimized.onnx"))
             staging.rename(path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -100,15 +98,31 @@ class LoadedModel:
 
 
 def load(path: str | os.PathLike) -> LoadedModel:
-    """Load an artifact written by ``OptimizedModel.save`` (or ``passes.cli compile``)."""
+    """Load an artifact written by ``OptimizedModel.save`` (or ``passes.cli compile``).
+
+    An artifact contains native code: load only artifacts you trust. Every file's sha256 is checked against
+    ``artifact.json`` before anything is parsed or loaded, and each JSON file against its schema: a fault is one
+    ``ArtifactError`` (a ``ValueError``) naming the file and the field. A missing or broken ``report.json`` only
+    costs the report (a warning): the model still runs.
+    """
+    from backends.tvm.artifact import verify
     from backends.tvm.module import CompiledModule
 
     path = Path(path)
-    marker = path / "artifact.json"
-    if not marker.is_file() or json.loads(marker.read_text()).get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path} is not a passes artifact folder (no valid artifact.json)")
-    report = Report.from_dict(json.loads((path / "report.json").read_text()))
-    return LoadedModel(CompiledModule.load(path), report, path)
+    verify(path)
+    compiled = CompiledModule.load(path)
+    return LoadedModel(compiled, _load_report(path / "report.json"), path)
+
+
+def _load_report(path: Path) -> Report:
+    """The saved report, or an empty one with a warning: the report is documentation, not needed to run."""
+    from backends.tvm.artifact import ArtifactError, read_json
+
+    try:
+        return Report.from_dict(read_json(path))
+    except (ArtifactError, KeyError, TypeError, ValueError, AttributeError) as e:
+        logging.getLogger(__name__).warning("%s: report not loaded (%s); the model runs without it", path, e)
+        return Report()
 
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("default",)
