@@ -6,6 +6,7 @@ core stays independent of torch.fx, ONNX and TVM.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -46,7 +47,8 @@ class OptimizedModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a deployable artifact folder: TVM library, signature, IR (graph.json + params.npz), report.
 
-        Written into a temporary sibling folder and renamed at the end, so a failure leaves nothing behind.
+        Written into a temporary sibling folder ``.NAME.PID.*`` and renamed at the end, so a failure leaves nothing
+        behind; a folder left by a process that was killed midway (its PID gone) is removed on the next save.
         """
         from backends.tvm.artifact import write_manifest
         from passes.ir.serialize import save_graph
@@ -55,7 +57,8 @@ class OptimizedModel:
         if path.exists():
             raise FileExistsError(f"{path} already exists; choose a new folder or remove it first")
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        _remove_stale_staging(path)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
         try:
             self.compiled.export(staging)
             save_graph(self.graph, staging / "ir")
@@ -66,6 +69,24 @@ class OptimizedModel:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return path
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove ``.NAME.PID.*`` staging folders next to ``path`` whose process no longer exists (killed mid-save)."""
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.*.*"):
+        pid = folder.name[len(path.name) + 2:].split(".", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _export_onnx(graph, path: Path) -> str:
@@ -265,8 +286,10 @@ def _tune(graph, target: str, tune: Tune) -> tuple[dict, dict]:
         return {}, {"new_trials": 0, "note": f"tuning is implemented for llvm targets, not {tvm_target.kind.name}"}
     cores = int(tvm_target.attrs.get("num-cores", 1))
     if tune.trials <= 0:
-        tiles = tuned_tiles(graph, tvm_target, tune.database)
-        return tiles, {"new_trials": 0, "tuned_tasks": len(tiles), "database": str(tune.database)}
+        skipped: dict[str, int] = {}
+        tiles = tuned_tiles(graph, tvm_target, tune.database, skipped)
+        return tiles, {"new_trials": 0, "tuned_tasks": len(tiles), "database": str(tune.database),
+                       "skipped_lines": skipped}
     return tune_graph(graph, tvm_target, tune.trials, tune.database, tune.rpc, tune.timeout, cores,
                       progress=tune.progress)
 
