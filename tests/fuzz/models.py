@@ -11,6 +11,7 @@ batch_first, with and without bias).
 from __future__ import annotations
 
 import random
+
 import torch
 from torch import nn
 
@@ -50,7 +51,7 @@ def _conv(rng: random.Random, c: int, h: int, w: int) -> tuple[dict, tuple[int, 
     if padding_kind == "same" and stride == 1:
         layer, pads = {"padding": "same"}, (reach, reach)
     elif padding_kind == "asymmetric":
-        pad = [rng.randint(0, 2) for _ in range(4)]  # left, right, top, bottom (nn.ZeroPad2d)
+        pad = [rng.randint(0, 2) for _ in range(4)]  # left, right, top, bottom (F.pad)
         layer, pads = {"pad": pad, "padding": 0}, (pad[2] + pad[3], pad[0] + pad[1])
     else:
         p = rng.randint(0, reach // 2 + 1) if padding_kind != "none" else 0
@@ -149,6 +150,17 @@ def random_spec(seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ builder
+class Pad(nn.Module):
+    """Asymmetric zero padding as ``F.pad`` (the frontend refuses the ``nn.ZeroPad2d`` module)."""
+
+    def __init__(self, pad: list[int]):
+        super().__init__()
+        self.pad = tuple(pad)
+
+    def forward(self, x):
+        return nn.functional.pad(x, self.pad)
+
+
 class Residual(nn.Module):
     def __init__(self, layer: dict):
         super().__init__()
@@ -212,7 +224,7 @@ def _layer(layer: dict) -> nn.Module:
         conv = nn.Conv2d(layer["in"], layer["out"], layer["kernel"], stride=layer["stride"],
                          padding=layer["padding"], dilation=layer["dilation"], groups=layer["groups"],
                          bias=layer["bias"])
-        return nn.Sequential(nn.ZeroPad2d(tuple(layer["pad"])), conv) if "pad" in layer else conv
+        return nn.Sequential(Pad(layer["pad"]), conv) if "pad" in layer else conv
     if t == "bn":
         return nn.BatchNorm2d(layer["channels"])
     if t == "act":
