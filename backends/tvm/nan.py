@@ -8,7 +8,8 @@ whenever an input of the window is NaN (IEEE 754-2019 ``maximum``/``minimum``).
 
 The rewrite, applied once to the lowered module before TVM's TIR pipeline (so it covers TOPI's kernels and ours):
 ``max(a, b) -> select(isnan(a), a, select(isnan(b), b, max(a, b)))`` for float ``a, b``, and the same for ``min``;
-the check of an operand that is a constant is left out (``max(x, 0)`` gets one ``x != x``). On CPU this is one
+each operand bound once in a ``Let``; the check of an operand that is a constant is left out (``max(x, 0)`` gets
+one ``x != x``). On CPU this is one
 compare and one blend per vector beside the kernel's multiply-adds. Integer max/min are untouched.
 """
 
@@ -19,19 +20,40 @@ import tvm_ffi
 from tvm import tirx
 
 
-def _isnan(x):
-    """``isnan`` for every float type: TVM's has no bfloat16 rule, and widening to float32 keeps NaN a NaN."""
-    return tirx.isnan(tirx.Cast("float32", x) if str(x.ty.dtype).startswith("bfloat") else x)
+def _propagate_bfloat16(node, keep_ordered):
+    """bfloat16 without ``Let`` (TVM's BF16ComputeLegalize leaves a bf16 Let variable mistyped) and with ``isnan``
+    on the value widened to float32 (TVM has no bf16 isnan); operands are repeated, which is fine for the shallow
+    max/min nesting of bf16 graphs (clip, relu), not for the deep fp32 recurrent kernels."""
+    result = keep_ordered(node.a, node.b)
+    for operand in (node.b, node.a):
+        if not isinstance(operand, tirx.FloatImm):
+            result = tirx.Select(tirx.isnan(tirx.Cast("float32", operand)), operand, result)
+    return result
 
 
 def _propagate(node, keep_ordered):
     """``node`` (a float Max or Min) with a NaN operand returned as is, the ordered comparison otherwise."""
-    if not str(node.ty.dtype).startswith(("float", "bfloat")):
+    dtype = str(node.ty.dtype)
+    if dtype.startswith("bfloat"):
+        return _propagate_bfloat16(node, keep_ordered)
+    if not dtype.startswith("float"):
         return node
-    result = keep_ordered(node.a, node.b)
-    for operand in (node.b, node.a):  # the outer check is a's: max(NaN, NaN) is a, as in PyTorch either way
+    # Operands are bound once (Let): nested max/min (clip, clamped tanh) would otherwise double in size per level.
+    bindings, operands = [], []
+    for name, operand in (("nan_a", node.a), ("nan_b", node.b)):
+        if isinstance(operand, (tirx.FloatImm, tirx.Var)):
+            operands.append(operand)
+        else:
+            var = tirx.Var(name, operand.ty)
+            bindings.append((var, operand))
+            operands.append(var)
+    a, b = operands
+    result = keep_ordered(a, b)
+    for operand in (b, a):  # the outer check is a's: max(NaN, NaN) is a, as in PyTorch either way
         if not isinstance(operand, tirx.FloatImm):
-            result = tirx.Select(_isnan(operand), operand, result)
+            result = tirx.Select(tirx.isnan(operand), operand, result)
+    for var, value in reversed(bindings):
+        result = tirx.Let(var, value, result)
     return result
 
 
