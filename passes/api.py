@@ -6,7 +6,8 @@ core stays independent of torch.fx, ONNX and TVM.
 
 from __future__ import annotations
 
-import json
+import glob
+import logging
 import os
 import shutil
 import tempfile
@@ -18,8 +19,6 @@ from typing import Any
 
 from passes.core.pass_base import Pass, PassContext
 from passes.report import Report
-
-ARTIFACT_FORMAT = "passes-artifact/1"
 
 
 @dataclass(frozen=True)
@@ -49,27 +48,48 @@ class OptimizedModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a deployable artifact folder: TVM library, signature, IR (graph.json + params.npz), report.
 
-        Written into a temporary sibling folder and renamed at the end, so a failure leaves nothing behind.
+        Written into a temporary sibling folder ``.NAME.PID.*`` and renamed at the end, so a failure leaves nothing
+        behind; a folder left by a process that was killed midway (its PID gone) is removed on the next save.
         """
+        from backends.tvm.artifact import write_manifest
         from passes.ir.serialize import save_graph
 
         path = Path(path)
         if path.exists():
             raise FileExistsError(f"{path} already exists; choose a new folder or remove it first")
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        _remove_stale_staging(path)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", dir=path.parent))
         try:
             self.compiled.export(staging)
             save_graph(self.graph, staging / "ir")
-            manifest = {"format": ARTIFACT_FORMAT, "onnx": _export_onnx(self.graph, staging / "optimized.onnx")}
+            onnx = _export_onnx(self.graph, staging / "optimized.onnx")
             self.report.memory["artifact"] = sum(f.stat().st_size for f in staging.rglob("*") if f.is_file())
             (staging / "report.json").write_text(self.report.to_json())
-            (staging / "artifact.json").write_text(json.dumps(manifest, indent=1))
+            write_manifest(staging, onnx=onnx)
             staging.rename(path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return path
+
+
+def _remove_stale_staging(path: Path) -> None:
+    """Remove ``.NAME.PID.*`` staging folders next to ``path`` whose process no longer exists (killed mid-save)."""
+    for folder in path.parent.glob(f".{glob.escape(path.name)}.*.*"):
+        pid = folder.name[len(path.name) + 2:].split(".", 1)[0]
+        if folder.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _export_onnx(graph, path: Path) -> str:
@@ -102,16 +122,32 @@ class LoadedModel:
 
 
 def load(path: str | os.PathLike, threads: int | None = None) -> LoadedModel:
-    """Load an artifact written by ``OptimizedModel.save`` (or ``passes.cli compile``). ``threads``: CPU threads
-    it runs on (None: one per physical core; ``TVM_NUM_THREADS`` set in the environment wins)."""
+    """Load an artifact written by ``OptimizedModel.save`` (or ``passes.cli compile``).
+
+    An artifact contains native code: load only artifacts you trust. Every file's sha256 is checked against
+    ``artifact.json`` before anything is parsed or loaded, and each JSON file against its schema: a fault is one
+    ``ArtifactError`` (a ``ValueError``) naming the file and the field. A missing or broken ``report.json`` only
+    costs the report (a warning): the model still runs. ``threads``: CPU threads it runs on (None: one per physical
+    core; ``TVM_NUM_THREADS`` set in the environment wins).
+    """
+    from backends.tvm.artifact import verify
     from backends.tvm.module import CompiledModule
 
     path = Path(path)
-    marker = path / "artifact.json"
-    if not marker.is_file() or json.loads(marker.read_text()).get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path} is not a passes artifact folder (no valid artifact.json)")
-    report = Report.from_dict(json.loads((path / "report.json").read_text()))
-    return LoadedModel(CompiledModule.load(path, threads), report, path)
+    verify(path)
+    compiled = CompiledModule.load(path, threads)
+    return LoadedModel(compiled, _load_report(path / "report.json"), path)
+
+
+def _load_report(path: Path) -> Report:
+    """The saved report, or an empty one with a warning: the report is documentation, not needed to run."""
+    from backends.tvm.artifact import ArtifactError, read_json
+
+    try:
+        return Report.from_dict(read_json(path))
+    except (ArtifactError, KeyError, TypeError, ValueError, AttributeError) as e:
+        logging.getLogger(__name__).warning("%s: report not loaded (%s); the model runs without it", path, e)
+        return Report()
 
 
 DEFAULT_PIPELINE: tuple[str, ...] = ("default",)
@@ -143,11 +179,25 @@ def _accuracy(reference_outputs: Any, outputs: Any) -> dict[str, float]:
 
     worst_abs, worst_rel = 0.0, 0.0
     for ref, out in zip(flatten_structure(reference_outputs), flatten_structure(outputs)):
-        ref, out = np.asarray(ref, dtype=np.float64), np.asarray(out, dtype=np.float64)
-        err = float(np.max(np.abs(ref - out))) if ref.size else 0.0
+        ref, out = np.asarray(_to_numpy(ref), dtype=np.float64), np.asarray(_to_numpy(out), dtype=np.float64)
+        if not ref.size:
+            continue
+        err = float(np.max(_nan_aware_error(ref, out)))
+        scale = np.abs(ref[np.isfinite(ref)])
         worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1e-12))
+        worst_rel = max(worst_rel, err / max(float(np.max(scale)) if scale.size else 0.0, 1e-12))
     return {"max_abs_error": worst_abs, "max_rel_error": worst_rel}
+
+
+def _nan_aware_error(ref, out):
+    """|ref - out| elementwise, 0 where both are the same NaN or infinity, inf where only one side is NaN or they
+    are different infinities. Why: Python's ``max`` and ``np.abs(ref - out)`` let a NaN output pass as error 0."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"):
+        err = np.abs(ref - out)
+    same = (ref == out) | (np.isnan(ref) & np.isnan(out))
+    return np.where(same, 0.0, np.where(np.isnan(err), np.inf, err))
 
 
 def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, target: str = "llvm",
@@ -178,6 +228,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     dims, as onnxsim's ``--overwrite-input-shape``: ``optimize("m.onnx", input_shapes={"x": (1, 3, 224, 224)})``.
     """
     step = progress or (lambda message: None)
+    if _is_tensor(example_inputs):  # a bare tensor is the one input, not a sequence of its rows
+        example_inputs = (example_inputs,)
     from backends.tvm.module import build
     from backends.tvm.target import resolve_target
     from passes.core.pipeline import Pipeline, make_instruments, resolve
@@ -191,6 +243,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     if example_inputs is None:
         example_inputs = tuple(_random_inputs(graph))
     example_inputs = tuple(example_inputs)
+    _refuse_empty_inputs(graph, example_inputs)
     report = Report(model=graph.name, target=str(target))
     report.flops["before"], report.params["before"] = graph_flops(graph), graph_params(graph)
     report.nodes["before"] = graph.number_of_nodes()
@@ -253,9 +306,25 @@ def _tune(graph, target, tune: Tune) -> tuple[dict, dict]:
     if target.kind != "llvm":
         return {}, {"new_trials": 0, "note": f"tuning is implemented for llvm targets, not {target.kind}"}
     if tune.trials <= 0:
-        tiles = tuned_tiles(graph, target, tune.database)
-        return tiles, {"new_trials": 0, "tuned_tasks": len(tiles), "database": str(tune.database)}
+        skipped: dict[str, int] = {}
+        tiles = tuned_tiles(graph, target, tune.database, skipped)
+        return tiles, {"new_trials": 0, "tuned_tasks": len(tiles), "database": str(tune.database),
+                       "skipped_lines": skipped}
     return tune_graph(graph, target, tune.trials, tune.database, tune.rpc, tune.timeout, progress=tune.progress)
+
+
+def _is_tensor(x: Any) -> bool:
+    import numpy as np
+
+    return isinstance(x, np.ndarray) or type(x).__module__.startswith("torch")
+
+
+def _refuse_empty_inputs(graph, example_inputs: tuple) -> None:
+    """A zero-size example input (batch 0) fixes zero-size shapes the kernels cannot be scheduled for."""
+    for node, t in zip(graph.inputs, graph.input_types()):
+        if 0 in t.shape:
+            raise ValueError(f"input {graph.describe(node)} has a zero-size shape {list(t.shape)}; give example "
+                          "inputs with at least one element along every axis (e.g. batch 1)")
 
 
 def _to_numpy(x: Any) -> Any:

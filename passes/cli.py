@@ -81,17 +81,12 @@ def _progress(message: str) -> None:
 def _load_data(path: str | None, batch_size: int) -> list[tuple] | None:
     """``--data FILE.npz``: arrays in the model's input order (any names) and optionally ``labels``, cut into
     batches of ``batch_size`` along the first axis (for passes that calibrate or fine-tune: quantize, distill)."""
-    import numpy as np
 
     if path is None:
         return None
     if batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    try:
-        with np.load(path) as archive:
-            arrays = {k: archive[k] for k in archive.files}
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--data {path!r}: cannot read it as .npz ({e})") from e
+    arrays = _read_npz(path, "--data")
     labels = arrays.pop("labels", None)
     if not arrays:
         raise UsageError(f"--data {path!r} holds no input arrays")
@@ -102,6 +97,39 @@ def _load_data(path: str | None, batch_size: int) -> list[tuple] | None:
     return [tuple(c[i:i + batch_size] for c in columns) for i in range(0, count.pop(), batch_size)]
 
 
+def _read_npz(path: str, what: str) -> dict:
+    """The arrays of an .npz file; a missing, garbage, truncated or pickled file is one UsageError line."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with archive:
+            return {k: archive[k] for k in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise UsageError(f"{what} {path!r}: cannot read it as .npz ({' '.join(str(e).split())})") from None
+
+
+def _check_output_folder(output: str) -> None:
+    """Before compiling (minutes): the artifact folder must not exist and its parent must be writable."""
+    import shutil
+    import tempfile
+
+    path = Path(output)
+    if path.exists():
+        raise UsageError(f"output {output!r} already exists; choose a new folder or remove it first")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tempfile.mkdtemp(prefix=f".{path.name}.check.", dir=parent))
+    except OSError as e:
+        raise UsageError(f"cannot write the output folder {output!r}: {e.strerror or e} (in {str(parent)!r})") \
+            from None
+
+
 def cmd_compile(args) -> int:
     """Under ``torchrun`` every rank runs the pipeline (distill and quantize work on their shards of ``--data``);
     rank 0 alone tunes, measures, shows progress and logs, and writes the artifact; the other ranks exit 0."""
@@ -109,6 +137,7 @@ def cmd_compile(args) -> int:
     from passes.core import distributed
 
     model, inputs = _model_and_inputs(args.model)
+    _check_output_folder(args.output)
     data = _load_data(args.data, args.batch_size)
     world = distributed.world()
     if not world.main:
@@ -138,11 +167,7 @@ def cmd_run(args) -> int:
     from passes.api import load
 
     model = load(args.artifact, threads=args.threads)
-    try:
-        with np.load(args.inputs, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read inputs {args.inputs!r}: {exc}") from None
+    arrays = _read_npz(args.inputs, "inputs")
     names = [spec.name for spec in model.compiled.inputs]
     missing = [n for n in names if n not in arrays]
     if missing:
@@ -246,8 +271,15 @@ def _add_input_shape(p: argparse.ArgumentParser) -> None:
                    help="static shape for an ONNX input with dynamic dims, e.g. x:1x3x224x224 (repeatable)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line on stderr (``--help`` still prints the usage); subcommands inherit it."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m passes.cli",
+    parser = _Parser(prog="python -m passes.cli",
                                      description="Optimize and compile CNN/RNN models with Apache TVM.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,7 +337,11 @@ def _is_bad_input(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.func(args)

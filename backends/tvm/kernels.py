@@ -605,7 +605,7 @@ def dense_kernel(spec: DenseSpec, cores: int = 1, tile: Tile | None = None) -> t
     i_outer, i_inner = sch.split(i, [None, rows])
     j_outer, j_inner = sch.split(j, [None, cols])
     sch.reorder(i_outer, j_outer, i_inner, j_inner)
-    sch.compute_at(acc, j_outer)
+    sch.compute_at(acc, j_outer, preserve_unit_loops=True)  # rows, cols, k: a unit one would vanish (Linear(1, 1))
     tile = sch.get_loops(acc)[2:]
     spatial, reduction = tile[:-1], tile[-1]
     sch.reorder(reduction, *spatial)

@@ -135,8 +135,9 @@ def _lrn(ctx, xs):
     square = ctx.emit(R.reshape(R.multiply(xs[0], xs[0]), (n, 1, c, spatial)))
     padded = ctx.emit(R.nn.pad(square, [0, 0, 0, 0, a["size"] // 2, (a["size"] - 1) // 2, 0, 0]))
     window = ctx.emit(R.nn.avg_pool2d(padded, pool_size=(a["size"], 1), strides=(1, 1), count_include_pad=True))
-    scale = ctx.emit(R.add(ctx.scalar(a["k"]), R.multiply(ctx.scalar(a["alpha"]), R.reshape(window, shape))))
-    return ctx.emit(R.divide(xs[0], R.power(scale, ctx.scalar(a["beta"]))))
+    scale = ctx.emit(R.add(ctx.scalar(a["k"], xs[0]), R.multiply(ctx.scalar(a["alpha"], xs[0]),
+                                                                 R.reshape(window, shape))))
+    return ctx.emit(R.divide(xs[0], R.power(scale, ctx.scalar(a["beta"], xs[0]))))
 
 
 @lowering("linear")
@@ -175,13 +176,13 @@ def _clip(ctx, x, lo: float, hi: float):
     lo, hi = max(float(lo), -FLOAT_MAX), min(float(hi), FLOAT_MAX)
     if lo <= hi:
         return ctx.emit(R.clip(x, lo, hi))
-    return ctx.emit(R.minimum(R.maximum(x, ctx.scalar(lo)), ctx.scalar(hi)))
+    return ctx.emit(R.minimum(R.maximum(x, ctx.scalar(lo, x)), ctx.scalar(hi, x)))
 
 
 def _elu(ctx, x, alpha: float):
     """elu(x) = x if x > 0 else alpha * (exp(x) - 1)."""
-    negative = R.multiply(ctx.scalar(alpha), R.subtract(R.exp(x), ctx.scalar(1.0)))
-    return ctx.emit(R.where(R.greater(x, ctx.scalar(0.0)), x, negative))
+    negative = R.multiply(ctx.scalar(alpha, x), R.subtract(R.exp(x), ctx.scalar(1.0, x)))
+    return ctx.emit(R.where(R.greater(x, ctx.scalar(0.0, x)), x, negative))
 
 
 def _mish(ctx, x):
@@ -191,13 +192,13 @@ def _mish(ctx, x):
 
 def _hardswish(ctx, x):
     """hardswish(x) = x * relu6(x + 3) / 6."""
-    gate = _clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0))), 0.0, 6.0)
-    return ctx.emit(R.divide(R.multiply(x, gate), ctx.scalar(6.0)))
+    gate = _clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0, x))), 0.0, 6.0)
+    return ctx.emit(R.divide(R.multiply(x, gate), ctx.scalar(6.0, x)))
 
 
 def _hardsigmoid(ctx, x):
     """hardsigmoid(x) = relu6(x + 3) / 6."""
-    return ctx.emit(R.divide(_clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0))), 0.0, 6.0), ctx.scalar(6.0)))
+    return ctx.emit(R.divide(_clip(ctx, ctx.emit(R.add(x, ctx.scalar(3.0, x))), 0.0, 6.0), ctx.scalar(6.0, x)))
 
 
 # Activation lowerings f(ctx, x, params), shared by standalone activation ops and fused conv/linear epilogues.

@@ -83,8 +83,10 @@ class LowerContext:
         array = np.asarray(array).astype(dtype) if dtype else np.asarray(array)
         return relax.const(array, str(array.dtype))  # explicit: relax.const narrows int64 data otherwise
 
-    def scalar(self, value: float, dtype: str = "float32") -> relax.Constant:
-        return relax.const(np.asarray(value, dtype=dtype))
+    def scalar(self, value: float, like: relax.Expr | None = None) -> relax.Constant:
+        """A 0-d constant of ``like``'s dtype (float32 without it): Relax binary ops need equal dtypes, so a
+        constant next to a bfloat16/float16 operand must be one too."""
+        return relax.const(float(value), "float32" if like is None else str(like.ty.dtype))
 
     def fail(self, why: str) -> LoweringError:
         return LoweringError(f"TVM backend cannot lower {self.graph.describe(self.node)}: {why}")
@@ -129,10 +131,10 @@ def dynamic_dense(ctx: LowerContext, x: relax.Expr, weight: np.ndarray, weight_s
     then the integer product of the uint8 rows with the int8 weights, scaled once by s_x * s_w in float. CPU: our
     kernel (``qdynamic.py``, vpdpbusd on VNNI); elsewhere an int32 Relax matmul of the centered rows. Shared by
     ``qlinear_dynamic`` and the input projection of the dynamic int8 RNNs; ``name`` names the kernel."""
-    zero = ctx.scalar(0.0)
+    zero = ctx.scalar(0.0, x)
     low, high = ctx.emit(R.minimum(R.min(x), zero)), ctx.emit(R.maximum(R.max(x), zero))
-    scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0)))
-    scale = ctx.emit(R.where(R.greater(scale, zero), scale, ctx.scalar(1.0)))
+    scale = ctx.emit(R.divide(R.subtract(high, low), ctx.scalar(255.0, x)))
+    scale = ctx.emit(R.where(R.greater(scale, zero), scale, ctx.scalar(1.0, x)))
     zero_point = ctx.emit(R.clip(R.round(R.divide(R.negative(low), scale)), 0.0, 255.0))
     q = ctx.emit(R.clip(R.add(R.round(R.divide(x, scale)), zero_point), 0.0, 255.0))
     if ctx.target_kind == "llvm":

@@ -220,15 +220,62 @@ class CompiledModule:
 
     @classmethod
     def load(cls, directory: str | os.PathLike, threads: int | None = None) -> CompiledModule:
+        """Load ``export``'s files; ``signature.json`` is checked against its schema first and against the
+        library's ``main`` after (``artifact.ArtifactError`` on a mismatch). ``passes.load`` verifies the files'
+        digests before this runs: this alone does not protect against a corrupt library."""
+        from backends.tvm.artifact import ArtifactError, check_signature, read_json
+
         directory = Path(directory)
-        signature = json.loads((directory / cls.SIGNATURE).read_text())
+        signature = check_signature(directory / cls.SIGNATURE, read_json(directory / cls.SIGNATURE))
         if signature["target"] == "cuda":
             _register_cuda_compiler()
-        with _quiet_native_stderr():
-            library = tvm.runtime.load_module(str(directory / cls.LIBRARY))
-        return cls(library, signature["target"], [TensorSpec.from_json(s) for s in signature["inputs"]],
-                   [TensorSpec.from_json(s) for s in signature["outputs"]],
-                   _from_json_structure(signature["structure"]), threads)
+        try:
+            with _quiet_native_stderr():
+                library = tvm.runtime.load_module(str(directory / cls.LIBRARY))
+        except (RuntimeError, OSError) as e:
+            raise ArtifactError(f"{directory / cls.LIBRARY}: not a loadable TVM library ({e})") from None
+        module = cls(library, signature["target"], [TensorSpec.from_json(s) for s in signature["inputs"]],
+                     [TensorSpec.from_json(s) for s in signature["outputs"]],
+                     _from_json_structure(signature["structure"]), threads)
+        if module.target_kind == "llvm":  # a cuda library is checked on its first call (it needs the GPU)
+            module._check_against_library(directory / cls.SIGNATURE)
+        return module
+
+    def _check_against_library(self, signature_path: Path) -> None:
+        """Refuse a signature that is not the library's: ``main``'s arity, then one call on zeros of the signature's
+        input shapes (the VM checks every input's shape and dtype) whose outputs must have the signature's count,
+        shapes and dtypes. Costs one inference at load."""
+        from backends.tvm.artifact import ArtifactError
+
+        library = signature_path.parent / self.LIBRARY
+        mismatch = f"{signature_path} does not describe {library} (the two files come from different models)"
+        try:
+            arity = self.vm._get_function_arity("main")
+            if arity != len(self.inputs):
+                raise ArtifactError(f"{mismatch}: field 'inputs' lists {len(self.inputs)} input(s), main takes {arity}")
+            result = self.vm["main"](*self._to_device([np.zeros(s.shape, s.dtype) for s in self.inputs]))
+            outputs = list(result)  # main returns a flat tuple (``lower``)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as e:
+            if isinstance(e, ArtifactError):
+                raise
+            raise ArtifactError(f"{mismatch}: {' '.join(str(e).split())[:300]}") from None
+        got = [(tuple(o.shape), str(o.dtype)) for o in outputs]
+        expected = [(s.shape, s.dtype) for s in self.outputs]
+        if got != expected:
+            raise ArtifactError(f"{mismatch}: field 'outputs' lists {expected}, the library returns {got}")
+
+
+def _relax_pipeline(mod: tvm.IRModule, tvm_target: Any) -> tvm.IRModule:
+    """TVM's default Relax pipeline (what ``tvm.compile`` picks for the target), then NaN-propagating max/min in
+    every kernel (``nan.propagate_nan``: relu, clip and max pooling keep NaN as in PyTorch)."""
+    from tvm import relax
+
+    from backends.tvm.nan import propagate_nan
+
+    gpu = "gpu" in tvm_target.keys
+    pipeline = relax.get_default_pipeline(tvm_target) if gpu else relax.get_pipeline("default")
+    with tvm_target:
+        return propagate_nan(pipeline(mod))
 
 
 def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads: int | None = None) -> CompiledModule:
@@ -254,15 +301,6 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads
     compiled = CompiledModule(executable, target.kind, inputs, outputs, structure, threads)
     compiled.activation_bytes = activation_bytes
     return compiled
-
-
-def _relax_pipeline(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """TVM's default Relax pipeline, chosen as ``tvm.compile`` chooses it (the GPU one schedules with dlight)."""
-    from tvm import relax
-
-    pipeline = relax.get_default_pipeline(target) if "gpu" in target.keys else relax.get_pipeline("default")
-    with target:
-        return pipeline(mod)
 
 
 def planned_storage_bytes(main: Any) -> int:

@@ -381,11 +381,14 @@ def depthwise_kernel(spec: QConvSpec, cores: int = 1) -> tirx.PrimFunc:
     sch.unroll(x_inner)
     requantize = sch.get_sblock("requantize")
     sch.reverse_compute_at(requantize, c_outer)
-    epilogue = sch.get_loops(requantize)[4:]
-    channel, column = epilogue if spec.out_layout == "NCHW" else epilogue[::-1]
-    sch.reorder(column, channel)
-    sch.vectorize(channel)
-    sch.unroll(column)
+    epilogue = sch.get_loops(requantize)[4:]  # channel and column loops; TVM drops a unit one (lanes or cols 1)
+    if len(epilogue) == 2:
+        channel, column = epilogue if spec.out_layout == "NCHW" else epilogue[::-1]
+        sch.reorder(column, channel)
+        sch.vectorize(channel)
+        sch.unroll(column)
+    elif epilogue:  # one loop left: the columns when no channel count but 1 divides C (odd C), else the channels
+        (sch.unroll if lanes == 1 else sch.vectorize)(epilogue[0])
     pad_loops = sch.get_loops(sch.get_sblock("pad"))
     sch.vectorize(pad_loops[-1])
     if cores > 1:

@@ -142,6 +142,30 @@ def random_args(func, device) -> list:
 
 
 # ------------------------------------------------------------------------------------------------ database
+RECORD_FIELDS = {"key": (str,), "tile": (dict,), "ms": (int, float, type(None)), "task": (str,),
+                 "runner": (str,), "error": (str, type(None))}  # the first three required
+
+
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` is not a valid database record (None when it is one)."""
+    if not isinstance(record, dict):
+        return f"not an object ({type(record).__name__})"
+    missing = [f for f in ("key", "tile", "ms") if f not in record]
+    if missing:
+        return f"missing field {missing[0]!r}"
+    unknown = sorted(set(record) - set(RECORD_FIELDS))
+    if unknown:
+        return f"unknown field {unknown[0]!r}"
+    for name, value in record.items():
+        if not isinstance(value, RECORD_FIELDS[name]) or isinstance(value, bool):
+            return f"field {name!r} of type {type(value).__name__}"
+    tile = record["tile"]
+    if set(tile) != {f.name for f in dataclasses.fields(Tile)} or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in tile.values()):
+        return "field 'tile' is not a tile (oc_block, rows, cols: positive integers)"
+    return None
+
+
 class Database:
     """Append-only JSON-lines records in ``<folder>/records.jsonl``; safe against kills and concurrent appends.
 
@@ -154,6 +178,7 @@ class Database:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / "records.jsonl"
         self._lock = threading.Lock()
+        self.skipped: dict[str, int] = {}  # lines not read, by reason (``_read``)
         self._records = self._read()
         self._by_key: dict[str, dict[Tile, float | None]] = {}
         for record in self._records:
@@ -163,16 +188,24 @@ class Database:
         return list(self._records)
 
     def _read(self) -> list[dict]:
+        """The valid records; every other line (torn by a kill, undecodable bytes, not JSON, wrong field types,
+        unknown fields) is skipped and counted in ``skipped`` by reason, never fatal: the database is a cache."""
         if not self.path.exists():
             return []
         found = []
-        for line in self.path.read_text().splitlines():
+        for raw in self.path.read_bytes().splitlines():
+            reason = None
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a kill: ignore it
-                continue
-            if isinstance(record, dict) and {"key", "tile", "ms"} <= set(record):
+                record = json.loads(raw.decode("utf-8"))
+                reason = record_problem(record)
+            except UnicodeDecodeError:
+                reason = "undecodable bytes"
+            except json.JSONDecodeError:  # e.g. a line torn by a kill
+                reason = "not JSON"
+            if reason is None:
                 found.append(record)
+            elif raw.strip():
+                self.skipped[reason] = self.skipped.get(reason, 0) + 1
         return found
 
     def append(self, record: dict) -> None:
@@ -314,7 +347,7 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
     report = {"new_trials": new_trials, "failed_trials": failures, "trials_budget": trials,
               "tasks": len(tasks), "tuned_tasks": len(best), "database": str(db.folder),
               "runner": runner.name if runner else "none (all planned trials already in the database)",
-              "seconds": round(time.perf_counter() - start, 2)}
+              "skipped_lines": dict(db.skipped), "seconds": round(time.perf_counter() - start, 2)}
     return best, report
 
 
@@ -331,9 +364,13 @@ def _best_ms(db: Database, key: str) -> float | None:
     return min(measured) if measured else None
 
 
-def tuned_tiles(graph: Graph, target: Target, database: str | os.PathLike) -> dict[Spec, Tile]:
-    """Best known tiles for the graph's kernels, from the database only (no measurement)."""
+def tuned_tiles(graph: Graph, target: Target, database: str | os.PathLike,
+                skipped: dict[str, int] | None = None) -> dict[Spec, Tile]:
+    """Best known tiles for the graph's kernels, from the database only (no measurement); the database's skipped
+    lines are counted into ``skipped`` (by reason) when given."""
     db = Database(database)
+    if skipped is not None:
+        skipped.update(db.skipped)
     best = {}
     for task in extract_tasks(graph, target):
         tile = db.best_tile(task_key(task.spec, target))

@@ -232,20 +232,34 @@ def split_items(data: Iterable, graph: Graph, pass_name: str) -> list[tuple[tupl
     """``(inputs, labels or None)`` per data item, inputs as tensors of the graph's input dtypes. An item is a
     tuple of the model's inputs, optionally followed by labels (a bare tensor is a one-input item); labels are
     passed on as given (``torch.as_tensor``). Read once: every pass that calibrates or trains reuses the list."""
-    import torch
 
     from passes.ir.ops import torch_dtype
 
     n, dtypes = len(graph.inputs), [torch_dtype(t.dtype) for t in graph.input_types()]
     items = []
-    for item in data:
+    for index, item in enumerate(data):
         item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
         if len(item) not in (n, n + 1):
             raise PassError(f"{pass_name}: a data item has {len(item)} tensors; the model takes {n} input(s) "
                             "(optionally followed by labels)")
-        inputs = tuple(torch.as_tensor(x).to(dtype) for x, dtype in zip(item[:n], dtypes))
-        items.append((inputs, torch.as_tensor(item[n]) if len(item) > n else None))
+        inputs = tuple(_tensor(x, pass_name, f"data item {index}, input {i}").to(dtype)
+                       for i, (x, dtype) in enumerate(zip(item[:n], dtypes)))
+        items.append((inputs, _tensor(item[n], pass_name, f"data item {index}, labels") if len(item) > n else None))
     return items
+
+
+def _tensor(x: Any, pass_name: str, what: str):
+    """``torch.as_tensor(x)`` for numbers and arrays; anything else (a string, a file name) is a clear error."""
+    import torch
+
+    if isinstance(x, (str, bytes)):
+        raise PassError(f"{pass_name}: {what} is a {type(x).__name__} ({str(x)[:40]!r}); data items must be "
+                        "tensors or numpy arrays in the model's input order")
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise PassError(f"{pass_name}: {what} is not a tensor ({type(x).__name__}: {e}); data items must be "
+                        "tensors or numpy arrays in the model's input order") from None
 
 
 def evaluate(graph: Graph, metric: Callable[..., float], items: list[tuple]) -> float:

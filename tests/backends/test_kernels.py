@@ -95,7 +95,8 @@ def test_folded_conv_avg_pool_through_tvm(layers, expect_op):
 
 
 @pytest.mark.parametrize("m, k, n, act", [(1, 64, 10, nn.Identity()), (5, 33, 48, nn.ReLU()), (2, 7, 3, nn.Tanh()),
-                                          (40, 128, 96, nn.SiLU())], ids=str)
+                                          (40, 128, 96, nn.SiLU()), (1, 1, 1, nn.Identity()),  # every loop unit
+                                          (3, 1, 1, nn.ReLU())], ids=str)
 def test_dense_kernel_matches_pytorch(m, k, n, act):
     compile_and_compare(nn.Sequential(nn.Linear(k, n), act), torch.randn(m, k))
 

@@ -181,7 +181,10 @@ def test_fused_residual_joins_the_requantization_exactly(in_shape, out_channels,
 DEPTHWISE = [dict(in_shape=(1, 32, 9, 10), padding=(1, 1)),
              dict(in_shape=(2, 48, 11, 11), stride=(2, 2), padding=(1, 1)),
              dict(in_shape=(1, 20, 9, 9), kernel=(5, 5), padding=(4, 4), dilation=(2, 2)),  # 20: 4-lane vectors
-             dict(in_shape=(1, 16, 8, 8), in_dtype="int8", input_zero_point=-5)]
+             dict(in_shape=(1, 16, 8, 8), in_dtype="int8", input_zero_point=-5),
+             # odd C: one-lane tiles, the channel loop vanishes (was "not enough values to unpack")
+             dict(in_shape=(1, 3, 8, 8), padding=(1, 1)), dict(in_shape=(1, 15, 7, 9), padding=(1, 1)),
+             dict(in_shape=(1, 5, 3, 1), padding=(1, 1))]  # and a one-column output
 
 
 @pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))

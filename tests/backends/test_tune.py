@@ -150,3 +150,30 @@ def test_tuning_through_an_rpc_tracker_and_two_servers(tmp_path):
             os.killpg(p.pid, signal.SIGTERM)
         for p in procs:
             p.wait(timeout=10)
+
+
+def test_bad_database_lines_are_skipped_and_counted(tmp_path):
+    """Undecodable bytes, wrong types, unknown fields and non-objects are skipped (the database is a cache), the
+    valid records still apply, and the report counts what was skipped."""
+    model, xs = small_cnn()
+    key = task_key(extract_tasks(from_torch(model, xs))[0].spec, make_target("llvm"))
+    good = {"key": key, "tile": {"oc_block": 8, "rows": 1, "cols": 4}, "ms": 0.01, "task": "conv", "runner": "local",
+            "error": None}
+    lines = [json.dumps(good).encode(), b"\xff\xfe\x00garbage", json.dumps(dict(good, tile="8x1x4")).encode(),
+             json.dumps(dict(good, ms="fast")).encode(), json.dumps(dict(good, extra=1)).encode(), b"[1, 2]",
+             json.dumps(dict(good, tile={"oc_block": 0, "rows": 1, "cols": 4})).encode(), b'{"key": "abc", "ti']
+    (tmp_path / "db").mkdir()
+    (tmp_path / "db" / "records.jsonl").write_bytes(b"\n".join(lines))
+    db = Database(tmp_path / "db")
+    assert db.records() == [good]
+    assert db.skipped == {"undecodable bytes": 1, "field 'tile' of type str": 1, "field 'ms' of type str": 1,
+                          "unknown field 'extra'": 1, "not an object (list)": 1, "not JSON": 1,
+                          "field 'tile' is not a tile (oc_block, rows, cols: positive integers)": 1}
+    opt = passes.optimize(model, passes=[], example_inputs=xs, measure=False,  # the graph the key was taken from
+                          tune=passes.Tune(trials=0, database=str(tmp_path / "db"), progress=False))
+    report = opt.report.to_dict()["tune"]
+    assert report["tuned_tasks"] == 1 and sum(report["skipped_lines"].values()) == 7
+    db.append(dict(good, tile={"oc_block": 8, "rows": 2, "cols": 4}))  # appending after garbage starts a new line
+    assert len(Database(tmp_path / "db").records()) == 2
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), opt(*xs))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -46,14 +47,45 @@ def test_compile_then_run_matches_pytorch(tmp_path, capsys):
     (["compile", ".", "-o", "OUT"], "is a folder"),
     (["compile", "zoo:vgg", "--passes", "no-such-pass", "-o", "OUT"], "unknown pass 'no-such-pass'"),
     (["run", "NOT_AN_ARTIFACT", "in.npz", "-o", "o.npz"], "not a passes artifact"),
+    (["compile", "zoo:vgg", "--target", "foo", "-o", "OUT"], "argument --target: invalid choice: 'foo'"),
+    (["compile", "zoo:vgg", "--no-such-flag", "-o", "OUT"], "unrecognized arguments: --no-such-flag"),
+    (["compile", "zoo:vgg"], "the following arguments are required: -o/--output"),
+    (["frobnicate"], "argument command: invalid choice: 'frobnicate'"),
+    (["compile", "zoo:vgg", "-o", "a_file/OUT"], "cannot write the output folder 'a_file/OUT'"),
+    (["compile", "zoo:vgg", "-o", "taken"], "output 'taken' already exists"),
+    (["compile", "zoo:vgg", "--passes", "quantize", "--data", "zip.npz", "-o", "OUT"],
+     "--data 'zip.npz': cannot read it as .npz"),
+    (["compile", "zoo:vgg", "--passes", "quantize", "--data", "one.npy", "-o", "OUT"],
+     "--data 'one.npy': cannot read it as .npz (a single .npy array"),
 ])
 def test_bad_input_exits_2_with_one_line_and_no_output(tmp_path, capsys, monkeypatch, argv, message):
+    """Each refused before anything is compiled (``optimize`` would raise if called)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(ROOT))
+    (tmp_path / "a_file").write_text("a file where a folder is needed")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "zip.npz").write_bytes(b"PK\x03\x04" + b"\0" * 20)  # a truncated zip: BadZipFile
+    np.save(tmp_path / "one.npy", np.zeros(3))
+    if "unknown pass" not in message:  # (pass specs are resolved by optimize, before any compile)
+        monkeypatch.setattr("passes.api.optimize", lambda *a, **k: pytest.fail("compiled before checking"))
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "OUT").exists()
+
+
+def test_save_removes_staging_folders_of_killed_processes(tmp_path):
+    """``compile`` killed during save leaves ``.NAME.PID.*``; the next save removes it unless its process lives."""
+    import passes
+
+    opt = passes.optimize(torch.nn.ReLU(), passes=[], example_inputs=(torch.randn(2, 3),), measure=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.{dead.stdout.strip()}.abc123"
+    (stale / "ir").mkdir(parents=True)
+    alive = tmp_path / f".out.{os.getpid()}.def456"  # another save in progress: kept
+    alive.mkdir()
+    opt.save(tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
 
 
 def test_real_entry_point_exit_code():

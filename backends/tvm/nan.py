@@ -1,0 +1,64 @@
+"""NaN-propagating float ``max``/``min`` in every TIR function of a module, as PyTorch computes them.
+
+Why: TVM's LLVM code generator lowers ``max(a, b)`` to ``select(a > b, a, b)``, which returns ``b`` when ``a`` is NaN
+(``NaN > b`` is false), and CUDA's ``fmaxf`` drops a NaN operand altogether. So ``relu`` (``max(x, 0)``), ``clip``
+(``max(min(x, hi), lo)``), max pooling (the running ``max(acc, x)``: a NaN is overwritten by the next element) and
+our conv epilogues turned NaN into numbers, while PyTorch's ``relu``, ``clamp`` and ``max_pool2d`` return NaN
+whenever an input of the window is NaN (IEEE 754-2019 ``maximum``/``minimum``).
+
+The rewrite, applied once to the lowered module before TVM's TIR pipeline (so it covers TOPI's kernels and ours):
+``max(a, b) -> select(isnan(a), a, select(isnan(b), b, max(a, b)))`` for float ``a, b``, and the same for ``min``;
+each operand bound once in a ``Let``; the check of an operand that is a constant is left out (``max(x, 0)`` gets
+one ``x != x``). On CPU this is one
+compare and one blend per vector beside the kernel's multiply-adds. Integer max/min are untouched, and so are
+functions with bfloat16 buffers for now: TVM 0.27's BF16ComputeLegalize mistypes a bf16 ``Let`` and miscomputed
+the Select form (a random bf16 model was off by 0.6 from PyTorch), so they keep TVM's NaN-dropping max/min.
+"""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm import tirx
+
+
+def _propagate(node, keep_ordered):
+    """``node`` (a float Max or Min) with a NaN operand returned as is, the ordered comparison otherwise."""
+    if not str(node.ty.dtype).startswith("float"):  # bfloat16 too: see the module docstring
+        return node
+    # Operands are bound once (Let): nested max/min (clip, clamped tanh) would otherwise double in size per level.
+    bindings, operands = [], []
+    for name, operand in (("nan_a", node.a), ("nan_b", node.b)):
+        if isinstance(operand, (tirx.FloatImm, tirx.Var)):
+            operands.append(operand)
+        else:
+            var = tirx.Var(name, operand.ty)
+            bindings.append((var, operand))
+            operands.append(var)
+    a, b = operands
+    result = keep_ordered(a, b)
+    for operand in (b, a):  # the outer check is a's: max(NaN, NaN) is a, as in PyTorch either way
+        if not isinstance(operand, tirx.FloatImm):
+            result = tirx.Select(tirx.isnan(operand), operand, result)
+    for var, value in reversed(bindings):
+        result = tirx.Let(var, value, result)
+    return result
+
+
+def propagate_nan_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """One PrimFunc with every float max/min made NaN-propagating (see the module docstring)."""
+    return tvm_ffi.structural_map(func, [(tirx.Max, lambda node: _propagate(node, tirx.Max)),
+                                         (tirx.Min, lambda node: _propagate(node, tirx.Min))])
+
+
+def _has_bfloat16(func: tirx.PrimFunc) -> bool:
+    return "bfloat16" in func.script()  # printed once per kernel at build time
+
+
+def propagate_nan(mod: tvm.IRModule) -> tvm.IRModule:
+    """Every PrimFunc of ``mod`` rewritten in place by ``propagate_nan_func``; Relax functions stay as they are."""
+    updated = {gv: propagate_nan_func(func) for gv, func in mod.functions.items()
+               if isinstance(func, tirx.PrimFunc) and not _has_bfloat16(func)}
+    for gv, func in updated.items():
+        mod[gv] = func
+    return mod

@@ -1,0 +1,93 @@
+"""Regression tests for the crashes and silent errors of issue 14, each through ``passes.optimize`` as a user calls it:
+low-precision standalone activations, NaN/inf propagation as in PyTorch, a NaN-aware accuracy check, and inputs the
+API refuses with a message naming what to fix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import passes
+from passes.api import _accuracy
+from passes.core.pass_base import PassError
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("activation", [nn.Hardswish(), nn.Hardsigmoid(), nn.ELU(0.7)], ids=repr)
+def test_standalone_activation_in_low_precision(activation, dtype):
+    """Not fused into the conv (the max pool sits between): the activation's constants take the operand's dtype."""
+    model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.MaxPool2d(2), activation).eval()
+    x = torch.randn(1, 4, 10, 10) * 3
+    opt = passes.optimize(model, passes=["default", f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,),
+                          measure=False)
+    assert activation.__class__.__name__.lower() in {d["op"] for _, d in opt.graph.nodes(data=True)}
+    low = torch.bfloat16 if dtype == "bf16" else torch.float16
+    with torch.no_grad():
+        expected = model(x)
+        torch_error = (model.to(low)(x.to(low)).float() - expected).abs().max().item()
+    error = (opt(x).float() - expected).abs().max().item()
+    assert error <= 2 * torch_error + 1e-3 * expected.abs().max().item()
+
+
+def special_input(shape=(1, 4, 6, 6)) -> torch.Tensor:
+    """Seeded values with NaN, +inf and -inf in several channels and window positions."""
+    x = torch.randn(shape)
+    x[0, 0, 0, 0] = x[0, 1, 3, 2] = x[0, 3, 5, 5] = float("nan")
+    x[0, 1, 1, 1] = x[0, 2, 4, 0] = float("inf")
+    x[0, 2, 2, 2] = x[0, 0, 5, 1] = -float("inf")
+    return x
+
+
+@pytest.mark.parametrize("model", [
+    nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.MaxPool2d(2), nn.MaxPool2d(3, stride=1, padding=1),
+    nn.AdaptiveMaxPool2d(1), nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()),
+    nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.MaxPool2d(2)),
+], ids=repr)
+def test_nan_and_inf_propagate_as_in_pytorch(model):
+    """TVM's max(a, b) is select(a > b, a, b), which drops a NaN ``a``; ``backends.tvm.nan`` restores it."""
+    x = special_input()
+    with torch.no_grad():
+        expected = model.eval()(x)
+    for pipeline in ([], None):  # unfused ops and fused conv epilogues / conv+pool kernels
+        actual = passes.optimize(model, passes=pipeline, example_inputs=(x,), measure=False)(x)
+        assert torch.isnan(expected).any()
+        torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_accuracy_check_is_nan_aware():
+    reference = np.array([1.0, np.nan, np.inf, -2.0])
+    assert _accuracy(reference, reference.copy()) == {"max_abs_error": 0.0, "max_rel_error": 0.0}
+    assert _accuracy(reference, np.array([1.0, 0.0, np.inf, -2.0]))["max_abs_error"] == np.inf  # NaN lost
+    assert _accuracy(reference, np.array([1.0, np.nan, -np.inf, -2.0]))["max_abs_error"] == np.inf
+    assert _accuracy(reference, np.array([1.5, np.nan, np.inf, -2.0])) == {"max_abs_error": 0.5,
+                                                                           "max_rel_error": 0.25}
+
+
+def test_input_of_the_wrong_rank_is_refused_naming_it():
+    opt = passes.optimize(nn.Conv2d(3, 4, 3), passes=[], example_inputs=(torch.randn(1, 3, 8, 8),), measure=False)
+    with pytest.raises(ValueError, match=r"input 'x0': expected shape \[1, 3, 8, 8\], got \[3, 8, 8\]"):
+        opt(torch.randn(3, 8, 8))
+
+
+def test_zero_size_batch_is_refused_at_optimize():
+    with pytest.raises(ValueError, match=r"zero-size shape \[0, 3, 8, 8\]; give example inputs with at least one"):
+        passes.optimize(nn.Conv2d(3, 4, 3), passes=[], example_inputs=(torch.randn(0, 3, 8, 8),), measure=False)
+
+
+def test_bare_tensor_is_the_one_example_input():
+    model, x = nn.Conv2d(3, 4, 3).eval(), torch.randn(2, 3, 8, 8)
+    opt = passes.optimize(model, passes=[], example_inputs=x)
+    assert [s.shape for s in opt.compiled.inputs] == [(2, 3, 8, 8)]
+    assert opt.report.accuracy["max_rel_error"] < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_string_calibration_data_is_a_clear_error():
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(PassError, match=r"quantize: data item 0, input 0 is a str \('images/'\); data items must"):
+        passes.optimize(model, passes=["quantize"], example_inputs=(x,), data=["images/"], measure=False)

@@ -1,0 +1,185 @@
+"""Differential fuzzing: each random model (``models.py``) through each pipeline, checked by that pipeline's oracle.
+
+Oracles (tolerances relative to the output scale ``max|reference|``):
+- float pipelines (``none``, ``default``): the compiled model against PyTorch, ``|y - ref| <= atol * scale + rtol *
+  |ref|`` with NNSmith's rtol 1e-2, atol 1e-3;
+- ``bf16``, ``fp16``: our error against PyTorch fp32 at most twice PyTorch's own error in that dtype (the model cast
+  to it) plus 1e-3 of the scale: our kernels accumulate in fp32, so they should not do worse;
+- ``int8`` (static; dynamic for RNN models): output SQNR against PyTorch fp32 of at least ``INT8_SQNR_DB``, and the
+  compiled integer graph against its reference interpreter at the float tolerance;
+- ``prune``: the compiled pruned graph against the reference interpreter of the same optimized graph (pruning
+  changes the function on purpose).
+
+An error a user is meant to see (``ValueError`` subclasses of ours: frontend, IR, pass, lowering, input errors)
+is a clean *refusal*, counted by reason; any other exception is a *crash*.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import passes
+from passes.ir.interpret import run_reference
+from tests.fuzz.models import build, describe, random_spec
+
+RTOL, ATOL = 1e-2, 1e-3
+INT8_SQNR_DB = 10.0
+PIPELINES = {
+    "none": [],
+    "default": None,
+    "bf16": ["default", "mixed-precision{dtype=bf16}"],
+    "fp16": ["default", "mixed-precision{dtype=fp16}"],
+    "int8": ["default", "quantize"],
+    "prune": ["default", "prune-channels{ratio=0.5}"],
+}
+
+
+@dataclass
+class Outcome:
+    seed: int
+    pipeline: str
+    status: str  # "ok" | "mismatch" | "refused" | "crash"
+    detail: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class Summary:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(o.status == status for o in self.outcomes)
+
+    def refusals(self) -> dict[str, int]:
+        reasons: dict[str, int] = {}
+        for o in self.outcomes:
+            if o.status == "refused":
+                reasons[o.detail] = reasons.get(o.detail, 0) + 1
+        return dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+
+    def text(self) -> str:
+        models = len({o.seed for o in self.outcomes})
+        lines = [f"{models} models, {len(self.outcomes)} runs: {self.count('ok')} ok, {self.count('mismatch')} "
+                 f"mismatches, {self.count('crash')} crashes, {self.count('refused')} refusals; "
+                 f"{sum(o.seconds for o in self.outcomes):.0f} s"]
+        per_pipeline = {}
+        for o in self.outcomes:
+            per_pipeline.setdefault(o.pipeline, []).append(o.status)
+        for name, statuses in per_pipeline.items():
+            lines.append(f"  {name:<8} " + ", ".join(f"{s} {statuses.count(s)}" for s in
+                                                      ("ok", "mismatch", "crash", "refused") if s in statuses))
+        lines += [f"  refused {n}x: {reason}" for reason, n in self.refusals().items()]
+        lines += [f"  {o.status} seed {o.seed} {o.pipeline}: {o.detail}" for o in self.outcomes
+                  if o.status in ("crash", "mismatch")]
+        return "\n".join(lines)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    from backends.tvm.module import InputError
+    from frontend.errors import FrontendError
+    from passes.core.pass_base import PassError
+    from passes.ir.graph import IRError
+
+    return isinstance(exc, (FrontendError, IRError, PassError, InputError))
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """The refusal's message with the model-specific parts (quoted names, numbers, shapes) blanked, for counting."""
+    message = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", str(exc).split("\n")[0])
+    message = re.sub(r"\(from [^)]*\)", "", message)
+    return f"{type(exc).__name__}: " + re.sub(r"\d+(\.\d+)?", "N", message)[:160]
+
+
+def pipelines_for(spec: dict, names: list[str]) -> list[tuple[str, list | None]]:
+    """``int8`` is static quantization for CNNs, dynamic for RNN-only models."""
+    chosen = []
+    for name in names:
+        pipeline = PIPELINES[name]
+        if name == "int8" and spec["kind"] == "rnn":
+            pipeline = ["default", "quantize{mode=dynamic}"]
+        chosen.append((name, pipeline))
+    return chosen
+
+
+def _flat(y) -> np.ndarray:
+    return (y.detach().float().numpy() if isinstance(y, torch.Tensor) else np.asarray(y, dtype=np.float32))
+
+
+def _float_error(reference: np.ndarray, actual: np.ndarray) -> str:
+    """'' when ``actual`` is within the float tolerance of ``reference`` (NaN where NaN), else what differs."""
+    if reference.shape != actual.shape:
+        return f"shape {actual.shape} vs {reference.shape}"
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    bad = ~np.isclose(actual, reference, rtol=RTOL, atol=ATOL * max(scale, 1e-6), equal_nan=True)
+    if bad.any():
+        worst = float(np.nanmax(np.abs(actual - reference)))
+        return f"{int(bad.sum())}/{bad.size} values off, max |err| {worst:.3g} at scale {scale:.3g}"
+    return ""
+
+
+def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
+    noise = float(np.sum((reference.astype(np.float64) - actual) ** 2))
+    return float(10 * np.log10(max(float(np.sum(reference.astype(np.float64) ** 2)), 1e-30) / max(noise, 1e-30)))
+
+
+def check(spec: dict, name: str, pipeline: list | None) -> tuple[str, str]:
+    """(status, detail) of one model through one pipeline."""
+    model, x = build(spec)
+    with torch.no_grad():
+        reference = _flat(model(x))
+    data = [(torch.randn(spec["input"]),) for _ in range(4)] if name == "int8" else None
+    try:
+        opt = passes.optimize(model, passes=pipeline, example_inputs=(x,), data=data, measure=False)
+        actual = _flat(opt(x))
+    except Exception as exc:  # noqa: BLE001 (the fuzzer's purpose: classify every failure)
+        if is_refusal(exc):
+            return "refused", refusal_reason(exc)
+        return "crash", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    if name in ("none", "default"):
+        error = _float_error(reference, actual)
+    elif name in ("bf16", "fp16"):
+        low = torch.bfloat16 if name == "bf16" else torch.float16
+        with torch.no_grad():
+            torch_low = _flat(build(spec)[0].to(low)(x.to(low)))
+        scale = float(np.max(np.abs(reference)))
+        ours, theirs = float(np.max(np.abs(actual - reference))), float(np.max(np.abs(torch_low - reference)))
+        error = "" if ours <= 2 * theirs + ATOL * scale else f"error {ours:.3g} vs PyTorch {name} {theirs:.3g}"
+    else:
+        interpreted = _flat(run_reference(opt.graph, (x,)))
+        error = _float_error(interpreted, actual)
+        if not error and name == "int8" and sqnr_db(reference, actual) < INT8_SQNR_DB:
+            error = f"SQNR {sqnr_db(reference, actual):.1f} dB < {INT8_SQNR_DB} dB against PyTorch fp32"
+    return ("mismatch", error) if error else ("ok", "")
+
+
+def fuzz(seeds: list[int], names: list[str], failures: Path | None = None, log=None) -> Summary:
+    """Every model of ``seeds`` through the pipelines ``names``; each failure written to ``failures`` as JSON
+    (seed, pipeline, spec, detail): ``python -m tests.fuzz --replay FILE`` runs it again."""
+    summary = Summary()
+    for seed in seeds:
+        spec = random_spec(seed)
+        for name, pipeline in pipelines_for(spec, names):
+            start = time.perf_counter()
+            try:
+                status, detail = check(spec, name, pipeline)
+            except Exception as exc:  # noqa: BLE001 (a crash of the reference or the oracle is still reported)
+                status, detail = "crash", f"oracle: {type(exc).__name__}: {exc}"[:300]
+                detail += " | " + traceback.format_exc(limit=-2).replace("\n", " ")[-300:]
+            outcome = Outcome(seed, name, status, detail, time.perf_counter() - start)
+            summary.outcomes.append(outcome)
+            if log is not None:
+                log(f"seed {seed:>5} {name:<8} {status:<8} {outcome.seconds:5.1f}s  {describe(spec)}"
+                    + (f"\n    {detail}" if status != "ok" else ""))
+            if failures is not None and status in ("crash", "mismatch"):
+                failures.mkdir(parents=True, exist_ok=True)
+                record = {"seed": seed, "pipeline": name, "status": status, "detail": detail, "spec": spec}
+                (failures / f"seed-{seed}-{name}.json").write_text(json.dumps(record, indent=1))
+    return summary
