@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from passes.core.stats import op_histogram
+from passes.ir.cost import op_histogram
 
 from frontend.errors import FrontendError, UnsupportedModelError
 from frontend.onnx import from_onnx
