@@ -335,6 +335,53 @@ def _lrn(ex, xs, a, p):
     return ex.one("LRN", xs, size=int(a["size"]), alpha=float(a["alpha"]), beta=float(a["beta"]), bias=float(a["k"]))
 
 
+def _affine(ex: _Exporter, name: str, p: dict, shape: tuple[int, ...], fill: float) -> str:
+    return ex.const(np.reshape(p.get(name, np.full(shape, fill, np.float32)), shape).astype(np.float32), name)
+
+
+@exports("layer_norm")
+def _layer_norm(ex, xs, a, p):
+    shape = tuple(a["normalized_shape"])
+    scale, bias = _affine(ex, "weight", p, shape, 1.0), _affine(ex, "bias", p, shape, 0.0)
+    return ex.one("LayerNormalization", [xs[0], scale, bias], axis=-len(shape), epsilon=float(a["eps"]))
+
+
+@exports("group_norm")
+def _group_norm(ex, xs, a, p):
+    """Opset 17 has no GroupNormalization: InstanceNormalization over (N, groups, rest), then the channel affine."""
+    shape = ex.graph.value_type(ex.graph.operands(ex.node)[0]).shape
+    groups = a["num_groups"]
+    grouped = ex.one("Reshape", [xs[0], ex.const(np.array([shape[0], groups, -1], np.int64))])
+    normed = ex.one("InstanceNormalization", [grouped, ex.const(np.ones(groups, np.float32)),
+                                              ex.const(np.zeros(groups, np.float32))], epsilon=float(a["eps"]))
+    y = ex.one("Reshape", [normed, ex.const(np.array(shape, np.int64))])
+    channel = (shape[1],) + (1,) * (len(shape) - 2)
+    y = ex.one("Mul", [y, _affine(ex, "weight", p, channel, 1.0)])
+    return ex.one("Add", [y, _affine(ex, "bias", p, channel, 0.0)])
+
+
+# torch mode -> ONNX Resize (mode, coordinate_transformation_mode, nearest_mode); see the op's coordinate maps
+_RESIZE = {"nearest": ("nearest", "asymmetric", "floor"),
+           "nearest-exact": ("nearest", "half_pixel", "round_prefer_ceil"),
+           "bilinear": ("linear", "pytorch_half_pixel", "floor")}
+
+
+@exports("interpolate")
+def _interpolate(ex, xs, a, p):
+    """Resize by ``scales`` when the model gave a scale_factor (ONNX maps coordinates with it, as torch does),
+    else by ``sizes``."""
+    mode, coords, nearest = _RESIZE[a["mode"]]
+    if a["mode"] == "bilinear" and a["align_corners"]:
+        coords = "align_corners"
+    shape = ex.graph.value_type(ex.graph.operands(ex.node)[0]).shape
+    if a["scale_factor"] is not None:
+        scales = ex.const(np.array((1.0, 1.0) + tuple(a["scale_factor"]), np.float32), "scales")
+        inputs = [xs[0], "", scales]
+    else:
+        inputs = [xs[0], "", "", ex.const(np.array(shape[:2] + tuple(a["size"]), np.int64), "sizes")]
+    return ex.one("Resize", inputs, mode=mode, coordinate_transformation_mode=coords, nearest_mode=nearest)
+
+
 _TO_ONNX_GATES = {"lstm": [0, 3, 1, 2], "gru": [1, 0, 2], "rnn": [0]}  # torch ifgo -> iofg(c); rzn -> zrn
 
 

@@ -140,6 +140,58 @@ def _lrn(ctx, xs):
     return ctx.emit(R.divide(xs[0], R.power(scale, ctx.scalar(a["beta"], xs[0]))))
 
 
+def _affine_params(ctx: LowerContext, shape: tuple[int, ...]) -> tuple[relax.Constant, relax.Constant]:
+    """weight and bias of a normalization (ones and zeros when absent: Relax's norms always take both)."""
+    dtype = ctx.in_type(0).dtype
+    weight = ctx.params.get("weight", np.ones(shape))
+    bias = ctx.params.get("bias", np.zeros(shape))
+    return ctx.const(np.reshape(weight, shape), dtype), ctx.const(np.reshape(bias, shape), dtype)
+
+
+@lowering("layer_norm")
+def _layer_norm(ctx, xs):
+    a, rank = ctx.attrs, ctx.in_type(0).rank
+    weight, bias = _affine_params(ctx, tuple(a["normalized_shape"]))
+    axes = list(range(rank - len(a["normalized_shape"]), rank))
+    return ctx.emit(R.nn.layer_norm(xs[0], weight, bias, axes=axes, epsilon=a["eps"]))
+
+
+@lowering("group_norm")
+def _group_norm(ctx, xs):
+    a, shape = ctx.attrs, ctx.in_type(0).shape
+    weight, bias = _affine_params(ctx, (shape[1],))
+    return ctx.emit(R.nn.group_norm(xs[0], weight, bias, num_groups=a["num_groups"], channel_axis=1,
+                                    axes=list(range(2, len(shape))), epsilon=a["eps"]))
+
+
+# torch mode -> (TVM method, coordinate mode, rounding); see the ``interpolate`` op's coordinate maps
+_RESIZE = {"nearest": ("nearest_neighbor", "asymmetric", "floor"),
+           "nearest-exact": ("nearest_neighbor", "tf_half_pixel_for_nn", "floor"),
+           "bilinear": ("linear", "pytorch_half_pixel", "")}
+
+
+@lowering("interpolate")
+def _interpolate(ctx, xs):
+    """``image.resize2d`` (a 1-d resize as height 1). TVM maps coordinates with in/out, so a ``scale_factor``
+    whose reciprocal differs from in/out (torch's recompute_scale_factor=False on a non-integral size) is refused."""
+    a, shape = ctx.attrs, ctx.in_type(0).shape
+    spatial, size = shape[2:], tuple(a["size"])
+    if len(spatial) not in (1, 2):
+        raise ctx.fail(f"resize of {len(spatial)} spatial dims (1 or 2 lower)")
+    uses_scale = not (a["mode"] == "bilinear" and a["align_corners"])
+    if a["scale_factor"] is not None and uses_scale and any(
+            abs(1 / f - i / o) > 1e-9 for f, i, o in zip(a["scale_factor"], spatial, size)):
+        raise ctx.fail(f"scale_factor {a['scale_factor']} maps coordinates unlike in/out sizes {spatial} -> {size}; "
+                       "give the model an explicit size instead")
+    method, coords, rounding = _RESIZE[a["mode"]]
+    if a["mode"] == "bilinear" and a["align_corners"]:
+        coords = "align_corners"
+    x = xs[0] if len(spatial) == 2 else ctx.emit(R.reshape(xs[0], (*shape[:2], 1, spatial[0])))
+    y = ctx.emit(R.image.resize2d(x, size if len(spatial) == 2 else (1, size[0]), method=method,
+                                  coordinate_transformation_mode=coords, rounding_method=rounding))
+    return y if len(spatial) == 2 else ctx.emit(R.reshape(y, ctx.out_type().shape))
+
+
 @lowering("linear")
 def _linear(ctx, xs):
     if ctx.choice.kernel == "dense":

@@ -376,6 +376,51 @@ register_op(OpDef("lrn", lambda xs, a, p: F.local_response_norm(xs[0], a["size"]
                   attrs={"size": REQUIRED, "alpha": 1e-4, "beta": 0.75, "k": 1.0},
                   flops=lambda i, o, a, p: o[0].numel * (a["size"] + 4),
                   doc="Local response normalization across channels (torch.nn.functional.local_response_norm)."))
+def _normalized_flops(in_types, out_types, attrs, params) -> int:
+    """Mean, variance (square and sum), normalize (subtract, multiply) and the affine map: ~8 FLOPs per element."""
+    return 8 * out_types[0].numel
+
+
+register_op(OpDef(
+    "layer_norm", lambda xs, a, p: F.layer_norm(xs[0], a["normalized_shape"], p.get("weight"), p.get("bias"), a["eps"]),
+    attrs={"normalized_shape": REQUIRED, "eps": 1e-5}, optional_params=("weight", "bias"), flops=_normalized_flops,
+    doc="y = (x - mean) / sqrt(var + eps) * weight + bias, statistics over the trailing `normalized_shape` dims "
+        "(biased variance)."))
+register_op(OpDef(
+    "group_norm", lambda xs, a, p: F.group_norm(xs[0], a["num_groups"], p.get("weight"), p.get("bias"), a["eps"]),
+    attrs={"num_groups": REQUIRED, "eps": 1e-5}, optional_params=("weight", "bias"), flops=_normalized_flops,
+    doc="Channels (dim 1) split into `num_groups` groups; each (sample, group) normalized over its channels and "
+        "spatial positions as layer_norm does, then a per-channel affine weight, bias."))
+
+
+def _interpolate(xs, a, p):
+    x, mode = xs[0], a["mode"]
+    if mode not in ("nearest", "nearest-exact", "bilinear"):
+        raise IRError(f"interpolate mode {mode!r} (supported: nearest, nearest-exact, bilinear)")
+    if len(a["size"]) != x.dim() - 2:
+        raise IRError(f"interpolate size {a['size']} for a rank-{x.dim()} input (needs {x.dim() - 2} sizes)")
+    align = a["align_corners"] if mode == "bilinear" else None
+    if mode != "bilinear" and a["align_corners"]:
+        raise IRError(f"align_corners=True applies only to bilinear, not {mode!r}")
+    if a["scale_factor"] is None:
+        return F.interpolate(x, size=a["size"], mode=mode, align_corners=align)
+    y = F.interpolate(x, scale_factor=a["scale_factor"], mode=mode, align_corners=align,
+                      recompute_scale_factor=False)
+    if tuple(y.shape[2:]) != tuple(a["size"]):
+        raise IRError(f"interpolate scale_factor {a['scale_factor']} gives spatial size {tuple(y.shape[2:])}, "
+                      f"not the declared size {a['size']}")
+    return y
+
+
+register_op(OpDef(
+    "interpolate", _interpolate,
+    attrs={"size": REQUIRED, "mode": "nearest", "align_corners": False, "scale_factor": None},
+    flops=lambda i, o, a, p: (0 if a["mode"].startswith("nearest") else 6) * o[0].numel,
+    doc="F.interpolate of (N, C, *spatial) to spatial `size`. Source coordinate of output index i: nearest "
+        "floor(i * s); nearest-exact floor((i + 0.5) * s); bilinear (i + 0.5) * s - 0.5 clamped at 0, or "
+        "i * (in - 1) / (out - 1) with align_corners; s = 1 / scale_factor when given (torch's "
+        "recompute_scale_factor=False), else in / out. Bilinear blends the 2x2 neighbours (6 FLOPs per output)."))
+
 register_op(OpDef("linear", lambda xs, a, p: apply_activation(F.linear(xs[0], p["weight"], p.get("bias")), a),
                   attrs=dict(_FUSED_ACTIVATION), params=("weight",), optional_params=("bias",), flops=_linear_flops,
                   doc="x W^T [+ bias] [+ fused activation]."))
