@@ -10,10 +10,10 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from passes.ir.cost import op_histogram
 
 from frontend.errors import FrontendError, UnsupportedModelError
 from frontend.onnx import from_onnx
+from passes.ir.cost import op_histogram
 from passes.ir.graph import flatten_structure
 from passes.ir.interpret import run_reference
 from passes.ir.ops import OPS

@@ -105,8 +105,8 @@ def test_accuracy_aware_quantize_decides_as_one_process(two_ranks):
 def test_only_rank_zero_prints(two_ranks):
     _, (rank0, rank1) = two_ranks
     assert rank1.stdout == "" and rank1.stderr == ""
-    lines = rank0.stdout.splitlines()
-    assert len(lines) == worker.DISTILL.epochs and lines[-1].startswith("distill [####################] epoch 3/3")
+    # progress is a tqdm bar on rank 0's stderr, drawn only on a terminal: nothing in these pipes either
+    assert rank0.stdout == "" and "Traceback" not in rank0.stderr
 
 
 def test_shards_split_items_round_robin_and_pad_by_wrapping():
