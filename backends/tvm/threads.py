@@ -72,10 +72,10 @@ def configure_threads(threads: int | None = None) -> int:
     """
     if user_override() is not None:
         return tvm.runtime.num_threads()
+    if getattr(_configured, "request", ()) == (threads,):  # every call after the first: no system calls
+        return _configured.threads
     cpus = usable_cpus()
     wanted = min(check_threads(threads) or default_threads(), len(cpus))  # more threads than CPUs only contend
-    if getattr(_configured, "threads", None) == wanted:
-        return wanted
     config = tvm.get_global_func("runtime.config_threadpool")
     config(_SHARE_ALL_CORES, wanted, [str(c) for c in cpus])
     used = tvm.runtime.num_threads()
@@ -83,5 +83,5 @@ def configure_threads(threads: int | None = None) -> int:
         log.warning("TVM's thread pool in this thread was created earlier with %d worker(s); compiled models run "
                     "on %d of the %d threads asked for (run them from a thread that has not run TVM code yet, or "
                     "set TVM_NUM_THREADS)", used, used, wanted)
-    _configured.threads = wanted
+    _configured.request, _configured.threads = (threads,), used
     return used
