@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
@@ -56,11 +55,10 @@ def timed(ranks: int, one_thread: bool = False) -> dict:
     it starts several per host) or ``ranks`` processes under torchrun."""
     from tests.helpers import torchrun
 
-    script = [str(Path(__file__).resolve()), "--worker"]
-    env = os.environ | ({"OMP_NUM_THREADS": "1"} if one_thread else {})
+    script = [str(Path(__file__).resolve()), "--worker"] + (["--one-thread"] if one_thread else [])
     start, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run([sys.executable, *script] if ranks == 1 else [*torchrun(ranks), *script], cwd=ROOT,
-                            env=env, capture_output=True, text=True, check=True)
+                            capture_output=True, text=True, check=True)
     wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime  # every rank, waited for by torchrun
     return json.loads(result.stdout.strip().splitlines()[-1]) | {"wall_s": wall, "cpu_s": cpu}
@@ -69,9 +67,14 @@ def timed(ranks: int, one_thread: bool = False) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help="run one rank (under torchrun) or one process")
+    parser.add_argument("--one-thread", action="store_true", help="worker: torch.set_num_threads(1)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of 1 and 2 processes")
     args = parser.parse_args()
     if args.worker:
+        if args.one_thread:  # as torchrun's ranks run when it starts several per host; set here, not by environment
+            import torch
+
+            torch.set_num_threads(1)
         worker()
         return 0
     configs = {"1 process": (1, False), "1 process, 1 thread": (1, True), "2 processes (torchrun)": (2, False)}
