@@ -276,6 +276,12 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     start = time.perf_counter()
     step(f"building for {target} with TVM")
     compiled = build(optimized, backend_target, tiles, threads)
+    if tiles and tune.rpc is None and compiled.target_kind == "llvm":
+        from backends.tvm.tune import keep_faster
+
+        step("timing the tuned build against the untuned one")
+        untuned = build(optimized, backend_target, None, threads)
+        compiled, report.tune["whole_model"] = keep_faster(compiled, untuned, example_inputs)
     seconds["build"] = time.perf_counter() - start
     if compiled.activation_bytes is not None:
         report.memory["activations_compiled"] = compiled.activation_bytes

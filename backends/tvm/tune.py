@@ -377,3 +377,23 @@ def tuned_tiles(graph: Graph, target: Target, database: str | os.PathLike,
         if tile is not None:
             best[task.spec] = tile
     return best
+
+
+# ------------------------------------------------------------------------------------------ whole-model guard
+def keep_faster(tuned, untuned, inputs: tuple, rounds: int = 5, margin: float = 0.02) -> tuple[Any, dict[str, Any]]:
+    """The faster of two builds of one model (``CompiledModule``: tuned tiles, default tiles), timed in the model.
+
+    Why: a tile is chosen from its kernel timed alone (its weights and input hot in cache, the other kernels
+    absent), and such timings are noisy on a shared machine; in the model a tile that won alone can lose. So both
+    builds run ``rounds`` alternating rounds on the example inputs (TVM's time evaluator, no Python overhead) and
+    the tuned build is kept only when its median is below the untuned median by more than ``margin``: tuning is
+    then never slower than not tuning, as far as this machine can tell. Returns (the build kept, a report entry).
+    """
+    tuned_ms, untuned_ms = [], []
+    for _ in range(rounds):
+        tuned_ms.append(tuned.time_ms(*inputs, number=3, repeat=3))
+        untuned_ms.append(untuned.time_ms(*inputs, number=3, repeat=3))
+    t, u = float(np.median(tuned_ms)), float(np.median(untuned_ms))
+    kept = "tuned" if t < u * (1 - margin) else "untuned"
+    entry = {"tuned_ms": round(t, 3), "untuned_ms": round(u, 3), "rounds": rounds, "kept": kept}
+    return (tuned if kept == "tuned" else untuned), entry
