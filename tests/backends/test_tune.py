@@ -39,6 +39,7 @@ def test_tuning_persists_and_a_second_compile_runs_zero_trials(tmp_path):
     first = passes.optimize(model, example_inputs=xs, tune=tune, measure=False)
     report = first.report.to_dict()["tune"]
     assert report["new_trials"] >= 8 and report["tasks"] == 3 and report["tuned_tasks"] == 3
+    assert 0 <= report["remeasured_default_kept"] <= 3  # winners re-timed against the default tile
     guard = report["whole_model"]  # the tuned build was timed against the untuned one in the model
     assert guard["kept"] in ("tuned", "untuned") and guard["tuned_ms"] > 0 and guard["untuned_ms"] > 0
     assert "tuning kept the" in first.report.summary()
