@@ -235,6 +235,8 @@ class _Converter:
         args = torch.fx.node.map_arg(node.args, self.env.__getitem__)
         kwargs = torch.fx.node.map_arg(node.kwargs, self.env.__getitem__)
         handler, what = self.handler(node)
+        if handler is _aten_constant and not (_is_const(args) and _is_const(list(kwargs.values()))):
+            handler = None  # an ATen op we cannot convert: listed even when its inputs are unknown already
         if handler is None:
             self.unsupported.append(f"{what} (at {self.origin()[0]})")
             return UNKNOWN
@@ -309,8 +311,6 @@ def _is_python_function(target: Any) -> bool:
 
 def _aten_constant(cv: _Converter, args, kwargs, node):
     """An ATen op without a conversion, on constants only (weight reshapes in an exported graph): evaluated now."""
-    if not (_is_const(args) and _is_const(list(kwargs.values()))):
-        raise UnsupportedConstruct("no conversion for this op")
     return node.target(*args, **kwargs)
 
 
@@ -708,6 +708,12 @@ def _m_group_norm(cv, args, kwargs, node):
     return _group_norm(cv, args[0], m.num_groups, cv.param(m, "weight"), cv.param(m, "bias"), m.eps)
 
 
+def _m_instance_norm(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    return _instance_norm(cv, args[0], m.running_mean, m.running_var, cv.param(m, "weight"), cv.param(m, "bias"),
+                          m.running_mean is None, m.eps)
+
+
 MODULE_HANDLERS: dict[type, Callable] = {
     nn.Conv1d: _m_conv(1), nn.Conv2d: _m_conv(2),
     nn.ConvTranspose1d: _m_conv_transpose(1), nn.ConvTranspose2d: _m_conv_transpose(2),
@@ -725,7 +731,8 @@ MODULE_HANDLERS: dict[type, Callable] = {
     nn.AdaptiveMaxPool1d: _m_adaptive("max", 1), nn.AdaptiveMaxPool2d: _m_adaptive("max", 2),
     nn.Flatten: _m_flatten, nn.Dropout: _m_dropout, nn.Dropout1d: _m_dropout, nn.Dropout2d: _m_dropout,
     nn.Dropout3d: _m_dropout, nn.AlphaDropout: _m_dropout, nn.FeatureAlphaDropout: _m_dropout,
-    nn.LayerNorm: _m_layer_norm, nn.GroupNorm: _m_group_norm,
+    nn.LayerNorm: _m_layer_norm, nn.GroupNorm: _m_group_norm, nn.InstanceNorm1d: _m_instance_norm,
+    nn.InstanceNorm2d: _m_instance_norm,
     nn.Identity: _unary("identity"), nn.Embedding: _m_embedding,
     nn.LocalResponseNorm: _module_unary("lrn", {"size": "size", "alpha": "alpha", "beta": "beta", "k": "k"}),
     nn.LSTM: _rnn_module("lstm"), nn.GRU: _rnn_module("gru"), nn.RNN: _rnn_module("rnn"),
@@ -945,6 +952,8 @@ def _a_rnn(kind: str):
         directions = ("", "_reverse")[: 2 if bidirectional else 1]
         names = [f"{w}_l{layer}{d}" for layer in range(num_layers) for d in directions
                  for w in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_biases else ())]
+        if len(flat) != len(names):  # an LSTM with proj_size > 0 has a weight_hr per layer and direction
+            raise UnsupportedConstruct("LSTM proj_size > 0")
         attrs = {"hidden_size": int(flat[1].shape[1]), "num_layers": num_layers, "bidirectional": bidirectional,
                  "batch_first": batch_first, "bias": has_biases}
         if kind.startswith("rnn_"):
@@ -1028,6 +1037,26 @@ def _group_norm(cv, x, num_groups, weight, bias, eps):
         raise UnsupportedConstruct("group norm with run-time weights")
     return cv.emit("group_norm", [x], {"num_groups": int(num_groups), "eps": float(eps)},
                    {"weight": weight, "bias": bias})
+
+
+def _instance_norm(cv, x, running_mean, running_var, weight, bias, use_input_stats, eps):
+    """Instance norm = group norm with one group per channel; with running statistics (``use_input_stats`` false:
+    ``track_running_stats`` in eval mode) it is a batch norm."""
+    if any(isinstance(t, Value) for t in (running_mean, running_var, weight, bias)):
+        raise UnsupportedConstruct("instance norm with run-time weights")
+    if not use_input_stats and running_mean is not None:
+        return cv.emit("batch_norm", [x], {"eps": float(eps)}, {"running_mean": running_mean,
+                                                               "running_var": running_var, "weight": weight,
+                                                               "bias": bias})
+    return _group_norm(cv, x, cv.shape(x)[1], weight, bias, eps)
+
+
+def _f_instance_norm(cv, args, kwargs, node):
+    names = ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+    get = {n: _arg(args, kwargs, i + 1, n, {"use_input_stats": True, "eps": 1e-5}.get(n))
+           for i, n in enumerate(names)}
+    return _instance_norm(cv, args[0], get["running_mean"], get["running_var"], get["weight"], get["bias"],
+                          get["use_input_stats"], get["eps"])
 
 
 def _f_layer_norm(cv, args, kwargs, node):
@@ -1156,6 +1185,7 @@ _register(_f_dropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
 _register(_skip, torch._assert, aten._assert_async, aten._assert_scalar, aten.sym_constrain_range_for_size)
 _register(_f_layer_norm, F.layer_norm, aten.layer_norm)
 _register(_f_group_norm, F.group_norm, aten.group_norm)
+_register(_f_instance_norm, F.instance_norm, aten.instance_norm)
 _register(_a_native_layer_norm, aten.native_layer_norm)
 _register(_a_native_group_norm, aten.native_group_norm)
 _register(_f_interpolate, F.interpolate, F.upsample)
@@ -1283,11 +1313,20 @@ def _import(model: nn.Module, example_inputs: tuple, name: str) -> Graph:
     except Exception as export_exc:
         if isinstance(fx_failure, UnsupportedModelError):  # the fx path's list is the best account we have
             raise UnsupportedModelError(name, fx_failure.unsupported,
-                                        f"torch.export failed too: {_first_line(export_exc)}") from None
+                                        f"the torch.export fallback failed: {_first_line(export_exc)}") from None
         raise FrontendError(
             f"{name}: cannot trace the model. torch.fx symbolic tracing failed with '{_first_line(fx_failure)}' "
             f"and torch.export with '{_first_line(export_exc)}'. Make control flow independent of tensor values, "
             "or export the model to ONNX.") from None
-    graph = _Converter(gm, name, "torch.export", out_spec).run(example_inputs)
+    try:
+        graph = _Converter(gm, name, "torch.export", out_spec).run(example_inputs)
+    except UnsupportedModelError as export_failure:
+        if not isinstance(fx_failure, UnsupportedModelError):
+            raise
+        # The fx list names what the user wrote (``F.interpolate: mode='bicubic'``); export's decomposed ATen
+        # ops (``aten.index``) say less, so they are summarized in the note.
+        aten_ops = sorted({item.split(" (at ")[0].removeprefix("function ") for item in export_failure.unsupported})
+        raise UnsupportedModelError(name, fx_failure.unsupported, "torch.export's core-ATen graph has unsupported "
+                                    f"ops too: {', '.join(aten_ops)}") from None
     log.debug("imported %s via torch.export: %d nodes", name, graph.number_of_nodes())
     return graph
