@@ -140,6 +140,7 @@ class _Converter:
         self.modules = dict(gm.named_modules())
         self.graph = Graph(name=name) if graph is None else graph
         self.fixed_origin: tuple[str, ...] | None = None
+        self.order: dict[torch.fx.Node, int] | None = None  # node positions, for mutation_seen_later
         self.env: dict[torch.fx.Node, Any] = {}
         self.unsupported: list[str] = []
         self.node: torch.fx.Node | None = None
@@ -242,6 +243,9 @@ class _Converter:
             return UNKNOWN
         if _contains_unknown(args) or _contains_unknown(kwargs):
             return UNKNOWN
+        if self.mode == "symbolic_trace" and self.mutation_seen_later(node):
+            self.unsupported.append(f"{what}: in place on a tensor used again afterwards (at {self.origin()[0]})")
+            return UNKNOWN
         try:
             return handler(self, args, kwargs, node)
         except UnsupportedConstruct as exc:
@@ -249,6 +253,19 @@ class _Converter:
             return UNKNOWN
         except IRError as exc:
             raise FrontendError(f"{what} at {self.origin()[0]}: {exc}") from None
+
+    def mutation_seen_later(self, node: torch.fx.Node) -> bool:
+        """An in-place op (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``) whose input is read again after
+        it: FX keeps the later reads on the unmutated node, so converting it as a pure op would be wrong. Such a
+        graph is left to torch.export, which functionalizes the mutation."""
+        inplace = node.kwargs.get("inplace") is True or (
+            node.op == "call_module" and getattr(self.modules[node.target], "inplace", False) is True)
+        target = node.args[0] if node.args else None
+        if not inplace or not isinstance(target, torch.fx.Node):
+            return False
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)} if self.order is None else self.order
+        self.order = order
+        return any(order[user] > order[node] for user in target.users)
 
     def handler(self, node: torch.fx.Node) -> tuple[Callable | None, str]:
         if node.op == "get_attr":
@@ -779,6 +796,8 @@ def _f_adaptive(kind: str, nd: int):
 
 
 def _f_dropout(cv, args, kwargs, node):
+    """Every dropout variant is the identity in inference. A functional call with ``training=True`` written out
+    (``F.dropout(x, 0.5)``, whose default is True) is random even in eval mode; we convert it as inference."""
     return cv.emit("dropout", [args[0]], {"p": float(_arg(args, kwargs, 1, "p", 0.5))})
 
 

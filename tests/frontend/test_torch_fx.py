@@ -102,6 +102,16 @@ def test_unconvertible_fx_graph_falls_back_to_torch_export():
         assert_outputs_close(model(x), run_reference(graph, (x,)), rtol=1e-6, atol=1e-6)
 
 
+def test_inplace_module_whose_input_is_read_again_goes_through_torch_export():
+    """``y + relu_(y)`` reads the mutated ``y``: 2 * relu(y) in PyTorch, y + relu(y) if FX's graph were taken as is."""
+    model = Fn(lambda s, x: (lambda y: y + s.act(y) + F.relu(y, inplace=True))(s.fc(x)),
+               fc=nn.Linear(4, 4), act=nn.ReLU(inplace=True)).eval()
+    x = torch.randn(3, 4)
+    graph = verify(from_torch(model, (x,)))
+    with torch.no_grad():
+        assert_outputs_close(model(x), run_reference(graph, (x,)), rtol=1e-6, atol=1e-6)
+
+
 class BatchNormAct2d(nn.BatchNorm2d):
     """timm's pattern: a BatchNorm2d subclass whose forward also applies an activation."""
 
