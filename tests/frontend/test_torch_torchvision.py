@@ -8,9 +8,9 @@ inception_v3 at 96x96):
   mobilenet_v2/v3, mnasnet, shufflenet_v2, efficientnet b0-b7 and v2, regnet x/y, convnext, googlenet,
   inception_v3, alexnet; transformers are out of scope) *imports* to verified IR. Building the large variants
   with torchvision's own initialization costs tens of seconds each here (convnext_large 52 s), so import-only
-  models are built on the meta device and filled with seeded uniform values: the import does not depend on the
-  values. ``regnet_y_128gf`` (644 M parameters, 2.6 GB) is left out to keep the suite's memory and time in
-  bounds; it imported and matched PyTorch when measured by hand (see the README's coverage table).
+  models skip it and are filled with seeded uniform values: the import does not depend on the values.
+  ``regnet_y_128gf`` (644 M parameters, 2.6 GB) is left out to keep the suite's memory and time in bounds; it
+  imported and matched PyTorch when measured by hand (see the README's coverage table).
 - one model per family (the cheapest) with torchvision's initialization is *run* through the reference
   interpreter and compared with PyTorch eager; so are the two segmentation models whose heads resize
   (``lraspp_mobilenet_v3_large``, ``fcn_resnet50``; their dict output is unwrapped to ``["out"]``).
@@ -22,6 +22,7 @@ inception_v3 at 96x96):
 from __future__ import annotations
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -62,20 +63,27 @@ def _kwargs(name: str) -> dict:
     return {}
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+def _keep(tensor, *args, **kwargs):
+    return tensor
+
+
 def build(name: str, initialize: bool = True) -> torch.nn.Module:
     """torchvision's model ``name`` in eval mode, seeded; segmentation models return their ``"out"`` tensor.
 
-    ``initialize=False`` skips torchvision's initialization (built on the meta device, then filled with seeded
-    uniform values in [-0.1, 0.1]): for import-only tests, where the values do not matter and the init would
-    dominate the cost.
+    ``initialize=False`` skips torchvision's initialization (``torch.nn.init`` made a no-op while building, then
+    every tensor filled with seeded uniform values in [-0.1, 0.1]): for import-only tests, where the values do not
+    matter and the init would dominate the cost.
     """
     torch.manual_seed(0)
     if initialize:
         model = torchvision.models.get_model(name, weights=None, **_kwargs(name))
     else:
-        with torch.device("meta"):
+        with mock.patch.multiple(torch.nn.init, **{fn: _keep for fn in _INIT_FUNCTIONS}):
             model = torchvision.models.get_model(name, weights=None, **_kwargs(name))
-        model = model.to_empty(device="cpu")
         generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for tensor in itertools.chain(model.parameters(), model.buffers()):
