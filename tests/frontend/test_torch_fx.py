@@ -11,7 +11,7 @@ from frontend.errors import FrontendError, UnsupportedModelError
 from frontend.torch_fx import from_torch, module_handler, symbolic_trace
 from passes.ir.interpret import run_reference
 from passes.ir.verify import verify
-from tests.cases import CASES, Fn, _bn
+from tests.cases import CASES, Fn, _affine, _bn
 from tests.helpers import assert_outputs_close, structure_of
 
 
@@ -86,6 +86,40 @@ def test_falls_back_to_torch_export_on_control_flow():
     origins = {d["op"]: d["origin"][0] for _, d in graph.nodes(data=True)}
     assert origins["conv2d"].startswith("conv") and origins["lstm"].startswith("rnn")
     assert origins["batch_norm"].startswith("bn") and origins["relu"].startswith("act")
+    with torch.no_grad():
+        assert_outputs_close(model(x), run_reference(graph, (x,)), rtol=1e-6, atol=1e-6)
+
+
+class ExportOnlyOps(nn.Module):
+    """Every op new to this frontend, behind shape control flow so only the torch.export path can take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = _affine(nn.LayerNorm(6))
+        self.gn = _affine(nn.GroupNorm(3, 6))
+        self.inorm = nn.InstanceNorm2d(6, affine=True)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.act = nn.Hardswish(inplace=True)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = self.act(self.conv(x))
+        y = self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        y = F.silu(self.gn(y)) + F.mish(self.inorm(y)) + F.gelu(y, approximate="tanh") + F.gelu(y)
+        y = F.hardsigmoid(y) + F.relu6(y) + F.hardtanh(y)
+        y = F.interpolate(y, scale_factor=2, mode="bilinear") + F.interpolate(y, size=(10, 10), mode="nearest")
+        y = F.pad(y, (1, 1, 2, 0), mode="reflect") + F.pad(y, (1, 1, 2, 0), mode="replicate") + F.pad(y, (1, 1, 2, 0))
+        return F.interpolate(y, size=(6, 5), mode="bilinear", align_corners=True)
+
+
+def test_torch_export_path_converts_the_new_ops():
+    model, x = ExportOnlyOps().eval(), torch.randn(1, 6, 5, 5)
+    with pytest.raises(torch.fx.proxy.TraceError):
+        symbolic_trace(model)
+    graph = verify(from_torch(model, (x,)))
+    ops = {d["op"] for _, d in graph.nodes(data=True)}
+    assert {"layer_norm", "group_norm", "silu", "mish", "gelu", "hardswish", "hardsigmoid", "interpolate",
+            "pad"} <= ops, sorted(ops)
     with torch.no_grad():
         assert_outputs_close(model(x), run_reference(graph, (x,)), rtol=1e-6, atol=1e-6)
 
