@@ -16,7 +16,12 @@ inception_v3 at 96x96):
   (``lraspp_mobilenet_v3_large``, ``fcn_resnet50``; their dict output is unwrapped to ``["out"]``).
 - a compiled subset (``passes.optimize`` with the default pipeline through TVM) for the families whose ops are
   new to this frontend: efficientnet (SiLU, squeeze-excitation, stochastic depth), convnext (LayerNorm2d, GELU,
-  NHWC layer norm), mobilenet_v3 (hardswish, hardsigmoid) and lraspp (bilinear resize).
+  NHWC layer norm) and lraspp (its mobilenet_v3 backbone's hardswish and hardsigmoid, bilinear resize). The
+  families the default pipeline already compiled before (resnet, mobilenet_v2, vgg) are compiled by the
+  benchmarks and the backend tests.
+
+Measured 2026-12-04 on the loaded 2-core machine: 536 s in all (imports 212 s, interpreter runs 160 s, four
+compiled models 147 s, of which the since-dropped mobilenet_v3_small 25 s).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ INTERPRETED = ("resnet18", "resnext50_32x4d", "wide_resnet50_2", "vgg11", "dense
                "efficientnet_v2_s", "regnet_x_400mf", "regnet_y_400mf", "convnext_tiny", "googlenet", "inception_v3",
                "alexnet")
 SEGMENTATION = ("lraspp_mobilenet_v3_large", "fcn_resnet50")
-COMPILED = ("efficientnet_b0", "convnext_tiny", "mobilenet_v3_small", "lraspp_mobilenet_v3_large")
+COMPILED = ("efficientnet_b0", "convnext_tiny", "lraspp_mobilenet_v3_large")
 
 
 def test_lists_are_consistent():
