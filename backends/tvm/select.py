@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from backends.tvm import cuda_rnn
+from backends.tvm import cuda_rnn, winograd
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
+from backends.tvm.winograd import WinogradSpec
 from passes.ir.graph import Graph, Value
 
 
@@ -104,22 +105,26 @@ class Choice:
     """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool;
     ``dense``: ``kernels.dense_kernel``; ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``:
     ``qkernels.depthwise_kernel``; ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel;
-    ``integer_recurrent``: the dynamic int8 RNNs) or ``relax`` (TVM's Relax ops, scheduled by ``schedule.py``).
-    ``spec``: the conv/dense kernel's spec, which is also its tuning task."""
+    ``integer_recurrent``: the dynamic int8 RNNs; ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1
+    convs where its cost rule says it pays) or ``relax`` (TVM's Relax ops, scheduled by ``schedule.py``).
+    ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning tasks)."""
 
     kernel: str
-    spec: ConvSpec | DenseSpec | None = None
+    spec: ConvSpec | DenseSpec | WinogradSpec | None = None
 
 
 RELAX = Choice("relax")
 
 
-def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> Choice:
+def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_winograd: bool = True) -> Choice:
     """The kernel that lowers ``node`` on ``target_kind`` ("llvm" | "cuda"); kernel tiles sized for ``lanes``-wide
-    vectors (``Target.lanes``)."""
+    vectors (``Target.lanes``); ``allow_winograd``: False keeps every conv on the direct kernel."""
     data = graph.nodes[node]
     op = data["op"]
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
+    fast = winograd.choose(spec) if allow_winograd and isinstance(spec, ConvSpec) else None
+    if fast is not None:
+        return Choice("winograd", fast)
     if spec is not None:
         return Choice("dense" if isinstance(spec, DenseSpec) else "conv", spec)
     if uses_integer_kernel(graph, node, target_kind):
@@ -150,7 +155,7 @@ class Selection:
         return self.choices[node]
 
 
-def select_kernels(graph: Graph, target_kind: str, lanes: int = 16) -> Selection:
-    choices = {node: choose(graph, node, target_kind, lanes) for node in graph.topo_order()
+def select_kernels(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True) -> Selection:
+    choices = {node: choose(graph, node, target_kind, lanes, allow_winograd) for node in graph.topo_order()
                if graph.nodes[node]["op"] != "input"}
     return Selection(target_kind, choices, nhwc_values(graph, target_kind))

@@ -27,21 +27,20 @@ CPU schedule (llvm; batch x tiles flattened into P tiles, padded to a multiple o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from backends.tvm.kernels import TE_ACTIVATIONS, accumulator_vectors, ceil_to, largest_divisor
+from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, accumulator_vectors, ceil_to, largest_divisor
 
 F32 = "float32"
 TILES = (2, 4)  # output tile sizes m of F(m x m, 3 x 3)
 
 
-@lru_cache(maxsize=None)
+@cache
 def transform_matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(A^T (m x alpha), B^T (alpha x alpha), G (alpha x 3)) of F(m, 3), float64: Y = A^T [(G g G^T) . (B^T d B)] A."""
     from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
@@ -128,7 +127,10 @@ def _combination(coefficients, values):
     for coefficient, value in zip(coefficients, values):
         if coefficient == 0:
             continue
-        term = value if coefficient == 1 else -value if coefficient == -1 else tirx.const(float(coefficient), F32) * value
+        if coefficient in (1, -1):
+            term = value if coefficient == 1 else -value
+        else:
+            term = tirx.const(float(coefficient), F32) * value
         total = term if total is None else total + term
     return total if total is not None else tirx.const(0.0, F32)
 
@@ -263,7 +265,49 @@ def winograd_kernel(spec: WinogradSpec) -> tirx.PrimFunc:
     return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
 
 
-def gemm_flops_saved(spec: WinogradSpec) -> float:
-    """Direct-conv multiplies over Winograd GEMM multiplies (4x for F(4) on whole tiles, less on ragged edges)."""
-    _, oc, oh, ow = spec.out_shape
-    return 9 * oh * ow * oc * spec.weight_shape[1] / spec.multiplies if spec.multiplies else math.inf
+# The cost rule (``choose``). Measured on Zen 3 (AVX2, 2 cores), direct kernel vs F(2)/F(4) per layer
+# (benchmarks/winograd_layers.py): see the README numbers; below these sizes the transforms and the padded tiles
+# cost more than the multiplies saved.
+MIN_CHANNELS = 32  # input and output channels
+MIN_OUTPUT = 7     # output rows and columns
+
+
+def refusal(spec: ConvSpec) -> str | None:
+    """Why the conv ``spec`` does not run as Winograd (None: it does). One reason per refusal, for ``explain``."""
+    n, c, _, _ = spec.in_shape
+    oc, _, kh, kw = spec.weight_shape
+    _, _, oh, ow = spec.conv_shape
+    if spec.dtype != F32:
+        return f"dtype {spec.dtype}: Winograd is built for float32 only"
+    if spec.pool is not None:
+        return "a fused pool (conv2d_pool keeps the direct kernel)"
+    if (kh, kw) != (3, 3):
+        return f"kernel {kh}x{kw}: Winograd F(m, 3) needs 3x3"
+    if spec.stride != (1, 1):
+        return f"stride {spec.stride}: Winograd needs stride 1"
+    if spec.dilation != (1, 1):
+        return f"dilation {spec.dilation}: Winograd needs dilation 1"
+    if spec.groups != 1:
+        return f"groups {spec.groups}: Winograd is built for dense convs"
+    if spec.activation not in TE_ACTIVATIONS:
+        return f"activation {spec.activation!r} has no fused epilogue"
+    if min(c, oc) < MIN_CHANNELS:
+        return f"{c} -> {oc} channels: Winograd pays from {MIN_CHANNELS} in and out"
+    if min(oh, ow) < MIN_OUTPUT:
+        return f"output {oh}x{ow}: Winograd pays from {MIN_OUTPUT}x{MIN_OUTPUT}"
+    return None
+
+
+def choose_tile(spec: ConvSpec) -> int:
+    """F(4x4) by default: 4x fewer multiplies than direct against F(2x2)'s 2.25x; its weights are 36/16 larger
+    than F(2)'s, which costs more than it saves where the map is small and the weights do not fit in cache."""
+    _, _, oh, ow = spec.conv_shape
+    return 4 if min(oh, ow) >= 8 else 2
+
+
+def choose(spec: ConvSpec) -> WinogradSpec | None:
+    """The Winograd kernel for the conv ``spec``, or None where the cost rule keeps the direct kernel."""
+    if refusal(spec) is not None:
+        return None
+    return WinogradSpec(spec.in_shape, spec.weight_shape, spec.padding, spec.has_bias, spec.activation,
+                        spec.activation_params, spec.residual, choose_tile(spec), spec.lanes)
