@@ -115,7 +115,7 @@ class WinogradSpec:
         the GEMM loads a contiguous vector of output channels per (e, v, c). Computed in float64, stored fp32."""
         _, _, g = transform_matrices(self.tile)
         oc, c = self.weight_shape[:2]
-        u = np.einsum("ei,kcij,vj->evkc", g, np.asarray(weight, np.float64), g)
+        u = np.transpose(g @ np.asarray(weight, np.float64) @ g.T, (2, 3, 0, 1))  # (e, v, k, c)
         u = np.pad(u, ((0, 0), (0, 0), (0, self.padded_channels - oc), (0, 0)))
         u = u.reshape(self.alpha, self.alpha, self.padded_channels // self.oc_block, self.oc_block, c)
         return np.ascontiguousarray(u.transpose(0, 1, 2, 4, 3)).astype(np.float32)
