@@ -300,6 +300,16 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     return OptimizedModel(optimized, compiled, report)
 
 
+def explain_winograd(graph, target: str = "llvm", winograd: bool = True) -> list[tuple[str, str]]:
+    """(node, decision) for each conv of an optimized ``graph``: the Winograd tile the backend builds it with on
+    ``target``, or why it keeps the direct kernel (``backends.tvm.select.explain_winograd``)."""
+    from backends.tvm.select import explain_winograd as explain
+    from backends.tvm.target import resolve_target
+
+    resolved = resolve_target(target, winograd=winograd)
+    return explain(graph, resolved.kind, resolved.lanes, resolved.winograd)
+
+
 def _tune(graph, target, tune: Tune) -> tuple[dict, dict]:
     """Tune (``trials > 0``) or just apply what the database knows (``trials == 0``); CPU targets only.
     ``target``: the backend's ``Target`` (``backends.tvm.target.resolve_target``)."""

@@ -142,6 +142,26 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
     return RELAX
 
 
+def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True
+                     ) -> list[tuple[str, str]]:
+    """(node, decision) for every conv2d / conv2d_pool: "F(4x4,3x3)", or why the direct kernel stays
+    (``winograd.refusal``, or the switch). What ``python -m passes.cli explain winograd MODEL`` prints."""
+    rows = []
+    for node in graph.topo_order():
+        if graph.nodes[node]["op"] not in ("conv2d", "conv2d_pool"):
+            continue
+        choice = choose(graph, node, target_kind, lanes, allow_winograd)
+        if choice.kernel == "winograd":
+            rows.append((node, f"F({choice.spec.tile}x{choice.spec.tile},3x3)"))
+        elif not allow_winograd:
+            rows.append((node, "Winograd turned off"))
+        elif choice.kernel != "conv":
+            rows.append((node, f"lowered by {choice.kernel!r}, not our conv kernel ({target_kind})"))
+        else:
+            rows.append((node, winograd.refusal(choice.spec)))
+    return rows
+
+
 @dataclass(frozen=True)
 class Selection:
     """Every node's ``Choice`` on one target, decided once per graph, and the values our integer conv kernels

@@ -187,3 +187,14 @@ def test_bf16_graph_keeps_direct_kernels():
     Pipeline(resolve("mixed-precision")).run(graph, PassContext(example_inputs=(x,)))
     kernels = {c.kernel for c in select_kernels(graph, "llvm", LANES).choices.values()}
     assert "winograd" not in kernels and "conv" in kernels
+
+
+def test_cli_explain_winograd_names_each_conv_and_why(capsys):
+    from passes.cli import main
+
+    assert main(["explain", "winograd", "zoo:resnet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("winograd: 0 of 9 conv(s) on llvm")
+    assert "stride (2, 2): Winograd needs stride 1" in out and "8 -> 8 channels" in out
+    assert main(["explain", "winograd", "zoo:resnet", "--no-winograd"]) == 0
+    assert "Winograd turned off" in capsys.readouterr().out
