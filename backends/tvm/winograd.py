@@ -231,19 +231,27 @@ def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.vectorize(k_tile)
     sch.parallel(sch.fuse(e, v))
     sch.decompose_reduction(gemm, rc)
-    # Y: per tile, a vector of output channels through the unrolled inverse transform
+    # out: per image, block of output channels and row of tiles (parallel), the tiles' outputs Y computed into
+    # a cache-resident buffer (a row of tiles x m x m x the channel block), then stored row by row in NCHW
+    out = sch.get_sblock("out")
+    b, k, y, x = sch.get_loops(out)
+    k_block = largest_divisor(oc, 2 * lanes)
+    k_outer, k_inner = sch.split(k, [None, k_block])
+    y_tiles, y_inner = sch.split(y, [None, spec.tile])
+    sch.reorder(b, k_outer, y_tiles, y_inner, x, k_inner)
+    sch.unroll(k_inner)
+    task = sch.fuse(b, k_outer, y_tiles)
+    sch.parallel(task)
     out_tiles = sch.get_sblock("Y")
-    p, i, j, k = sch.get_loops(out_tiles)
-    k_outer, k_inner = sch.split(k, [None, largest_divisor(oc, lanes)])
+    sch.compute_at(out_tiles, task)
+    sch.set_scope(out_tiles, 0, "local")
+    p, i, j, k = sch.get_loops(out_tiles)[-4:]
+    k_outer, k_inner = sch.split(k, [None, largest_divisor(k_block, lanes)])
     sch.reorder(p, k_outer, i, j, k_inner)
     _unrolled_half(sch, "AtM", k_outer)
     sch.unroll(i)
     sch.unroll(j)
     sch.vectorize(k_inner)
-    sch.parallel(p)
-    out = sch.get_sblock("out")
-    b, k, y, x = sch.get_loops(out)
-    sch.parallel(sch.fuse(b, k))
     return sch.mod["main"]
 
 
