@@ -208,12 +208,7 @@ def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     # V: per tile, a vector of channels through the unrolled transform
     tv = sch.get_sblock("V")
     e, v, p, ch = sch.get_loops(tv)
-    ch_outer, ch_inner = sch.split(ch, [None, largest_divisor(c, lanes)])
-    sch.reorder(p, ch_outer, e, v, ch_inner)
-    _unrolled_half(sch, "BtD", ch_outer)
-    sch.unroll(e)
-    sch.unroll(v)
-    sch.vectorize(ch_inner)
+    _tile_transform(sch, "BtD", p, (e, v), ch, largest_divisor(c, lanes))
     sch.parallel(p)
     # M: the batched GEMM, accumulators in registers
     gemm = sch.get_sblock("M")
@@ -246,25 +241,24 @@ def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.compute_at(out_tiles, task)
     sch.set_scope(out_tiles, 0, "local")
     p, i, j, k = sch.get_loops(out_tiles)[-4:]
-    k_outer, k_inner = sch.split(k, [None, largest_divisor(k_block, lanes)])
-    sch.reorder(p, k_outer, i, j, k_inner)
-    _unrolled_half(sch, "AtM", k_outer)
-    sch.unroll(i)
-    sch.unroll(j)
-    sch.vectorize(k_inner)
+    _tile_transform(sch, "AtM", p, (i, j), k, largest_divisor(k_block, lanes))
     return sch.mod["main"]
 
 
-def _unrolled_half(sch: Schedule, name: str, loop) -> None:
-    """The first half of a tile transform computed per tile and vector (under ``loop``) into a local buffer,
-    its two tile loops unrolled and the vector loop innermost."""
-    block = sch.get_sblock(name)
-    sch.compute_at(block, loop)
+def _tile_transform(sch: Schedule, half: str, tile, elements: tuple, channels, lanes: int) -> None:
+    """A tile transform's loops: per ``tile``, per vector of ``lanes`` channels, the tile's two ``elements`` loops
+    unrolled (their coefficients become constants, zero terms vanish) around the vector. Its first ``half``
+    (B^T d or A^T M) is computed there too, into a local buffer of alpha x alpha vectors."""
+    outer, inner = sch.split(channels, [None, lanes])
+    sch.reorder(tile, outer, *elements, inner)
+    block = sch.get_sblock(half)
+    sch.compute_at(block, outer)
     sch.set_scope(block, 0, "local")
-    first, second, vector = sch.get_loops(block)[-3:]
-    sch.unroll(first)
-    sch.unroll(second)
+    *half_elements, vector = sch.get_loops(block)[-3:]
+    for loop in (*half_elements, *elements):
+        sch.unroll(loop)
     sch.vectorize(vector)
+    sch.vectorize(inner)
 
 
 def winograd_kernel(spec: WinogradSpec) -> tirx.PrimFunc:
