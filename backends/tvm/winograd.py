@@ -272,6 +272,7 @@ def winograd_kernel(spec: WinogradSpec) -> tirx.PrimFunc:
 # cost more than the multiplies saved.
 MIN_CHANNELS = 32  # input and output channels
 MIN_OUTPUT = 7     # output rows and columns
+MIN_F4_OUTPUT = 28  # output rows and columns from which F(4x4) beats F(2x2) (``choose_tile``)
 
 
 def refusal(spec: ConvSpec) -> str | None:
@@ -301,10 +302,12 @@ def refusal(spec: ConvSpec) -> str | None:
 
 
 def choose_tile(spec: ConvSpec) -> int:
-    """F(4x4) by default: 4x fewer multiplies than direct against F(2x2)'s 2.25x; its weights are 36/16 larger
-    than F(2)'s, which costs more than it saves where the map is small and the weights do not fit in cache."""
+    """F(4x4) on large maps: 4x fewer multiplies than direct against F(2x2)'s 2.25x. On small maps F(2x2) wins:
+    F(4)'s weights are 36/16 larger and each is reused by fewer tiles (a 14x14 map: 16 tiles of 4x4, 31% of them
+    past the edge, against 49 exact 2x2 tiles), so its GEMM waits on memory. Measured on Zen 3 over ResNet-18's
+    layers (``benchmarks/winograd_layers.py``): F(4) faster at 56x56 and 28x28, F(2) at 14x14 and 7x7."""
     _, _, oh, ow = spec.conv_shape
-    return 4 if min(oh, ow) >= 8 else 2
+    return 4 if min(oh, ow) >= MIN_F4_OUTPUT else 2
 
 
 def choose(spec: ConvSpec) -> WinogradSpec | None:

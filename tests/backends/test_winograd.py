@@ -88,9 +88,10 @@ def test_weight_transform_is_g_g_gt_packed_with_channels_in_lanes():
     assert not packed[:, :, 1, :, 4:].any()
 
 
-def test_cost_rule_chooses_wide_3x3_stride_1_convs_f4_on_large_maps_f2_on_7x7():
+def test_cost_rule_chooses_wide_3x3_stride_1_convs_f4_on_large_maps_f2_on_small_ones():
     assert choose(conv_spec(64, 64, 56, 56)).tile == 4
-    assert choose(conv_spec(256, 256, 14, 14)).tile == 4
+    assert choose(conv_spec(128, 128, 28, 28)).tile == 4
+    assert choose(conv_spec(256, 256, 14, 14)).tile == 2
     assert choose(conv_spec(512, 512, 7, 7)).tile == 2
     spec = choose(conv_spec(64, 128, 28, 28))
     assert (spec.in_shape, spec.weight_shape, spec.padding, spec.activation) == (
@@ -126,7 +127,7 @@ def block_graph(x: torch.Tensor):
 
 def test_selection_in_a_graph_and_the_switch_that_turns_it_off():
     torch.manual_seed(0)
-    _, graph = block_graph(torch.randn(1, 32, 14, 14))
+    _, graph = block_graph(torch.randn(1, 32, 28, 28))
     chosen = {graph.nodes[n]["origin"][0]: c.spec.tile for n, c in select_kernels(graph, "llvm", LANES).choices.items()
               if c.kernel == "winograd"}
     assert chosen == {"conv1": 4, "conv2": 4}
@@ -159,7 +160,7 @@ def test_numeric_guard_per_layer_at_resnet_shapes(c, size):
 def test_block_through_the_build_matches_pytorch():
     """conv+BN+ReLU and conv+BN+residual+ReLU (fused by the default pipeline) as Winograd, the rest direct."""
     torch.manual_seed(1)
-    x = torch.randn(1, 32, 14, 14)
+    x = torch.randn(1, 32, 28, 28)
     model, graph = block_graph(x)
     with torch.no_grad():
         assert_outputs_close(model(x), build(graph, "llvm")(x))
@@ -182,7 +183,7 @@ def test_refusals_keep_the_direct_kernel(spec, reason):
 
 
 def test_bf16_graph_keeps_direct_kernels():
-    x = torch.randn(1, 32, 14, 14)
+    x = torch.randn(1, 32, 28, 28)
     _, graph = block_graph(x)
     Pipeline(resolve("mixed-precision")).run(graph, PassContext(example_inputs=(x,)))
     kernels = {c.kernel for c in select_kernels(graph, "llvm", LANES).choices.values()}
