@@ -92,7 +92,17 @@ def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, r
 
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
-    """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
+    """Our single fused kernel (the conv output is never materialized), except where the conv runs as Winograd:
+    then the Winograd kernel (bias and activation fused) and the pool after it."""
+    if ctx.choice.kernel == "winograd":
+        a = ctx.attrs
+        y = call_winograd_kernel(ctx, xs[0], ctx.choice.spec)
+        pool = R.nn.max_pool2d if a["pool"] == "max" else R.nn.avg_pool2d
+        y = ctx.emit(pool(y, pool_size=a["pool_kernel"], strides=a["pool_stride"],
+                          padding=tuple(a["pool_padding"]) * 2, ceil_mode=a["pool_ceil_mode"]))
+        if static_shape(y) != ctx.out_type().shape:
+            raise ctx.fail(f"TVM's pooling gives shape {static_shape(y)}, torch {ctx.out_type().shape}")
+        return y
     if ctx.choice.kernel != "conv":
         spec = conv_spec_of(ctx.graph, ctx.node, ctx.target.lanes)
         raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r} with padding "

@@ -282,8 +282,6 @@ def refusal(spec: ConvSpec) -> str | None:
     _, _, oh, ow = spec.conv_shape
     if spec.dtype != F32:
         return f"dtype {spec.dtype}: Winograd is built for float32 only"
-    if spec.pool is not None:
-        return "a fused pool (conv2d_pool keeps the direct kernel)"
     if (kh, kw) != (3, 3):
         return f"kernel {kh}x{kw}: Winograd F(m, 3) needs 3x3"
     if spec.stride != (1, 1):
@@ -311,7 +309,9 @@ def choose_tile(spec: ConvSpec) -> int:
 
 
 def choose(spec: ConvSpec) -> WinogradSpec | None:
-    """The Winograd kernel for the conv ``spec``, or None where the cost rule keeps the direct kernel."""
+    """The Winograd kernel for the conv ``spec``, or None where the cost rule keeps the direct kernel. A fused pool
+    (conv2d_pool) is not part of it: the conv runs as Winograd and the pool after it (``lower.py``), which beats
+    the fused direct kernel where Winograd pays (VGG's convs are mostly conv + pool)."""
     if refusal(spec) is not None:
         return None
     return WinogradSpec(spec.in_shape, spec.weight_shape, spec.padding, spec.has_bias, spec.activation,

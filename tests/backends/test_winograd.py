@@ -173,13 +173,28 @@ def test_block_through_the_build_matches_pytorch():
     (conv_spec(64, 64, 28, 28, groups=2), "groups"),
     (conv_spec(64, 64, 28, 28, dtype="bfloat16"), "dtype bfloat16"),
     (conv_spec(64, 64, 28, 28, kernel=(5, 5), padding=(2, 2)), "kernel 5x5"),
-    (conv_spec(64, 64, 28, 28, pool="max"), "pool"),
     (conv_spec(16, 64, 28, 28), "channels"),
     (conv_spec(64, 64, 5, 5), "output 5x5"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_refusals_keep_the_direct_kernel(spec, reason):
     assert reason in refusal(spec)
     assert choose(spec) is None
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, padding=1, ceil_mode=True), nn.AvgPool2d(2)],
+                         ids=repr)
+def test_conv_pool_runs_winograd_then_the_pool(pool):
+    """fuse-conv-pool's conv2d_pool: the conv as Winograd (bias + ReLU fused), the pool after it."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(32, 40, 3, padding=1), nn.ReLU(), pool).eval()
+    x = torch.randn(1, 32, 29, 30)
+    graph = from_torch(model, (x,))
+    Pipeline(resolve("default")).run(graph, PassContext(example_inputs=(x,)))
+    choices = select_kernels(graph, "llvm", LANES).choices
+    assert [(graph.nodes[n]["op"], c.kernel, c.spec.tile) for n, c in choices.items()] == [
+        ("conv2d_pool", "winograd", 4)]
+    with torch.no_grad():
+        assert_outputs_close(model(x), build(graph, "llvm")(x))
 
 
 def test_bf16_graph_keeps_direct_kernels():
