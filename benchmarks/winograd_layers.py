@@ -80,7 +80,8 @@ def main() -> int:
         rule = f"F({chosen.tile})" if chosen else "-"
         total["direct"] += ms["direct"] * count
         total["rule"] += (ms[f"F{chosen.tile}"] if chosen else ms["direct"]) * count
-        print(f"| {c} -> {oc}, {oh}x{ow} | {count} | " + " | ".join(f"{ms[k]:.3f}" for k in builds) + " | "
+        label = f"{c} -> {oc}, {oh}x{ow}" + (" +residual" if spec.residual else "")
+        print(f"| {label} | {count} | " + " | ".join(f"{ms[k]:.3f}" for k in builds) + " | "
               + " | ".join(f"{gflop / ms[k] * 1e3:.0f}" for k in builds) + f" | {rule} |", flush=True)
     print(f"\nall these layers (x count): direct {total['direct']:.2f} ms, as the rule picks {total['rule']:.2f} ms "
           f"({total['rule'] / total['direct']:.2f}x)")
