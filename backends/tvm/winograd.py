@@ -21,8 +21,14 @@ CPU schedule (llvm; batch x tiles flattened into P tiles, padded to a multiple o
     M:     for (e, v) (parallel), oc-block, p-block:                               (the batched GEMM)
                acc[pb tiles][ob channels] = 0                     # <= 12 ymm accumulators on AVX2
                for c: acc[i][:] += V[e, v, p_i, c] * U[e, v, ob-block, c, :]     # broadcast x vector FMA
-    Y:     for p (parallel), oc-vector: Y[p, a, b, oc] = (A^T M A)[a, b]             (unrolled)
-    out:   out[n, k, y, x] = act(Y + bias [+ residual])                               (NCHW, the graph's layout)
+    out:   for (n, oc-block, row of tiles) (parallel):
+               Y[tiles of the row, a, b, oc-block] = (A^T M A)[a, b]     (unrolled, vectors of channels; in cache)
+               out[n, k, y, x] = act(Y + bias [+ residual])              (NCHW, the graph's layout, row by row)
+
+Each transform computes its first half (B^T d, A^T M) into alpha x alpha local vectors, then the second half from
+them: 2 alpha^3 terms per tile and vector instead of alpha^4, the zero coefficients dropped at trace time.
+Not yet done: the input transform fused into the GEMM's tile loop (V is written to memory once and read by the
+GEMM: 36 P C floats, L2/L3-resident at ResNet sizes) and tuning of the blocking (``tune.py`` skips Winograd nodes).
 """
 
 from __future__ import annotations
