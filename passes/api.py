@@ -227,7 +227,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     ``input_shapes``: for an ONNX file, static shapes by input name that replace its declared (e.g. dynamic batch)
     dims, as onnxsim's ``--overwrite-input-shape``: ``optimize("m.onnx", input_shapes={"x": (1, 3, 224, 224)})``.
     ``winograd``: False keeps every conv on the direct kernel (by default 3x3 stride-1 float32 convs with enough
-    channels run as Winograd F(4x4,3x3) or F(2x2,3x3) on CPU; ``explain kernels`` lists which).
+    channels run as Winograd F(4x4,3x3) or F(2x2,3x3) on CPU; ``python -m passes.cli explain winograd MODEL``
+    lists which).
     """
     step = progress or (lambda message: None)
     if _is_tensor(example_inputs):  # a bare tensor is the one input, not a sequence of its rows
