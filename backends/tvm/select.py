@@ -122,7 +122,8 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
     data = graph.nodes[node]
     op = data["op"]
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
-    fast = winograd.choose(spec) if allow_winograd and isinstance(spec, ConvSpec) else None
+    cpu_conv = target_kind == "llvm" and isinstance(spec, ConvSpec)  # the Winograd kernel is CPU-only
+    fast = winograd.choose(spec) if allow_winograd and cpu_conv else None
     if fast is not None:
         return Choice("winograd", fast)
     if spec is not None:

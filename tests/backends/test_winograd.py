@@ -193,6 +193,7 @@ def test_conv_pool_runs_winograd_then_the_pool(pool):
     choices = select_kernels(graph, "llvm", LANES).choices
     assert [(graph.nodes[n]["op"], c.kernel, c.spec.tile) for n, c in choices.items()] == [
         ("conv2d_pool", "winograd", 4)]
+    assert [c.kernel for c in select_kernels(graph, "cuda").choices.values()] == ["conv"]  # CPU-only kernel
     with torch.no_grad():
         assert_outputs_close(model(x), build(graph, "llvm")(x))
 
