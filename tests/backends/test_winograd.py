@@ -175,6 +175,7 @@ def test_block_through_the_build_matches_pytorch():
     (conv_spec(64, 64, 28, 28, kernel=(5, 5), padding=(2, 2)), "kernel 5x5"),
     (conv_spec(16, 64, 28, 28), "channels"),
     (conv_spec(64, 64, 5, 5), "output 5x5"),
+    (conv_spec(32, 32, 7, 7), "too little work"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_refusals_keep_the_direct_kernel(spec, reason):
     assert reason in refusal(spec)
