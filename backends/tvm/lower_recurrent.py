@@ -178,7 +178,8 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
             func = cuda_rnn.cuda_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
         else:
             xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, bias)
-            func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
+            func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"),
+                                    ctx.target.lanes)
         func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
         gv = ctx.bb.add_func(func, name)
         w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])

@@ -44,11 +44,13 @@ from backends.tvm.kernels import ceil_to, fast_sigmoid, fast_tanh, largest_divis
 from backends.tvm.qkernels import DEPTH, LANES, vpdpbusd
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators
+GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators (the integer kernel's block; float: ``gate_block``)
 
 
-def gate_block(gates: int) -> int:
-    return largest_divisor(gates, GATE_BLOCK)
+def gate_block(gates: int, lanes: int = 16) -> int:
+    """Gate rows accumulated in registers at once: 8 vector registers (128 floats on AVX-512, 64 on AVX2, whose
+    16 registers would all be accumulators at 128)."""
+    return largest_divisor(gates, 8 * lanes)
 
 
 def cell_macro(kind: str, hidden: int, stride: int, nonlinearity: str):
@@ -80,12 +82,12 @@ def cell_macro(kind: str, hidden: int, stride: int, nonlinearity: str):
 
 
 def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions: int,
-                     nonlinearity: str = "tanh") -> tirx.PrimFunc:
+                     nonlinearity: str = "tanh", lanes: int = 16) -> tirx.PrimFunc:
     """PrimFunc ``(xp, w_hh_t, b_hh, h0, c0, y, h_n, c_n)`` with shapes xp (T, B, D*G), w_hh_t (D, H, G),
     b_hh (1, B, D*G) [GRU only; the others fold it into xp], h0/c0 (D, B, H), y (T, B, D*H), h_n/c_n (D, B, H)."""
     H, D = hidden, directions
     G = GATES[kind] * H
-    GB = gate_block(G)
+    GB = gate_block(G, lanes)
     blocks = G // GB
     last = steps - 1
     cell = cell_macro(kind, H, G, nonlinearity)
