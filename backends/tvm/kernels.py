@@ -135,10 +135,38 @@ class ConvSpec:
         one_by_one = self.weight_shape[2:] == (1, 1)
         return self.groups == 1 and oc % 8 == 0 and (ow < self.lanes or one_by_one or self.banded)
 
+    @property
+    def oc_vector(self) -> int:
+        """Output channels per vector of the blocked (NCHWc) kernel: the target's lanes, else 8; 0: not blocked."""
+        return next((b for b in (self.lanes, 8) if self.weight_shape[0] % b == 0), 0)
+
+    @property
+    def ic_block(self) -> int:
+        """Input channels per block of the blocked kernel's packed input and weight (a whole vector's worth)."""
+        return largest_divisor(self.weight_shape[1], self.lanes)
+
+    @property
+    def blocked(self) -> bool:
+        """The NCHWc direct conv (``_blocked_compute``): ordinary (groups=1) convs without a fused pool whose output
+        channels fill vectors."""
+        return self.groups == 1 and self.pool is None and self.oc_vector > 0
+
+    @property
+    def packs_input(self) -> bool:
+        """The blocked kernel copies its input into padded NCHW[ic_block]c; an unpadded 1x1 conv reads NCHW as is
+        (its broadcasts walk each input plane in order, and the copy would cost as much as a thin conv)."""
+        return self.padding != (0, 0) or self.weight_shape[2:] != (1, 1)
+
     def pack_weight(self, weight):
-        """The weight in the kernel's layout (done once, at compile time)."""
+        """The weight in the kernel's layout (done once, at compile time). Blocked: [OC/v][C/icb][KH][KW][icb][v],
+        so the reduction streams it contiguously, one vector of output channels per input channel and tap."""
         import numpy as np
 
+        if self.blocked:
+            oc, c, kh, kw = self.weight_shape
+            v, icb = self.oc_vector, self.ic_block
+            blocks = np.reshape(weight, (oc // v, v, c // icb, icb, kh, kw))
+            return np.ascontiguousarray(np.transpose(blocks, (0, 2, 4, 5, 3, 1)))
         return np.ascontiguousarray(np.transpose(weight, (1, 2, 3, 0))) if self.channels_vectorized else weight
 
     @property
@@ -201,6 +229,8 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     output): a repeated element never changes a max, so this too is -inf padding, and a band's columns are exactly
     the conv output's (a whole number of vectors).
     """
+    if spec.blocked:
+        return _blocked_compute(spec)
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -236,16 +266,8 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     else:
         conv = te.compute((n_, oc_, rows, ow), dot, name="conv")
         value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
-    act_fn = TE_ACTIVATIONS[spec.activation]
-    bias = te.placeholder((oc,), dtype, name="bias") if spec.has_bias else None
-    residual = te.placeholder(spec.conv_shape, dtype, name="residual") if spec.residual else None
-    args += [t for t in (bias, residual) if t is not None]
-
-    def finish(v, b, o, y, x):
-        """act(v + bias [+ residual]) narrowed to the storage dtype."""
-        v = v + _wide(bias[o]) if bias is not None else v
-        v = v + _wide(residual[b, o, y, x]) if residual is not None else v
-        return _narrow(act_fn(v, spec.activation_params), dtype)
+    finish, extra = _epilogue_inputs(spec)
+    args += extra
 
     commutes = spec.pool_commutes  # bias and activation after the max: on the pooled tile only
     masked = row_pad > 0 or rows > oh
@@ -279,6 +301,62 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
         return [*args, pooled]
     post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled[b, o, y, x], b, o, y, x), name="post")
     return [*args, post]
+
+
+def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
+    """``finish(v, b, o, y, x)`` = act(v + bias [+ residual]) narrowed to the storage dtype, and the placeholders it
+    reads (bias, residual)."""
+    bias = te.placeholder((spec.weight_shape[0],), spec.dtype, name="bias") if spec.has_bias else None
+    residual = te.placeholder(spec.conv_shape, spec.dtype, name="residual") if spec.residual else None
+    act_fn = TE_ACTIVATIONS[spec.activation]
+
+    def finish(v, b, o, y, x):
+        v = v + _wide(bias[o]) if bias is not None else v
+        v = v + _wide(residual[b, o, y, x]) if residual is not None else v
+        return _narrow(act_fn(v, spec.activation_params), spec.dtype)
+
+    return finish, [t for t in (bias, residual) if t is not None]
+
+
+def _blocked_compute(spec: ConvSpec) -> list[te.Tensor]:
+    """NCHWc direct conv, NCHW in and out: oneDNN's jit_avx2 / TVM's conv2d_NCHWc loop nest.
+
+        pad[n, C/icb, H + 2ph, W + 2pw, icb] = zero-padded input, ``ic_block`` channels innermost (one copy;
+                                               none for an unpadded 1x1 conv, which reads NCHW)
+        conv[n, OC/v, OH, OW, v] = sum over (C/icb, KH, KW, icb) of pad[.., y*s + kh*d, x*s + kw*d, ci]
+                                                                    * weight[oc/v, c/icb, kh, kw, ci, 0:v]
+        out[n, oc, y, x] = act(conv[n, oc/v, y, x, oc%v] + bias [+ residual])
+
+    A vector of ``v`` output channels accumulates one broadcast input scalar times one contiguous weight vector per
+    (input channel, tap), for a register tile of pixels x channel vectors (``schedule_cpu``); the output store is
+    1/(C*KH*KW) of the work.
+    """
+    n, c, h, w = spec.in_shape
+    oc, _, kh, kw = spec.weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    v, icb, dtype = spec.oc_vector, spec.ic_block, spec.dtype
+    data = te.placeholder(spec.in_shape, dtype, name="data")
+    weight = te.placeholder((oc // v, c // icb, kh, kw, icb, v), dtype, name="weight")
+    if spec.packs_input:
+        pad = te.compute((n, c // icb, h + 2 * ph, w + 2 * pw, icb),
+                         lambda b, co, y, x, ci: tirx.if_then_else(
+                             tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
+                             data[b, co * icb + ci, y - ph, x - pw], tirx.const(0.0, dtype)), name="pad")
+        source = lambda b, co, y, x, ci: pad[b, co, y, x, ci]  # noqa: E731
+    else:
+        source = lambda b, co, y, x, ci: data[b, co * icb + ci, y, x]  # noqa: E731
+    rco = te.reduce_axis((0, c // icb), "rco")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rci = te.reduce_axis((0, icb), "rci")
+    n_, _, oh, ow = spec.conv_shape
+    conv = te.compute((n_, oc // v, oh, ow, v), lambda b, oo, y, x, oi: te.sum(
+        _wide(source(b, rco, y * sh + ry * dh, x * sw + rx * dw, rci)) * _wide(weight[oo, rco, ry, rx, rci, oi]),
+        axis=[rco, ry, rx, rci]), name="conv")
+    finish, extra = _epilogue_inputs(spec)
+    out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
+                     name="epilogue")
+    return [data, weight, *extra, out]
 
 
 def _wide(x):
@@ -333,7 +411,7 @@ def default_tile(spec: ConvSpec) -> Tile:
                         cols=largest_divisor(conv_w, 4))
         return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
                     cols=largest_divisor(conv_w, lanes))
-    if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels: about 14 accumulator vectors on AVX-512
+    if spec.channels_vectorized or spec.blocked:  # 1-2 vectors of channels x a few pixels: about 14 accumulator vectors on AVX-512
         col_scale = spec.pool_stride[1] if spec.pool else 1
 
         def tile_for(oc_block: int) -> Tile:
@@ -344,7 +422,8 @@ def default_tile(spec: ConvSpec) -> Tile:
 
         # the most accumulator vectors within budget: pixel counts must divide the output (a 7x7 map with a
         # 5-pixel budget gets 1 pixel), so one vector of channels x 7 pixels can beat two vectors x 1 pixel
-        tiles = [tile_for(b) for b in (2 * lanes, lanes, 8) if oc % b == 0][:2]
+        blocks = [b for b in (2 * lanes, lanes, 8) if oc % b == 0 and (not spec.blocked or b % spec.oc_vector == 0)]
+        tiles = [tile_for(b) for b in blocks][:2]
         return max(tiles, key=lambda t: (-(-t.oc_block // lanes) * t.rows * t.cols, t.oc_block))
     if spec.pool:  # 4 channels x 1 pooled row x one vector of conv columns: measured on Zen 3 (AVX2) on a
         # conv-ReLU-maxpool stack, fused/unfused 0.47 against 0.85 with 2 pooled rows (32 accumulator registers)
@@ -365,6 +444,8 @@ def _output_block(spec: ConvSpec) -> str:
 
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
     tile = tile or default_tile(spec)
+    if spec.blocked:
+        return _schedule_cpu_blocked(spec, func, tile)
     if spec.banded:
         return _schedule_cpu_banded(spec, func, tile)
     sch = Schedule(func)
@@ -395,6 +476,33 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
         sch.decompose_reduction(conv, reduction)
     _vectorize_pool(sch, spec, shared=2)  # the parallel loop, x_outer
     _schedule_pad(sch, spec)
+    return sch.mod["main"]
+
+
+def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
+    """Per task (parallel over output-channel tiles x row tiles): for each tile of ``cols`` columns, a register tile
+    of ``oc_block / v`` channel vectors x ``rows`` x ``cols`` pixels accumulated over (C/icb, KH, KW, icb), then
+    stored through the epilogue into NCHW."""
+    sch = Schedule(func)
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("epilogue")
+    n, o, y, x = sch.get_loops(out)
+    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    y_outer, y_inner = sch.split(y, [None, tile.rows])
+    x_outer, x_inner = sch.split(x, [None, tile.cols])
+    sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
+    sch.compute_at(conv, x_outer, preserve_unit_loops=True)
+    oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
+    sch.reorder(rco, ry, rx, rci, oo, yy, xx, oi)
+    sch.vectorize(oi)
+    for loop in (oo, yy, xx):
+        sch.unroll(loop)
+    sch.set_scope(conv, 0, "local")
+    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    sch.decompose_reduction(conv, rco)
+    if spec.packs_input:
+        pad = sch.get_sblock("pad")
+        pad_loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*pad_loops[:3]))
     return sch.mod["main"]
 
 

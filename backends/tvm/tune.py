@@ -105,9 +105,11 @@ def candidates(spec: Spec) -> list[Tile]:
         tiles = []
         lanes, limit = spec.lanes, 7 * accumulator_vectors(spec.lanes) // 4  # 28 on AVX-512, 21 on AVX2
         for ob in _divisors(oc, 2 * lanes):
+            if spec.blocked and ob % spec.oc_vector:  # the blocked kernel's tile is whole channel vectors
+                continue
             for rows in _divisors(oh, 4):
                 for cols in _divisors(ow, 2 * lanes // col_scale):
-                    if spec.channels_vectorized:
+                    if spec.channels_vectorized or spec.blocked:
                         vectors = rows * row_scale * cols * col_scale * -(-ob // lanes)
                     else:
                         vectors = ob * rows * row_scale * -(-(cols * col_scale) // lanes)
