@@ -492,9 +492,9 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
     sch.compute_at(conv, x_outer, preserve_unit_loops=True)
     oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
-    sch.reorder(rco, ry, rx, rci, oo, yy, xx, oi)
+    sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
     sch.vectorize(oi)
-    for loop in (oo, yy, xx):
+    for loop in (yy, xx, oo):
         sch.unroll(loop)
     sch.set_scope(conv, 0, "local")
     sch.parallel(sch.fuse(n, o_outer, y_outer))
