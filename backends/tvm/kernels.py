@@ -146,16 +146,21 @@ class ConvSpec:
         return largest_divisor(self.weight_shape[1], self.lanes)
 
     @property
+    def depthwise(self) -> bool:
+        """One group per channel (groups = C = OC)."""
+        return self.groups == self.in_shape[1] == self.weight_shape[0] > 1
+
+    @property
     def blocked(self) -> bool:
-        """The NCHWc direct conv (``_blocked_compute``): ordinary (groups=1) convs without a fused pool whose output
-        channels fill vectors."""
-        return self.groups == 1 and self.pool is None and self.oc_vector > 0
+        """The NCHWc direct conv (``_blocked_compute``): ordinary (groups=1) and depthwise convs without a fused pool
+        whose output channels fill vectors."""
+        return (self.groups == 1 or self.depthwise) and self.pool is None and self.oc_vector > 0
 
     @property
     def packs_input(self) -> bool:
-        """The blocked kernel copies its input into padded NCHW[ic_block]c; an unpadded 1x1 conv reads NCHW as is
-        (its broadcasts walk each input plane in order, and the copy would cost as much as a thin conv)."""
-        return self.padding != (0, 0) or self.weight_shape[2:] != (1, 1)
+        """The blocked kernel copies its input into padded NCHW[c]c; an unpadded 1x1 conv reads NCHW as is (its
+        broadcasts walk each input plane in order, and the copy would cost as much as a thin conv)."""
+        return self.padding != (0, 0) or self.weight_shape[2:] != (1, 1) or self.depthwise
 
     def pack_weight(self, weight):
         """The weight in the kernel's layout (done once, at compile time). Blocked: [OC/v][C/icb][KH][KW][icb][v],
@@ -329,14 +334,17 @@ def _blocked_compute(spec: ConvSpec) -> list[te.Tensor]:
 
     A vector of ``v`` output channels accumulates one broadcast input scalar times one contiguous weight vector per
     (input channel, tap), for a register tile of pixels x channel vectors (``schedule_cpu``); the output store is
-    1/(C*KH*KW) of the work.
+    1/(C*KH*KW) of the work. Depthwise: the input is packed in blocks of ``v`` channels too and each output vector
+    is a vector of its own input channels times the tap's weight vector (C/icb = icb = 1 in the weight).
     """
     n, c, h, w = spec.in_shape
-    oc, _, kh, kw = spec.weight_shape
+    oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     v, icb, dtype = spec.oc_vector, spec.ic_block, spec.dtype
     data = te.placeholder(spec.in_shape, dtype, name="data")
-    weight = te.placeholder((oc // v, c // icb, kh, kw, icb, v), dtype, name="weight")
+    weight = te.placeholder((oc // v, cg // icb, kh, kw, icb, v), dtype, name="weight")
+    if spec.depthwise:
+        icb = v  # the input's channel block: each output vector reads its own channels
     if spec.packs_input:
         pad = te.compute((n, c // icb, h + 2 * ph, w + 2 * pw, icb),
                          lambda b, co, y, x, ci: tirx.if_then_else(
@@ -345,14 +353,20 @@ def _blocked_compute(spec: ConvSpec) -> list[te.Tensor]:
         source = lambda b, co, y, x, ci: pad[b, co, y, x, ci]  # noqa: E731
     else:
         source = lambda b, co, y, x, ci: data[b, co * icb + ci, y, x]  # noqa: E731
-    rco = te.reduce_axis((0, c // icb), "rco")
+    rco = te.reduce_axis((0, cg // spec.ic_block), "rco")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
-    rci = te.reduce_axis((0, icb), "rci")
+    rci = te.reduce_axis((0, spec.ic_block), "rci")
     n_, _, oh, ow = spec.conv_shape
+
+    def tap(b, oo, y, x, oi):
+        if spec.depthwise:  # rco = rci = 0
+            return source(b, oo + rco, y * sh + ry * dh, x * sw + rx * dw, oi + rci)
+        return source(b, rco, y * sh + ry * dh, x * sw + rx * dw, rci)
+
     conv = te.compute((n_, oc // v, oh, ow, v), lambda b, oo, y, x, oi: te.sum(
-        _wide(source(b, rco, y * sh + ry * dh, x * sw + rx * dw, rci)) * _wide(weight[oo, rco, ry, rx, rci, oi]),
-        axis=[rco, ry, rx, rci]), name="conv")
+        _wide(tap(b, oo, y, x, oi)) * _wide(weight[oo, rco, ry, rx, rci, oi]), axis=[rco, ry, rx, rci]),
+        name="conv")
     finish, extra = _epilogue_inputs(spec)
     out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
                      name="epilogue")
@@ -411,7 +425,10 @@ def default_tile(spec: ConvSpec) -> Tile:
                         cols=largest_divisor(conv_w, 4))
         return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
                     cols=largest_divisor(conv_w, lanes))
-    if spec.channels_vectorized or spec.blocked:  # 1-2 vectors of channels x a few pixels: about 14 accumulator vectors on AVX-512
+    if spec.depthwise and spec.blocked:  # one channel vector x a row of pixels: memory-bound, taps unrolled
+        return Tile(oc_block=spec.oc_vector, rows=1, cols=largest_divisor(ow, budget - 4))
+    if spec.channels_vectorized or spec.blocked:  # 1-2 vectors of channels x a few pixels (about 14 accumulator
+        # vectors on AVX-512, 8-12 on AVX2)
         col_scale = spec.pool_stride[1] if spec.pool else 1
 
         def tile_for(oc_block: int) -> Tile:
@@ -494,15 +511,16 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
     sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
     sch.vectorize(oi)
-    for loop in (yy, xx, oo):
-        sch.unroll(loop)
+    for loop in (yy, xx, oo, *((ry, rx) if spec.depthwise else ())):  # depthwise: taps unrolled, so neighbouring
+        sch.unroll(loop)                                               # pixels share their input loads
     sch.set_scope(conv, 0, "local")
     sch.parallel(sch.fuse(n, o_outer, y_outer))
     sch.decompose_reduction(conv, rco)
-    if spec.packs_input:
+    if spec.packs_input:  # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:3]))
+        sch.vectorize(pad_loops[-1])
     return sch.mod["main"]
 
 
