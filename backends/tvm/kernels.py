@@ -223,7 +223,7 @@ def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, paddi
     return n, oc, oh, ow
 
 
-def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
+def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
     """TE stages; returns the PrimFunc arguments [data, weight, (bias,) (residual,) output].
 
     A max pool's windows may reach outside the conv output (pool padding, a ceil-mode window); torch guarantees each
@@ -235,7 +235,7 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     the conv output's (a whole number of vectors).
     """
     if spec.blocked:
-        return _blocked_compute(spec)
+        return _blocked_compute(spec, (tile or default_tile(spec)).cols)
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -323,7 +323,7 @@ def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
     return finish, [t for t in (bias, residual) if t is not None]
 
 
-def _blocked_compute(spec: ConvSpec) -> list[te.Tensor]:
+def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     """NCHWc direct conv, NCHW in and out: oneDNN's jit_avx2 / TVM's conv2d_NCHWc loop nest.
 
         pad[n, C/icb, H + 2ph, W + 2pw, icb] = zero-padded input, ``ic_block`` channels innermost (one copy;
@@ -336,6 +336,8 @@ def _blocked_compute(spec: ConvSpec) -> list[te.Tensor]:
     (input channel, tap), for a register tile of pixels x channel vectors (``schedule_cpu``); the output store is
     1/(C*KH*KW) of the work. Depthwise: the input is packed in blocks of ``v`` channels too and each output vector
     is a vector of its own input channels times the tap's weight vector (C/icb = icb = 1 in the weight).
+    The conv stage is ``cols``-padded in width (the register tile's pixel count need not divide the output width:
+    a 56-wide row takes 2 channel vectors x 6 pixels, 12 accumulators, computing 60 columns of which 56 are stored).
     """
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
@@ -345,8 +347,10 @@ def _blocked_compute(spec: ConvSpec) -> list[te.Tensor]:
     weight = te.placeholder((oc // v, cg // icb, kh, kw, icb, v), dtype, name="weight")
     if spec.depthwise:
         icb = v  # the input's channel block: each output vector reads its own channels
-    if spec.packs_input:
-        pad = te.compute((n, c // icb, h + 2 * ph, w + 2 * pw, icb),
+    n_, _, oh, ow = spec.conv_shape
+    wide = ceil_to(ow, cols)
+    if spec.packs_input or wide > ow:  # (the zero columns past the input feed the padding columns of the conv)
+        pad = te.compute((n, c // icb, h + 2 * ph, max(w + 2 * pw, (wide - 1) * sw + (kw - 1) * dw + 1), icb),
                          lambda b, co, y, x, ci: tirx.if_then_else(
                              tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
                              data[b, co * icb + ci, y - ph, x - pw], tirx.const(0.0, dtype)), name="pad")
@@ -357,14 +361,13 @@ def _blocked_compute(spec: ConvSpec) -> list[te.Tensor]:
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     rci = te.reduce_axis((0, spec.ic_block), "rci")
-    n_, _, oh, ow = spec.conv_shape
 
     def tap(b, oo, y, x, oi):
         if spec.depthwise:  # rco = rci = 0
             return source(b, oo + rco, y * sh + ry * dh, x * sw + rx * dw, oi + rci)
         return source(b, rco, y * sh + ry * dh, x * sw + rx * dw, rci)
 
-    conv = te.compute((n_, oc // v, oh, ow, v), lambda b, oo, y, x, oi: te.sum(
+    conv = te.compute((n_, oc // v, oh, wide, v), lambda b, oo, y, x, oi: te.sum(
         _wide(tap(b, oo, y, x, oi)) * _wide(weight[oo, rco, ry, rx, rci, oi]), axis=[rco, ry, rx, rci]),
         name="conv")
     finish, extra = _epilogue_inputs(spec)
@@ -427,7 +430,9 @@ def default_tile(spec: ConvSpec) -> Tile:
                     cols=largest_divisor(conv_w, lanes))
     if spec.depthwise and spec.blocked:  # one channel vector x a row of pixels: memory-bound, taps unrolled
         return Tile(oc_block=spec.oc_vector, rows=1, cols=largest_divisor(ow, budget - 4))
-    if spec.channels_vectorized or spec.blocked:  # 1-2 vectors of channels x a few pixels (about 14 accumulator
+    if spec.blocked:
+        return _blocked_tile(spec, ow, budget)
+    if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels (about 14 accumulator
         # vectors on AVX-512, 8-12 on AVX2)
         col_scale = spec.pool_stride[1] if spec.pool else 1
 
@@ -452,6 +457,29 @@ def default_tile(spec: ConvSpec) -> Tile:
     if spec.stride == (1, 1):
         return Tile(oc_block=largest_divisor(oc, 4), rows=largest_divisor(oh, budget // 4), cols=cols)
     return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, budget // 8), cols=cols)
+
+
+def _blocked_tile(spec: ConvSpec, ow: int, budget: int) -> Tile:
+    """1-3 channel vectors x ``cols`` pixels of a row, the most accumulators per stored pixel within ``budget``.
+
+    The row is padded to a multiple of ``cols`` (``_blocked_compute``), so 2 vectors x 6 pixels (12 accumulators,
+    the most that stay in registers on AVX2: 16 ymm minus 2 weight vectors and a broadcast) serve any width at a
+    few wasted columns: a 56-wide row computes 60, a 7-wide one takes one vector x 7. One vector alone gets at most
+    ``budget - 4`` pixels: LLVM hoists that many broadcasts ahead of their FMAs (1 x 12 spilled on Zen 3)."""
+    v = spec.oc_vector
+    options = []
+    for vectors in (3, 2, 1):
+        if (spec.weight_shape[0] // v) % vectors:
+            continue
+        for cols in range(1, (budget // vectors if vectors > 1 else budget - 4) + 1):
+            if spec.packs_input or ow % cols == 0:  # an unpadded 1x1 conv reads its input as is: no spare columns
+                options.append(Tile(oc_block=vectors * v, rows=1, cols=cols))
+
+    def merit(t: Tile):
+        computed = ceil_to(ow, t.cols)
+        return round(t.oc_block // v * t.cols * ow / computed, 3), -(computed - ow), t.oc_block
+
+    return max(options, key=merit)
 
 
 def _output_block(spec: ConvSpec) -> str:
@@ -516,7 +544,8 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     sch.set_scope(conv, 0, "local")
     sch.parallel(sch.fuse(n, o_outer, y_outer))
     sch.decompose_reduction(conv, rco)
-    if spec.packs_input:  # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
+    if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
+        # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:3]))
@@ -646,7 +675,7 @@ def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tir
 
 def conv_kernel(spec: ConvSpec, target_kind: str, tile: Tile | None = None) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(data, weight[, bias], out)`` for ``spec`` on ``target_kind`` ("llvm"/"cuda")."""
-    func = te.create_prim_func(conv_compute(spec))
+    func = te.create_prim_func(conv_compute(spec, tile))
     func = schedule_gpu(spec, func) if target_kind == "cuda" else schedule_cpu(spec, func, tile)
     # Scheduled and opaque: TVM's default schedules leave it alone and FuseOps does not merge it into neighbours.
     return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})

@@ -208,10 +208,10 @@ def test_blocked_conv_with_fused_residual_matches_pytorch():
 
 
 @pytest.mark.parametrize("conv, hw, pad, tile", [
-    # 64 -> 64 3x3 (ResNet-18 layer 1): input packed to 8-channel blocks with its zero border, 2 channel vectors
-    # x 4 pixels accumulated in registers, the output written NCHW
-    (nn.Conv2d(64, 64, 3, padding=1), (56, 56), (1, 8, 58, 58, 8), (1, 2, 1, 4, 8)),
-    (nn.Conv2d(24, 144, 1), (56, 56), None, (1, 2, 1, 4, 8)),       # unpadded 1x1: no copy of the input
+    # 64 -> 64 3x3 (ResNet-18 layer 1): input packed to 8-channel blocks with its zero border (and 4 more zero
+    # columns: 56 = 9 x 6 + 2 pixels), 2 channel vectors x 6 pixels accumulated in registers, written NCHW
+    (nn.Conv2d(64, 64, 3, padding=1), (56, 56), (1, 8, 58, 62, 8), (1, 2, 1, 6, 8)),
+    (nn.Conv2d(24, 144, 1), (56, 56), None, (1, 3, 1, 4, 8)),       # unpadded 1x1: no copy of the input
     (nn.Conv2d(144, 144, 3, groups=144, padding=1), (56, 56), (1, 18, 58, 58, 8), (1, 1, 1, 8, 8)),  # depthwise
 ], ids=["3x3", "1x1", "depthwise"])
 def test_blocked_conv_buffers(conv, hw, pad, tile):
