@@ -192,6 +192,11 @@ def test_blocked_conv_matches_pytorch(conv, hw):
     compile_and_compare(conv, torch.randn(1, conv.in_channels, *hw), passes="")
 
 
+def test_blocked_conv_batch_of_three_matches_pytorch():
+    for conv in (nn.Conv2d(6, 16, 3, padding=1), nn.Conv2d(16, 16, 3, groups=16, padding=1)):
+        compile_and_compare(conv, torch.randn(3, conv.in_channels, 9, 10), passes="")
+
+
 class _Residual(nn.Module):
     def __init__(self):
         super().__init__()
