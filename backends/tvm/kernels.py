@@ -28,6 +28,7 @@ windows recompute their shared conv outputs there; fuse-conv-pool stays off on c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -161,6 +162,11 @@ class ConvSpec:
         """The blocked kernel copies its input into padded NCHW[c]c; an unpadded 1x1 conv reads NCHW as is (its
         broadcasts walk each input plane in order, and the copy would cost as much as a thin conv)."""
         return self.padding != (0, 0) or self.weight_shape[2:] != (1, 1) or self.depthwise
+
+    def without_pool(self) -> ConvSpec:
+        """The conv alone (its bias and activation included)."""
+        return dataclasses.replace(self, pool=None, pool_kernel=(1, 1), pool_stride=(1, 1), pool_padding=(0, 0),
+                                   pool_ceil_mode=False)
 
     def pack_weight(self, weight):
         """The weight in the kernel's layout (done once, at compile time). Blocked: [OC/v][C/icb][KH][KW][icb][v],

@@ -79,6 +79,10 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
     """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
+    if ctx.choice.kernel == "blocked_conv_pool":  # select.blocked_then_pool: the blocked conv, then the pool
+        a, y = ctx.attrs, call_conv_kernel(ctx, xs[0], ctx.choice.spec)
+        pool = R.nn.max_pool2d if a["pool"] == "max" else R.nn.avg_pool2d
+        return ctx.emit(pool(y, pool_size=a["pool_kernel"], strides=a["pool_stride"], ceil_mode=a["pool_ceil_mode"]))
     if ctx.choice.kernel != "conv":
         spec = conv_spec_of(ctx.graph, ctx.node, ctx.target.lanes)
         raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r} with padding "

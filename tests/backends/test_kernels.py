@@ -103,7 +103,8 @@ def test_dense_kernel_matches_pytorch(m, k, n, act):
 
 
 def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    # 12 output channels fill no vector: no blocked conv (``test_blocked_conv_then_pool``), the fused kernel
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
     graph = compile_and_compare(model, torch.randn(1, 8, 32, 32), expect_op="conv2d_pool")
     prim_funcs = [gv.name_hint for gv, f in lower(graph).functions.items() if gv.name_hint != "main"]
     assert len(prim_funcs) == 1 and prim_funcs[0].startswith("conv2d_pool_")
@@ -195,6 +196,19 @@ def test_blocked_conv_matches_pytorch(conv, hw):
 def test_blocked_conv_batch_of_three_matches_pytorch():
     for conv in (nn.Conv2d(6, 16, 3, padding=1), nn.Conv2d(16, 16, 3, groups=16, padding=1)):
         compile_and_compare(conv, torch.randn(3, conv.in_channels, 9, 10), passes="")
+
+
+@pytest.mark.parametrize("pool, fused", [(nn.MaxPool2d(2), False), (nn.AvgPool2d((2, 3)), False),
+                                         (nn.MaxPool2d(3, 2, 1), True)], ids=repr)
+def test_blocked_conv_then_pool(pool, fused):
+    """conv2d_pool with windows that tile the conv output: the blocked conv, then the pool as a Relax op (two
+    PrimFuncs); overlapping windows stay one fused (banded) kernel."""
+    model = nn.Sequential(nn.Conv2d(6, 16, 3, padding=1), nn.ReLU(), pool).eval()
+    graph = compile_and_compare(model, torch.randn(1, 6, 12, 18), expect_op="conv2d_pool")
+    mod = lower(graph)
+    (name,) = [gv.name_hint for gv in mod.functions if gv.name_hint != "main"]
+    assert name.startswith("conv2d_pool_" if fused else "conv2d_n")
+    assert ("R.nn.max_pool2d" in mod["main"].script() or "R.nn.avg_pool2d" in mod["main"].script()) != fused
 
 
 class _Residual(nn.Module):
