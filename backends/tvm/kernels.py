@@ -4,7 +4,14 @@ Why: TVM's untuned conv2d is a naive loop nest (~50x slower than a blocked kerne
 fuses a pool into a conv. The kernel is built from TE compute stages (pad -> conv -> epilogue -> pool) and then
 scheduled with ``tvm.s_tir.Schedule``:
 
-CPU (llvm), per output tile of ``oc_block`` channels x ``rows`` rows x ``width`` columns:
+CPU (llvm), ordinary (groups=1) and depthwise convs without a fused pool whose output channels fill vectors:
+the blocked (NCHWc) direct conv (``_blocked_compute``, ``_schedule_cpu_blocked``): input packed to NCHW[8]c with
+its zero border in one vectorized copy, weights packed at compile time to [OC/8][C/icb][KH][KW][icb][8], a register
+tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators of AVX2's 16 ymm), one broadcast
+input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW.
+
+Otherwise (fused pools, grouped convs, channel counts that fill no vector), per output tile of ``oc_block``
+channels x ``rows`` rows x ``width`` columns:
 
     for n, oc_outer, row (parallel over cores), col_outer:
         acc[oc_block][rows][width] = 0                  # local buffer: registers
