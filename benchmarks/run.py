@@ -42,7 +42,7 @@ PROTOCOL = "@@ "  # worker lines that carry results start with this (libraries m
 
 CNNS = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "vgg11_bn")
 RNNS = ("lstm", "bilstm")
-RUNTIMES = ("pytorch", "onnxruntime", "openvino", "ours", "ours-tuned")
+RUNTIMES = ("pytorch", "onnxruntime", "openvino", "ours", "ours-tuned", "ours-direct")
 INT8_RUNTIMES = ("onnxruntime-int8", "ours-int8")
 LABELS = {"resnet18": "resnet18", "resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2",
           "efficientnet_b0": "efficientnet_b0", "vgg11_bn": "vgg11_bn", "lstm": "LSTM 2x256, 32 steps",
@@ -142,6 +142,8 @@ def prepare(runtime: str, model, inputs, folder: str, tune_trials: int, tuning_d
         options = {}
         if runtime == "ours-tuned":
             options["tune"] = passes.Tune(trials=tune_trials, database=tuning_db, progress=False)
+        if runtime == "ours-direct":  # Winograd off: every conv on the direct kernel (A/B for the Winograd choice)
+            options["winograd"] = False
         if runtime == "ours-int8":
             options["passes"] = ["fold-batch-norm", "fuse-conv-activation", "quantize", "default"]
             options["data"] = _calibration(inputs)

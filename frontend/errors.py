@@ -10,11 +10,12 @@ class FrontendError(ValueError):
 class UnsupportedModelError(FrontendError):
     """One or more constructs have no IR equivalent. ``unsupported`` lists each as 'what (where)'."""
 
-    def __init__(self, model_name: str, unsupported: list[str]):
+    def __init__(self, model_name: str, unsupported: list[str], note: str = ""):
         self.unsupported = unsupported
         lines = "\n  ".join(unsupported)
         super().__init__(f"{model_name}: {len(unsupported)} unsupported construct(s):\n  {lines}\n"
-                         "Replace them with supported ops (`python -m passes.cli list-ops`) "
+                         + (f"({note})\n" if note else "")
+                         + "Replace them with supported ops (`python -m passes.cli list-ops`) "
                          "or register a conversion.")
 
 

@@ -12,6 +12,7 @@ Every unsupported construct is collected during the walk and reported together i
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import operator
@@ -41,15 +42,18 @@ class _Unknown:
 UNKNOWN = _Unknown()
 
 # ------------------------------------------------------------------------------------------------ tracing
-# Layers we convert as a whole (their internals are not traced).
-LEAF_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.Linear,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Softmax, nn.LogSoftmax, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-    nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.LSTM, nn.GRU, nn.RNN, nn.Embedding,
-    nn.LocalResponseNorm,
-)
+def module_handler(module: nn.Module) -> Callable | None:
+    """The conversion of ``module``: by exact type, or the nearest known base class whose ``forward`` it inherits.
+
+    A subclass that overrides ``forward`` (timm's ``BatchNormAct2d`` = batch norm then an activation,
+    torchvision's ``LayerNorm2d`` = permute, layer norm, permute back) has no handler: converting it as its parent
+    would silently drop what its ``forward`` adds, so it is traced into and its body becomes IR ops.
+    """
+    for cls in type(module).__mro__:
+        handler = MODULE_HANDLERS.get(cls)
+        if handler is not None:
+            return handler if type(module).forward is cls.forward else None
+    return None
 
 
 def _wrap_leaf_root(model: nn.Module, arity: int) -> nn.Module:
@@ -71,32 +75,40 @@ def _root_name(model: nn.Module) -> str:
 
 
 class _LeafTracer(torch.fx.Tracer):
+    """Layers with a conversion stay one ``call_module`` node; every other module (``torch.nn`` ones included,
+    e.g. ``nn.Upsample`` -> ``F.interpolate``) is traced into."""
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAF_MODULES) or super().is_leaf_module(m, qualname)
+        return module_handler(m) is not None
 
 
-def trace_model(model: nn.Module, example_inputs: tuple) -> tuple[torch.fx.GraphModule, str, Any]:
-    """FX graph of ``model``: symbolic tracing first, torch.export when tracing meets control flow.
+def symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    return torch.fx.GraphModule(tracer.root, graph)
 
-    Returns the graph module, how it was made, and (for torch.export) the pytree spec of the outputs, since an
-    exported graph returns a flat list and only its Python wrapper rebuilds the model's output structure.
+
+def _decompositions() -> Any:
+    """torch.export's core-ATen decomposition table minus every op we convert as a whole.
+
+    Deleting an entry keeps that op in the exported graph (``aten.linear``, ``aten.hardswish``,
+    ``aten.layer_norm``, ``aten.upsample_bilinear2d`` stay one node instead of becoming matmuls, clamps and index
+    arithmetic); the rest is decomposed and functionalized (``aten.relu_`` -> ``aten.relu``).
     """
-    try:
-        tracer = _LeafTracer()
-        graph = tracer.trace(model)
-        return torch.fx.GraphModule(tracer.root, graph), "symbolic_trace", None
-    except Exception as trace_exc:  # TraceError, or user code that probes proxies: try export
-        log.debug("symbolic tracing failed (%s); falling back to torch.export", trace_exc)
-        try:
-            with warnings.catch_warnings():  # export warns about RNN flat-weight attributes; harmless here
-                warnings.simplefilter("ignore", UserWarning)
-                exported = torch.export.export(model, example_inputs, strict=False)
-            return exported.module(), "torch.export", exported.call_spec.out_spec
-        except Exception as export_exc:
-            raise FrontendError(
-                f"{type(model).__name__}: cannot trace the model. torch.fx symbolic tracing failed with "
-                f"'{_first_line(trace_exc)}' and torch.export with '{_first_line(export_exc)}'. Make control "
-                "flow independent of tensor values, or export the model to ONNX.") from None
+    table = torch.export.default_decompositions()
+    for op in list(table.keys()):
+        if isinstance(op, torch._ops.OpOverload) and op.overloadpacket in FUNCTION_HANDLERS:
+            del table[op]
+    return table
+
+
+def export_model(model: nn.Module, example_inputs: tuple) -> tuple[torch.fx.GraphModule, Any]:
+    """torch.export's graph of ``model`` (ATen ops, shapes specialized to ``example_inputs``), decomposed by
+    ``_decompositions``, and the pytree spec of its outputs (the graph returns a flat list)."""
+    with warnings.catch_warnings():  # export warns about RNN flat-weight attributes; harmless here
+        warnings.simplefilter("ignore", UserWarning)
+        exported = torch.export.export(model, example_inputs, strict=False).run_decompositions(_decompositions())
+    return exported.module(), exported.call_spec.out_spec
 
 
 def _first_line(exc: BaseException) -> str:
@@ -120,18 +132,23 @@ def _arg(args: Sequence, kwargs: dict, index: int, name: str, default: Any = Non
 class _Converter:
     """Walks an FX graph, emitting IR; one instance per conversion (all state is per run)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, name: str, mode: str, out_spec: Any = None):
+    def __init__(self, gm: torch.fx.GraphModule, name: str, mode: str, out_spec: Any = None,
+                 graph: Graph | None = None):
         self.gm = gm
         self.mode = mode
         self.out_spec = out_spec
         self.modules = dict(gm.named_modules())
-        self.graph = Graph(name=name)
+        self.graph = Graph(name=name) if graph is None else graph
+        self.fixed_origin: tuple[str, ...] | None = None
+        self.order: dict[torch.fx.Node, int] | None = None  # node positions, for mutation_seen_later
         self.env: dict[torch.fx.Node, Any] = {}
         self.unsupported: list[str] = []
         self.node: torch.fx.Node | None = None
 
     # -------------------------------------------------------------------------------------- values
     def origin(self) -> tuple[str, ...]:
+        if self.fixed_origin is not None:
+            return self.fixed_origin
         node = self.node
         if node.op == "call_module":
             return (str(node.target),)
@@ -188,32 +205,46 @@ class _Converter:
             raise FrontendError(f"{self.graph.name}: forward takes {len(placeholders)} inputs "
                                 f"({', '.join(p.name for p in placeholders)}), example_inputs has "
                                 f"{len(example_inputs)}")
-        inputs = iter(example_inputs)
+        inputs = {}
+        for node, x in zip(placeholders, example_inputs):
+            if not isinstance(x, torch.Tensor):
+                raise FrontendError(f"input {node.name!r}: example input must be a tensor, got {type(x).__name__}")
+            inputs[node] = self.graph.add_input(node.name, TensorType(tuple(x.shape), numpy_dtype(x.dtype)))
+        self.output(self.walk(inputs))
+        if self.unsupported:
+            raise UnsupportedModelError(self.graph.name, self.unsupported, f"via {self.mode}")
+        return verify(self.graph)
+
+    def walk(self, inputs: dict[torch.fx.Node, Any], origin: tuple[str, ...] | None = None) -> Any:
+        """Convert every node, placeholders bound to ``inputs``; the converted operand of the output node.
+
+        ``origin`` overrides every emitted node's origin (a traced-through function's body keeps its call site).
+        """
+        self.fixed_origin = origin
+        result = None
         for node in self.gm.graph.nodes:
             self.node = node
             if node.op == "placeholder":
-                x = next(inputs)
-                if not isinstance(x, torch.Tensor):
-                    raise FrontendError(f"input {node.name!r}: example input must be a tensor, got "
-                                        f"{type(x).__name__}")
-                self.env[node] = self.graph.add_input(node.name, TensorType(tuple(x.shape),
-                                                                            numpy_dtype(x.dtype)))
+                self.env[node] = inputs[node]
             elif node.op == "output":
-                self.output(node)
+                result = torch.fx.node.map_arg(node.args[0], self.env.__getitem__)
             else:
                 self.env[node] = self.convert(node)
-        if self.unsupported:
-            raise UnsupportedModelError(self.graph.name, self.unsupported)
-        return verify(self.graph)
+        return result
 
     def convert(self, node: torch.fx.Node) -> Any:
         args = torch.fx.node.map_arg(node.args, self.env.__getitem__)
         kwargs = torch.fx.node.map_arg(node.kwargs, self.env.__getitem__)
         handler, what = self.handler(node)
+        if handler is _aten_constant and not (_is_const(args) and _is_const(list(kwargs.values()))):
+            handler = None  # an ATen op we cannot convert: listed even when its inputs are unknown already
         if handler is None:
             self.unsupported.append(f"{what} (at {self.origin()[0]})")
             return UNKNOWN
         if _contains_unknown(args) or _contains_unknown(kwargs):
+            return UNKNOWN
+        if self.mode == "symbolic_trace" and self.mutation_seen_later(node):
+            self.unsupported.append(f"{what}: in place on a tensor used again afterwards (at {self.origin()[0]})")
             return UNKNOWN
         try:
             return handler(self, args, kwargs, node)
@@ -223,6 +254,19 @@ class _Converter:
         except IRError as exc:
             raise FrontendError(f"{what} at {self.origin()[0]}: {exc}") from None
 
+    def mutation_seen_later(self, node: torch.fx.Node) -> bool:
+        """An in-place op (``nn.ReLU(inplace=True)``, ``F.relu(x, inplace=True)``) whose input is read again after
+        it: FX keeps the later reads on the unmutated node, so converting it as a pure op would be wrong. Such a
+        graph is left to torch.export, which functionalizes the mutation."""
+        inplace = node.kwargs.get("inplace") is True or (
+            node.op == "call_module" and getattr(self.modules[node.target], "inplace", False) is True)
+        target = node.args[0] if node.args else None
+        if not inplace or not isinstance(target, torch.fx.Node):
+            return False
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)} if self.order is None else self.order
+        self.order = order
+        return any(order[user] > order[node] for user in target.users)
+
     def handler(self, node: torch.fx.Node) -> tuple[Callable | None, str]:
         if node.op == "get_attr":
             return _get_attr, f"attribute {node.target}"
@@ -230,20 +274,20 @@ class _Converter:
             module = self.modules[node.target]
             if getattr(node.target, "startswith", None) and node.target.startswith("_guards"):
                 return _skip, "export guard"
-            handler = MODULE_HANDLERS.get(type(module))
-            return handler, f"module {type(module).__module__}.{type(module).__name__}"
+            return module_handler(module), f"module {type(module).__module__}.{type(module).__name__}"
         if node.op == "call_method":
             return METHOD_HANDLERS.get(node.target), f"method Tensor.{node.target}"
         target = node.target
         handler = FUNCTION_HANDLERS.get(target)
         if handler is None and isinstance(target, torch._ops.OpOverload):
-            handler = FUNCTION_HANDLERS.get(target.overloadpacket)
+            handler = FUNCTION_HANDLERS.get(target.overloadpacket, _aten_constant)
+        if handler is None and _is_python_function(target):
+            handler = _trace_through
         name = getattr(target, "__name__", str(target))
         module = getattr(target, "__module__", "") or ""
         return handler, f"function {module + '.' if module and not module.startswith('torch._ops') else ''}{name}"
 
-    def output(self, node: torch.fx.Node) -> None:
-        result = torch.fx.node.map_arg(node.args[0], self.env.__getitem__)
+    def output(self, result: Any) -> None:
         if _contains_unknown(result):
             return
         if self.out_spec is not None:
@@ -274,6 +318,51 @@ def _is_const(x: Any) -> bool:
     if isinstance(x, (tuple, list)):
         return all(_is_const(i) for i in x)
     return not isinstance(x, (Value, _Unknown))
+
+
+def _is_python_function(target: Any) -> bool:
+    """A plain Python function called from ``forward`` that tracing kept opaque (``torch.fx.wrap``-ed)."""
+    module = (getattr(target, "__module__", None) or "").split(".")[0]
+    return callable(target) and hasattr(target, "__code__") and module not in ("torch", "math", "operator")
+
+
+def _aten_constant(cv: _Converter, args, kwargs, node):
+    """An ATen op without a conversion, on constants only (weight reshapes in an exported graph): evaluated now."""
+    return node.target(*args, **kwargs)
+
+
+def _trace_through(cv: _Converter, args, kwargs, node):
+    """An opaque Python function (``torch.fx.wrap``-ed, e.g. a library's helper): trace its body with the
+    arguments that are not tensors fixed, then convert that sub-graph in place; its nodes keep this call's origin."""
+    fn = node.target
+    signature = inspect.signature(fn)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise UnsupportedConstruct(f"cannot bind its arguments ({exc})") from None
+    bound.apply_defaults()
+    tensors = {k: v for k, v in bound.arguments.items() if isinstance(v, Value)}
+    if any(_contains_value(v) for k, v in bound.arguments.items() if k not in tensors):
+        raise UnsupportedConstruct("tensors inside containers passed to a wrapped function")
+    concrete = {k: v for k, v in bound.arguments.items() if k not in tensors}
+    try:
+        gm = torch.fx.GraphModule(torch.nn.Module(), _LeafTracer().trace(fn, concrete_args=concrete))
+    except Exception as exc:
+        raise UnsupportedConstruct(f"cannot trace its body ({_first_line(exc)})") from None
+    sub = _Converter(gm, cv.graph.name, cv.mode, graph=cv.graph)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    result = sub.walk({p: tensors[p.target] if p.target in tensors else (p.args[0] if p.args else None)
+                       for p in placeholders}, origin=cv.origin())
+    cv.unsupported.extend(sub.unsupported)
+    return UNKNOWN if sub.unsupported else result
+
+
+def _contains_value(x: Any) -> bool:
+    if isinstance(x, (tuple, list)):
+        return any(_contains_value(i) for i in x)
+    if isinstance(x, dict):
+        return any(_contains_value(i) for i in x.values())
+    return isinstance(x, Value)
 
 
 def _skip(cv, args, kwargs, node):
@@ -626,6 +715,22 @@ def _m_dropout(cv, args, kwargs, node):
     return cv.emit("dropout", [args[0]], {"p": float(cv.modules[node.target].p)})
 
 
+def _m_layer_norm(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    return _layer_norm(cv, args[0], m.normalized_shape, cv.param(m, "weight"), cv.param(m, "bias"), m.eps)
+
+
+def _m_group_norm(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    return _group_norm(cv, args[0], m.num_groups, cv.param(m, "weight"), cv.param(m, "bias"), m.eps)
+
+
+def _m_instance_norm(cv, args, kwargs, node):
+    m = cv.modules[node.target]
+    return _instance_norm(cv, args[0], m.running_mean, m.running_var, cv.param(m, "weight"), cv.param(m, "bias"),
+                          m.running_mean is None, m.eps)
+
+
 MODULE_HANDLERS: dict[type, Callable] = {
     nn.Conv1d: _m_conv(1), nn.Conv2d: _m_conv(2),
     nn.ConvTranspose1d: _m_conv_transpose(1), nn.ConvTranspose2d: _m_conv_transpose(2),
@@ -642,6 +747,9 @@ MODULE_HANDLERS: dict[type, Callable] = {
     nn.AdaptiveAvgPool1d: _m_adaptive("avg", 1), nn.AdaptiveAvgPool2d: _m_adaptive("avg", 2),
     nn.AdaptiveMaxPool1d: _m_adaptive("max", 1), nn.AdaptiveMaxPool2d: _m_adaptive("max", 2),
     nn.Flatten: _m_flatten, nn.Dropout: _m_dropout, nn.Dropout1d: _m_dropout, nn.Dropout2d: _m_dropout,
+    nn.Dropout3d: _m_dropout, nn.AlphaDropout: _m_dropout, nn.FeatureAlphaDropout: _m_dropout,
+    nn.LayerNorm: _m_layer_norm, nn.GroupNorm: _m_group_norm, nn.InstanceNorm1d: _m_instance_norm,
+    nn.InstanceNorm2d: _m_instance_norm,
     nn.Identity: _unary("identity"), nn.Embedding: _m_embedding,
     nn.LocalResponseNorm: _module_unary("lrn", {"size": "size", "alpha": "alpha", "beta": "beta", "k": "k"}),
     nn.LSTM: _rnn_module("lstm"), nn.GRU: _rnn_module("gru"), nn.RNN: _rnn_module("rnn"),
@@ -688,6 +796,8 @@ def _f_adaptive(kind: str, nd: int):
 
 
 def _f_dropout(cv, args, kwargs, node):
+    """Every dropout variant is the identity in inference. A functional call with ``training=True`` written out
+    (``F.dropout(x, 0.5)``, whose default is True) is random even in eval mode; we convert it as inference."""
     return cv.emit("dropout", [args[0]], {"p": float(_arg(args, kwargs, 1, "p", 0.5))})
 
 
@@ -861,6 +971,8 @@ def _a_rnn(kind: str):
         directions = ("", "_reverse")[: 2 if bidirectional else 1]
         names = [f"{w}_l{layer}{d}" for layer in range(num_layers) for d in directions
                  for w in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_biases else ())]
+        if len(flat) != len(names):  # an LSTM with proj_size > 0 has a weight_hr per layer and direction
+            raise UnsupportedConstruct("LSTM proj_size > 0")
         attrs = {"hidden_size": int(flat[1].shape[1]), "num_layers": num_layers, "bidirectional": bidirectional,
                  "batch_first": batch_first, "bias": has_biases}
         if kind.startswith("rnn_"):
@@ -881,6 +993,169 @@ def _a_slice(cv, args, kwargs, node):
 def _a_select(cv, args, kwargs, node):
     x, dim, index = args[0], args[1], args[2]
     return _index_tensor(cv, x, tuple([slice(None)] * cv.dim(x, dim) + [index]))
+
+
+def _a_convolution(cv, args, kwargs, node):
+    x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+    nd = len(cv.shape(x)) - 2
+    if not transposed:
+        return _conv(cv, x, weight, bias, stride, padding, dilation, groups, nd)
+    if isinstance(weight, Value) or isinstance(bias, Value):
+        raise UnsupportedConstruct("weights computed at run time (weights must be parameters or constants)")
+    return cv.emit(f"conv_transpose{nd}d", [x], {"stride": _tuple(stride, nd), "padding": _tuple(padding, nd),
+                                                 "output_padding": _tuple(output_padding, nd), "groups": int(groups),
+                                                 "dilation": _tuple(dilation, nd)}, {"weight": weight, "bias": bias})
+
+
+def _a_addmm(cv, args, kwargs, node):
+    """``beta * bias + alpha * (x @ w)``: a ``linear`` when w is constant (export writes Linear as addmm(b, x, w.T))."""
+    bias, x, w = args[:3]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if isinstance(w, Value) or isinstance(bias, Value):
+        raise UnsupportedConstruct("addmm with run-time weights")
+    return cv.emit("linear", [x], {}, {"weight": (w * alpha).t().contiguous(), "bias": bias * beta})
+
+
+def _a_expand(cv, args, kwargs, node):
+    """``x.expand(*sizes)``: a broadcast, written as x + zeros(sizes) (the identity when no dim grows)."""
+    x, sizes = args[0], _shape_args(args[1:]) or list(kwargs.get("size", ()))
+    shape = cv.shape(x)
+    sizes = [s if s != -1 else shape[i - len(sizes) + len(shape)] for i, s in enumerate(sizes)]
+    if tuple(sizes) == tuple(shape):
+        return x
+    return cv.emit("add", [x, cv.value(torch.zeros(sizes, dtype=getattr(torch, cv.type(x).dtype)))])
+
+
+def _a_pool_with_indices(cv, args, kwargs, node):
+    """``aten.max_pool2d_with_indices``: (values, indices); only the values may be used."""
+    get = lambda i, n, d=None: _arg(args, kwargs, i, n, d)  # noqa: E731
+    nd = len(cv.shape(args[0])) - 2
+    out = _pool(cv, "max", nd, args[0], get(1, "kernel_size"), get(2, "stride"), get(3, "padding", 0),
+                get(4, "dilation", 1), get(5, "ceil_mode", False))
+    return out, None
+
+
+def _f_identity_in_inference(cv, args, kwargs, node):
+    """Stochastic depth, DropBlock, ``torch._assert``-free regularizers: identities with eval semantics (the
+    frontend always converts a model as in eval mode, whatever its ``training`` flags say)."""
+    return _arg(args, kwargs, 0, "input")
+
+
+def _layer_norm(cv, x, normalized_shape, weight, bias, eps):
+    if isinstance(weight, Value) or isinstance(bias, Value):
+        raise UnsupportedConstruct("layer norm with run-time weights")
+    shape = tuple(int(s) for s in normalized_shape)
+    if cv.shape(x)[len(cv.shape(x)) - len(shape):] != shape:
+        raise FrontendError(f"{cv.where()}: normalized_shape {shape} is not the trailing shape of {cv.shape(x)}")
+    return cv.emit("layer_norm", [x], {"normalized_shape": shape, "eps": float(eps)},
+                   {"weight": weight, "bias": bias})
+
+
+def _group_norm(cv, x, num_groups, weight, bias, eps):
+    if isinstance(weight, Value) or isinstance(bias, Value):
+        raise UnsupportedConstruct("group norm with run-time weights")
+    return cv.emit("group_norm", [x], {"num_groups": int(num_groups), "eps": float(eps)},
+                   {"weight": weight, "bias": bias})
+
+
+def _instance_norm(cv, x, running_mean, running_var, weight, bias, use_input_stats, eps):
+    """Instance norm = group norm with one group per channel; with running statistics (``use_input_stats`` false:
+    ``track_running_stats`` in eval mode) it is a batch norm."""
+    if any(isinstance(t, Value) for t in (running_mean, running_var, weight, bias)):
+        raise UnsupportedConstruct("instance norm with run-time weights")
+    if not use_input_stats and running_mean is not None:
+        return cv.emit("batch_norm", [x], {"eps": float(eps)}, {"running_mean": running_mean,
+                                                               "running_var": running_var, "weight": weight,
+                                                               "bias": bias})
+    return _group_norm(cv, x, cv.shape(x)[1], weight, bias, eps)
+
+
+def _f_instance_norm(cv, args, kwargs, node):
+    names = ("running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+    get = {n: _arg(args, kwargs, i + 1, n, {"use_input_stats": True, "eps": 1e-5}.get(n))
+           for i, n in enumerate(names)}
+    return _instance_norm(cv, args[0], get["running_mean"], get["running_var"], get["weight"], get["bias"],
+                          get["use_input_stats"], get["eps"])
+
+
+def _f_layer_norm(cv, args, kwargs, node):
+    get = lambda i, n, d=None: _arg(args, kwargs, i, n, d)  # noqa: E731
+    return _layer_norm(cv, args[0], get(1, "normalized_shape"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5))
+
+
+def _f_group_norm(cv, args, kwargs, node):
+    get = lambda i, n, d=None: _arg(args, kwargs, i, n, d)  # noqa: E731
+    return _group_norm(cv, args[0], get(1, "num_groups"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5))
+
+
+def _a_native_layer_norm(cv, args, kwargs, node):
+    """``aten.native_layer_norm``: (y, mean, rstd); only y may be used."""
+    return _layer_norm(cv, *args[:5]), None, None
+
+
+def _a_native_group_norm(cv, args, kwargs, node):
+    """``aten.native_group_norm(x, weight, bias, N, C, HxW, group, eps)``: (y, mean, rstd); only y may be used."""
+    x, weight, bias, _n, _c, _hw, groups, eps = args[:8]
+    return _group_norm(cv, x, groups, weight, bias, eps), None, None
+
+
+def _interpolate(cv, x, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                 recompute_scale_factor=None, antialias=False):
+    """``F.interpolate`` onto the ``interpolate`` op. A ``scale_factor`` is kept only where it maps coordinates
+    differently from in/out (torch uses 1/scale unless recompute_scale_factor); otherwise the sizes say it all."""
+    if antialias:
+        raise UnsupportedConstruct("antialias=True")
+    if mode not in ("nearest", "nearest-exact", "bilinear"):
+        raise UnsupportedConstruct(f"mode={mode!r} (supported: nearest, nearest-exact, bilinear)")
+    spatial = cv.shape(x)[2:]
+    if size is not None:
+        size, scales = _tuple(size, len(spatial)), None
+    elif scale_factor is None:
+        raise FrontendError(f"{cv.where()}: interpolate needs size or scale_factor")
+    else:
+        scales = tuple(float(f) for f in (scale_factor if isinstance(scale_factor, (tuple, list))
+                                          else [scale_factor] * len(spatial)))
+        size = tuple(int(math.floor(i * f)) for i, f in zip(spatial, scales))
+        if recompute_scale_factor or all(abs(1 / f - i / o) < 1e-12 for f, i, o in zip(scales, spatial, size)):
+            scales = None
+    return cv.emit("interpolate", [x], {"size": size, "mode": mode, "align_corners": bool(align_corners),
+                                        "scale_factor": scales})
+
+
+def _f_interpolate(cv, args, kwargs, node):
+    names = ("size", "scale_factor", "mode", "align_corners", "recompute_scale_factor", "antialias")
+    return _interpolate(cv, args[0], **{n: _arg(args, kwargs, i + 1, n) for i, n in enumerate(names)
+                                        if _arg(args, kwargs, i + 1, n) is not None})
+
+
+def _a_upsample(mode: str):
+    """``aten.upsample_{nearest,bilinear}2d[.vec]``: (x, output_size, [align_corners,] scales...)."""
+    def handler(cv, args, kwargs, node):
+        x, rest = args[0], list(args[1:])
+        size = rest.pop(0) if rest else kwargs.get("output_size")
+        align = bool(rest.pop(0)) if mode == "bilinear" else False
+        if node.target._overloadname == "vec":
+            scales = rest[0] if rest else kwargs.get("scale_factors")
+        else:  # .default: scales_h, scales_w (None when the size was given)
+            scales = None if size is not None or not rest or rest[0] is None else list(rest)
+        return _interpolate(cv, x, size=size if size else None, scale_factor=scales, mode=mode, align_corners=align)
+    return handler
+
+
+def _a_pad(mode: str):
+    """``aten.constant_pad_nd(x, pad, value)``, ``aten.reflection_pad2d(x, pad)``, ...: the ``pad`` op."""
+    def handler(cv, args, kwargs, node):
+        value = _arg(args, kwargs, 2, "value", 0.0) if mode == "constant" else 0.0
+        return cv.emit("pad", [args[0]], {"pad": tuple(int(p) for p in args[1]), "mode": mode, "value": float(value)})
+    return handler
+
+
+def _a_rsqrt(cv, args, kwargs, node):
+    return cv.emit("div", [cv.value(1.0, args[0]), cv.emit("sqrt", [args[0]])])
+
+
+def _a_reciprocal(cv, args, kwargs, node):
+    return cv.emit("div", [cv.value(1.0, args[0]), args[0]])
 
 
 FUNCTION_HANDLERS: dict[Any, Callable] = {}
@@ -923,7 +1198,34 @@ _register(_softmax("softmax"), F.softmax, torch.softmax, aten.softmax, aten._sof
 _register(_softmax("log_softmax"), F.log_softmax, torch.log_softmax, aten.log_softmax, aten._log_softmax)
 _register(_f_hardtanh, F.hardtanh, aten.hardtanh)
 _register(_f_clamp, torch.clamp, torch.clip, aten.clamp, aten.clip)
-_register(_f_dropout, F.dropout, torch.dropout, aten.dropout)
+_register(_f_dropout, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+          torch.dropout, torch.feature_dropout, torch.alpha_dropout, torch.feature_alpha_dropout, aten.dropout,
+          aten.feature_dropout, aten.alpha_dropout, aten.feature_alpha_dropout)
+_register(_skip, torch._assert, aten._assert_async, aten._assert_scalar, aten.sym_constrain_range_for_size)
+_register(_f_layer_norm, F.layer_norm, aten.layer_norm)
+_register(_f_group_norm, F.group_norm, aten.group_norm)
+_register(_f_instance_norm, F.instance_norm, aten.instance_norm)
+_register(_a_native_layer_norm, aten.native_layer_norm)
+_register(_a_native_group_norm, aten.native_group_norm)
+_register(_f_interpolate, F.interpolate, F.upsample)
+_register(_a_upsample("nearest"), aten.upsample_nearest1d, aten.upsample_nearest2d)
+_register(_a_upsample("nearest-exact"), aten._upsample_nearest_exact1d, aten._upsample_nearest_exact2d)
+_register(_a_upsample("bilinear"), aten.upsample_bilinear2d)
+_register(_a_pad("constant"), aten.constant_pad_nd)
+_register(_a_pad("reflect"), aten.reflection_pad1d, aten.reflection_pad2d)
+_register(_a_pad("replicate"), aten.replication_pad1d, aten.replication_pad2d)
+_register(_a_convolution, aten.convolution)
+_register(_a_addmm, aten.addmm)
+_register(_a_expand, aten.expand)
+_register(_a_pool_with_indices, aten.max_pool1d_with_indices, aten.max_pool2d_with_indices)
+_register(_f_adaptive("avg", 2), aten._adaptive_avg_pool2d)
+_register(_a_rsqrt, aten.rsqrt)
+_register(_a_reciprocal, aten.reciprocal)
+try:  # torchvision's fx-wrapped regularizers: identities in inference
+    from torchvision.ops import drop_block2d, drop_block3d, stochastic_depth
+    _register(_f_identity_in_inference, stochastic_depth, drop_block2d, drop_block3d)
+except ImportError:  # without torchvision, traced through like any wrapped function
+    pass
 _register(_f_cat("concat"), torch.cat, torch.concat, aten.cat, aten.concat)
 _register(_f_cat("stack"), torch.stack, aten.stack)
 _register(_f_flatten, torch.flatten, aten.flatten)
@@ -981,14 +1283,19 @@ METHOD_HANDLERS: dict[str, Callable] = {
 
 # ------------------------------------------------------------------------------------------------ entry point
 def from_torch(model: nn.Module, example_inputs: Sequence[torch.Tensor], name: str | None = None) -> Graph:
-    """Import ``model`` (put in eval mode) as a verified IR graph with static shapes from ``example_inputs``.
+    """Import ``model`` with inference (eval-mode) semantics as a verified IR graph with static shapes.
 
     Example::
 
-        graph = from_torch(torchvision_like_model, (torch.randn(1, 3, 224, 224),))
+        graph = from_torch(torchvision.models.efficientnet_b0(), (torch.randn(1, 3, 224, 224),))
 
-    Raises ``UnsupportedModelError`` listing every unsupported construct with its module path, or
-    ``FrontendError`` for anything else that cannot be imported.
+    The model is converted in eval mode (dropout and stochastic depth are identities, batch norm uses its running
+    statistics) whatever its current mode; every submodule's ``training`` flag is restored afterwards, so the
+    caller's model is left as it was. Paths, in order: torch.fx symbolic tracing (one IR node per known layer,
+    origins are module paths); when that tracing fails (Python control flow on tensors) or meets a construct we
+    cannot convert, ``torch.export`` decomposed to core ATen (``export_model``). Raises ``UnsupportedModelError``
+    listing every construct still unsupported with its module path, or ``FrontendError`` for anything else that
+    cannot be imported.
     """
     if not isinstance(model, nn.Module):
         raise FrontendError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -997,11 +1304,48 @@ def from_torch(model: nn.Module, example_inputs: Sequence[torch.Tensor], name: s
     if not example_inputs:
         raise FrontendError(f"{type(model).__name__}: example_inputs are required to fix input shapes and dtypes")
     example_inputs = tuple(example_inputs)
-    model = model.eval()
-    if isinstance(model, LEAF_MODULES):
-        model = _wrap_leaf_root(model, len(example_inputs))
-    gm, mode, out_spec = trace_model(model, example_inputs)
-    converter = _Converter(gm, name or type(model).__name__, mode, out_spec)
-    graph = converter.run(example_inputs)
-    log.debug("imported %s via %s: %d nodes", graph.name, mode, graph.number_of_nodes())
+    name = name or type(model).__name__
+    training = {module: module.training for module in model.modules()}
+    try:
+        model.eval()
+        root = _wrap_leaf_root(model, len(example_inputs)) if module_handler(model) is not None else model
+        return _import(root, example_inputs, name)
+    finally:
+        for module, flag in training.items():
+            module.training = flag
+
+
+def _import(model: nn.Module, example_inputs: tuple, name: str) -> Graph:
+    """Symbolic tracing first; torch.export when tracing fails or its graph has unsupported constructs."""
+    try:
+        gm = symbolic_trace(model)
+    except Exception as exc:  # TraceError, or user code that probes proxies
+        fx_failure: Exception = exc
+    else:
+        try:
+            return _Converter(gm, name, "symbolic_trace").run(example_inputs)
+        except UnsupportedModelError as exc:
+            fx_failure = exc
+    log.debug("%s: torch.fx path failed (%s); trying torch.export", name, _first_line(fx_failure))
+    try:
+        gm, out_spec = export_model(model, example_inputs)
+    except Exception as export_exc:
+        if isinstance(fx_failure, UnsupportedModelError):  # the fx path's list is the best account we have
+            raise UnsupportedModelError(name, fx_failure.unsupported,
+                                        f"the torch.export fallback failed: {_first_line(export_exc)}") from None
+        raise FrontendError(
+            f"{name}: cannot trace the model. torch.fx symbolic tracing failed with '{_first_line(fx_failure)}' "
+            f"and torch.export with '{_first_line(export_exc)}'. Make control flow independent of tensor values, "
+            "or export the model to ONNX.") from None
+    try:
+        graph = _Converter(gm, name, "torch.export", out_spec).run(example_inputs)
+    except UnsupportedModelError as export_failure:
+        if not isinstance(fx_failure, UnsupportedModelError):
+            raise
+        # The fx list names what the user wrote (``F.interpolate: mode='bicubic'``); export's decomposed ATen
+        # ops (``aten.index``) say less, so they are summarized in the note.
+        aten_ops = sorted({item.split(" (at ")[0].removeprefix("function ") for item in export_failure.unsupported})
+        raise UnsupportedModelError(name, fx_failure.unsupported, "torch.export's core-ATen graph has unsupported "
+                                    f"ops too: {', '.join(aten_ops)}") from None
+    log.debug("imported %s via torch.export: %d nodes", name, graph.number_of_nodes())
     return graph

@@ -205,7 +205,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
              tune: Tune | None = None, measure: bool = True,
              instruments: Sequence[Any] = ("verify-each",),
              progress: Callable[[str], None] | None = None, threads: int | None = None,
-             input_shapes: dict[str, Sequence[int]] | None = None) -> OptimizedModel:
+             input_shapes: dict[str, Sequence[int]] | None = None, winograd: bool = True) -> OptimizedModel:
     """Optimize and compile ``model`` for ``target``.
 
     Example::
@@ -226,6 +226,9 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     ``TVM_NUM_THREADS`` set by the user wins). No environment set-up is needed for full speed.
     ``input_shapes``: for an ONNX file, static shapes by input name that replace its declared (e.g. dynamic batch)
     dims, as onnxsim's ``--overwrite-input-shape``: ``optimize("m.onnx", input_shapes={"x": (1, 3, 224, 224)})``.
+    ``winograd``: False keeps every conv on the direct kernel (by default 3x3 stride-1 float32 convs with enough
+    channels run as Winograd F(4x4,3x3) or F(2x2,3x3) on CPU; ``python -m passes.cli explain winograd MODEL``
+    lists which).
     """
     step = progress or (lambda message: None)
     if _is_tensor(example_inputs):  # a bare tensor is the one input, not a sequence of its rows
@@ -266,7 +269,7 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     report.memory["weights_after"] = graph_weight_bytes(optimized)
     report.memory["activations_after"] = peak_activation_bytes(optimized)
 
-    backend_target = resolve_target(target)  # once: tuning and the build read the same target
+    backend_target = resolve_target(target, winograd=winograd)  # once: tuning and the build read it
     tiles = None
     if tune is not None:
         start = time.perf_counter()
@@ -276,6 +279,12 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     start = time.perf_counter()
     step(f"building for {target} with TVM")
     compiled = build(optimized, backend_target, tiles, threads)
+    if tiles and tune.rpc is None and compiled.target_kind == "llvm":
+        from backends.tvm.tune import keep_faster
+
+        step("timing the tuned build against the untuned one")
+        untuned = build(optimized, backend_target, None, threads)
+        compiled, report.tune["whole_model"] = keep_faster(compiled, untuned, example_inputs)
     seconds["build"] = time.perf_counter() - start
     if compiled.activation_bytes is not None:
         report.memory["activations_compiled"] = compiled.activation_bytes
@@ -296,6 +305,16 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
         report.latency_ms = compiled.time_ms(*example_inputs, number=1, repeat=7)
     report.seconds = seconds
     return OptimizedModel(optimized, compiled, report)
+
+
+def explain_winograd(graph, target: str = "llvm", winograd: bool = True) -> list[tuple[str, str]]:
+    """(node, decision) for each conv of an optimized ``graph``: the Winograd tile the backend builds it with on
+    ``target``, or why it keeps the direct kernel (``backends.tvm.select.explain_winograd``)."""
+    from backends.tvm.select import explain_winograd as explain
+    from backends.tvm.target import resolve_target
+
+    resolved = resolve_target(target, winograd=winograd)
+    return explain(graph, resolved.kind, resolved.lanes, resolved.winograd)
 
 
 def _tune(graph, target, tune: Tune) -> tuple[dict, dict]:

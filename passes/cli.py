@@ -151,7 +151,7 @@ def cmd_compile(args) -> int:
     opt = optimize(model, passes=passes, target=args.target, example_inputs=inputs, data=data, tune=tune,
                    measure=not args.no_measure and world.main, instruments=instruments, threads=args.threads,
                    progress=_progress if world.main and not args.json else None,  # --json: only errors on stderr
-                   input_shapes=_input_shapes(args.input_shape, args.model))
+                   input_shapes=_input_shapes(args.input_shape, args.model), winograd=not args.no_winograd)
     if not world.main:
         return EXIT_OK
     opt.save(args.output)
@@ -214,6 +214,8 @@ def cmd_explain(args) -> int:
     from passes.core.pipeline import Pipeline, resolve
     from passes.core.registry import get_pass_class
 
+    if args.pass_name == "winograd":
+        return _explain_winograd(args)
     target = get_pass_class(args.pass_name).name
     model, inputs = _model_and_inputs(args.model)
     graph = import_model(model, inputs, _input_shapes(args.input_shape, args.model))
@@ -231,6 +233,25 @@ def cmd_explain(args) -> int:
         mark = "skipped" if e.outcome.startswith("skipped.") else "REWRITTEN"
         reason = e.outcome.removeprefix("skipped.")
         print(f"  {mark:<9} {e.node:<28} ({e.origin}) {reason}{': ' + e.detail if e.detail else ''}")
+    return EXIT_OK
+
+
+def _explain_winograd(args) -> int:
+    """``explain winograd MODEL``: after the pipeline, which convs the CPU backend builds as Winograd and why not."""
+    from passes.api import explain_winograd, import_model
+    from passes.core.pass_base import PassContext
+    from passes.core.pipeline import Pipeline, resolve
+
+    model, inputs = _model_and_inputs(args.model)
+    graph = import_model(model, inputs, _input_shapes(args.input_shape, args.model))
+    Pipeline(resolve(args.passes if args.passes is not None else "default")).run(
+        graph, PassContext(example_inputs=tuple(inputs or ())))
+    rows = explain_winograd(graph, "llvm", winograd=not args.no_winograd)
+    chosen = sum(why.startswith("F(") for _, why in rows)
+    print(f"winograd: {chosen} of {len(rows)} conv(s) on llvm")
+    for node, why in rows:
+        mark = "WINOGRAD" if why.startswith("F(") else "direct"
+        print(f"  {mark:<9} {node:<28} ({', '.join(graph.nodes[node]['origin'])}) {why}")
     return EXIT_OK
 
 
@@ -299,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's input order along axis 0, optionally 'labels'")
     p.add_argument("--batch-size", type=int, default=32, help="batch size to cut --data into (default 32)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--no-winograd", action="store_true", help="keep every conv on the direct kernel (by default "
+                   "3x3 stride-1 fp32 convs with enough channels run as Winograd; see: explain winograd MODEL)")
     p.add_argument("-o", "--output", required=True, help="artifact folder to create (must not exist)")
     _threads_argument(p, "the latency measurement")
     _add_input_shape(p)
@@ -318,10 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_input_shape(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("explain", help="list every candidate a pass considers and why it was or was not rewritten")
-    p.add_argument("pass_name", metavar="PASS")
+    p = sub.add_parser("explain", help="list every candidate a pass considers and why it was or was not rewritten"
+                       " ('explain winograd MODEL': which convs the CPU backend builds as Winograd, and why not)")
+    p.add_argument("pass_name", metavar="PASS", help="a pass name, or 'winograd' (a kernel choice, not a pass)")
     p.add_argument("model")
     p.add_argument("--passes", default=None, help="pipeline to run before PASS (default: the default pipeline)")
+    p.add_argument("--no-winograd", action="store_true", help="with 'explain winograd': as compile --no-winograd")
     _add_input_shape(p)
     p.set_defaults(func=cmd_explain)
 

@@ -101,6 +101,9 @@ class Report:
             numbers = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in self.accuracy.items() if k != "reference")
             lines.append(f"  accuracy vs {self.accuracy.get('reference', 'reference')}: {numbers}")
+        if guard := self.tune.get("whole_model"):
+            lines.append(f"  tuning kept the {guard['kept']} build: tuned {guard['tuned_ms']:.3f} ms, untuned "
+                         f"{guard['untuned_ms']:.3f} ms in the model ({guard['rounds']} alternating rounds)")
         if self.latency_ms is not None:
             lines.append(f"  latency {self.latency_ms:.3f} ms (median, compiled)")
         for name, ms in self.baselines_ms.items():

@@ -93,6 +93,26 @@ def _bn(m):
     return m
 
 
+def _affine(m):
+    """Non-trivial affine parameters for LayerNorm / GroupNorm (their defaults are ones and zeros)."""
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.3, 0.3)
+    return m
+
+
+def _layer_norm2d():
+    """torchvision's ConvNeXt ``LayerNorm2d``: a LayerNorm subclass whose forward permutes to NHWC and back."""
+    from torchvision.models.convnext import LayerNorm2d
+    return _affine(LayerNorm2d(3))
+
+
+def _stochastic_depth():
+    from torchvision.ops import StochasticDepth
+    return Fn(lambda s, x: x + s.sd(F.relu(x)) + s.sd2(x), sd=StochasticDepth(0.3, "row"),
+              sd2=StochasticDepth(0.5, "batch"))
+
+
 IMG, SEQ = (1, 3, 9, 9), (1, 6, 4)
 CASES = [
     # ------------------------------------------------------------------ convolutions
@@ -120,6 +140,15 @@ CASES = [
     Case("batch_norm_no_affine", lambda: _bn(nn.BatchNorm2d(3, affine=False)), (IMG,)),
     Case("local_response_norm", lambda: nn.LocalResponseNorm(3, alpha=0.01, beta=0.75, k=2.0), ((1, 6, 5, 5),),
          ("lrn",)),
+    Case("layer_norm", lambda: _affine(nn.LayerNorm(5)), ((2, 3, 5),), ("layer_norm",)),
+    Case("layer_norm_2d_shape", lambda: _affine(nn.LayerNorm((4, 5), eps=1e-3)), ((2, 3, 4, 5),), ("layer_norm",)),
+    Case("layer_norm_convnext_nhwc", lambda: Fn(lambda s, x: s.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                                                + F.layer_norm(x, (9,)), ln=_affine(nn.LayerNorm(3))), (IMG,),
+         ("layer_norm", "permute")),
+    Case("layer_norm2d_subclass", _layer_norm2d, (IMG,), ("layer_norm", "permute")),
+    Case("group_norm", lambda: _affine(nn.GroupNorm(2, 6)), ((1, 6, 5, 5),), ("group_norm",)),
+    Case("group_norm_functional", lambda: Fn(lambda s, x: F.group_norm(x, 3, eps=1e-3)), ((2, 6, 4),),
+         ("group_norm",)),
     Case("linear", lambda: nn.Linear(6, 5), ((2, 6),), ("linear",)),
     Case("linear_3d_nobias", lambda: nn.Linear(4, 3, bias=False), ((2, 5, 4),)),
     Case("linear_functional", lambda: Fn(lambda s, x: F.linear(x, s.l.weight, s.l.bias), l=nn.Linear(6, 2)),
@@ -145,6 +174,14 @@ CASES = [
     Case("softmax_functional", lambda: Fn(lambda s, x: F.softmax(x, dim=1) + x.log_softmax(-1) +
                                           torch.softmax(x, 0)), ((3, 4),)),
     Case("dropout_functional", lambda: Fn(lambda s, x: F.dropout(x, 0.2, training=False)), ((2, 4),)),
+    Case("dropout_variants", lambda: Fn(
+        lambda s, x: s.d3(s.a(s.fa(F.dropout1d(x[0], 0.1, s.training)[None] + F.dropout2d(x, 0.1, s.training)
+                                   + F.alpha_dropout(x, 0.2, s.training)
+                                   + F.feature_alpha_dropout(x, 0.3, s.training)))),
+        d3=nn.Dropout3d(0.2), a=nn.AlphaDropout(0.1), fa=nn.FeatureAlphaDropout(0.1)), ((1, 4, 3, 5),)),
+    Case("stochastic_depth", _stochastic_depth, (IMG,)),
+    Case("act_gelu_tanh_functional", lambda: Fn(lambda s, x: F.gelu(x, approximate="tanh") + F.silu(x, inplace=False)
+                                                + F.relu(x * 1.0, inplace=True)), ((2, 8),), ("gelu", "silu")),
     # ------------------------------------------------------------------ pools
     Case("max_pool2d", lambda: nn.MaxPool2d(3, 2, padding=1), (IMG,), ("max_pool2d",)),
     Case("max_pool2d_ceil", lambda: nn.MaxPool2d(2, 2, ceil_mode=True), (IMG,)),
@@ -189,6 +226,19 @@ CASES = [
     Case("pad_functional", lambda: Fn(lambda s, x: F.pad(x, (1, 2, 0, 1)) + 0 * F.pad(x, (1, 2, 0, 1),
                                                                                      mode="reflect")),
          (IMG,), ("pad",)),
+    Case("pad_modules", lambda: Fn(lambda s, x: s.zero(x) + s.const(x) + s.reflect(x) + s.replicate(x),
+                                   zero=nn.ZeroPad2d((1, 2, 0, 1)), const=nn.ConstantPad2d((1, 2, 0, 1), 0.5),
+                                   reflect=nn.ReflectionPad2d((1, 2, 0, 1)),
+                                   replicate=nn.ReplicationPad2d((1, 2, 0, 1))),
+         (IMG,), ("pad",)),
+    Case("upsample_nearest_scale", lambda: nn.Upsample(scale_factor=2), ((1, 2, 4, 5),), ("interpolate",)),
+    Case("upsample_bilinear_align_corners", lambda: nn.UpsamplingBilinear2d(scale_factor=2), ((1, 2, 4, 5),),
+         ("interpolate",)),
+    Case("upsample_nearest_size_module", lambda: nn.UpsamplingNearest2d(size=(7, 9)), ((1, 2, 4, 5),)),
+    Case("interpolate_functional", lambda: Fn(lambda s, x: F.interpolate(x, size=(6, 11), mode="bilinear")
+                                              + F.interpolate(x, size=(6, 11), mode="bilinear", align_corners=True)
+                                              + F.interpolate(x, size=(6, 11), mode="nearest-exact")),
+         ((1, 2, 4, 5),), ("interpolate",)),
     Case("channel_shuffle", lambda: Fn(lambda s, x: x.view(1, 2, 2, 5, 5).transpose(1, 2).contiguous()
                                        .view(1, 4, 5, 5)), ((1, 4, 5, 5),)),
     Case("squeeze_excitation", lambda: Fn(

@@ -44,6 +44,7 @@ from backends.tvm.select import (
     select_kernels,
 )
 from backends.tvm.target import Target, resolve_target
+from backends.tvm.winograd import WinogradSpec, winograd_kernel
 from passes.ir.graph import Graph, Value
 from passes.ir.ops import activation_of
 
@@ -76,13 +77,37 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
     return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, spec.dtype)))
 
 
+def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, residual: relax.Expr | None = None
+                         ) -> relax.Expr:
+    """``call_tir`` of our Winograd kernel; the weights go in transformed (U = G g G^T, packed) at compile time."""
+    name = f"conv2d_winograd{spec.tile}_{ctx.node}"
+    gv = ctx.bb.add_func(winograd_kernel(spec).with_attr("global_symbol", name), name)
+    args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), "float32")]
+    if spec.has_bias:
+        args.append(ctx.const(ctx.params["bias"], "float32"))
+    if residual is not None:
+        args.append(residual)
+    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "float32")))
+
+
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
-    """Always our single fused kernel: the point of the op is that the conv output is never materialized."""
-    if ctx.choice.kernel == "blocked_conv_pool":  # select.blocked_then_pool: the blocked conv, then the pool
+    """Our single fused kernel (the conv output is never materialized), except where the conv runs as Winograd or
+    as the blocked conv (``select.blocked_then_pool``): then that kernel (bias and activation fused) and the pool
+    after it."""
+    if ctx.choice.kernel == "blocked_conv_pool":
         a, y = ctx.attrs, call_conv_kernel(ctx, xs[0], ctx.choice.spec)
         pool = R.nn.max_pool2d if a["pool"] == "max" else R.nn.avg_pool2d
         return ctx.emit(pool(y, pool_size=a["pool_kernel"], strides=a["pool_stride"], ceil_mode=a["pool_ceil_mode"]))
+    if ctx.choice.kernel == "winograd":
+        a = ctx.attrs
+        y = call_winograd_kernel(ctx, xs[0], ctx.choice.spec)
+        pool = R.nn.max_pool2d if a["pool"] == "max" else R.nn.avg_pool2d
+        y = ctx.emit(pool(y, pool_size=a["pool_kernel"], strides=a["pool_stride"],
+                          padding=tuple(a["pool_padding"]) * 2, ceil_mode=a["pool_ceil_mode"]))
+        if static_shape(y) != ctx.out_type().shape:
+            raise ctx.fail(f"TVM's pooling gives shape {static_shape(y)}, torch {ctx.out_type().shape}")
+        return y
     if ctx.choice.kernel != "conv":
         spec = conv_spec_of(ctx.graph, ctx.node, ctx.target.lanes)
         raise ctx.fail(f"no fused kernel for activation {spec.activation!r} / pool {spec.pool!r} with padding "
@@ -96,6 +121,8 @@ def _conv(ctx, xs):
     nd = len(a["stride"])
     if ctx.choice.kernel == "conv":
         return call_conv_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
+    if ctx.choice.kernel == "winograd":
+        return call_winograd_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
@@ -568,7 +595,7 @@ def lower_graph(graph: Graph, target: Target | str | dict = "llvm", cores: int |
     params = [relax.Var(name, relax.TensorType(t.shape, t.dtype))
               for name, t in zip(graph.inputs, graph.input_types())]
     env: dict[Value, relax.Expr] = {Value(n, 0): v for n, v in zip(graph.inputs, params)}
-    selection = select_kernels(graph, target.kind, target.lanes)
+    selection = select_kernels(graph, target.kind, target.lanes, target.winograd)
     with bb.function("main", params=params):
         with bb.dataflow():
             for node in graph.topo_order():

@@ -17,6 +17,8 @@ from backends.tvm.recurrent import (
     integer_layout,
     integer_recurrent_kernel,
     pack_integer_weights,
+    part_major_rows,
+    parts_for,
     recurrent_kernel,
 )
 
@@ -161,6 +163,9 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
     rnn = _Layers.of(ctx, xs, kind)
     hidden, directions, steps, batch, x = rnn.hidden, rnn.directions, rnn.steps, rnn.batch, rnn.x
     zeros = np.zeros(GATES[kind] * hidden, np.float32)
+    # a lone direction on CPU is split over the cores by hidden units (gate rows reordered part-major)
+    parts = parts_for(hidden, directions, ctx.target.cores) if ctx.target_kind == "llvm" else 1
+    rows = slice(None)
     final_h, final_c = [], []
     for layer in range(rnn.layers):
         suffixes = rnn.suffixes(layer)
@@ -177,12 +182,14 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
             xp = ctx.emit(R.reshape(xp, (steps, batch, -1)))
             func = cuda_rnn.cuda_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
         else:
-            xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, bias)
-            func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
+            rows = part_major_rows(kind, hidden, parts) if parts > 1 else slice(None)
+            xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih[rows], bias[rows])
+            func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"),
+                                    ctx.target.lanes, parts)
         func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
         gv = ctx.bb.add_func(func, name)
-        w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
-        b_hh_rows = np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1))
+        w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s][rows].T) for s in suffixes])
+        b_hh_rows = np.tile(np.concatenate(b_hh)[rows].reshape(1, 1, -1), (1, batch, 1))
         args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), rnn.initial(1, layer),
                 rnn.initial(2, layer)]
         x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), rnn.state_type)

@@ -44,51 +44,78 @@ from backends.tvm.kernels import ceil_to, fast_sigmoid, fast_tanh, largest_divis
 from backends.tvm.qkernels import DEPTH, LANES, vpdpbusd
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators
+GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators (the integer kernel's block; float: ``gate_block``)
 
 
-def gate_block(gates: int) -> int:
-    return largest_divisor(gates, GATE_BLOCK)
+def gate_block(gates: int, lanes: int = 16) -> int:
+    """Gate rows accumulated in registers at once: 8 vector registers (128 floats on AVX-512, 64 on AVX2, whose
+    16 registers would all be accumulators at 128 and spill)."""
+    return largest_divisor(gates, 8 * lanes)
 
 
-def cell_macro(kind: str, hidden: int, stride: int, nonlinearity: str):
-    """The gate math of one step, given ``pre`` (LSTM/RNN: every gate's pre-activation; GRU: W_hh h + b_hh, the
-    input part read from xp, whose direction ``d`` starts at column ``d * stride``)."""
-    H, G = hidden, stride
+def parts_for(hidden: int, directions: int, cores: int) -> int:
+    """Threads that share one direction's recurrence: one direction alone would use one core, so its hidden units
+    are split across the cores (each part at least 64 units: below that a per-step parallel launch costs more than
+    the part's work); with two directions each direction has a core."""
+    if directions > 1 or cores < 2:
+        return 1
+    return max([p for p in range(1, cores + 1) if hidden % p == 0 and hidden // p >= 64], default=1)
+
+
+def part_major_rows(kind: str, hidden: int, parts: int) -> np.ndarray:
+    """Row order that makes each part's gates contiguous: gate-major rows [i; f; g; o] (each ``hidden`` long)
+    become part-major [i_0 f_0 g_0 o_0 | i_1 f_1 g_1 o_1 | ...], part p holding hidden units p*H/P .. (p+1)*H/P
+    of every gate. Applied at compile time to W_ih, W_hh and the biases; a part then is a small cell of its own."""
+    width = hidden // parts
+    gates = np.arange(GATES[kind] * hidden).reshape(GATES[kind], parts, width)
+    return gates.transpose(1, 0, 2).reshape(-1)
+
+
+def cell_macro(kind: str, width: int, nonlinearity: str):
+    """The gate math of one step for ``width`` hidden units, given ``pre`` (LSTM/RNN: the units' gate
+    pre-activations, gate-major ``[i; f; g; o]`` of ``width`` each; GRU: W_hh h + b_hh, the input part read from
+    xp at column ``xcol``). h is read at ``h[hin + j]`` and written at ``h[hout + j]`` (the same place when one
+    thread owns the whole state; two buffers when parts run in parallel), c at ``c[cof + j]``, y at column
+    ``ycol``."""
+    W = width
     relu = nonlinearity == "relu"
 
     @T.macro
-    def cell(xp, b_hh, pre, n, h, c, y, t, b, d):
+    def cell(xp, pre, n, h, c, y, t, b, xcol, hin, hout, cof, ycol):
         if kind == "lstm":
-            for j in T.vectorized(H):
-                c[j] = fast_sigmoid(pre[H + j]) * c[j] + fast_sigmoid(pre[j]) * fast_tanh(pre[2 * H + j])
-                h[j] = fast_sigmoid(pre[3 * H + j]) * fast_tanh(c[j])
-                y[t, b, d * H + j] = h[j]
+            for j in T.vectorized(W):
+                c[cof + j] = fast_sigmoid(pre[W + j]) * c[cof + j] + fast_sigmoid(pre[j]) * fast_tanh(pre[2 * W + j])
+                h[hout + j] = fast_sigmoid(pre[3 * W + j]) * fast_tanh(c[cof + j])
+                y[t, b, ycol + j] = h[hout + j]
         elif kind == "gru":  # pre holds W_hh h + b_hh; the input part comes from xp
-            for j in T.vectorized(H):
-                n[j] = fast_tanh(xp[t, b, d * G + 2 * H + j]
-                                 + fast_sigmoid(xp[t, b, d * G + j] + pre[j]) * pre[2 * H + j])
-            for j in T.vectorized(H):
-                h[j] = n[j] + fast_sigmoid(xp[t, b, d * G + H + j] + pre[H + j]) * (h[j] - n[j])
-                y[t, b, d * H + j] = h[j]
+            for j in T.vectorized(W):
+                n[j] = fast_tanh(xp[t, b, xcol + 2 * W + j]
+                                 + fast_sigmoid(xp[t, b, xcol + j] + pre[j]) * pre[2 * W + j])
+            for j in T.vectorized(W):
+                h[hout + j] = n[j] + fast_sigmoid(xp[t, b, xcol + W + j] + pre[W + j]) * (h[hin + j] - n[j])
+                y[t, b, ycol + j] = h[hout + j]
         else:
-            for j in T.vectorized(H):
-                h[j] = T.max(pre[j], T.float32(0)) if relu else fast_tanh(pre[j])
-                y[t, b, d * H + j] = h[j]
+            for j in T.vectorized(W):
+                h[hout + j] = T.max(pre[j], T.float32(0)) if relu else fast_tanh(pre[j])
+                y[t, b, ycol + j] = h[hout + j]
 
     return cell
 
 
 def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions: int,
-                     nonlinearity: str = "tanh") -> tirx.PrimFunc:
+                     nonlinearity: str = "tanh", lanes: int = 16, parts: int = 1) -> tirx.PrimFunc:
     """PrimFunc ``(xp, w_hh_t, b_hh, h0, c0, y, h_n, c_n)`` with shapes xp (T, B, D*G), w_hh_t (D, H, G),
-    b_hh (1, B, D*G) [GRU only; the others fold it into xp], h0/c0 (D, B, H), y (T, B, D*H), h_n/c_n (D, B, H)."""
+    b_hh (1, B, D*G) [GRU only; the others fold it into xp], h0/c0 (D, B, H), y (T, B, D*H), h_n/c_n (D, B, H).
+    ``parts`` > 1 (one direction): the gate rows of xp, w_hh_t and b_hh are in ``part_major_rows`` order and the
+    parts run in parallel each step (``_split_recurrent_kernel``)."""
+    if parts > 1:
+        return _split_recurrent_kernel(kind, steps, batch, hidden, nonlinearity, lanes, parts)
     H, D = hidden, directions
     G = GATES[kind] * H
-    GB = gate_block(G)
+    GB = gate_block(G, lanes)
     blocks = G // GB
     last = steps - 1
-    cell = cell_macro(kind, H, G, nonlinearity)
+    cell = cell_macro(kind, H, nonlinearity)
 
     @T.macro
     def project(out, acc, src, row, b, d, w, h):
@@ -123,10 +150,63 @@ def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions:
                         project(pre, acc, b_hh, 0, b, d, w, h)
                     else:
                         project(pre, acc, xp, step + d * (last - 2 * step), b, d, w, h)
-                    cell(xp, b_hh, pre, n, h, c, y, step + d * (last - 2 * step), b, d)
+                    cell(xp, pre, n, h, c, y, step + d * (last - 2 * step), b, d * G, 0, 0, 0, d * H)
                 for j in T.vectorized(H):
                     h_n[d, b, j] = h[j]
                     c_n[d, b, j] = c[j]
+
+    return kernel
+
+
+def _split_recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, nonlinearity: str, lanes: int,
+                            parts: int) -> tirx.PrimFunc:
+    """One direction's recurrence split over ``parts`` threads by hidden units: each step, part p computes its
+    ``K*H/P`` gate rows (``part_major_rows``: contiguous in xp, w_hh_t and b_hh) from the whole previous h and
+    updates its H/P units of c and h. Why: a lone direction on one core reads all of W_hh (4H x H floats: 1 MiB
+    for H=256, twice this core's L2) every step; split, each core reads its half. The parallel loop is per step
+    (its end is the barrier the next step's reads need) and h is double-buffered (step s reads h[s % 2], writes
+    h[(s+1) % 2]) so no part overwrites units another part is still reading."""
+    H, P, K = hidden, parts, GATES[kind]
+    W = H // P             # hidden units per part
+    PG = K * W             # gate rows per part
+    G = K * H
+    GB = gate_block(PG, lanes)
+    blocks = PG // GB
+    cell = cell_macro(kind, W, nonlinearity)
+
+    @T.prim_func
+    def kernel(xp: T.Buffer((steps, batch, G), "float32"), w: T.Buffer((1, H, G), "float32"),
+               b_hh: T.Buffer((1, batch, G), "float32"), h0: T.Buffer((1, batch, H), "float32"),
+               c0: T.Buffer((1, batch, H), "float32"), y: T.Buffer((steps, batch, H), "float32"),
+               h_n: T.Buffer((1, batch, H), "float32"), c_n: T.Buffer((1, batch, H), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        h = T.alloc_buffer((2 * H,), "float32")
+        c = T.alloc_buffer((H,), "float32")
+        for b in range(batch):
+            for j in T.vectorized(H):
+                h[j] = h0[0, b, j]
+                c[j] = c0[0, b, j]
+            for step in range(steps):
+                for p in T.parallel(P):
+                    pre = T.alloc_buffer((PG,), "float32")
+                    acc = T.alloc_buffer((GB,), "float32", scope="local")
+                    n = T.alloc_buffer((W,), "float32")
+                    for blk in range(blocks):
+                        for g in T.vectorized(GB):
+                            if kind == "gru":
+                                acc[g] = b_hh[0, b, p * PG + blk * GB + g]
+                            else:
+                                acc[g] = xp[step, b, p * PG + blk * GB + g]
+                        for k in range(H):
+                            for g in T.vectorized(GB):
+                                acc[g] = acc[g] + h[step % 2 * H + k] * w[0, k, p * PG + blk * GB + g]
+                        for g in T.vectorized(GB):
+                            pre[blk * GB + g] = acc[g]
+                    cell(xp, pre, n, h, c, y, step, b, p * PG, step % 2 * H + p * W, (step + 1) % 2 * H + p * W,
+                         p * W, p * W)
+            for j in T.vectorized(H):
+                h_n[0, b, j] = h[steps % 2 * H + j]
+                c_n[0, b, j] = c[j]
 
     return kernel
 
@@ -161,7 +241,7 @@ def integer_recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, dir
     blocks, groups, quads = Gp // GB, GB // LANES, Hp // DEPTH
     HL = largest_divisor(H, LANES)  # lanes of the min/max reduction over h
     last = steps - 1
-    cell = cell_macro(kind, H, Gp, nonlinearity)
+    cell = cell_macro(kind, H, nonlinearity)
 
     @T.macro
     def quantize_h(h, q, lo, hi, sz):
@@ -239,7 +319,7 @@ def integer_recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, dir
                 for step in range(steps):
                     quantize_h(h, q, lo, hi, sz)
                     project(pre, acc, xp, step + d * (last - 2 * step), b, d, q, w, row_sum, scale, b_hh, sz)
-                    cell(xp, b_hh, pre, n, h, c, y, step + d * (last - 2 * step), b, d)
+                    cell(xp, pre, n, h, c, y, step + d * (last - 2 * step), b, d * Gp, 0, 0, 0, d * H)
                 for j in T.vectorized(H):
                     h_n[d, b, j] = h[j]
                     c_n[d, b, j] = c[j]

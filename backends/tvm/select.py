@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from backends.tvm import cuda_rnn
+from backends.tvm import cuda_rnn, winograd
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
+from backends.tvm.winograd import WinogradSpec
 from passes.ir.graph import Graph, Value
 
 
@@ -104,23 +105,28 @@ class Choice:
     """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool;
     ``dense``: ``kernels.dense_kernel``; ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``:
     ``qkernels.depthwise_kernel``; ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel;
-    ``integer_recurrent``: the dynamic int8 RNNs; ``blocked_conv_pool``: a conv2d_pool as the blocked conv, ``spec``
+    ``integer_recurrent``: the dynamic int8 RNNs; ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1
+    convs where its cost rule says it pays; ``blocked_conv_pool``: a conv2d_pool as the blocked conv, ``spec``
     without its pool, then the pool as a Relax op) or ``relax`` (TVM's Relax ops, scheduled by ``schedule.py``).
-    ``spec``: the conv/dense kernel's spec, which is also its tuning task."""
+    ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning tasks)."""
 
     kernel: str
-    spec: ConvSpec | DenseSpec | None = None
+    spec: ConvSpec | DenseSpec | WinogradSpec | None = None
 
 
 RELAX = Choice("relax")
 
 
-def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> Choice:
+def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_winograd: bool = True) -> Choice:
     """The kernel that lowers ``node`` on ``target_kind`` ("llvm" | "cuda"); kernel tiles sized for ``lanes``-wide
-    vectors (``Target.lanes``)."""
+    vectors (``Target.lanes``); ``allow_winograd``: False keeps every conv on the direct kernel."""
     data = graph.nodes[node]
     op = data["op"]
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
+    cpu_conv = target_kind == "llvm" and isinstance(spec, ConvSpec)  # the Winograd kernel is CPU-only
+    fast = winograd.choose(spec) if allow_winograd and cpu_conv else None
+    if fast is not None:
+        return Choice("winograd", fast)
     if spec is not None and blocked_then_pool(spec, target_kind):
         return Choice("blocked_conv_pool", spec.without_pool())
     if spec is not None:
@@ -149,6 +155,26 @@ def blocked_then_pool(spec: ConvSpec | DenseSpec, target_kind: str) -> bool:
             and spec.without_pool().blocked)
 
 
+def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True
+                     ) -> list[tuple[str, str]]:
+    """(node, decision) for every conv2d / conv2d_pool: "F(4x4,3x3)", or why the direct kernel stays
+    (``winograd.refusal``, or the switch). What ``python -m passes.cli explain winograd MODEL`` prints."""
+    rows = []
+    for node in graph.topo_order():
+        if graph.nodes[node]["op"] not in ("conv2d", "conv2d_pool"):
+            continue
+        choice = choose(graph, node, target_kind, lanes, allow_winograd)
+        if choice.kernel == "winograd":
+            rows.append((node, f"F({choice.spec.tile}x{choice.spec.tile},3x3)"))
+        elif not allow_winograd:
+            rows.append((node, "Winograd turned off"))
+        elif choice.kernel not in ("conv", "blocked_conv_pool"):
+            rows.append((node, f"lowered by {choice.kernel!r}, not our conv kernel ({target_kind})"))
+        else:
+            rows.append((node, winograd.refusal(choice.spec)))
+    return rows
+
+
 @dataclass(frozen=True)
 class Selection:
     """Every node's ``Choice`` on one target, decided once per graph, and the values our integer conv kernels
@@ -162,7 +188,7 @@ class Selection:
         return self.choices[node]
 
 
-def select_kernels(graph: Graph, target_kind: str, lanes: int = 16) -> Selection:
-    choices = {node: choose(graph, node, target_kind, lanes) for node in graph.topo_order()
+def select_kernels(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True) -> Selection:
+    choices = {node: choose(graph, node, target_kind, lanes, allow_winograd) for node in graph.topo_order()
                if graph.nodes[node]["op"] != "input"}
     return Selection(target_kind, choices, nhwc_values(graph, target_kind))

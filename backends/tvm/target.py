@@ -6,6 +6,7 @@ per build; lowering, kernel selection and tuning read it instead of re-deriving 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -55,13 +56,16 @@ def cpu_has(feature: str, target: Any = "llvm") -> bool:
 class Target:
     """What the backend builds for, resolved once: ``kind`` ("llvm" | "cuda"), ``cpu`` (LLVM's mcpu, "" for cuda),
     ``cores`` (threads our CPU kernels are split for; 1 for cuda), ``features`` (those of ``FEATURES`` the CPU has)
-    and ``tvm``, the ``tvm.target.Target`` that ``tvm.compile`` takes."""
+    and ``tvm``, the ``tvm.target.Target`` that ``tvm.compile`` takes. ``winograd``: whether 3x3 stride-1 convs may
+    use the Winograd kernel where its cost rule picks it (``optimize(..., winograd=False)`` turns it off); on the
+    target so that kernel selection, tuning and the build all read the one decision."""
 
     tvm: tvm.target.Target
     kind: str
     cpu: str
     cores: int
     features: frozenset[str]
+    winograd: bool = True
 
     @property
     def vnni(self) -> bool:
@@ -78,17 +82,20 @@ class Target:
         return 16 if "avx512f" in self.features else 8 if "avx2" in self.features else 4
 
 
-def resolve_target(target: str | dict | tvm.target.Target | Target = "llvm", cores: int | None = None) -> Target:
+def resolve_target(target: str | dict | tvm.target.Target | Target = "llvm", cores: int | None = None,
+                   winograd: bool | None = None) -> Target:
     """The ``Target`` for a name (``"llvm"``, ``"cuda"``), a TVM target dict or object; ``cores`` overrides the
-    llvm target's ``num-cores`` (our kernels' thread split)."""
+    llvm target's ``num-cores`` (our kernels' thread split), ``winograd`` the Winograd switch (default on)."""
+    if winograd is None:
+        winograd = target.winograd if isinstance(target, Target) else True
     if isinstance(target, Target) and cores is None:
-        return target
+        return target if target.winograd == winograd else dataclasses.replace(target, winograd=winograd)
     tvm_target = make_target(target.tvm if isinstance(target, Target) else target)
     kind = tvm_target.kind.name
     if kind != "llvm":
-        return Target(tvm_target, kind, "", 1, frozenset())
+        return Target(tvm_target, kind, "", 1, frozenset(), winograd)
     from tvm.target.codegen import target_has_features
 
     found = frozenset(f for f in FEATURES if target_has_features([f], tvm_target))
     cores = cores if cores is not None else int(tvm_target.attrs.get("num-cores", 1))
-    return Target(tvm_target, kind, str(tvm_target.attrs.get("mcpu", "")), cores, found)
+    return Target(tvm_target, kind, str(tvm_target.attrs.get("mcpu", "")), cores, found, winograd)

@@ -82,8 +82,8 @@ def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]
 
     found: dict[Spec, list[str]] = {}
     target = resolve_target(target)
-    for node, choice in select_kernels(graph, target.kind, target.lanes).choices.items():
-        if choice.spec is not None:
+    for node, choice in select_kernels(graph, target.kind, target.lanes, target.winograd).choices.items():
+        if choice.kernel in ("conv", "dense"):  # Winograd kernels keep their default blocking (not tuned yet)
             found.setdefault(choice.spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
     return sorted(tasks, key=lambda t: -t.flops)
@@ -348,11 +348,38 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
         tile = db.best_tile(task_key(task.spec, target))
         if tile is not None:
             best[task.spec] = tile
+    tuned_tasks = len(best)
+    remeasured = _remeasure(tasks, best, target) if rpc is None else 0
     report = {"new_trials": new_trials, "failed_trials": failures, "trials_budget": trials,
-              "tasks": len(tasks), "tuned_tasks": len(best), "database": str(db.folder),
+              "tasks": len(tasks), "tuned_tasks": tuned_tasks, "database": str(db.folder),
               "runner": runner.name if runner else "none (all planned trials already in the database)",
-              "skipped_lines": dict(db.skipped), "seconds": round(time.perf_counter() - start, 2)}
+              "skipped_lines": dict(db.skipped), "remeasured_default_kept": remeasured,
+              "seconds": round(time.perf_counter() - start, 2)}
     return best, report
+
+
+def _remeasure(tasks: list[TuneTask], best: dict[Spec, Tile], target: Target, rounds: int = 3) -> int:
+    """Re-time each task's best tile against its default tile, alternating, with more repeats than a trial.
+
+    A trial is one short timing on a shared machine; the best of many such timings is biased low (the minimum of
+    noisy samples), so a tile can win by luck. Here the winner and the default are built again and timed in
+    ``rounds`` alternating rounds; the default is kept (``best`` drops the task) unless the winner's median is
+    lower. Returns how many tasks kept their default."""
+    runner, kept_default = LocalRunner(number=10, repeat=3), 0
+    for task in tasks:
+        tile = best.get(task.spec)
+        default = default_dense_tile(task.spec) if isinstance(task.spec, DenseSpec) else default_tile(task.spec)
+        if tile is None or tile == default:
+            continue
+        builds = [build_candidate(task, t, target) for t in (tile, default)]
+        times: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for samples, (lib, func) in zip(times, builds):
+                samples.append(runner.measure(lib, func))
+        if np.median(times[0]) >= np.median(times[1]):
+            del best[task.spec]
+            kept_default += 1
+    return kept_default
 
 
 def _advance(bar, task: TuneTask, index: int, count: int, best: float | None) -> None:
@@ -381,3 +408,23 @@ def tuned_tiles(graph: Graph, target: Target, database: str | os.PathLike,
         if tile is not None:
             best[task.spec] = tile
     return best
+
+
+# ------------------------------------------------------------------------------------------ whole-model guard
+def keep_faster(tuned, untuned, inputs: tuple, rounds: int = 5, margin: float = 0.02) -> tuple[Any, dict[str, Any]]:
+    """The faster of two builds of one model (``CompiledModule``: tuned tiles, default tiles), timed in the model.
+
+    Why: a tile is chosen from its kernel timed alone (its weights and input hot in cache, the other kernels
+    absent), and such timings are noisy on a shared machine; in the model a tile that won alone can lose. So both
+    builds run ``rounds`` alternating rounds on the example inputs (TVM's time evaluator, no Python overhead) and
+    the tuned build is kept only when its median is below the untuned median by more than ``margin``: tuning is
+    then never slower than not tuning, as far as this machine can tell. Returns (the build kept, a report entry).
+    """
+    tuned_ms, untuned_ms = [], []
+    for _ in range(rounds):
+        tuned_ms.append(tuned.time_ms(*inputs, number=3, repeat=3))
+        untuned_ms.append(untuned.time_ms(*inputs, number=3, repeat=3))
+    t, u = float(np.median(tuned_ms)), float(np.median(untuned_ms))
+    kept = "tuned" if t < u * (1 - margin) else "untuned"
+    entry = {"tuned_ms": round(t, 3), "untuned_ms": round(u, 3), "rounds": rounds, "kept": kept}
+    return (tuned if kept == "tuned" else untuned), entry

@@ -18,7 +18,7 @@ from torch import nn
 import passes
 from backends.tvm.kernels import DenseSpec, default_dense_tile, default_tile
 from backends.tvm.target import make_target
-from backends.tvm.tune import Database, extract_tasks, plan, task_key
+from backends.tvm.tune import Database, extract_tasks, keep_faster, plan, task_key
 from frontend.torch_fx import from_torch
 from tests.conftest import ROOT
 from tests.helpers import assert_outputs_close
@@ -39,12 +39,35 @@ def test_tuning_persists_and_a_second_compile_runs_zero_trials(tmp_path):
     first = passes.optimize(model, example_inputs=xs, tune=tune, measure=False)
     report = first.report.to_dict()["tune"]
     assert report["new_trials"] >= 8 and report["tasks"] == 3 and report["tuned_tasks"] == 3
+    assert 0 <= report["remeasured_default_kept"] <= 3  # winners re-timed against the default tile
+    guard = report["whole_model"]  # the tuned build was timed against the untuned one in the model
+    assert guard["kept"] in ("tuned", "untuned") and guard["tuned_ms"] > 0 and guard["untuned_ms"] > 0
+    assert "tuning kept the" in first.report.summary()
     with torch.no_grad():
         assert_outputs_close(model(*xs), first(*xs))
     second = passes.optimize(model, example_inputs=xs, tune=tune, measure=False)
     assert second.report.to_dict()["tune"]["new_trials"] == 0
     records = Database(tmp_path / "db").records()
     assert len(records) == report["new_trials"] and all(r["ms"] is not None for r in records)
+
+
+class _Timed:
+    """A stand-in build whose model latency is known (the decision rule under test, not the timer)."""
+
+    def __init__(self, ms: float):
+        self.ms, self.calls = ms, 0
+
+    def time_ms(self, *inputs, number: int, repeat: int) -> float:
+        self.calls += 1
+        return self.ms
+
+
+@pytest.mark.parametrize("tuned_ms, kept", [(8.0, "tuned"), (10.0, "untuned"), (9.9, "untuned"), (12.0, "untuned")])
+def test_the_tuned_build_is_kept_only_when_it_is_faster_in_the_model(tuned_ms, kept):
+    tuned, untuned = _Timed(tuned_ms), _Timed(10.0)
+    chosen, entry = keep_faster(tuned, untuned, (), rounds=3)
+    assert entry["kept"] == kept and chosen is (tuned if kept == "tuned" else untuned)
+    assert tuned.calls == untuned.calls == 3  # alternating rounds, both timed every round
 
 
 def test_keys_include_target_and_tvm_version(monkeypatch):

@@ -12,7 +12,6 @@ import onnx
 import pytest
 import torch
 
-from frontend.errors import UnsupportedModelError
 from frontend.onnx import from_onnx
 from frontend.torch_fx import from_torch
 from passes.ir.interpret import run_reference
@@ -28,11 +27,6 @@ FAMILIES = {"resnet18": 64, "resnext50_32x4d": 64, "densenet121": 64, "squeezene
             "efficientnet_v2_s": 64, "regnet_x_400mf": 64, "regnet_y_400mf": 64, "convnext_tiny": 64,
             "googlenet": 64, "inception_v3": 96, "alexnet": 224}
 
-
-# What the PyTorch frontend still refuses (issue 19 is open): each must be refused with the one clear error naming
-# the construct, while the ONNX path already matches PyTorch on them.
-TORCH_FRONTEND_GAPS = {"convnext_tiny": "layer_norm", "efficientnet_b0": "stochastic_depth",
-                       "efficientnet_v2_s": "stochastic_depth"}
 
 
 def build(name: str) -> torch.nn.Module:
@@ -52,8 +46,4 @@ def test_onnx_path_agrees_with_pytorch_and_the_torch_path(name):
     via_onnx = run_reference(from_onnx(onnx.load_from_string(buffer.getvalue()), name=name), [x])
     with torch.no_grad():
         assert_outputs_close(model(x), via_onnx)
-    if name in TORCH_FRONTEND_GAPS:
-        with pytest.raises(UnsupportedModelError, match=TORCH_FRONTEND_GAPS[name]):
-            from_torch(model, (x,))
-        return
     assert_outputs_close(run_reference(from_torch(model, (x,)), [x]), via_onnx)

@@ -1,0 +1,327 @@
+"""Winograd convolution F(m x m, 3 x 3) for 3x3 stride-1 fp32 convs, m in {2, 4}, as ONE scheduled PrimFunc.
+
+Why: a direct 3x3 conv does 9 multiply-adds per output per input channel; Winograd's minimal filtering
+(Lavin & Gray 2015, arXiv 1509.09308) computes an m x m output tile from an alpha x alpha input tile (alpha = m + 2)
+with alpha^2 multiplies per channel pair: F(2x2,3x3) 16 instead of 36 (2.25x fewer), F(4x4,3x3) 36 instead of 144
+(4x fewer). For each tile d (alpha x alpha, per input channel c) and each output channel k:
+
+    U[k, c] = G g[k, c] G^T                 (alpha x alpha, weights: done once, at compile time, in numpy)
+    V[c, p] = B^T d[c, p] B                 (input transform of tile p)
+    M[k, p] = sum_c U[k, c] (.) V[c, p]     (alpha^2 independent GEMMs over c: where the time goes)
+    Y[k, p] = A^T M[k, p] A                 (m x m outputs of tile p, then bias, residual and activation)
+
+A, B, G come from TVM's Cook-Toom construction with the interpolation points of Barabasz et al. 2018 (arXiv
+1803.10986: 0, -1, 1 for F(2); 0, -1, 1, 1/2, -2 for F(4)), chosen for fp32 accuracy. The error grows with m
+(F(4) has coefficients up to 8 in A and 1/15 in G); ``tests/backends/test_winograd.py`` measures it per layer.
+
+CPU schedule (llvm; batch x tiles flattened into P tiles, padded to a multiple of the register tile's rows):
+
+    pad:   x[n, y, x, c]            channels-last zero-padded copy: each tile element is one vector of channels
+    V:     for p (parallel), c-vector:  V[e, v, p, c:c+lanes] = (B^T d B)[e, v]   (unrolled, zero coefficients gone)
+    M:     for (e, v) (parallel), oc-block, p-block:                               (the batched GEMM)
+               acc[pb tiles][ob channels] = 0                     # <= 12 ymm accumulators on AVX2
+               for c: acc[i][:] += V[e, v, p_i, c] * U[e, v, ob-block, c, :]     # broadcast x vector FMA
+    out:   for (n, oc-block, row of tiles) (parallel):
+               Y[tiles of the row, a, b, oc-block] = (A^T M A)[a, b]     (unrolled, vectors of channels; in cache)
+               out[n, k, y, x] = act(Y + bias [+ residual])              (NCHW, the graph's layout, row by row)
+
+Each transform computes its first half (B^T d, A^T M) into alpha x alpha local vectors, then the second half from
+them: 2 alpha^3 terms per tile and vector instead of alpha^4, the zero coefficients dropped at trace time.
+Not yet done: the input transform fused into the GEMM's tile loop (V is written to memory once and read by the
+GEMM: 36 P C floats, L2/L3-resident at ResNet sizes) and tuning of the blocking (``tune.py`` skips Winograd nodes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, accumulator_vectors, ceil_to, largest_divisor
+
+F32 = "float32"
+TILES = (2, 4)  # output tile sizes m of F(m x m, 3 x 3)
+
+
+@cache
+def transform_matrices(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(A^T (m x alpha), B^T (alpha x alpha), G (alpha x 3)) of F(m, 3), float64: Y = A^T [(G g G^T) . (B^T d B)] A."""
+    from tvm.topi.nn.winograd_util import _cook_toom_convolution, _interpolation_points
+
+    if m not in TILES:
+        raise ValueError(f"Winograd tile {m}: only F(2x2,3x3) and F(4x4,3x3) are built")
+    a, b, g = _cook_toom_convolution(_interpolation_points(m + 1), m, 3)
+    return np.asarray(a, np.float64).T, np.asarray(b, np.float64).T, np.asarray(g, np.float64)
+
+
+@dataclass(frozen=True)
+class WinogradSpec:
+    """One 3x3 stride-1 dilation-1 groups-1 fp32 conv [+bias] [+residual] [+activation] as F(tile x tile, 3x3)."""
+
+    in_shape: tuple[int, int, int, int]      # N, C, H, W
+    weight_shape: tuple[int, int, int, int]  # OC, C, 3, 3
+    padding: tuple[int, int]
+    has_bias: bool
+    activation: str = "none"
+    activation_params: tuple[float, ...] = ()
+    residual: bool = False                   # a second input added before the activation (fuse-conv-add)
+    tile: int = 4                            # m: output tile m x m
+    lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
+
+    @property
+    def alpha(self) -> int:
+        return self.tile + 2
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        n, _, h, w = self.in_shape
+        return n, self.weight_shape[0], h + 2 * self.padding[0] - 2, w + 2 * self.padding[1] - 2
+
+    @property
+    def tile_grid(self) -> tuple[int, int]:
+        """Tiles per image along rows and columns (the last ones may reach past the output: computed, not stored)."""
+        _, _, oh, ow = self.out_shape
+        return -(-oh // self.tile), -(-ow // self.tile)
+
+    @property
+    def tiles(self) -> int:
+        th, tw = self.tile_grid
+        return self.in_shape[0] * th * tw
+
+    @property
+    def oc_block(self) -> int:
+        """Output channels of a GEMM register tile: two vectors when the channels fill them, else one."""
+        oc = self.weight_shape[0]
+        return 2 * self.lanes if oc >= 2 * self.lanes else self.lanes
+
+    @property
+    def tile_block(self) -> int:
+        """Tiles of a GEMM register tile: accumulators = tile_block x oc_block / lanes vectors, within the
+        register budget (12 of AVX2's 16 ymm: the rest hold the weight vectors and the broadcast input)."""
+        return accumulator_vectors(self.lanes) // (self.oc_block // self.lanes)
+
+    @property
+    def padded_channels(self) -> int:
+        return ceil_to(self.weight_shape[0], self.oc_block)
+
+    @property
+    def padded_tiles(self) -> int:
+        return ceil_to(self.tiles, self.tile_block)
+
+    @property
+    def multiplies(self) -> int:
+        """Multiplies of the GEMM (the transforms are O(alpha^2 (C + OC) P), small next to it for wide layers)."""
+        return self.alpha ** 2 * self.tiles * self.weight_shape[0] * self.weight_shape[1]
+
+    def pack_weight(self, weight: np.ndarray) -> np.ndarray:
+        """U = G g G^T per (k, c), laid out (alpha, alpha, OC / oc_block, C, oc_block), zero channels appended:
+        the GEMM loads a contiguous vector of output channels per (e, v, c). Computed in float64, stored fp32."""
+        _, _, g = transform_matrices(self.tile)
+        oc, c = self.weight_shape[:2]
+        u = np.transpose(g @ np.asarray(weight, np.float64) @ g.T, (2, 3, 0, 1))  # (e, v, k, c)
+        u = np.pad(u, ((0, 0), (0, 0), (0, self.padded_channels - oc), (0, 0)))
+        u = u.reshape(self.alpha, self.alpha, self.padded_channels // self.oc_block, self.oc_block, c)
+        return np.ascontiguousarray(u.transpose(0, 1, 2, 4, 3)).astype(np.float32)
+
+
+def _combination(coefficients, values):
+    """sum_i coefficients[i] * values[i] without the zero terms (and without multiplying by +-1)."""
+    total = None
+    for coefficient, value in zip(coefficients, values):
+        if coefficient == 0:
+            continue
+        if coefficient in (1, -1):
+            term = value if coefficient == 1 else -value
+        else:
+            term = tirx.const(float(coefficient), F32) * value
+        total = term if total is None else total + term
+    return total if total is not None else tirx.const(0.0, F32)
+
+
+def _pick(index, expressions):
+    """expressions[index] for a loop variable ``index``: a Select chain that the unrolled loop folds away."""
+    chosen = expressions[-1]
+    for i in range(len(expressions) - 2, -1, -1):
+        chosen = tirx.Select(index == i, expressions[i], chosen)
+    return chosen
+
+
+def _half_transform(matrix: np.ndarray, element, row):
+    """sum_i matrix[row, i] * element(i) for a loop variable ``row``: one side of a tile transform
+    (X -> matrix X, then -> (matrix X) matrix^T), a few terms per row once the unrolled loop fixes ``row``."""
+    size, inner = matrix.shape
+    return _pick(row, [_combination(matrix[r], [element(i) for i in range(inner)]) for r in range(size)])
+
+
+def winograd_compute(spec: WinogradSpec) -> list[te.Tensor]:
+    """TE stages; returns the PrimFunc arguments [data, packed U, (bias,) (residual,) output]."""
+    n, c, h, w = spec.in_shape
+    oc = spec.weight_shape[0]
+    m, alpha, ob = spec.tile, spec.alpha, spec.oc_block
+    th, tw = spec.tile_grid
+    (ph, pw), tiles = spec.padding, spec.tiles
+    a_t, b_t, _ = transform_matrices(m)
+    data = te.placeholder(spec.in_shape, F32, name="data")
+    weight = te.placeholder((alpha, alpha, spec.padded_channels // ob, c, ob), F32, name="weight")
+    pad = te.compute((n, th * m + 2, tw * m + 2, c),
+                     lambda b, y, x, ch: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
+                                                           data[b, ch, y - ph, x - pw], tirx.const(0.0, F32)),
+                     name="pad")
+
+    def input_rows(e, j, p, ch):  # (B^T d)[e, j]
+        p = tirx.min(p, tiles - 1)  # the padded tail of the tile axis repeats the last tile (never stored)
+        b, t = p // (th * tw), p % (th * tw)
+        y0, x0 = (t // tw) * m, (t % tw) * m
+        return _half_transform(b_t, lambda i: pad[b, y0 + i, x0 + j, ch], e)
+
+    rows_v = te.compute((alpha, alpha, spec.padded_tiles, c), input_rows, name="BtD")
+    tiles_v = te.compute((alpha, alpha, spec.padded_tiles, c),
+                         lambda e, v, p, ch: _half_transform(b_t, lambda j: rows_v[e, j, p, ch], v), name="V")
+    rc = te.reduce_axis((0, c), "rc")
+    gemm = te.compute((alpha, alpha, spec.padded_tiles, spec.padded_channels),
+                      lambda e, v, p, k: te.sum(tiles_v[e, v, p, rc] * weight[e, v, k // ob, rc, k % ob], axis=rc),
+                      name="M")
+    rows_y = te.compute((m, alpha, tiles, oc), lambda i, v, p, k: _half_transform(
+        a_t, lambda e: gemm[e, v, p, k], i), name="AtM")
+    out_tiles = te.compute((tiles, m, m, oc), lambda p, i, j, k: _half_transform(
+        a_t, lambda v: rows_y[i, v, p, k], j), name="Y")
+    args = [data, weight]
+    bias = te.placeholder((oc,), F32, name="bias") if spec.has_bias else None
+    residual = te.placeholder(spec.out_shape, F32, name="residual") if spec.residual else None
+    args += [t for t in (bias, residual) if t is not None]
+    act = TE_ACTIVATIONS[spec.activation]
+
+    def finish(b, k, y, x):
+        v = out_tiles[(b * th + y // m) * tw + x // m, y % m, x % m, k]
+        v = v + bias[k] if bias is not None else v
+        v = v + residual[b, k, y, x] if residual is not None else v
+        return act(v, spec.activation_params)
+
+    return [*args, te.compute(spec.out_shape, finish, name="out")]
+
+
+def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
+    sch = Schedule(func)
+    lanes, ob, pb = spec.lanes, spec.oc_block, spec.tile_block
+    c, oc = spec.weight_shape[1], spec.weight_shape[0]
+    # pad: parallel over image rows, channels innermost (contiguous stores)
+    pad = sch.get_sblock("pad")
+    b, y, x, ch = sch.get_loops(pad)
+    sch.parallel(sch.fuse(b, y))
+    # V: per tile, a vector of channels through the unrolled transform
+    tv = sch.get_sblock("V")
+    e, v, p, ch = sch.get_loops(tv)
+    _tile_transform(sch, "BtD", p, (e, v), ch, largest_divisor(c, lanes))
+    sch.parallel(p)
+    # M: the batched GEMM, accumulators in registers
+    gemm = sch.get_sblock("M")
+    store = sch.cache_write(gemm, 0, "global")  # gemm now accumulates into a local tile; store writes it back
+    sch.set_scope(gemm, 0, "local")
+    e, v, p, k = sch.get_loops(store)
+    p_outer, p_inner = sch.split(p, [None, pb])
+    k_outer, k_inner = sch.split(k, [None, ob])
+    sch.reorder(e, v, k_outer, p_outer, p_inner, k_inner)
+    sch.vectorize(k_inner)
+    sch.compute_at(gemm, p_outer)
+    p_tile, k_tile, rc = sch.get_loops(gemm)[-3:]
+    sch.reorder(rc, p_tile, k_tile)
+    sch.unroll(p_tile)
+    sch.vectorize(k_tile)
+    sch.parallel(sch.fuse(e, v))
+    sch.decompose_reduction(gemm, rc)
+    # out: per image, block of output channels and row of tiles (parallel), the tiles' outputs Y computed into
+    # a cache-resident buffer (a row of tiles x m x m x the channel block), then stored row by row in NCHW
+    out = sch.get_sblock("out")
+    b, k, y, x = sch.get_loops(out)
+    k_block = largest_divisor(oc, 2 * lanes)
+    k_outer, k_inner = sch.split(k, [None, k_block])
+    y_tiles, y_inner = sch.split(y, [None, spec.tile])
+    sch.reorder(b, k_outer, y_tiles, y_inner, x, k_inner)
+    sch.unroll(k_inner)
+    task = sch.fuse(b, k_outer, y_tiles)
+    sch.parallel(task)
+    out_tiles = sch.get_sblock("Y")
+    sch.compute_at(out_tiles, task)
+    sch.set_scope(out_tiles, 0, "local")
+    p, i, j, k = sch.get_loops(out_tiles)[-4:]
+    _tile_transform(sch, "AtM", p, (i, j), k, largest_divisor(k_block, lanes))
+    return sch.mod["main"]
+
+
+def _tile_transform(sch: Schedule, half: str, tile, elements: tuple, channels, lanes: int) -> None:
+    """A tile transform's loops: per ``tile``, per vector of ``lanes`` channels, the tile's two ``elements`` loops
+    unrolled (their coefficients become constants, zero terms vanish) around the vector. Its first ``half``
+    (B^T d or A^T M) is computed there too, into a local buffer of alpha x alpha vectors."""
+    outer, inner = sch.split(channels, [None, lanes])
+    sch.reorder(tile, outer, *elements, inner)
+    block = sch.get_sblock(half)
+    sch.compute_at(block, outer)
+    sch.set_scope(block, 0, "local")
+    *half_elements, vector = sch.get_loops(block)[-3:]
+    for loop in (*half_elements, *elements):
+        sch.unroll(loop)
+    sch.vectorize(vector)
+    sch.vectorize(inner)
+
+
+def winograd_kernel(spec: WinogradSpec) -> tirx.PrimFunc:
+    """The scheduled PrimFunc ``(data, U[, bias][, residual], out)`` for ``spec`` (CPU)."""
+    func = schedule_cpu(spec, te.create_prim_func(winograd_compute(spec)))
+    return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
+
+
+# The cost rule (``choose``). Measured on Zen 3 (AVX2, 2 cores), direct kernel vs F(2)/F(4) per layer
+# (benchmarks/winograd_layers.py): see the README numbers; below these sizes the transforms and the padded tiles
+# cost more than the multiplies saved.
+MIN_CHANNELS = 32  # input and output channels
+MIN_OUTPUT = 7     # output rows and columns
+MIN_WORK = 64 * 64 * 7 * 7  # C x OC x OH x OW: below it (32 -> 32 channels on 7x7: 0.042 vs 0.037 ms) direct wins
+MIN_F4_OUTPUT = 28  # output rows and columns from which F(4x4) beats F(2x2) (``choose_tile``)
+
+
+def refusal(spec: ConvSpec) -> str | None:
+    """Why the conv ``spec`` does not run as Winograd (None: it does). One reason per refusal, for ``explain``."""
+    n, c, _, _ = spec.in_shape
+    oc, _, kh, kw = spec.weight_shape
+    _, _, oh, ow = spec.conv_shape
+    if spec.dtype != F32:
+        return f"dtype {spec.dtype}: Winograd is built for float32 only"
+    if (kh, kw) != (3, 3):
+        return f"kernel {kh}x{kw}: Winograd F(m, 3) needs 3x3"
+    if spec.stride != (1, 1):
+        return f"stride {spec.stride}: Winograd needs stride 1"
+    if spec.dilation != (1, 1):
+        return f"dilation {spec.dilation}: Winograd needs dilation 1"
+    if spec.groups != 1:
+        return f"groups {spec.groups}: Winograd is built for dense convs"
+    if spec.activation not in TE_ACTIVATIONS:
+        return f"activation {spec.activation!r} has no fused epilogue"
+    if min(c, oc) < MIN_CHANNELS:
+        return f"{c} -> {oc} channels: Winograd pays from {MIN_CHANNELS} in and out"
+    if min(oh, ow) < MIN_OUTPUT:
+        return f"output {oh}x{ow}: Winograd pays from {MIN_OUTPUT}x{MIN_OUTPUT}"
+    if c * oc * oh * ow < MIN_WORK:
+        return f"{c} -> {oc} channels on {oh}x{ow}: too little work for the transforms to pay"
+    return None
+
+
+def choose_tile(spec: ConvSpec) -> int:
+    """F(4x4) on large maps: 4x fewer multiplies than direct against F(2x2)'s 2.25x. On small maps F(2x2) wins:
+    F(4)'s weights are 36/16 larger and each is reused by fewer tiles (a 14x14 map: 16 tiles of 4x4, 31% of them
+    past the edge, against 49 exact 2x2 tiles), so its GEMM waits on memory. Measured on Zen 3 over ResNet-18's
+    layers (``benchmarks/winograd_layers.py``): F(4) faster at 56x56 and 28x28, F(2) at 14x14 and 7x7."""
+    _, _, oh, ow = spec.conv_shape
+    return 4 if min(oh, ow) >= MIN_F4_OUTPUT else 2
+
+
+def choose(spec: ConvSpec) -> WinogradSpec | None:
+    """The Winograd kernel for the conv ``spec``, or None where the cost rule keeps the direct kernel. A fused pool
+    (conv2d_pool) is not part of it: the conv runs as Winograd and the pool after it (``lower.py``), which beats
+    the fused direct kernel where Winograd pays (VGG's convs are mostly conv + pool)."""
+    if refusal(spec) is not None:
+        return None
+    return WinogradSpec(spec.in_shape, spec.weight_shape, spec.padding, spec.has_bias, spec.activation,
+                        spec.activation_params, spec.residual, choose_tile(spec), spec.lanes)
