@@ -83,7 +83,7 @@ def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]
     found: dict[Spec, list[str]] = {}
     target = resolve_target(target)
     for node, choice in select_kernels(graph, target.kind, target.lanes, target.winograd).choices.items():
-        if choice.kernel in ("conv", "dense"):  # Winograd kernels keep their default blocking (not tuned yet)
+        if choice.kernel in ("conv", "blocked_conv_pool", "dense"):  # Winograd: its default blocking (not tuned)
             found.setdefault(choice.spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
     return sorted(tasks, key=lambda t: -t.flops)
