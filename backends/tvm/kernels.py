@@ -4,7 +4,14 @@ Why: TVM's untuned conv2d is a naive loop nest (~50x slower than a blocked kerne
 fuses a pool into a conv. The kernel is built from TE compute stages (pad -> conv -> epilogue -> pool) and then
 scheduled with ``tvm.s_tir.Schedule``:
 
-CPU (llvm), per output tile of ``oc_block`` channels x ``rows`` rows x ``width`` columns:
+CPU (llvm), ordinary (groups=1) and depthwise convs without a fused pool whose output channels fill vectors:
+the blocked (NCHWc) direct conv (``_blocked_compute``, ``_schedule_cpu_blocked``): input packed to NCHW[8]c with
+its zero border in one vectorized copy, weights packed at compile time to [OC/8][C/icb][KH][KW][icb][8], a register
+tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators of AVX2's 16 ymm), one broadcast
+input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW.
+
+Otherwise (fused pools, grouped convs, channel counts that fill no vector), per output tile of ``oc_block``
+channels x ``rows`` rows x ``width`` columns:
 
     for n, oc_outer, row (parallel over cores), col_outer:
         acc[oc_block][rows][width] = 0                  # local buffer: registers
@@ -28,6 +35,7 @@ windows recompute their shared conv outputs there; fuse-conv-pool stays off on c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -135,10 +143,48 @@ class ConvSpec:
         one_by_one = self.weight_shape[2:] == (1, 1)
         return self.groups == 1 and oc % 8 == 0 and (ow < self.lanes or one_by_one or self.banded)
 
+    @property
+    def oc_vector(self) -> int:
+        """Output channels per vector of the blocked (NCHWc) kernel: the target's lanes, else 8; 0: not blocked."""
+        return next((b for b in (self.lanes, 8) if self.weight_shape[0] % b == 0), 0)
+
+    @property
+    def ic_block(self) -> int:
+        """Input channels per block of the blocked kernel's packed input and weight (a whole vector's worth)."""
+        return largest_divisor(self.weight_shape[1], self.lanes)
+
+    @property
+    def depthwise(self) -> bool:
+        """One group per channel (groups = C = OC)."""
+        return self.groups == self.in_shape[1] == self.weight_shape[0] > 1
+
+    @property
+    def blocked(self) -> bool:
+        """The NCHWc direct conv (``_blocked_compute``): ordinary (groups=1) and depthwise convs without a fused pool
+        whose output channels fill vectors."""
+        return (self.groups == 1 or self.depthwise) and self.pool is None and self.oc_vector > 0
+
+    @property
+    def packs_input(self) -> bool:
+        """The blocked kernel copies its input into padded NCHW[c]c; an unpadded 1x1 conv reads NCHW as is (its
+        broadcasts walk each input plane in order, and the copy would cost as much as a thin conv)."""
+        return self.padding != (0, 0) or self.weight_shape[2:] != (1, 1) or self.depthwise
+
+    def without_pool(self) -> ConvSpec:
+        """The conv alone (its bias and activation included)."""
+        return dataclasses.replace(self, pool=None, pool_kernel=(1, 1), pool_stride=(1, 1), pool_padding=(0, 0),
+                                   pool_ceil_mode=False)
+
     def pack_weight(self, weight):
-        """The weight in the kernel's layout (done once, at compile time)."""
+        """The weight in the kernel's layout (done once, at compile time). Blocked: [OC/v][C/icb][KH][KW][icb][v],
+        so the reduction streams it contiguously, one vector of output channels per input channel and tap."""
         import numpy as np
 
+        if self.blocked:
+            oc, c, kh, kw = self.weight_shape
+            v, icb = self.oc_vector, self.ic_block
+            blocks = np.reshape(weight, (oc // v, v, c // icb, icb, kh, kw))
+            return np.ascontiguousarray(np.transpose(blocks, (0, 2, 4, 5, 3, 1)))
         return np.ascontiguousarray(np.transpose(weight, (1, 2, 3, 0))) if self.channels_vectorized else weight
 
     @property
@@ -190,7 +236,7 @@ def conv_output_shape(in_shape: tuple, weight_shape: tuple, stride: tuple, paddi
     return n, oc, oh, ow
 
 
-def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
+def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
     """TE stages; returns the PrimFunc arguments [data, weight, (bias,) (residual,) output].
 
     A max pool's windows may reach outside the conv output (pool padding, a ceil-mode window); torch guarantees each
@@ -201,6 +247,8 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     output): a repeated element never changes a max, so this too is -inf padding, and a band's columns are exactly
     the conv output's (a whole number of vectors).
     """
+    if spec.blocked:
+        return _blocked_compute(spec, (tile or default_tile(spec)).cols)
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -236,16 +284,8 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
     else:
         conv = te.compute((n_, oc_, rows, ow), dot, name="conv")
         value = lambda b, o, y, x: conv[b, o, y, x]  # noqa: E731
-    act_fn = TE_ACTIVATIONS[spec.activation]
-    bias = te.placeholder((oc,), dtype, name="bias") if spec.has_bias else None
-    residual = te.placeholder(spec.conv_shape, dtype, name="residual") if spec.residual else None
-    args += [t for t in (bias, residual) if t is not None]
-
-    def finish(v, b, o, y, x):
-        """act(v + bias [+ residual]) narrowed to the storage dtype."""
-        v = v + _wide(bias[o]) if bias is not None else v
-        v = v + _wide(residual[b, o, y, x]) if residual is not None else v
-        return _narrow(act_fn(v, spec.activation_params), dtype)
+    finish, extra = _epilogue_inputs(spec)
+    args += extra
 
     commutes = spec.pool_commutes  # bias and activation after the max: on the pooled tile only
     masked = row_pad > 0 or rows > oh
@@ -279,6 +319,74 @@ def conv_compute(spec: ConvSpec) -> list[te.Tensor]:
         return [*args, pooled]
     post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled[b, o, y, x], b, o, y, x), name="post")
     return [*args, post]
+
+
+def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
+    """``finish(v, b, o, y, x)`` = act(v + bias [+ residual]) narrowed to the storage dtype, and the placeholders it
+    reads (bias, residual)."""
+    bias = te.placeholder((spec.weight_shape[0],), spec.dtype, name="bias") if spec.has_bias else None
+    residual = te.placeholder(spec.conv_shape, spec.dtype, name="residual") if spec.residual else None
+    act_fn = TE_ACTIVATIONS[spec.activation]
+
+    def finish(v, b, o, y, x):
+        v = v + _wide(bias[o]) if bias is not None else v
+        v = v + _wide(residual[b, o, y, x]) if residual is not None else v
+        return _narrow(act_fn(v, spec.activation_params), spec.dtype)
+
+    return finish, [t for t in (bias, residual) if t is not None]
+
+
+def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
+    """NCHWc direct conv, NCHW in and out: oneDNN's jit_avx2 / TVM's conv2d_NCHWc loop nest.
+
+        pad[n, C/icb, H + 2ph, W + 2pw, icb] = zero-padded input, ``ic_block`` channels innermost (one copy;
+                                               none for an unpadded 1x1 conv, which reads NCHW)
+        conv[n, OC/v, OH, OW, v] = sum over (C/icb, KH, KW, icb) of pad[.., y*s + kh*d, x*s + kw*d, ci]
+                                                                    * weight[oc/v, c/icb, kh, kw, ci, 0:v]
+        out[n, oc, y, x] = act(conv[n, oc/v, y, x, oc%v] + bias [+ residual])
+
+    A vector of ``v`` output channels accumulates one broadcast input scalar times one contiguous weight vector per
+    (input channel, tap), for a register tile of pixels x channel vectors (``schedule_cpu``); the output store is
+    1/(C*KH*KW) of the work. Depthwise: the input is packed in blocks of ``v`` channels too and each output vector
+    is a vector of its own input channels times the tap's weight vector (C/icb = icb = 1 in the weight).
+    The conv stage is ``cols``-padded in width (the register tile's pixel count need not divide the output width:
+    a 56-wide row takes 2 channel vectors x 6 pixels, 12 accumulators, computing 60 columns of which 56 are stored).
+    """
+    n, c, h, w = spec.in_shape
+    oc, cg, kh, kw = spec.weight_shape
+    (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
+    v, icb, dtype = spec.oc_vector, spec.ic_block, spec.dtype
+    data = te.placeholder(spec.in_shape, dtype, name="data")
+    weight = te.placeholder((oc // v, cg // icb, kh, kw, icb, v), dtype, name="weight")
+    if spec.depthwise:
+        icb = v  # the input's channel block: each output vector reads its own channels
+    n_, _, oh, ow = spec.conv_shape
+    wide = ceil_to(ow, cols)
+    if spec.packs_input or wide > ow:  # (the zero columns past the input feed the padding columns of the conv)
+        pad = te.compute((n, c // icb, h + 2 * ph, max(w + 2 * pw, (wide - 1) * sw + (kw - 1) * dw + 1), icb),
+                         lambda b, co, y, x, ci: tirx.if_then_else(
+                             tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
+                             data[b, co * icb + ci, y - ph, x - pw], tirx.const(0.0, dtype)), name="pad")
+        source = lambda b, co, y, x, ci: pad[b, co, y, x, ci]  # noqa: E731
+    else:
+        source = lambda b, co, y, x, ci: data[b, co * icb + ci, y, x]  # noqa: E731
+    rco = te.reduce_axis((0, cg // spec.ic_block), "rco")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rci = te.reduce_axis((0, spec.ic_block), "rci")
+
+    def tap(b, oo, y, x, oi):
+        if spec.depthwise:  # rco = rci = 0
+            return source(b, oo + rco, y * sh + ry * dh, x * sw + rx * dw, oi + rci)
+        return source(b, rco, y * sh + ry * dh, x * sw + rx * dw, rci)
+
+    conv = te.compute((n_, oc // v, oh, wide, v), lambda b, oo, y, x, oi: te.sum(
+        _wide(tap(b, oo, y, x, oi)) * _wide(weight[oo, rco, ry, rx, rci, oi]), axis=[rco, ry, rx, rci]),
+        name="conv")
+    finish, extra = _epilogue_inputs(spec)
+    out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
+                     name="epilogue")
+    return [data, weight, *extra, out]
 
 
 def _wide(x):
@@ -333,7 +441,12 @@ def default_tile(spec: ConvSpec) -> Tile:
                         cols=largest_divisor(conv_w, 4))
         return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
                     cols=largest_divisor(conv_w, lanes))
-    if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels: about 14 accumulator vectors on AVX-512
+    if spec.depthwise and spec.blocked:  # one channel vector x a row of pixels: memory-bound, taps unrolled
+        return Tile(oc_block=spec.oc_vector, rows=1, cols=largest_divisor(ow, budget - 4))
+    if spec.blocked:
+        return _blocked_tile(spec, ow, budget)
+    if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels (about 14 accumulator
+        # vectors on AVX-512, 8-12 on AVX2)
         col_scale = spec.pool_stride[1] if spec.pool else 1
 
         def tile_for(oc_block: int) -> Tile:
@@ -344,7 +457,8 @@ def default_tile(spec: ConvSpec) -> Tile:
 
         # the most accumulator vectors within budget: pixel counts must divide the output (a 7x7 map with a
         # 5-pixel budget gets 1 pixel), so one vector of channels x 7 pixels can beat two vectors x 1 pixel
-        tiles = [tile_for(b) for b in (2 * lanes, lanes, 8) if oc % b == 0][:2]
+        blocks = [b for b in (2 * lanes, lanes, 8) if oc % b == 0 and (not spec.blocked or b % spec.oc_vector == 0)]
+        tiles = [tile_for(b) for b in blocks][:2]
         return max(tiles, key=lambda t: (-(-t.oc_block // lanes) * t.rows * t.cols, t.oc_block))
     if spec.pool:  # 4 channels x 1 pooled row x one vector of conv columns: measured on Zen 3 (AVX2) on a
         # conv-ReLU-maxpool stack, fused/unfused 0.47 against 0.85 with 2 pooled rows (32 accumulator registers)
@@ -358,6 +472,29 @@ def default_tile(spec: ConvSpec) -> Tile:
     return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, budget // 8), cols=cols)
 
 
+def _blocked_tile(spec: ConvSpec, ow: int, budget: int) -> Tile:
+    """1-3 channel vectors x ``cols`` pixels of a row, the most accumulators per stored pixel within ``budget``.
+
+    The row is padded to a multiple of ``cols`` (``_blocked_compute``), so 2 vectors x 6 pixels (12 accumulators,
+    the most that stay in registers on AVX2: 16 ymm minus 2 weight vectors and a broadcast) serve any width at a
+    few wasted columns: a 56-wide row computes 60, a 7-wide one takes one vector x 7. One vector alone gets at most
+    ``budget - 4`` pixels: LLVM hoists that many broadcasts ahead of their FMAs (1 x 12 spilled on Zen 3)."""
+    v = spec.oc_vector
+    options = []
+    for vectors in (3, 2, 1):
+        if (spec.weight_shape[0] // v) % vectors:
+            continue
+        for cols in range(1, (budget // vectors if vectors > 1 else budget - 4) + 1):
+            if spec.packs_input or ow % cols == 0:  # an unpadded 1x1 conv reads its input as is: no spare columns
+                options.append(Tile(oc_block=vectors * v, rows=1, cols=cols))
+
+    def merit(t: Tile):
+        computed = ceil_to(ow, t.cols)
+        return round(t.oc_block // v * t.cols * ow / computed, 3), -(computed - ow), t.oc_block
+
+    return max(options, key=merit)
+
+
 def _output_block(spec: ConvSpec) -> str:
     """The stage that writes the kernel's output: the one whose loops are tiled."""
     return "post" if spec.pool_commutes else "pool" if spec.pool else "epilogue"
@@ -365,6 +502,8 @@ def _output_block(spec: ConvSpec) -> str:
 
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
     tile = tile or default_tile(spec)
+    if spec.blocked:
+        return _schedule_cpu_blocked(spec, func, tile)
     if spec.banded:
         return _schedule_cpu_banded(spec, func, tile)
     sch = Schedule(func)
@@ -395,6 +534,35 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
         sch.decompose_reduction(conv, reduction)
     _vectorize_pool(sch, spec, shared=2)  # the parallel loop, x_outer
     _schedule_pad(sch, spec)
+    return sch.mod["main"]
+
+
+def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
+    """Per task (parallel over output-channel tiles x row tiles): for each tile of ``cols`` columns, a register tile
+    of ``oc_block / v`` channel vectors x ``rows`` x ``cols`` pixels accumulated over (C/icb, KH, KW, icb), then
+    stored through the epilogue into NCHW."""
+    sch = Schedule(func)
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("epilogue")
+    n, o, y, x = sch.get_loops(out)
+    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    y_outer, y_inner = sch.split(y, [None, tile.rows])
+    x_outer, x_inner = sch.split(x, [None, tile.cols])
+    sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
+    sch.compute_at(conv, x_outer, preserve_unit_loops=True)
+    oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
+    sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
+    sch.vectorize(oi)
+    for loop in (yy, xx, oo, *((ry, rx) if spec.depthwise else ())):  # depthwise: taps unrolled, so neighbouring
+        sch.unroll(loop)                                               # pixels share their input loads
+    sch.set_scope(conv, 0, "local")
+    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    sch.decompose_reduction(conv, rco)
+    if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
+        # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
+        pad = sch.get_sblock("pad")
+        pad_loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*pad_loops[:3]))
+        sch.vectorize(pad_loops[-1])
     return sch.mod["main"]
 
 
@@ -520,7 +688,7 @@ def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tir
 
 def conv_kernel(spec: ConvSpec, target_kind: str, tile: Tile | None = None) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(data, weight[, bias], out)`` for ``spec`` on ``target_kind`` ("llvm"/"cuda")."""
-    func = te.create_prim_func(conv_compute(spec))
+    func = te.create_prim_func(conv_compute(spec, tile))
     func = schedule_gpu(spec, func) if target_kind == "cuda" else schedule_cpu(spec, func, tile)
     # Scheduled and opaque: TVM's default schedules leave it alone and FuseOps does not merge it into neighbours.
     return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})

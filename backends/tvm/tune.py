@@ -70,6 +70,8 @@ def task_key(spec: Spec, target: Target | tvm.target.Target) -> str:
     tvm_target = target.tvm if isinstance(target, Target) else target
     doc = {"schema": SCHEMA, "kind": type(spec).__name__, "spec": dataclasses.asdict(spec),
            "target": str(tvm_target), "tvm": tvm.__version__}
+    if isinstance(spec, ConvSpec) and spec.blocked:  # its tiles are whole channel vectors: records of the
+        doc["schedule"] = "nchwc"                    # NCHW schedules of the same spec do not apply
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -81,7 +83,7 @@ def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]
     found: dict[Spec, list[str]] = {}
     target = resolve_target(target)
     for node, choice in select_kernels(graph, target.kind, target.lanes, target.winograd).choices.items():
-        if choice.kernel in ("conv", "dense"):  # Winograd kernels keep their default blocking (not tuned yet)
+        if choice.kernel in ("conv", "blocked_conv_pool", "dense"):  # Winograd: its default blocking (not tuned)
             found.setdefault(choice.spec, []).append(node)
     tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
     return sorted(tasks, key=lambda t: -t.flops)
@@ -105,9 +107,11 @@ def candidates(spec: Spec) -> list[Tile]:
         tiles = []
         lanes, limit = spec.lanes, 7 * accumulator_vectors(spec.lanes) // 4  # 28 on AVX-512, 21 on AVX2
         for ob in _divisors(oc, 2 * lanes):
+            if spec.blocked and ob % spec.oc_vector:  # the blocked kernel's tile is whole channel vectors
+                continue
             for rows in _divisors(oh, 4):
                 for cols in _divisors(ow, 2 * lanes // col_scale):
-                    if spec.channels_vectorized:
+                    if spec.channels_vectorized or spec.blocked:
                         vectors = rows * row_scale * cols * col_scale * -(-ob // lanes)
                     else:
                         vectors = ob * rows * row_scale * -(-(cols * col_scale) // lanes)

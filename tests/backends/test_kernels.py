@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import tvm
 from torch import nn
 
 from backends.tvm import build, cuda_source
@@ -102,7 +103,8 @@ def test_dense_kernel_matches_pytorch(m, k, n, act):
 
 
 def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
-    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    # 12 output channels fill no vector: no blocked conv (``test_blocked_conv_then_pool``), the fused kernel
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
     graph = compile_and_compare(model, torch.randn(1, 8, 32, 32), expect_op="conv2d_pool")
     prim_funcs = [gv.name_hint for gv, f in lower(graph).functions.items() if gv.name_hint != "main"]
     assert len(prim_funcs) == 1 and prim_funcs[0].startswith("conv2d_pool_")
@@ -167,3 +169,98 @@ def test_fast_tanh_and_sigmoid_are_accurate_to_a_few_ulp():
     exact = x.astype(np.float64)
     assert np.abs(out[0].numpy() - np.tanh(exact)).max() < 4e-7
     assert np.abs(out[1].numpy() - 1 / (1 + np.exp(-exact))).max() < 2e-7
+
+
+# ------------------------------------------------------------------ blocked (NCHWc) direct conv, dense and depthwise
+def _spec_of(conv: nn.Conv2d, hw: tuple[int, int], lanes: int = 8, **kw) -> ConvSpec:
+    return ConvSpec(in_shape=(1, conv.in_channels, *hw), weight_shape=tuple(conv.weight.shape), stride=conv.stride,
+                    padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    has_bias=conv.bias is not None, lanes=lanes, **kw)
+
+
+@pytest.mark.parametrize("conv, hw", [
+    (nn.Conv2d(3, 8, 3, padding=1), (13, 11)),                           # 3 input channels: blocks of 3
+    (nn.Conv2d(7, 16, 5, stride=2, padding=2), (13, 11)),                # blocks of 7, 5x5 stride 2
+    (nn.Conv2d(5, 24, 3, dilation=2, padding=2, bias=False), (13, 11)),  # dilated, three channel vectors
+    (nn.Conv2d(40, 16, 1), (1, 1)),                                      # 1x1 conv on a 1x1 map: reads NCHW
+    (nn.Conv2d(16, 32, 1, stride=2), (9, 9)),                            # strided 1x1 (a ResNet downsample)
+    (nn.Conv2d(24, 24, 3, groups=24, padding=1), (13, 11)),              # depthwise
+    (nn.Conv2d(16, 16, 3, groups=16, stride=2, padding=1), (14, 9)),     # depthwise stride 2
+    (nn.Conv2d(8, 8, 5, groups=8, dilation=2, padding=4, bias=False), (7, 5)),  # depthwise 5x5 dilated
+], ids=repr)
+def test_blocked_conv_matches_pytorch(conv, hw):
+    assert _spec_of(conv, hw).blocked
+    compile_and_compare(conv, torch.randn(1, conv.in_channels, *hw), passes="")
+
+
+def test_blocked_conv_batch_of_three_matches_pytorch():
+    for conv in (nn.Conv2d(6, 16, 3, padding=1), nn.Conv2d(16, 16, 3, groups=16, padding=1)):
+        compile_and_compare(conv, torch.randn(3, conv.in_channels, 9, 10), passes="")
+
+
+@pytest.mark.parametrize("pool, fused", [(nn.MaxPool2d(2), False), (nn.AvgPool2d((2, 3)), False),
+                                         (nn.MaxPool2d(3, 2, 1), True)], ids=repr)
+def test_blocked_conv_then_pool(pool, fused):
+    """conv2d_pool with windows that tile the conv output: the blocked conv, then the pool as a Relax op (two
+    PrimFuncs); overlapping windows stay one fused (banded) kernel."""
+    model = nn.Sequential(nn.Conv2d(6, 16, 3, padding=1), nn.ReLU(), pool).eval()
+    graph = compile_and_compare(model, torch.randn(1, 6, 12, 18), expect_op="conv2d_pool")
+    mod = lower(graph)
+    (name,) = [gv.name_hint for gv in mod.functions if gv.name_hint != "main"]
+    assert name.startswith("conv2d_pool_" if fused else "conv2d_n")
+    assert ("R.nn.max_pool2d" in mod["main"].script() or "R.nn.avg_pool2d" in mod["main"].script()) != fused
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x) + x)
+
+
+def test_blocked_conv_with_fused_residual_matches_pytorch():
+    graph = compile_and_compare(_Residual(), torch.randn(1, 16, 10, 6), passes="fuse-conv-add")
+    (node,) = graph.op_nodes("conv2d")
+    assert len(graph.operands(node)) == 2  # the residual is the kernel's second input
+
+
+@pytest.mark.parametrize("conv, hw, pad, tile", [
+    # 64 -> 64 3x3 (ResNet-18 layer 1): input packed to 8-channel blocks with its zero border (and 4 more zero
+    # columns: 56 = 9 x 6 + 2 pixels), 2 channel vectors x 6 pixels accumulated in registers, written NCHW
+    (nn.Conv2d(64, 64, 3, padding=1), (56, 56), (1, 8, 58, 62, 8), (1, 2, 1, 6, 8)),
+    (nn.Conv2d(24, 144, 1), (56, 56), None, (1, 3, 1, 4, 8)),       # unpadded 1x1: no copy of the input
+    (nn.Conv2d(144, 144, 3, groups=144, padding=1), (56, 56), (1, 18, 58, 58, 8), (1, 1, 1, 8, 8)),  # depthwise
+], ids=["3x3", "1x1", "depthwise"])
+def test_blocked_conv_buffers(conv, hw, pad, tile):
+    spec = _spec_of(conv, hw, activation="relu")
+    buffers = {name: (shape, scope) for name, shape, scope in compacted_buffers(conv_kernel(spec, "llvm"))}
+    assert buffers.pop("conv_local") == (tile, "local")
+    assert buffers == ({"pad": (pad, "global")} if pad else {})
+    v, icb = spec.oc_vector, spec.ic_block
+    oc, c, kh, kw = spec.weight_shape
+    packed = spec.pack_weight(conv.weight.detach().numpy())
+    assert packed.shape == (oc // v, c // icb, kh, kw, icb, v)
+    # weight[o, i, y, x] sits at [o / v, i / icb, y, x, i % icb, o % v]
+    assert packed[1, 0, kh - 1, 0, 0, 3] == conv.weight[v + 3, 0, kh - 1, 0]
+
+
+def test_not_blocked_keeps_the_other_schedules():
+    """Grouped (not depthwise) convs, output channels that fill no vector, and fused pools keep the column- or
+    channel-vectorized schedules."""
+    assert not _spec_of(nn.Conv2d(8, 12, 3, groups=4), (9, 9)).blocked
+    assert not _spec_of(nn.Conv2d(6, 10, 1), (9, 9)).blocked
+    assert not _spec_of(nn.Conv2d(8, 16, 3), (8, 8), pool="max", pool_kernel=(2, 2), pool_stride=(2, 2)).blocked
+
+
+def test_blocked_conv_compiles_for_avx512():
+    """lanes 16 (AVX-512, not runnable here): 16-channel vectors, compiled to zmm FMAs without stack spills in the
+    loop nest."""
+    spec = _spec_of(nn.Conv2d(64, 64, 3, padding=1), (28, 28), lanes=16)
+    assert spec.blocked and spec.oc_vector == spec.ic_block == 16
+    func = conv_kernel(spec, "llvm").with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm", "mcpu": "skylake-avx512"})
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    fmas = [line for line in asm.splitlines() if "vfmadd" in line]
+    assert fmas and all("zmm" in line for line in fmas)

@@ -82,6 +82,19 @@ def test_keys_include_target_and_tvm_version(monkeypatch):
     assert task_key(spec, here) != before
 
 
+def test_keys_of_blocked_convs_refuse_records_of_the_nchw_schedules(monkeypatch):
+    """A database written before the blocked (NCHWc) conv holds tiles of other shapes for the same spec."""
+    from backends.tvm.kernels import ConvSpec
+
+    spec = ConvSpec(in_shape=(1, 16, 14, 14), weight_shape=(32, 16, 3, 3), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1, has_bias=True, lanes=8)
+    here = make_target("llvm")
+    assert spec.blocked
+    blocked = task_key(spec, here)
+    monkeypatch.setattr(ConvSpec, "blocked", property(lambda self: False))
+    assert task_key(spec, here) != blocked
+
+
 def test_hottest_tasks_get_the_most_trials():
     model, xs = small_cnn()
     work = plan(extract_tasks(from_torch(model, xs)), trials=20)

@@ -91,7 +91,8 @@ def test_conv_kernel_stores_bf16_and_accumulates_fp32():
                     dilation=(1, 1), groups=1, has_bias=True, activation="relu", dtype="bfloat16")
     text = conv_kernel(spec, "llvm").script()
     assert 'T.Buffer((1, 8, 16, 16), "bfloat16")' in text and 'T.Buffer((1, 16, 16, 16), "bfloat16")' in text
-    assert 'conv_local = T.sblock_alloc_buffer((1, 16, 16, 16), scope="local")' in text  # fp32 accumulator tile
+    assert 'pad = T.sblock_alloc_buffer((1, 1, 18, 18, 8), "bfloat16")' in text  # packed NCHW[8]c, bf16
+    assert 'conv_local = T.sblock_alloc_buffer((1, 1, 16, 16, 16), scope="local")' in text  # fp32 accumulator tile
     assert 'T.Cast("float32", pad[' in text and 'T.Cast("float32", weight[' in text  # widened before the FMA
     assert 'T.Cast("bfloat16", T.max(conv_local[' in text  # one rounding, after bias and activation
 
