@@ -6,13 +6,17 @@ Why: TVM's LLVM code generator lowers ``max(a, b)`` to ``select(a > b, a, b)``, 
 our conv epilogues turned NaN into numbers, while PyTorch's ``relu``, ``clamp`` and ``max_pool2d`` return NaN
 whenever an input of the window is NaN (IEEE 754-2019 ``maximum``/``minimum``).
 
-The rewrite, applied once to the lowered module before TVM's TIR pipeline (so it covers TOPI's kernels and ours):
-``max(a, b) -> select(isnan(a), a, select(isnan(b), b, max(a, b)))`` for float ``a, b``, and the same for ``min``;
-each operand bound once in a ``Let``; the check of an operand that is a constant is left out (``max(x, 0)`` gets
-one ``x != x``). On CPU this is one
-compare and one blend per vector beside the kernel's multiply-adds. Integer max/min are untouched, and so are
-functions with bfloat16 buffers for now: TVM 0.27's BF16ComputeLegalize mistypes a bf16 ``Let`` and miscomputed
-the Select form (a random bf16 model was off by 0.6 from PyTorch), so they keep TVM's NaN-dropping max/min.
+The rewrite: ``max(a, b) -> select(isnan(a), a, select(isnan(b), b, max(a, b)))`` for float ``a, b``, and the
+same for ``min``; each operand bound once in a ``Let``; the check of an operand that is a constant is left out
+(``max(x, 0)`` gets one ``x != x``). On CPU this is one compare and one blend per vector beside the kernel's
+multiply-adds. Integer max/min are untouched.
+
+Where: at the end of TVM's TIR pipeline (``TIR_PIPELINE``, TVM's "default" one followed by the rewrite, given to
+``tvm.compile``), so it covers TOPI's kernels and ours in every dtype. Doing it there, after
+``BF16ComputeLegalize``/``BF16StorageLegalize``, is what makes bfloat16 work: those passes compute bf16 in float32,
+so the rewrite only ever sees float max/min; applied before them (on the Relax-level module), TVM 0.27's
+legalization mistyped the bf16 ``Let`` and miscomputed the Select form (a random bf16 model was off by 0.6 from
+PyTorch). The float32 -> bf16 store keeps a NaN a NaN (PyTorch's quiet NaN 0x7fc00000 rounds to 0x7fc0).
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ from __future__ import annotations
 import tvm
 import tvm_ffi
 from tvm import tirx
+from tvm.tirx.compilation_pipeline import register_tir_pipeline
 
 
 def _propagate(node, keep_ordered):
     """``node`` (a float Max or Min) with a NaN operand returned as is, the ordered comparison otherwise."""
-    if not str(node.ty.dtype).startswith("float"):  # bfloat16 too: see the module docstring
+    if not str(node.ty.dtype).startswith("float"):
         return node
     # Operands are bound once (Let): nested max/min (clip, clamped tanh) would otherwise double in size per level.
     bindings, operands = [], []
@@ -51,14 +56,22 @@ def propagate_nan_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
                                          (tirx.Min, lambda node: _propagate(node, tirx.Min))])
 
 
-def _has_bfloat16(func: tirx.PrimFunc) -> bool:
-    return "bfloat16" in func.script()  # printed once per kernel at build time
-
-
 def propagate_nan(mod: tvm.IRModule) -> tvm.IRModule:
-    """Every PrimFunc of ``mod`` rewritten in place by ``propagate_nan_func``; Relax functions stay as they are."""
-    updated = {gv: propagate_nan_func(func) for gv, func in mod.functions.items()
-               if isinstance(func, tirx.PrimFunc) and not _has_bfloat16(func)}
+    """Every PrimFunc of ``mod`` rewritten by ``propagate_nan_func``; Relax functions stay as they are."""
+    updated = {gv: propagate_nan_func(func) for gv, func in mod.functions.items() if isinstance(func, tirx.PrimFunc)}
     for gv, func in updated.items():
         mod[gv] = func
     return mod
+
+
+TIR_PIPELINE = "passes-propagate-nan"
+
+
+def _tir_pipeline():
+    """TVM's default TIR pipeline, then ``propagate_nan`` on the lowered kernels (host and device functions)."""
+    default, finalize_host, finalize_device = tirx.get_tir_pipeline("default")
+    rewrite = tvm.transform.module_pass(lambda mod, _ctx: propagate_nan(mod), opt_level=0, name="PropagateNaN")
+    return tvm.transform.Sequential([default, rewrite]), finalize_host, finalize_device
+
+
+register_tir_pipeline(TIR_PIPELINE, _tir_pipeline)
