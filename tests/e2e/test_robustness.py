@@ -58,6 +58,42 @@ def test_nan_and_inf_propagate_as_in_pytorch(model):
         torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("model", [
+    nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.MaxPool2d(3, stride=1, padding=1),
+    nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.MaxPool2d(2)),
+], ids=repr)
+def test_nan_and_inf_propagate_in_low_precision(model, dtype):
+    """bf16 kernels too: the rewrite runs after TVM's bf16 legalization (it used to skip them and drop NaN)."""
+    x, low = special_input(), torch.bfloat16 if dtype == "bf16" else torch.float16
+    with torch.no_grad():
+        expected = model.eval().to(low)(x.to(low)).float()
+    model.float()
+    actual = passes.optimize(model, passes=["default", f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,),
+                             measure=False)(x)
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    finite, infinite = torch.isfinite(expected), torch.isinf(expected)  # inf: through the max pools
+    assert torch.equal(actual[infinite], expected[infinite])
+    unit_roundoff = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11  # both round x and the conv's output once
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=4 * unit_roundoff, atol=4 * unit_roundoff)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(1), nn.AvgPool2d(4)], ids=repr)
+def test_average_pools_in_low_precision_sum_in_float32(pool, dtype):
+    """A float16 running sum over a 16x16 map of values ~3 drifts by ulps of the sum (~0.5 at 768): 15x PyTorch's
+    error before the fix. Summed in float32 and rounded once, we match PyTorch's own low-precision result."""
+    x, low = torch.randn(1, 6, 16, 16, generator=torch.Generator().manual_seed(0)) + 3, \
+        torch.bfloat16 if dtype == "bf16" else torch.float16
+    with torch.no_grad():
+        expected, torch_low = pool(x), pool(x.to(low)).float()
+    actual = passes.optimize(pool, passes=[f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,), measure=False)(x)
+    torch_error = (torch_low - expected).abs().max().item()
+    unit_roundoff = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11
+    assert (actual - expected).abs().max().item() <= max(torch_error, unit_roundoff * expected.abs().max().item())
+
+
 def test_accuracy_check_is_nan_aware():
     reference = np.array([1.0, np.nan, np.inf, -2.0])
     assert _accuracy(reference, reference.copy()) == {"max_abs_error": 0.0, "max_rel_error": 0.0}
