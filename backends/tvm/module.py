@@ -266,13 +266,16 @@ class CompiledModule:
 
 
 def _relax_pipeline(mod: tvm.IRModule, tvm_target: Any) -> tvm.IRModule:
-    """TVM's default Relax pipeline (what ``tvm.compile`` picks for the target)."""
+    """TVM's default Relax pipeline (what ``tvm.compile`` picks for the target), then NaN-propagating max/min in
+    every kernel (``nan.propagate_nan``: relu, clip and max pooling keep NaN as in PyTorch)."""
     from tvm import relax
+
+    from backends.tvm.nan import propagate_nan
 
     gpu = "gpu" in tvm_target.keys
     pipeline = relax.get_default_pipeline(tvm_target) if gpu else relax.get_pipeline("default")
     with tvm_target:
-        return pipeline(mod)
+        return propagate_nan(pipeline(mod))
 
 
 def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads: int | None = None) -> CompiledModule:
@@ -289,7 +292,7 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads
             mod = optimize_relax_cpu(mod, target.cores)
     mod = _relax_pipeline(mod, target.tvm)  # what tvm.compile would run, applied here to read the memory plan
     activation_bytes = planned_storage_bytes(mod["main"])
-    # TIR_PIPELINE: TVM's own, then NaN-propagating max/min in every kernel (relu, clip, max pool keep NaN).
+    # TIR_PIPELINE: TVM's own, then NaN-propagating max/min in the bf16 kernels (``nan``'s docstring says why).
     executable = tvm.compile(mod, target=target.tvm, relax_pipeline=None, tir_pipeline=TIR_PIPELINE)
     # Signature names are the model's own input names (an ONNX input "input.1" keeps its dot).
     inputs = [TensorSpec(graph.nodes[n]["origin"][0] if graph.nodes[n]["origin"] else n, t.shape, t.dtype)

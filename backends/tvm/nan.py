@@ -11,12 +11,14 @@ same for ``min``; each operand bound once in a ``Let``; the check of an operand 
 (``max(x, 0)`` gets one ``x != x``). On CPU this is one compare and one blend per vector beside the kernel's
 multiply-adds. Integer max/min are untouched.
 
-Where: at the end of TVM's TIR pipeline (``TIR_PIPELINE``, TVM's "default" one followed by the rewrite, given to
-``tvm.compile``), so it covers TOPI's kernels and ours in every dtype. Doing it there, after
-``BF16ComputeLegalize``/``BF16StorageLegalize``, is what makes bfloat16 work: those passes compute bf16 in float32,
-so the rewrite only ever sees float max/min; applied before them (on the Relax-level module), TVM 0.27's
-legalization mistyped the bf16 ``Let`` and miscomputed the Select form (a random bf16 model was off by 0.6 from
-PyTorch). The float32 -> bf16 store keeps a NaN a NaN (PyTorch's quiet NaN 0x7fc00000 rounds to 0x7fc0).
+Where: on the lowered module before TVM's TIR pipeline (``propagate_nan``, so it covers TOPI's kernels and ours
+and TVM's vectorizer sees plain selects), except in kernels with bfloat16 buffers: there TVM 0.27's
+``BF16ComputeLegalize`` mistypes a bf16 ``Let`` and miscomputed the Select form (a random bf16 model was off by 0.6
+from PyTorch), so those are only marked, and rewritten at the end of the TIR pipeline (``TIR_PIPELINE``: TVM's
+"default" one, then the marked functions), where bf16 arithmetic is already float32 (legalized). Not everything
+can move there: after vectorization the rewrite emits vector ``x != x``, which TVM's CUDA codegen prints as an
+invalid ``float2 != float2``. The float32 -> bf16 store keeps a NaN a NaN (PyTorch's quiet NaN 0x7fc00000 rounds
+to 0x7fc0). A bf16 kernel on CUDA (its device function is split off unmarked) still drops NaN.
 """
 
 from __future__ import annotations
@@ -56,9 +58,26 @@ def propagate_nan_func(func: tirx.PrimFunc) -> tirx.PrimFunc:
                                          (tirx.Min, lambda node: _propagate(node, tirx.Min))])
 
 
+_LATE = "passes.propagate_nan_late"
+
+
+def _has_bfloat16(func: tirx.PrimFunc) -> bool:
+    return "bfloat16" in func.script()  # printed once per kernel at build time
+
+
 def propagate_nan(mod: tvm.IRModule) -> tvm.IRModule:
-    """Every PrimFunc of ``mod`` rewritten by ``propagate_nan_func``; Relax functions stay as they are."""
-    updated = {gv: propagate_nan_func(func) for gv, func in mod.functions.items() if isinstance(func, tirx.PrimFunc)}
+    """Every PrimFunc of ``mod`` rewritten in place by ``propagate_nan_func``, or, with bfloat16 buffers, marked for
+    ``TIR_PIPELINE`` (see the module docstring); Relax functions stay as they are."""
+    updated = {gv: func.with_attr(_LATE, True) if _has_bfloat16(func) else propagate_nan_func(func)
+               for gv, func in mod.functions.items() if isinstance(func, tirx.PrimFunc)}
+    for gv, func in updated.items():
+        mod[gv] = func
+    return mod
+
+
+def _propagate_marked(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    updated = {gv: propagate_nan_func(func) for gv, func in mod.functions.items()
+               if isinstance(func, tirx.PrimFunc) and func.attrs is not None and _LATE in func.attrs}
     for gv, func in updated.items():
         mod[gv] = func
     return mod
@@ -68,10 +87,10 @@ TIR_PIPELINE = "passes-propagate-nan"
 
 
 def _tir_pipeline():
-    """TVM's default TIR pipeline, then ``propagate_nan`` on the lowered kernels (host and device functions)."""
+    """TVM's default TIR pipeline, then ``propagate_nan_func`` on the kernels ``propagate_nan`` marked."""
     default, finalize_host, finalize_device = tirx.get_tir_pipeline("default")
-    rewrite = tvm.transform.module_pass(lambda mod, _ctx: propagate_nan(mod), opt_level=0, name="PropagateNaN")
-    return tvm.transform.Sequential([default, rewrite]), finalize_host, finalize_device
+    late = tvm.transform.module_pass(_propagate_marked, opt_level=0, name="PropagateNaNLate")
+    return tvm.transform.Sequential([default, late]), finalize_host, finalize_device
 
 
 register_tir_pipeline(TIR_PIPELINE, _tir_pipeline)
