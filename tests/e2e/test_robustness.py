@@ -94,6 +94,25 @@ def test_average_pools_in_low_precision_sum_in_float32(pool, dtype):
     assert (actual - expected).abs().max().item() <= max(torch_error, unit_roundoff * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_fused_conv_average_pool_in_low_precision(dtype):
+    """fuse-conv-pool's kernel sums the window in fp32 and rounds once: it summed in bf16 and TVM's bf16
+    legalization rejected the vector store (a TypeError from the build; fuzzer seed 3004 bf16)."""
+    model = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1, groups=6, bias=False), nn.LeakyReLU(0.1),
+                          nn.AvgPool2d(2)).eval()
+    x, low = torch.randn(1, 6, 5, 9, generator=torch.Generator().manual_seed(3004)), \
+        torch.bfloat16 if dtype == "bf16" else torch.float16
+    opt = passes.optimize(model, passes=["default", f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,),
+                          measure=False)
+    assert "conv2d_pool" in {d["op"] for _, d in opt.graph.nodes(data=True)}
+    with torch.no_grad():
+        expected = model(x)
+        torch_error = (model.to(low)(x.to(low)).float() - expected).abs().max().item()
+    unit_roundoff = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11
+    error = (opt(x).float() - expected).abs().max().item()
+    assert error <= 2 * torch_error + unit_roundoff * expected.abs().max().item()
+
+
 def test_accuracy_check_is_nan_aware():
     reference = np.array([1.0, np.nan, np.inf, -2.0])
     assert _accuracy(reference, reference.copy()) == {"max_abs_error": 0.0, "max_rel_error": 0.0}
