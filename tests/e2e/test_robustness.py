@@ -146,3 +146,21 @@ def test_string_calibration_data_is_a_clear_error():
     model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
     with pytest.raises(PassError, match=r"quantize: data item 0, input 0 is a str \('images/'\); data items must"):
         passes.optimize(model, passes=["quantize"], example_inputs=(x,), data=["images/"], measure=False)
+
+
+def test_nan_calibration_data_is_a_clear_error():
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(PassError, match=r"quantize: data item 1, input 0 holds 1 NaN/inf value\(s\); calibration"):
+        passes.optimize(model, passes=["quantize"], example_inputs=(x,), data=[x, bad], measure=False)
+
+
+def test_negative_tuning_trials_exit_2_before_compiling(tmp_path, capsys, monkeypatch):
+    from passes.cli import main
+
+    monkeypatch.setattr("passes.api.optimize", lambda *a, **k: pytest.fail("compiled before checking"))
+    assert main(["compile", "zoo:vgg", "--tune-trials", "-5", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --tune-trials: expected a whole number >= 0, got '-5'" in err
+    assert not (tmp_path / "out").exists()
