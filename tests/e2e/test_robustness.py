@@ -12,6 +12,7 @@ from torch import nn
 import passes
 from passes.api import _accuracy
 from passes.core.pass_base import PassError
+from tests.fuzz.run import UNIT_ROUNDOFF
 
 pytestmark = pytest.mark.tvm
 
@@ -75,7 +76,7 @@ def test_nan_and_inf_propagate_in_low_precision(model, dtype):
     assert torch.equal(torch.isnan(actual), torch.isnan(expected))
     finite, infinite = torch.isfinite(expected), torch.isinf(expected)  # inf: through the max pools
     assert torch.equal(actual[infinite], expected[infinite])
-    unit_roundoff = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11  # both round x and the conv's output once
+    unit_roundoff = UNIT_ROUNDOFF[dtype]  # both round x and the conv's output once
     torch.testing.assert_close(actual[finite], expected[finite], rtol=4 * unit_roundoff, atol=4 * unit_roundoff)
 
 
@@ -90,7 +91,7 @@ def test_average_pools_in_low_precision_sum_in_float32(pool, dtype):
         expected, torch_low = pool(x), pool(x.to(low)).float()
     actual = passes.optimize(pool, passes=[f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,), measure=False)(x)
     torch_error = (torch_low - expected).abs().max().item()
-    unit_roundoff = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11
+    unit_roundoff = UNIT_ROUNDOFF[dtype]
     assert (actual - expected).abs().max().item() <= max(torch_error, unit_roundoff * expected.abs().max().item())
 
 
@@ -108,7 +109,7 @@ def test_fused_conv_average_pool_in_low_precision(dtype):
     with torch.no_grad():
         expected = model(x)
         torch_error = (model.to(low)(x.to(low)).float() - expected).abs().max().item()
-    unit_roundoff = 2.0 ** -8 if dtype == "bf16" else 2.0 ** -11
+    unit_roundoff = UNIT_ROUNDOFF[dtype]
     error = (opt(x).float() - expected).abs().max().item()
     assert error <= 2 * torch_error + unit_roundoff * expected.abs().max().item()
 
