@@ -96,12 +96,15 @@ def test_average_pools_in_low_precision_sum_in_float32(pool, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_fused_conv_average_pool_in_low_precision(dtype):
-    """fuse-conv-pool's kernel sums the window in fp32 and rounds once: it summed in bf16 and TVM's bf16
-    legalization rejected the vector store (a TypeError from the build; fuzzer seed 3004 bf16)."""
-    model = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1, groups=6, bias=False), nn.LeakyReLU(0.1),
-                          nn.AvgPool2d(2)).eval()
-    x, low = torch.randn(1, 6, 5, 9, generator=torch.Generator().manual_seed(3004)), \
+@pytest.mark.parametrize("layers, shape", [
+    (lambda: (nn.Conv2d(6, 12, 3, padding=1, groups=6, bias=False), nn.LeakyReLU(0.1), nn.AvgPool2d(2)), (1, 6, 5, 9)),
+    (lambda: (nn.Conv2d(8, 8, 3, padding=1), nn.ELU(), nn.MaxPool2d(3, 2)), (1, 8, 13, 15)),
+], ids=["avg", "overlapping-max"])
+def test_fused_conv_pool_in_low_precision(layers, shape, dtype):
+    """fuse-conv-pool's kernel pools in fp32 and rounds once: it reduced in bf16 and TVM's bf16 legalization
+    rejected the vector store (a TypeError from the build; fuzzer seeds 3004 and 3242 bf16)."""
+    model = nn.Sequential(*layers()).eval()  # built per test: the check below casts it in place
+    x, low = torch.randn(shape, generator=torch.Generator().manual_seed(3004)), \
         torch.bfloat16 if dtype == "bf16" else torch.float16
     opt = passes.optimize(model, passes=["default", f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,),
                           measure=False)
