@@ -282,6 +282,12 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
 def _threads_argument(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
                         help=f"CPU threads for {what} (default: one per physical core; TVM_NUM_THREADS wins if set)")
@@ -310,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default=None, help="pipeline spec, e.g. 'fold-batch-norm,prune-channels{ratio=0.5}'"
                    " ('' for none; default: the default pipeline)")
     p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
-    p.add_argument("--tune-trials", type=int, default=0, help="trials of our kernel tile search in total (0: none)")
+    p.add_argument("--tune-trials", type=_count, default=0, help="trials of our kernel tile search in total (0: none)")
     p.add_argument("--tuning-db", default="~/.cache/passes/tuning", help="tuning database folder")
     p.add_argument("--no-measure", action="store_true", help="skip the accuracy check and latency measurement")
     p.add_argument("--numeric-check-each", action="store_true",

@@ -219,6 +219,14 @@ class ConvSpec:
         """A max pool whose bias and activation are applied after it: max(f(v) + b) == f(max(v) + b)."""
         return self.pool == "max" and commutes_with_max(self.activation, self.activation_params)
 
+    @property
+    def pool_staged(self) -> bool:
+        """The pooled tile sits in a local buffer and a ``post`` stage writes the output: a commuting max pool (bias
+        and activation after it), or any pool of bf16/fp16 values, pooled in fp32 and rounded once (a running sum in
+        the storage dtype loses ~log2(window) bits; a max is the same either way, rounding being monotonic; and TVM's
+        bf16 legalization rejects the vector store of a bf16 reduction: fuzzer seeds 3004, 3242)."""
+        return self.pool_commutes or (self.pool is not None and self.dtype != F32)
+
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
     """torch's pooled size: with ceil_mode a last partial window counts unless it starts in the right padding."""
@@ -288,13 +296,14 @@ def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
     args += extra
 
     commutes = spec.pool_commutes  # bias and activation after the max: on the pooled tile only
+    staged = spec.pool_staged  # the window values stay fp32 up to the pooled tile
     masked = row_pad > 0 or rows > oh
 
     def windowed(b, o, y, x):
-        v = value(b, o, y, x) if commutes else finish(value(b, o, y, x), b, o, y, x)
+        v = value(b, o, y, x) if commutes else finish(value(b, o, y, x), b, o, y, x, narrow=not staged)
         if not masked:
             return v
-        return tirx.Select(tirx.all(y >= row_pad, y < oh + row_pad), v, tirx.min_value(F32 if commutes else dtype))
+        return tirx.Select(tirx.all(y >= row_pad, y < oh + row_pad), v, tirx.min_value(F32 if staged else dtype))
 
     epilogue = te.compute((n_, oc_, rows, ow), windowed, name="epilogue")
     if spec.pool is None:
@@ -312,26 +321,28 @@ def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
         pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.max(window(b, o, y, x), axis=[wy, wx]),
                             name="pool")
     else:  # mean of the window, as a sum of pre-scaled values (one reduction stage, no window-sum buffer)
-        scale = tirx.const(1.0 / (pkh * pkw), dtype)
+        scale = tirx.const(1.0 / (pkh * pkw), epilogue.dtype)
         pooled = te.compute(spec.out_shape, lambda b, o, y, x: te.sum(window(b, o, y, x) * scale, axis=[wy, wx]),
                             name="pool")
-    if not commutes:
+    if not staged:
         return [*args, pooled]
-    post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled[b, o, y, x], b, o, y, x), name="post")
+    post = te.compute(spec.out_shape, lambda b, o, y, x: finish(pooled[b, o, y, x], b, o, y, x) if commutes
+                      else _narrow(pooled[b, o, y, x], dtype), name="post")
     return [*args, post]
 
 
 def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
-    """``finish(v, b, o, y, x)`` = act(v + bias [+ residual]) narrowed to the storage dtype, and the placeholders it
-    reads (bias, residual)."""
+    """``finish(v, b, o, y, x)`` = act(v + bias [+ residual]) narrowed to the storage dtype (``narrow=False``: kept
+    fp32, for a pool staged in fp32), and the placeholders it reads (bias, residual)."""
     bias = te.placeholder((spec.weight_shape[0],), spec.dtype, name="bias") if spec.has_bias else None
     residual = te.placeholder(spec.conv_shape, spec.dtype, name="residual") if spec.residual else None
     act_fn = TE_ACTIVATIONS[spec.activation]
 
-    def finish(v, b, o, y, x):
+    def finish(v, b, o, y, x, narrow: bool = True):
         v = v + _wide(bias[o]) if bias is not None else v
         v = v + _wide(residual[b, o, y, x]) if residual is not None else v
-        return _narrow(act_fn(v, spec.activation_params), spec.dtype)
+        v = act_fn(v, spec.activation_params)
+        return _narrow(v, spec.dtype) if narrow else v
 
     return finish, [t for t in (bias, residual) if t is not None]
 
@@ -497,7 +508,7 @@ def _blocked_tile(spec: ConvSpec, ow: int, budget: int) -> Tile:
 
 def _output_block(spec: ConvSpec) -> str:
     """The stage that writes the kernel's output: the one whose loops are tiled."""
-    return "post" if spec.pool_commutes else "pool" if spec.pool else "epilogue"
+    return "post" if spec.pool_staged else "pool" if spec.pool else "epilogue"
 
 
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
@@ -518,7 +529,7 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     x_outer, x_inner = sch.split(x, [None, tile.cols])
     by_channel = spec.channels_vectorized
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
-    if spec.pool_commutes:  # the pooled tile, then bias and activation on it
+    if spec.pool_staged:  # the pooled tile, then bias and activation (or the narrowing) on it
         sch.compute_at(sch.get_sblock("pool"), x_outer)
         sch.set_scope(sch.get_sblock("pool"), 0, "local")
     if pooled:
@@ -591,7 +602,7 @@ def _vectorize_pool(sch: Schedule, spec: ConvSpec, shared: int) -> None:
         return
     pool = sch.get_sblock("pool")
     own = sch.get_loops(pool)[shared:]
-    windows = sum(k > 1 for k in spec.pool_kernel) if spec.pool_commutes else 2
+    windows = sum(k > 1 for k in spec.pool_kernel) if spec.pool_staged else 2
     if windows == 0 or len(own) <= windows:
         return
     # a channels-last band: a vector of channels (the first own loop); otherwise a vector of pooled columns,
@@ -602,7 +613,7 @@ def _vectorize_pool(sch: Schedule, spec: ConvSpec, shared: int) -> None:
     sch.reorder(*own[-windows:], lanes)
     sch.vectorize(lanes)
     sch.decompose_reduction(pool, own[-windows])
-    if spec.pool_commutes:
+    if spec.pool_staged:
         sch.vectorize(sch.get_loops(sch.get_sblock("post"))[-1])
 
 
@@ -629,7 +640,7 @@ def _schedule_cpu_banded(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tir
     o_outer, o_inner = sch.split(o, [None, tile.oc_block])
     y_outer, y_inner = sch.split(y, [None, tile.rows])
     sch.reorder(n, o_outer, y_outer, o_inner, y_inner, x)
-    if spec.pool_commutes:
+    if spec.pool_staged:
         sch.compute_at(sch.get_sblock("pool"), y_outer)
         sch.set_scope(sch.get_sblock("pool"), 0, "local")
     epilogue = sch.get_sblock("epilogue")
@@ -668,7 +679,7 @@ def schedule_gpu(spec: ConvSpec, func: tirx.PrimFunc, threads: int = 128) -> tir
     block_x, thread_x = sch.split(fused, [None, threads])
     sch.bind(block_x, "blockIdx.x")
     sch.bind(thread_x, "threadIdx.x")
-    if spec.pool_commutes:
+    if spec.pool_staged:
         sch.compute_at(sch.get_sblock("pool"), thread_x)
         sch.set_scope(sch.get_sblock("pool"), 0, "local")
     if pooled:

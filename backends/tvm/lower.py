@@ -360,6 +360,8 @@ def _pool(ctx, xs):
         return _integer_max_pool2d(ctx, xs[0])
     if kind == "max" and dtype in ("uint8", "int8"):  # LLVM scalarizes an 8-bit max pool; in float (exact) not
         y = ctx.emit(R.astype(fn(R.astype(xs[0], "float32"), **kwargs), dtype))
+    elif kind == "avg":
+        y = _sum_in_float32(ctx, xs[0], lambda x: fn(x, **kwargs))
     else:
         y = ctx.emit(fn(xs[0], **kwargs))
     if static_shape(y) != ctx.out_type().shape:
@@ -381,7 +383,20 @@ def _integer_max_pool2d(ctx: LowerContext, x: relax.Expr) -> relax.Expr:
 def _adaptive_avg(ctx, xs):
     nd = len(ctx.attrs["output_size"])
     fn = R.nn.adaptive_avg_pool1d if nd == 1 else R.nn.adaptive_avg_pool2d
-    return ctx.emit(fn(xs[0], output_size=ctx.attrs["output_size"]))
+    return _sum_in_float32(ctx, xs[0], lambda x: fn(x, output_size=ctx.attrs["output_size"]))
+
+
+def _sum_in_float32(ctx: LowerContext, x: relax.Expr, pool) -> relax.Expr:
+    """``pool(x)`` (an average) summed in float32 when ``x`` is float16/bfloat16, rounded once at the end.
+
+    TVM's pools accumulate in the input dtype: a float16 running sum of n values of size ~m has error ~n * m * 2^-11
+    (the sum's own ulp grows with it), so a global average over a 16x16 map was off by 15x PyTorch's error, which
+    accumulates reductions in float32. In float32 the sum's error is ~n * 2^-24 relative, and the single rounding of
+    the mean back to the low dtype (half an ulp) is what remains, as in PyTorch. The casts fuse into the pool."""
+    dtype = ctx.in_type(0).dtype
+    if dtype not in ("float16", "bfloat16"):
+        return ctx.emit(pool(x))
+    return ctx.emit(R.astype(pool(R.astype(x, "float32")), dtype))
 
 
 @lowering("adaptive_max_pool1d", "adaptive_max_pool2d")

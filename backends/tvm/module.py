@@ -282,6 +282,7 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads
     """Lower ``graph`` to Relax and build it for ``target``; ``tiles`` are tuned kernel tiles (``tune.py``);
     ``threads`` the CPU threads it runs on (None: every physical core)."""
     from backends.tvm.lower import lower
+    from backends.tvm.nan import TIR_PIPELINE
     from backends.tvm.schedule import optimize_relax_cpu
 
     target = resolve_target(target)
@@ -291,7 +292,8 @@ def build(graph: Graph, target: Any = "llvm", tiles: dict | None = None, threads
             mod = optimize_relax_cpu(mod, target.cores)
     mod = _relax_pipeline(mod, target.tvm)  # what tvm.compile would run, applied here to read the memory plan
     activation_bytes = planned_storage_bytes(mod["main"])
-    executable = tvm.compile(mod, target=target.tvm, relax_pipeline=None)
+    # TIR_PIPELINE: TVM's own, then NaN-propagating max/min in the bf16 kernels (``nan``'s docstring says why).
+    executable = tvm.compile(mod, target=target.tvm, relax_pipeline=None, tir_pipeline=TIR_PIPELINE)
     # Signature names are the model's own input names (an ONNX input "input.1" keeps its dot).
     inputs = [TensorSpec(graph.nodes[n]["origin"][0] if graph.nodes[n]["origin"] else n, t.shape, t.dtype)
               for n, t in zip(graph.inputs, graph.input_types())]

@@ -242,7 +242,8 @@ def split_items(data: Iterable, graph: Graph, pass_name: str) -> list[tuple[tupl
         if len(item) not in (n, n + 1):
             raise PassError(f"{pass_name}: a data item has {len(item)} tensors; the model takes {n} input(s) "
                             "(optionally followed by labels)")
-        inputs = tuple(_tensor(x, pass_name, f"data item {index}, input {i}").to(dtype)
+        inputs = tuple(_finite(_tensor(x, pass_name, f"data item {index}, input {i}"), pass_name,
+                               f"data item {index}, input {i}").to(dtype)
                        for i, (x, dtype) in enumerate(zip(item[:n], dtypes)))
         items.append((inputs, _tensor(item[n], pass_name, f"data item {index}, labels") if len(item) > n else None))
     return items
@@ -260,6 +261,16 @@ def _tensor(x: Any, pass_name: str, what: str):
     except (TypeError, ValueError, RuntimeError) as e:
         raise PassError(f"{pass_name}: {what} is not a tensor ({type(x).__name__}: {e}); data items must be "
                         "tensors or numpy arrays in the model's input order") from None
+
+
+def _finite(x, pass_name: str, what: str):
+    """Calibration ranges and training losses of NaN/inf inputs are NaN/inf: refused here, naming the item."""
+    import torch
+
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise PassError(f"{pass_name}: {what} holds {int((~torch.isfinite(x)).sum())} NaN/inf value(s); "
+                        "calibration and training data must be finite")
+    return x
 
 
 def evaluate(graph: Graph, metric: Callable[..., float], items: list[tuple]) -> float:

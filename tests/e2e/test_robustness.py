@@ -12,6 +12,7 @@ from torch import nn
 import passes
 from passes.api import _accuracy
 from passes.core.pass_base import PassError
+from tests.fuzz.run import UNIT_ROUNDOFF
 
 pytestmark = pytest.mark.tvm
 
@@ -58,6 +59,64 @@ def test_nan_and_inf_propagate_as_in_pytorch(model):
         torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("model", [
+    nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.MaxPool2d(3, stride=1, padding=1),
+    nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.MaxPool2d(2)),
+], ids=repr)
+def test_nan_and_inf_propagate_in_low_precision(model, dtype):
+    """bf16 kernels too: the rewrite runs after TVM's bf16 legalization (it used to skip them and drop NaN)."""
+    x, low = special_input(), torch.bfloat16 if dtype == "bf16" else torch.float16
+    with torch.no_grad():
+        expected = model.eval().to(low)(x.to(low)).float()
+    model.float()
+    actual = passes.optimize(model, passes=["default", f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,),
+                             measure=False)(x)
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    finite, infinite = torch.isfinite(expected), torch.isinf(expected)  # inf: through the max pools
+    assert torch.equal(actual[infinite], expected[infinite])
+    unit_roundoff = UNIT_ROUNDOFF[dtype]  # both round x and the conv's output once
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=4 * unit_roundoff, atol=4 * unit_roundoff)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("pool", [nn.AdaptiveAvgPool2d(1), nn.AvgPool2d(4)], ids=repr)
+def test_average_pools_in_low_precision_sum_in_float32(pool, dtype):
+    """A float16 running sum over a 16x16 map of values ~3 drifts by ulps of the sum (~0.5 at 768): 15x PyTorch's
+    error before the fix. Summed in float32 and rounded once, we match PyTorch's own low-precision result."""
+    x, low = torch.randn(1, 6, 16, 16, generator=torch.Generator().manual_seed(0)) + 3, \
+        torch.bfloat16 if dtype == "bf16" else torch.float16
+    with torch.no_grad():
+        expected, torch_low = pool(x), pool(x.to(low)).float()
+    actual = passes.optimize(pool, passes=[f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,), measure=False)(x)
+    torch_error = (torch_low - expected).abs().max().item()
+    unit_roundoff = UNIT_ROUNDOFF[dtype]
+    assert (actual - expected).abs().max().item() <= max(torch_error, unit_roundoff * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("layers, shape", [
+    (lambda: (nn.Conv2d(6, 12, 3, padding=1, groups=6, bias=False), nn.LeakyReLU(0.1), nn.AvgPool2d(2)), (1, 6, 5, 9)),
+    (lambda: (nn.Conv2d(8, 8, 3, padding=1), nn.ELU(), nn.MaxPool2d(3, 2)), (1, 8, 13, 15)),
+], ids=["avg", "overlapping-max"])
+def test_fused_conv_pool_in_low_precision(layers, shape, dtype):
+    """fuse-conv-pool's kernel pools in fp32 and rounds once: it reduced in bf16 and TVM's bf16 legalization
+    rejected the vector store (a TypeError from the build; fuzzer seeds 3004 and 3242 bf16)."""
+    model = nn.Sequential(*layers()).eval()  # built per test: the check below casts it in place
+    x, low = torch.randn(shape, generator=torch.Generator().manual_seed(3004)), \
+        torch.bfloat16 if dtype == "bf16" else torch.float16
+    opt = passes.optimize(model, passes=["default", f"mixed-precision{{dtype={dtype}}}"], example_inputs=(x,),
+                          measure=False)
+    assert "conv2d_pool" in {d["op"] for _, d in opt.graph.nodes(data=True)}
+    with torch.no_grad():
+        expected = model(x)
+        torch_error = (model.to(low)(x.to(low)).float() - expected).abs().max().item()
+    unit_roundoff = UNIT_ROUNDOFF[dtype]
+    error = (opt(x).float() - expected).abs().max().item()
+    assert error <= 2 * torch_error + unit_roundoff * expected.abs().max().item()
+
+
 def test_accuracy_check_is_nan_aware():
     reference = np.array([1.0, np.nan, np.inf, -2.0])
     assert _accuracy(reference, reference.copy()) == {"max_abs_error": 0.0, "max_rel_error": 0.0}
@@ -91,3 +150,21 @@ def test_string_calibration_data_is_a_clear_error():
     model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
     with pytest.raises(PassError, match=r"quantize: data item 0, input 0 is a str \('images/'\); data items must"):
         passes.optimize(model, passes=["quantize"], example_inputs=(x,), data=["images/"], measure=False)
+
+
+def test_nan_calibration_data_is_a_clear_error():
+    model, x = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
+    bad = x.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(PassError, match=r"quantize: data item 1, input 0 holds 1 NaN/inf value\(s\); calibration"):
+        passes.optimize(model, passes=["quantize"], example_inputs=(x,), data=[x, bad], measure=False)
+
+
+def test_negative_tuning_trials_exit_2_before_compiling(tmp_path, capsys, monkeypatch):
+    from passes.cli import main
+
+    monkeypatch.setattr("passes.api.optimize", lambda *a, **k: pytest.fail("compiled before checking"))
+    assert main(["compile", "zoo:vgg", "--tune-trials", "-5", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "argument --tune-trials: expected a whole number >= 0, got '-5'" in err
+    assert not (tmp_path / "out").exists()

@@ -4,9 +4,22 @@ Oracles (tolerances relative to the output scale ``max|reference|``):
 - float pipelines (``none``, ``default``): the compiled model against PyTorch, ``|y - ref| <= atol * scale + rtol *
   |ref|`` with NNSmith's rtol 1e-2, atol 1e-3;
 - ``bf16``, ``fp16``: our error against PyTorch fp32 at most twice PyTorch's own error in that dtype (the model cast
-  to it) plus 1e-3 of the scale: our kernels accumulate in fp32, so they should not do worse;
+  to it) plus ``max(atol, u)`` of the scale, both the largest over ``LOW_PRECISION_INPUTS`` seeded inputs: our
+  kernels accumulate in fp32, so they should not do worse. Why ``u`` (the dtype's unit roundoff, bf16 2^-8, fp16
+  2^-11) and several inputs: the output is rounded to the dtype before it is cast back, so any correct
+  implementation is off by up to ``u * |y|`` from the float32 value on that rounding alone, and PyTorch's rounding
+  happens at other points (it keeps batch norm in the dtype, we fold it or keep it in float32), so on one input its
+  error is one draw from that range. With a single output value (a ``Linear(.., 1)``) PyTorch's draw can be 5x
+  below ours with both correct (seed 5006: ours 0.0033 = 0.85 ulp of bf16 at 0.74, PyTorch 0.0007); 1e-3 alone is
+  below bf16's half-ulp (2^-9), so it cannot absorb that. Errors our kernels add (an fp16 running sum in an average
+  pool, seed 5004: 7x PyTorch's error) stay far above the bound;
 - ``int8`` (static; dynamic for RNN models): output SQNR against PyTorch fp32 of at least ``INT8_SQNR_DB``, and the
-  compiled integer graph against its reference interpreter at the float tolerance;
+  compiled integer graph against its reference interpreter at the float tolerance. The calibration data holds the
+  evaluated input besides 4 random ones: static int8 clips whatever lies outside the calibrated range, by design, so
+  an input whose output exceeds what 4 samples showed measures the calibration set, not our arithmetic (seeds
+  3057, 3095: an output of 0.61 against a calibrated maximum of 0.30, clipped, 7.2 dB; PyTorch's x86 int8 of the
+  same model and data kept it only through the 2x headroom of its ``reduce_range`` observers). With the input
+  calibrated, the SQNR measures rounding noise, which is what an int8 implementation can be held to;
 - ``prune``: the compiled pruned graph against the reference interpreter of the same optimized graph (pruning
   changes the function on purpose).
 
@@ -31,6 +44,8 @@ from passes.ir.interpret import run_reference
 from tests.fuzz.models import build, describe, random_spec
 
 RTOL, ATOL = 1e-2, 1e-3
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
+LOW_PRECISION_INPUTS = 4
 INT8_SQNR_DB = 10.0
 PIPELINES = {
     "none": [],
@@ -135,7 +150,7 @@ def check(spec: dict, name: str, pipeline: list | None) -> tuple[str, str]:
     model, x = build(spec)
     with torch.no_grad():
         reference = _flat(model(x))
-    data = [(torch.randn(spec["input"]),) for _ in range(4)] if name == "int8" else None
+    data = [(torch.randn(spec["input"]),) for _ in range(4)] + [(x,)] if name == "int8" else None
     try:
         opt = passes.optimize(model, passes=pipeline, example_inputs=(x,), data=data, measure=False)
         actual = _flat(opt(x))
@@ -146,18 +161,31 @@ def check(spec: dict, name: str, pipeline: list | None) -> tuple[str, str]:
     if name in ("none", "default"):
         error = _float_error(reference, actual)
     elif name in ("bf16", "fp16"):
-        low = torch.bfloat16 if name == "bf16" else torch.float16
-        with torch.no_grad():
-            torch_low = _flat(build(spec)[0].to(low)(x.to(low)))
-        scale = float(np.max(np.abs(reference)))
-        ours, theirs = float(np.max(np.abs(actual - reference))), float(np.max(np.abs(torch_low - reference)))
-        error = "" if ours <= 2 * theirs + ATOL * scale else f"error {ours:.3g} vs PyTorch {name} {theirs:.3g}"
+        error = _low_precision_error(spec, name, model, opt, x)
     else:
         interpreted = _flat(run_reference(opt.graph, (x,)))
         error = _float_error(interpreted, actual)
         if not error and name == "int8" and sqnr_db(reference, actual) < INT8_SQNR_DB:
             error = f"SQNR {sqnr_db(reference, actual):.1f} dB < {INT8_SQNR_DB} dB against PyTorch fp32"
     return ("mismatch", error) if error else ("ok", "")
+
+
+def _low_precision_error(spec: dict, name: str, model, opt, x: torch.Tensor) -> str:
+    """'' when our bf16/fp16 error is within twice PyTorch's own plus ``max(atol, u)`` of the scale, all over
+    ``LOW_PRECISION_INPUTS`` seeded inputs (the module docstring says why)."""
+    low = torch.bfloat16 if name == "bf16" else torch.float16
+    low_model = build(spec)[0].to(low)
+    generator = torch.Generator().manual_seed(spec["seed"] + 1)
+    inputs = [x] + [torch.randn(x.shape, generator=generator) for _ in range(LOW_PRECISION_INPUTS - 1)]
+    ours = theirs = scale = 0.0
+    for sample in inputs:
+        with torch.no_grad():
+            reference, torch_low = _flat(model(sample)), _flat(low_model(sample.to(low)))
+        scale = max(scale, float(np.max(np.abs(reference))))
+        ours = max(ours, float(np.max(np.abs(_flat(opt(sample)) - reference))))
+        theirs = max(theirs, float(np.max(np.abs(torch_low - reference))))
+    bound = 2 * theirs + max(ATOL, UNIT_ROUNDOFF[name]) * scale
+    return "" if ours <= bound else f"error {ours:.3g} vs PyTorch {name} {theirs:.3g} (bound {bound:.3g})"
 
 
 def fuzz(seeds: list[int], names: list[str], failures: Path | None = None, log=None) -> Summary:
