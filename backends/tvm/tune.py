@@ -93,15 +93,19 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
+def default_tile_of(spec: Spec) -> Tile:
+    """The tile a build uses when nothing is tuned (the tuner's first candidate)."""
+    return default_dense_tile(spec) if isinstance(spec, DenseSpec) else default_tile(spec)
+
+
 def candidates(spec: Spec) -> list[Tile]:
     """Valid tiles for ``spec``: default first, then by accumulator count closest to the default's."""
+    default = default_tile_of(spec)
     if isinstance(spec, DenseSpec):
-        default = default_dense_tile(spec)
         lanes, limit = spec.lanes, 3 * accumulator_vectors(spec.lanes) // 2
         tiles = [Tile(1, r, c) for r in _divisors(spec.m, 8) for c in _divisors(spec.n, 4 * lanes)
                  if r * -(-c // lanes) <= limit]
     else:
-        default = default_tile(spec)
         _, oc, oh, ow = spec.out_shape
         row_scale, col_scale = spec.pool_stride if spec.pool else (1, 1)
         tiles = []
@@ -368,7 +372,7 @@ def _remeasure(tasks: list[TuneTask], best: dict[Spec, Tile], target: Target, ro
     runner, kept_default = LocalRunner(number=10, repeat=3), 0
     for task in tasks:
         tile = best.get(task.spec)
-        default = default_dense_tile(task.spec) if isinstance(task.spec, DenseSpec) else default_tile(task.spec)
+        default = default_tile_of(task.spec)
         if tile is None or tile == default:
             continue
         builds = [build_candidate(task, t, target) for t in (tile, default)]
