@@ -7,7 +7,7 @@ per-step kernel launches, the two directions in parallel on separate cores:
     for d in parallel(directions):                # forward, and backward over reversed time
         h, c = h0[d], c0[d]
         for step in 0..T-1:  t = step if d == 0 else T-1-step
-            for each block of GATE_BLOCK gate rows:   # a GEMV tile that stays in vector registers
+            for each block of gate rows (``gate_block``):   # a GEMV tile that stays in vector registers
                 acc = xp[t, d*G + block]  (GRU: b_hh[block])
                 for k in 0..H-1: acc += h[k] * W_hh^T[d, k, block]
             LSTM: c = sigmoid(f) * c + sigmoid(i) * tanh(g); h = sigmoid(o) * tanh(c)      (gates i, f, g, o)
@@ -44,7 +44,6 @@ from backends.tvm.kernels import ceil_to, fast_sigmoid, fast_tanh, largest_divis
 from backends.tvm.qkernels import DEPTH, LANES, vpdpbusd
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
-GATE_BLOCK = 128  # 8 AVX-512 registers of accumulators (the integer kernel's block; float: ``gate_block``)
 
 
 def gate_block(gates: int, lanes: int = 16) -> int:
