@@ -137,10 +137,15 @@ def _activation(ex: _Exporter, x: str, name: str, params: tuple) -> str:
     raise ex.fail(f"activation {name!r}")
 
 
+def _bias(params: dict) -> np.ndarray:
+    """The bias in the weight's dtype: ONNX's Conv/Gemm take one type (mixed-precision keeps our biases float32)."""
+    return np.asarray(params["bias"]).astype(np.asarray(params["weight"]).dtype)
+
+
 def _conv_node(ex: _Exporter, x: str, attrs: dict, params: dict, op: str = "Conv") -> str:
     inputs = [x, ex.const(params["weight"], "weight")]
     if "bias" in params:
-        inputs.append(ex.const(params["bias"], "bias"))
+        inputs.append(ex.const(_bias(params), "bias"))
     nd = len(attrs["stride"])
     extra = {"output_padding": list(attrs["output_padding"])} if op == "ConvTranspose" else {}
     return ex.one(op, inputs, strides=list(attrs["stride"]), pads=list(attrs["padding"]) * 2,
@@ -182,12 +187,12 @@ def _batch_norm(ex, xs, a, p):
 def _linear(ex, xs, a, p):
     rank = ex.graph.value_type(ex.graph.operands(ex.node)[0]).rank
     if rank == 2:
-        inputs = [xs[0], ex.const(p["weight"], "weight")] + ([ex.const(p["bias"], "bias")] if "bias" in p else [])
+        inputs = [xs[0], ex.const(p["weight"], "weight")] + ([ex.const(_bias(p), "bias")] if "bias" in p else [])
         y = ex.one("Gemm", inputs, transB=1)
     else:
         y = ex.one("MatMul", [xs[0], ex.const(np.ascontiguousarray(p["weight"].T), "weight_t")])
         if "bias" in p:
-            y = ex.one("Add", [y, ex.const(p["bias"], "bias")])
+            y = ex.one("Add", [y, ex.const(_bias(p), "bias")])
     return _activation(ex, y, a["activation"], a["activation_params"])
 
 

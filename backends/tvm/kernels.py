@@ -127,7 +127,7 @@ class ConvSpec:
     pool_stride: tuple[int, int] = (1, 1)
     pool_padding: tuple[int, int] = (0, 0)   # max pools: -inf padding
     pool_ceil_mode: bool = False
-    dtype: str = F32                         # storage of data, weight, bias, residual, output; accumulation is fp32
+    dtype: str = F32                         # storage of data, weight, residual, output; bias and accumulation fp32
     lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
 
     @property
@@ -334,7 +334,8 @@ def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
 def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
     """``finish(v, b, o, y, x)`` = act(v + bias [+ residual]) narrowed to the storage dtype (``narrow=False``: kept
     fp32, for a pool staged in fp32), and the placeholders it reads (bias, residual)."""
-    bias = te.placeholder((spec.weight_shape[0],), spec.dtype, name="bias") if spec.has_bias else None
+    # The bias is fp32 at any storage dtype: it is added to the fp32 accumulator (mixed-precision keeps it fp32).
+    bias = te.placeholder((spec.weight_shape[0],), F32, name="bias") if spec.has_bias else None
     residual = te.placeholder(spec.conv_shape, spec.dtype, name="residual") if spec.residual else None
     act_fn = TE_ACTIVATIONS[spec.activation]
 
@@ -765,7 +766,7 @@ def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
     act_fn = TE_ACTIVATIONS[spec.activation]
     args = [x, w_t]
     if spec.has_bias:
-        bias = te.placeholder((spec.n,), spec.dtype, name="bias")
+        bias = te.placeholder((spec.n,), F32, name="bias")  # fp32 at any storage dtype, as in the conv kernel
         args.append(bias)
         out = te.compute((spec.m, spec.n), lambda i, j: _narrow(act_fn(acc[i, j] + _wide(bias[j]),
                                                                        spec.activation_params), spec.dtype),

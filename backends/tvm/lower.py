@@ -54,7 +54,7 @@ FLOAT_MAX = 3.4028234663852886e38
 def _channel_bias(ctx: LowerContext, y: relax.Expr, bias: np.ndarray | None, rank: int) -> relax.Expr:
     if bias is None:
         return y
-    return ctx.emit(R.add(y, ctx.const(np.reshape(bias, (1, -1) + (1,) * (rank - 2)))))
+    return ctx.emit(R.add(y, ctx.const(np.reshape(bias, (1, -1) + (1,) * (rank - 2)), str(y.ty.dtype))))
 
 
 # ------------------------------------------------------------------------------------------------ layers
@@ -71,7 +71,7 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
     gv = ctx.bb.add_func(func, name)
     args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), spec.dtype)]
     if spec.has_bias:
-        args.append(ctx.const(ctx.params["bias"], spec.dtype))
+        args.append(ctx.const(ctx.params["bias"], "float32"))  # kernels take an fp32 bias
     if residual is not None:
         args.append(residual)
     return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, spec.dtype)))
@@ -231,7 +231,7 @@ def _linear(ctx, xs):
     weight_t = np.ascontiguousarray(ctx.params["weight"].T)  # packed once: the kernel is x @ W^T
     y = ctx.emit(R.matmul(xs[0], ctx.const(weight_t)))
     bias = ctx.params.get("bias")
-    return apply_activation(ctx, y if bias is None else ctx.emit(R.add(y, ctx.const(bias))))
+    return apply_activation(ctx, y if bias is None else ctx.emit(R.add(y, ctx.const(bias, str(y.ty.dtype)))))
 
 
 @lowering("matmul")

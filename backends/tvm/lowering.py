@@ -120,7 +120,7 @@ def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...
     gv = ctx.bb.add_func(func, name)
     args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(np.ascontiguousarray(weight.T), dtype)]
     if bias is not None:
-        args.append(ctx.const(bias, dtype))
+        args.append(ctx.const(bias, "float32"))  # kernels take an fp32 bias
     y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType((m, n), dtype)))
     return ctx.emit(R.reshape(y, (*in_shape[:-1], n)))
 

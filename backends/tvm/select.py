@@ -37,8 +37,10 @@ def _kernel_dtype(graph: Graph, node: str) -> bool:
     """The node's float operands and params all have one dtype our kernels take (mixed-precision graphs)."""
     d = graph.nodes[node]
     dtypes = {graph.value_type(v).dtype for v in graph.operands(node)}
-    dtypes |= {str(p.dtype) for k, p in d["params"].items() if k in ("weight", "bias")}
-    return len(dtypes) == 1 and dtypes.pop() in KERNEL_DTYPES
+    dtypes |= {str(p.dtype) for k, p in d["params"].items() if k == "weight"}
+    bias = d["params"].get("bias")
+    return (len(dtypes) == 1 and next(iter(dtypes)) in KERNEL_DTYPES
+            and (bias is None or str(bias.dtype) in dtypes | {"float32"}))
 
 
 def uses_conv_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> ConvSpec | None:

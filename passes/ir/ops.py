@@ -310,12 +310,27 @@ register_op(OpDef("constant", lambda xs, a, p: p["value"], arity=(0, 0), params=
                   doc="A constant tensor held in params['value']."))
 
 _CONV_ATTRS = {"stride": REQUIRED, "padding": REQUIRED, "dilation": REQUIRED, "groups": 1}
+
+
+def _float32_bias(reference: Callable) -> Callable:
+    """A layer whose bias is float32 while its operands are bfloat16/float16 (``mixed-precision`` keeps biases in
+    float32): computed in float32 from the low-precision values and narrowed once at the end, as our kernels do
+    (products accumulated in fp32, bias added to the accumulator, activation, then one rounding)."""
+    def reference_with_bias(xs, a, p):
+        bias = p.get("bias")
+        if bias is None or bias.dtype == xs[0].dtype:
+            return reference(xs, a, p)
+        low = xs[0].dtype
+        return reference([x.float() for x in xs], a, {k: v.float() for k, v in p.items()}).to(low)
+    return reference_with_bias
+
+
 def _conv_reference(conv: Callable):
     """act(conv(x) + bias [+ residual]): an optional second operand is a residual added before the activation."""
     def reference(xs, a, p):
         y = conv(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
         return apply_activation(y + xs[1] if len(xs) > 1 else y, a)
-    return reference
+    return _float32_bias(reference)
 
 
 for _nd, _conv in ((1, F.conv1d), (2, F.conv2d)):
@@ -348,7 +363,7 @@ def _conv2d_pool_flops(in_types, out_types, attrs, params) -> int:
 
 
 register_op(OpDef(
-    "conv2d_pool", _conv2d_pool,
+    "conv2d_pool", _float32_bias(_conv2d_pool),
     attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, **_FUSED_ACTIVATION,
            "pool": REQUIRED, "pool_kernel": REQUIRED, "pool_stride": REQUIRED, "pool_padding": (0, 0),
            "pool_ceil_mode": False},
@@ -421,7 +436,8 @@ register_op(OpDef(
         "i * (in - 1) / (out - 1) with align_corners; s = 1 / scale_factor when given (torch's "
         "recompute_scale_factor=False), else in / out. Bilinear blends the 2x2 neighbours (6 FLOPs per output)."))
 
-register_op(OpDef("linear", lambda xs, a, p: apply_activation(F.linear(xs[0], p["weight"], p.get("bias")), a),
+register_op(OpDef("linear", _float32_bias(lambda xs, a, p: apply_activation(F.linear(xs[0], p["weight"],
+                                                                                      p.get("bias")), a)),
                   attrs=dict(_FUSED_ACTIVATION), params=("weight",), optional_params=("bias",), flops=_linear_flops,
                   doc="x W^T [+ bias] [+ fused activation]."))
 register_op(OpDef("matmul", lambda xs, a, p: torch.matmul(xs[0], xs[1]), arity=(2, 2), flops=_matmul_flops))

@@ -35,11 +35,11 @@ def test_structure_casts_only_at_fp32_borders():
     assert_graph_text(graph, """
 graph Sequential(%input_1: f32[2,3,8,8]) {
   %input_1_to_bf16 = cast(%input_1) {dtype='bfloat16'} -> bf16[2,3,8,8]
-  %n0 = conv2d(%input_1_to_bf16) {activation='none', activation_params=(), dilation=(1, 1), groups=1, padding=(0, 0), stride=(1, 1)} [bias: bf16[4], weight: bf16[4,3,3,3]] -> bf16[2,4,6,6]
+  %n0 = conv2d(%input_1_to_bf16) {activation='none', activation_params=(), dilation=(1, 1), groups=1, padding=(0, 0), stride=(1, 1)} [bias: f32[4], weight: bf16[4,3,3,3]] -> bf16[2,4,6,6]
   %n1 = relu(%n0) -> bf16[2,4,6,6]
   %n2 = max_pool2d(%n1) {ceil_mode=False, dilation=(1, 1), kernel_size=(2, 2), padding=(0, 0), stride=(2, 2)} -> bf16[2,4,3,3]
   %n3 = flatten(%n2) {end_dim=3, start_dim=1} -> bf16[2,36]
-  %n4 = linear(%n3) {activation='none', activation_params=()} [bias: bf16[5], weight: bf16[5,36]] -> bf16[2,5]
+  %n4 = linear(%n3) {activation='none', activation_params=()} [bias: f32[5], weight: bf16[5,36]] -> bf16[2,5]
   %n4_to_f32 = cast(%n4) {dtype='float32'} -> f32[2,5]
   %n5 = softmax(%n4_to_f32) {dim=1} -> f32[2,5]
   return %n5
@@ -81,6 +81,33 @@ def test_idempotent():
     run_pass(MixedPrecision(), graph)
     again = run_pass(MixedPrecision(), graph)
     assert again.stats == {"converted": 0, "casts": 0, "skipped.kept_fp32": 1}
+
+
+@pytest.mark.tvm
+def test_biases_stay_float32_so_a_folded_batch_norm_shift_is_not_rounded():
+    """A conv whose output sits near 50 and a batch norm that centres it: the folded bias is -50.125, halfway between
+    two bf16 values (ulp 0.25), while the layer's output is O(1). Rounded to bf16, that bias is 0.125 off in every
+    pixel of the channel and the global pool keeps it (the two channels' biases round to -50.25 and -50.0 here);
+    kept float32, only the O(1) outputs are rounded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(2, 1)).eval()
+    x = 1 + 0.1 * torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        model[0].weight.fill_(1.859375)  # exact in bf16: 27 taps x ~1 = ~50 per pixel
+        model[1].running_mean.copy_(model[0].bias + 50.125 * torch.sqrt(1 + torch.tensor(model[1].eps)))
+        model[4].weight.copy_(torch.tensor([[1.0, -1.0]]))  # the channels' equal pixels cancel, their biases do not
+        reference = model(x)
+    opt = passes.optimize(model, passes=["default", "mixed-precision"], example_inputs=(x,), measure=False)
+    conv = next(n for n in opt.graph.nodes if opt.graph.nodes[n]["op"] == "conv2d")
+    bias = opt.graph.nodes[conv]["params"]["bias"]
+    assert bias.dtype == np.float32
+    np.testing.assert_allclose(bias, -50.125, rtol=1e-6)
+    rounded = opt.graph.copy()
+    rounded.nodes[conv]["params"]["bias"] = bias.astype(opt.graph.nodes[conv]["params"]["weight"].dtype)
+    error_rounded = float((run_reference(rounded, (x,)).float() - reference).abs().max())
+    ours = float((opt(x) - reference).abs().max())
+    assert error_rounded > 0.2 and ours <= 2.0 ** -8, (ours, error_rounded)  # one bf16 ulp of the output (~0.5)
 
 
 @pytest.mark.tvm
