@@ -22,7 +22,7 @@ from run import make_model  # noqa: E402  (benchmarks/run.py: torchvision models
 import passes  # noqa: E402
 from backends.tvm.kernels import DenseSpec  # noqa: E402
 from backends.tvm.target import resolve_target  # noqa: E402
-from backends.tvm.tune import LocalRunner, build_candidate, default_tile_of, extract_tasks  # noqa: E402
+from backends.tvm.tune import LocalRunner, build_candidate, extract_tasks  # noqa: E402
 from examples import zoo  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main() -> int:
     target, runner = resolve_target("llvm"), LocalRunner(number=10, repeat=3)
     rows = []
     for task in extract_tasks(opt.graph, target):
-        tile = default_tile_of(task.spec)
+        tile = task.default
         lib, func = build_candidate(task, tile, target)
         ms = runner.measure(lib, func) * len(task.nodes)
         kind = task.kind if isinstance(task.spec, DenseSpec) else (

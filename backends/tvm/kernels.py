@@ -431,11 +431,14 @@ def accumulator_vectors(lanes: int) -> int:
 
 @dataclass(frozen=True)
 class Tile:
-    """Output tile computed per inner iteration: ``oc_block`` channels x ``rows`` x ``cols`` (output units)."""
+    """Output tile computed per inner iteration: ``oc_block`` channels x ``rows`` x ``cols`` (output units).
+    ``winograd``: 0 for the direct kernel, else the output tile m of Winograd F(m x m, 3 x 3) (``winograd.py``, its
+    own blocking; the other fields are then unused): the tuner searches the algorithm too."""
 
     oc_block: int
     rows: int
     cols: int
+    winograd: int = 0
 
 
 def default_tile(spec: ConvSpec) -> Tile:

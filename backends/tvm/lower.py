@@ -610,7 +610,7 @@ def lower_graph(graph: Graph, target: Target | str | dict = "llvm", cores: int |
     params = [relax.Var(name, relax.TensorType(t.shape, t.dtype))
               for name, t in zip(graph.inputs, graph.input_types())]
     env: dict[Value, relax.Expr] = {Value(n, 0): v for n, v in zip(graph.inputs, params)}
-    selection = select_kernels(graph, target.kind, target.lanes, target.winograd)
+    selection = select_kernels(graph, target.kind, target.lanes, target.winograd, tiles)
     with bb.function("main", params=params):
         with bb.dataflow():
             for node in graph.topo_order():

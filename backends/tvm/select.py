@@ -119,14 +119,20 @@ class Choice:
 RELAX = Choice("relax")
 
 
-def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_winograd: bool = True) -> Choice:
+def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_winograd: bool = True,
+           tiles: Mapping | None = None) -> Choice:
     """The kernel that lowers ``node`` on ``target_kind`` ("llvm" | "cuda"); kernel tiles sized for ``lanes``-wide
-    vectors (``Target.lanes``); ``allow_winograd``: False keeps every conv on the direct kernel."""
+    vectors (``Target.lanes``); ``allow_winograd``: False keeps every conv on the direct kernel; ``tiles``: tuned
+    tiles by spec, whose ``winograd`` field overrides the Winograd cost rule for that conv (0: direct, m: F(m))."""
     data = graph.nodes[node]
     op = data["op"]
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
     cpu_conv = target_kind == "llvm" and isinstance(spec, ConvSpec)  # the Winograd kernel is CPU-only
-    fast = winograd.choose(spec) if allow_winograd and cpu_conv else None
+    tuned = (tiles or {}).get(spec) if cpu_conv else None
+    if tuned is not None and allow_winograd:
+        fast = winograd.choose(spec, tuned.winograd) if tuned.winograd else None
+    else:
+        fast = winograd.choose(spec) if allow_winograd and cpu_conv else None
     if fast is not None:
         return Choice("winograd", fast)
     if spec is not None and blocked_then_pool(spec, target_kind):
@@ -190,7 +196,8 @@ class Selection:
         return self.choices[node]
 
 
-def select_kernels(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True) -> Selection:
-    choices = {node: choose(graph, node, target_kind, lanes, allow_winograd) for node in graph.topo_order()
+def select_kernels(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True,
+                   tiles: Mapping | None = None) -> Selection:
+    choices = {node: choose(graph, node, target_kind, lanes, allow_winograd, tiles) for node in graph.topo_order()
                if graph.nodes[node]["op"] != "input"}
     return Selection(target_kind, choices, nhwc_values(graph, target_kind))

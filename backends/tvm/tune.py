@@ -1,6 +1,9 @@
 """Autotuning of our kernel templates, with a persistent database and measurement over TVM RPC.
 
-What is tuned: the register tile of every conv / conv+pool / dense kernel (``kernels.Tile``). Why not a generic
+What is tuned: the register tile of every conv / conv+pool / dense kernel (``kernels.Tile``), and for each conv
+that the Winograd cost rule sends to Winograd, the algorithm itself: F(4x4), F(2x2) or the direct kernel with its
+tiles (``Tile.winograd``), measured kernel against kernel, because the rule's thresholds were measured on one
+machine's ResNet-18 layers and a direct kernel can win on another shape. Why not a generic
 search from scratch: meta-schedule runs ~8-14 trials a minute here and reached 7 of ResNet-18's 28 tasks in 21
 minutes; our templates start from a fast default and the space that matters is small, so every trial counts:
 
@@ -45,9 +48,12 @@ from backends.tvm.kernels import (
     default_tile,
     dense_kernel,
 )
-from backends.tvm.select import select_kernels
+from backends.tvm.select import choose, select_kernels
 from backends.tvm.target import Target, resolve_target
 from backends.tvm.threads import configure_threads
+from backends.tvm.winograd import TILES as WINOGRAD_TILES
+from backends.tvm.winograd import choose as winograd_choose
+from backends.tvm.winograd import winograd_kernel
 from passes.core.progress import progress_bar
 from passes.ir.graph import Graph
 
@@ -60,6 +66,12 @@ class TuneTask:
     spec: Spec
     flops: int
     nodes: tuple[str, ...]
+    winograd: int = 0  # the untuned build's Winograd tile for this conv (0: direct); else the algorithm is searched
+
+    @property
+    def default(self) -> Tile:
+        """The tile the untuned build uses (the first candidate)."""
+        return default_tile_of(self.spec, self.winograd)
 
     @property
     def kind(self) -> str:
@@ -81,11 +93,20 @@ def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]
     from passes.ir.cost import node_flops
 
     found: dict[Spec, list[str]] = {}
+    winograd_tile: dict[Spec, int] = {}
     target = resolve_target(target)
     for node, choice in select_kernels(graph, target.kind, target.lanes, target.winograd).choices.items():
-        if choice.kernel in ("conv", "blocked_conv_pool", "dense"):  # Winograd: its default blocking (not tuned)
+        if choice.kernel in ("conv", "blocked_conv_pool", "dense"):
             found.setdefault(choice.spec, []).append(node)
-    tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes)) for spec, nodes in found.items()]
+        elif choice.kernel == "winograd" and graph.nodes[node]["op"] == "conv2d":
+            # keyed by the direct spec (what ``select.choose`` looks up); a conv2d_pool's Winograd keeps its rule:
+            # the direct alternative there is the fused conv+pool kernel, which a lone Winograd kernel cannot be
+            # timed against
+            direct = choose(graph, node, target.kind, target.lanes, allow_winograd=False).spec
+            found.setdefault(direct, []).append(node)
+            winograd_tile[direct] = choice.spec.tile
+    tasks = [TuneTask(spec, sum(node_flops(graph, n) for n in nodes), tuple(nodes), winograd_tile.get(spec, 0))
+             for spec, nodes in found.items()]
     return sorted(tasks, key=lambda t: -t.flops)
 
 
@@ -93,13 +114,26 @@ def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
 
-def default_tile_of(spec: Spec) -> Tile:
-    """The tile a build uses when nothing is tuned (the tuner's first candidate)."""
-    return default_dense_tile(spec) if isinstance(spec, DenseSpec) else default_tile(spec)
+def default_tile_of(spec: Spec, winograd: int = 0) -> Tile:
+    """The tile a build uses when nothing is tuned (the tuner's first candidate); ``winograd``: the Winograd tile
+    the cost rule picked for this conv (0: none)."""
+    if isinstance(spec, DenseSpec):
+        return default_dense_tile(spec)
+    return dataclasses.replace(default_tile(spec), winograd=winograd)
 
 
-def candidates(spec: Spec) -> list[Tile]:
-    """Valid tiles for ``spec``: default first, then by accumulator count closest to the default's."""
+def candidates(spec: Spec, winograd: int = 0) -> list[Tile]:
+    """Valid tiles for ``spec``: default first, then by accumulator count closest to the default's. Where the
+    untuned build runs Winograd F(``winograd``), that comes first, then the direct kernel's default tile, then
+    the other Winograd tile, then the other direct tiles: the first trials answer whether Winograd pays here."""
+    direct = _direct_candidates(spec)
+    if not winograd:
+        return direct
+    other = [dataclasses.replace(direct[0], winograd=m) for m in WINOGRAD_TILES if m != winograd]
+    return [default_tile_of(spec, winograd), direct[0], *other, *direct[1:]]
+
+
+def _direct_candidates(spec: Spec) -> list[Tile]:
     default = default_tile_of(spec)
     if isinstance(spec, DenseSpec):
         lanes, limit = spec.lanes, 3 * accumulator_vectors(spec.lanes) // 2
@@ -134,6 +168,8 @@ def build_candidate(task: TuneTask, tile: Tile, target: Target) -> tuple[tvm.run
     """(the built library, its PrimFunc ``main``) of ``task``'s kernel with ``tile``."""
     if isinstance(task.spec, DenseSpec):
         func = dense_kernel(task.spec, target.cores, tile)
+    elif tile.winograd:
+        func = winograd_kernel(winograd_choose(task.spec, tile.winograd))
     else:
         func = conv_kernel(task.spec, target.kind, tile)
     func = func.with_attr("global_symbol", "main")
@@ -168,9 +204,12 @@ def record_problem(record: Any) -> str | None:
         if not isinstance(value, RECORD_FIELDS[name]) or isinstance(value, bool):
             return f"field {name!r} of type {type(value).__name__}"
     tile = record["tile"]
-    if set(tile) != {f.name for f in dataclasses.fields(Tile)} or \
-            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in tile.values()):
+    sizes = {k: v for k, v in tile.items() if k != "winograd"}
+    if set(sizes) != {"oc_block", "rows", "cols"} or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()):
         return "field 'tile' is not a tile (oc_block, rows, cols: positive integers)"
+    if tile.get("winograd", 0) not in (0, *WINOGRAD_TILES) or isinstance(tile.get("winograd"), bool):
+        return f"field 'tile' has winograd {tile['winograd']!r} (0 or one of {WINOGRAD_TILES})"
     return None
 
 
@@ -302,7 +341,7 @@ def plan(tasks: list[TuneTask], trials: int) -> list[tuple[TuneTask, list[Tile]]
     planned = []
     for task in tasks:
         share = max(1, round(trials * task.flops / total))
-        planned.append((task, candidates(task.spec)[:share]))
+        planned.append((task, candidates(task.spec, task.winograd)[:share]))
     return planned
 
 
@@ -372,7 +411,7 @@ def _remeasure(tasks: list[TuneTask], best: dict[Spec, Tile], target: Target, ro
     runner, kept_default = LocalRunner(number=10, repeat=3), 0
     for task in tasks:
         tile = best.get(task.spec)
-        default = default_tile_of(task.spec)
+        default = task.default
         if tile is None or tile == default:
             continue
         builds = [build_candidate(task, t, target) for t in (tile, default)]

@@ -317,11 +317,12 @@ def choose_tile(spec: ConvSpec) -> int:
     return 4 if min(oh, ow) >= MIN_F4_OUTPUT else 2
 
 
-def choose(spec: ConvSpec) -> WinogradSpec | None:
-    """The Winograd kernel for the conv ``spec``, or None where the cost rule keeps the direct kernel. A fused pool
-    (conv2d_pool) is not part of it: the conv runs as Winograd and the pool after it (``lower.py``), which beats
-    the fused direct kernel where Winograd pays (VGG's convs are mostly conv + pool)."""
+def choose(spec: ConvSpec, tile: int | None = None) -> WinogradSpec | None:
+    """The Winograd kernel for the conv ``spec`` (output tile ``tile``, default ``choose_tile``: a tuned choice
+    overrides it), or None where the cost rule keeps the direct kernel. A fused pool (conv2d_pool) is not part of
+    it: the conv runs as Winograd and the pool after it (``lower.py``), which beats the fused direct kernel where
+    Winograd pays (VGG's convs are mostly conv + pool)."""
     if refusal(spec) is not None:
         return None
     return WinogradSpec(spec.in_shape, spec.weight_shape, spec.padding, spec.has_bias, spec.activation,
-                        spec.activation_params, spec.residual, choose_tile(spec), spec.lanes)
+                        spec.activation_params, spec.residual, tile or choose_tile(spec), spec.lanes)

@@ -106,6 +106,54 @@ def test_hottest_tasks_get_the_most_trials():
         assert tiles[0] == default
 
 
+def test_the_winograd_rule_is_searched_and_a_tuned_algorithm_is_what_the_build_runs():
+    """Where the cost rule sends a conv to Winograd, the tuner's first candidates are that Winograd tile, the direct
+    kernel's default tile and the other Winograd tile; a tuned tile's algorithm decides the lowering, and each
+    algorithm's build matches PyTorch."""
+    import dataclasses
+
+    from backends.tvm.module import build
+    from backends.tvm.select import select_kernels
+    from backends.tvm.target import resolve_target
+    from backends.tvm.tune import candidates
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(1, 32, 28, 28)
+    graph = from_torch(model, (x,))
+    target = resolve_target("llvm")
+    (task,) = extract_tasks(graph, target)
+    assert task.winograd == 4 and task.default.winograd == 4  # 28x28 output: F(4x4) by the rule
+    first = candidates(task.spec, task.winograd)[:3]
+    assert [t.winograd for t in first] == [4, 0, 2] and first[1] == default_tile(task.spec)
+    assert all(t.winograd == 0 for t in candidates(task.spec, task.winograd)[3:])
+    assert candidates(task.spec) == candidates(task.spec, 0) and candidates(task.spec)[0].winograd == 0
+    (node,) = [n for n in graph.nodes if graph.nodes[n]["op"] == "conv2d"]
+    direct, f2 = default_tile(task.spec), dataclasses.replace(default_tile(task.spec), winograd=2)
+    for tile, kernel, m in ((None, "winograd", 4), (direct, "conv", None), (f2, "winograd", 2)):
+        tiles = None if tile is None else {task.spec: tile}
+        choice = select_kernels(graph, "llvm", target.lanes, tiles=tiles)[node]
+        assert choice.kernel == kernel and getattr(choice.spec, "tile", None) == m
+        with torch.no_grad():
+            assert_outputs_close(model(x), build(graph, target, tiles=tiles)(x.numpy()))
+    # optimize(winograd=False): no Winograd candidates at all
+    (off,) = extract_tasks(graph, dataclasses.replace(target, winograd=False))
+    assert off.winograd == 0 and off.spec == task.spec
+
+
+def test_records_of_unknown_algorithms_are_skipped(tmp_path):
+    """A database line whose tile names a Winograd tile we do not build is skipped and counted, never applied."""
+    db = tmp_path / "db"
+    db.mkdir()
+    good = {"key": "k", "tile": {"oc_block": 8, "rows": 1, "cols": 6}, "ms": 1.0}  # written before the field
+    bad = {"key": "k", "tile": {"oc_block": 8, "rows": 1, "cols": 6, "winograd": 3}, "ms": 0.5}
+    (db / "records.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    database = Database(db)
+    assert [r["tile"] for r in database.records()] == [good["tile"]]
+    assert database.skipped == {"field 'tile' has winograd 3 (0 or one of (2, 4))": 1}
+    assert database.best_tile("k").winograd == 0
+
+
 def test_resume_after_kill_keeps_finished_records(tmp_path):
     db = tmp_path / "db"
     script = textwrap.dedent(f"""

@@ -2,7 +2,8 @@
 
 A spec is ``{"kind": "cnn" | "rnn", "input": [shape], "layers": [{"type": ..., ...}, ...]}``; ``build(spec)``
 turns it into an eval-mode ``nn.Module`` with seeded weights. The generator tracks the activation shape so every
-layer it picks is valid: convs (kernel, stride, padding incl. 'same' and asymmetric, dilation, groups incl.
+layer it picks is valid: convs (kernel, stride, padding incl. 'same' and asymmetric: ``F.pad``, ``nn.ZeroPad2d`` or
+``nn.ReflectionPad2d``, dilation, groups incl.
 depthwise), batch norm, every supported activation, max/avg/adaptive pools (overlapping windows, ceil mode,
 padding), residual add, concat, squeeze-excite, flatten + linear; LSTM/GRU/RNN (layers, bidirectional,
 batch_first, with and without bias).
@@ -15,6 +16,7 @@ import random
 import torch
 from torch import nn
 
+PAD_MODULES = ["F.pad", "ZeroPad2d", "ReflectionPad2d"]  # how an asymmetric-padded conv pads its input
 ACTIVATIONS = ["relu", "relu6", "leaky_relu", "elu", "gelu", "silu", "mish", "sigmoid", "tanh", "hardswish",
                "hardsigmoid", "hardtanh"]
 
@@ -52,7 +54,8 @@ def _conv(rng: random.Random, c: int, h: int, w: int) -> tuple[dict, tuple[int, 
         layer, pads = {"padding": "same"}, (reach, reach)
     elif padding_kind == "asymmetric":
         pad = [rng.randint(0, 2) for _ in range(4)]  # left, right, top, bottom (F.pad)
-        layer, pads = {"pad": pad, "padding": 0}, (pad[2] + pad[3], pad[0] + pad[1])
+        modes = PAD_MODULES if max(pad) < min(h, w) else PAD_MODULES[:2]  # reflection needs pad < size
+        layer, pads = {"pad": pad, "pad_module": rng.choice(modes), "padding": 0}, (pad[2] + pad[3], pad[0] + pad[1])
     else:
         p = rng.randint(0, reach // 2 + 1) if padding_kind != "none" else 0
         layer, pads = {"padding": p}, (2 * p, 2 * p)
@@ -151,7 +154,7 @@ def random_spec(seed: int) -> dict:
 
 # ------------------------------------------------------------------------------------------------ builder
 class Pad(nn.Module):
-    """Asymmetric zero padding as ``F.pad`` (the frontend refuses the ``nn.ZeroPad2d`` module)."""
+    """Asymmetric zero padding as ``F.pad``."""
 
     def __init__(self, pad: list[int]):
         super().__init__()
@@ -224,7 +227,11 @@ def _layer(layer: dict) -> nn.Module:
         conv = nn.Conv2d(layer["in"], layer["out"], layer["kernel"], stride=layer["stride"],
                          padding=layer["padding"], dilation=layer["dilation"], groups=layer["groups"],
                          bias=layer["bias"])
-        return nn.Sequential(Pad(layer["pad"]), conv) if "pad" in layer else conv
+        if "pad" not in layer:
+            return conv
+        module = layer.get("pad_module", "F.pad")  # specs written before the field existed used F.pad
+        pad = {"F.pad": Pad, "ZeroPad2d": nn.ZeroPad2d, "ReflectionPad2d": nn.ReflectionPad2d}[module](layer["pad"])
+        return nn.Sequential(pad, conv)
     if t == "bn":
         return nn.BatchNorm2d(layer["channels"])
     if t == "act":

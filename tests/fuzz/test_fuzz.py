@@ -33,6 +33,7 @@ def _features(spec: dict) -> set[str]:
                       else "padding int" if layer["padding"] else "padding none")
             found.add("depthwise" if layer["groups"] == layer["in"] > 1 else "grouped" if layer["groups"] > 1
                       else "dense")
+            found |= {f"pad module {layer['pad_module']}"} if "pad_module" in layer else set()
         if t in ("max", "avg"):
             found |= {f"{t} overlapping"} if layer["stride"] < layer["kernel"] else set()
             found |= {f"{t} ceil"} if layer["ceil"] else set()
@@ -49,7 +50,7 @@ def _features(spec: dict) -> set[str]:
 
 def test_generator_covers_every_listed_feature():
     """400 seeds (specs only, nothing compiled) reach everything issue 14 lists for the generator."""
-    from tests.fuzz.models import ACTIVATIONS, random_spec
+    from tests.fuzz.models import ACTIVATIONS, PAD_MODULES, random_spec
 
     found = set().union(*(_features(random_spec(seed)) for seed in range(400)))
     wanted = {"conv", "bn", "residual", "concat", "se", "flatten", "linear", "adaptive_avg", "adaptive_max",
@@ -57,5 +58,5 @@ def test_generator_covers_every_listed_feature():
               "padding int", "depthwise", "grouped", "max overlapping", "max ceil", "max padded", "avg overlapping",
               "avg ceil", "avg padded", "lstm", "gru", "rnn", "lstm layers 2", "gru layers 2", "rnn layers 2",
               "bidirectional True", "batch_first True", "batch_first False", "bias False", "rnn relu", "rnn tanh"}
-    wanted |= {f"act {name}" for name in ACTIVATIONS}
+    wanted |= {f"act {name}" for name in ACTIVATIONS} | {f"pad module {name}" for name in PAD_MODULES}
     assert wanted <= found, sorted(wanted - found)
