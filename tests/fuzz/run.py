@@ -11,8 +11,11 @@ Oracles (tolerances relative to the output scale ``max|reference|``):
   happens at other points (it keeps batch norm in the dtype, we fold it or keep it in float32), so on one input its
   error is one draw from that range. With a single output value (a ``Linear(.., 1)``) PyTorch's draw can be 5x
   below ours with both correct (seed 5006: ours 0.0033 = 0.85 ulp of bf16 at 0.74, PyTorch 0.0007); 1e-3 alone is
-  below bf16's half-ulp (2^-9), so it cannot absorb that. Errors our kernels add (an fp16 running sum in an average
-  pool, seed 5004: 7x PyTorch's error) stay far above the bound;
+  below bf16's half-ulp (2^-9), so it cannot absorb that. Sixteen inputs, not four: on a few inputs PyTorch's
+  largest error is itself a lucky draw (seed 7054, fp16, a single output: PyTorch 3.5e-5 on the first four inputs,
+  ours 1.5e-4; over sixteen, medians 1.1e-4 PyTorch and 7.5e-5 ours, maxima 2.5e-4 and 2.6e-4); our maximum is
+  taken over the same sixteen, so the test is no easier on us. Errors our kernels add (an fp16 running sum in an
+  average pool, seed 5004: 7x PyTorch's error) stay far above the bound;
 - ``int8`` (static; dynamic for RNN models): output SQNR against PyTorch fp32 of at least ``INT8_SQNR_DB``, and the
   compiled integer graph against its reference interpreter at the float tolerance. The calibration data holds the
   evaluated input besides 4 random ones: static int8 clips whatever lies outside the calibrated range, by design, so
@@ -49,7 +52,7 @@ from tests.fuzz.models import build, describe, random_spec
 
 RTOL, ATOL = 1e-2, 1e-3
 UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
-LOW_PRECISION_INPUTS = 4
+LOW_PRECISION_INPUTS = 16
 INT8_SQNR_DB = 10.0
 PIPELINES = {
     "none": [],
