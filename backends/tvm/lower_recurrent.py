@@ -16,7 +16,9 @@ from backends.tvm.recurrent import (
     GATES,
     integer_layout,
     integer_recurrent_kernel,
+    pack_float_weights,
     pack_integer_weights,
+    parts_for,
     recurrent_kernel,
 )
 
@@ -171,6 +173,7 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
             b_ih, b_hh = [i + h for i, h in zip(b_ih, b_hh)], [zeros] * directions
         bias = np.concatenate(b_ih).astype(np.float32)
         name = f"{kind}_{ctx.node}_l{layer}"
+        parts = 1
         if ctx.target_kind == "cuda":
             features = ctx.emit(R.reshape(x, (steps * batch, w_ih.shape[1])))
             xp = ctx.emit(R.add(R.matmul(features, ctx.const(np.ascontiguousarray(w_ih.T))), ctx.const(bias)))
@@ -178,11 +181,15 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
             func = cuda_rnn.cuda_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
         else:
             xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, bias)
+            parts = parts_for(hidden, directions, ctx.cores, ctx.target.lanes)
             func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"),
-                                    ctx.target.lanes)
+                                    ctx.target.lanes, parts)
         func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
         gv = ctx.bb.add_func(func, name)
-        w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
+        if ctx.target_kind == "cuda":  # cuda_rnn reads W_hh^T (D, H, G)
+            w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
+        else:
+            w_hh_t = pack_float_weights(kind, [p["weight_hh" + s] for s in suffixes], parts, ctx.target.lanes)
         b_hh_rows = np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1))
         args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), rnn.initial(1, layer),
                 rnn.initial(2, layer)]
