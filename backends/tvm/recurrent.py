@@ -70,16 +70,17 @@ def float_block(kind: str, hidden: int, parts: int, lanes: int) -> int:
 
 
 def pack_float_weights(kind: str, weights: list[np.ndarray], parts: int, lanes: int) -> np.ndarray:
-    """Per direction W_hh (G, H) -> (D, P, G/(P GB), H, GB) float32 in the order the GEMV reads it: part p's gate
-    rows (gate q, unit u: row q H + p HP + u, HP = H/P) in blocks of GB (``float_block``), each block's (H, GB)
-    slice contiguous, so one block's rank-1 updates stream one contiguous run of H*GB floats (a (H, G) W_hh^T
-    read a GB-wide column at a time jumps G floats, a page per k at G = 1024, which the prefetchers stop at)."""
-    hidden = weights[0].shape[1]
-    gates, units, block = GATES[kind], hidden // parts, float_block(kind, hidden, parts, lanes)
-    stacked = np.stack([w.reshape(gates, parts, units, hidden) for w in weights])  # (D, Q, P, HP, H)
-    part_major = stacked.transpose(0, 2, 1, 3, 4).reshape(len(weights), parts, gates * units // block, block,
-                                                          hidden)  # (D, P, blocks, GB, H)
-    return np.ascontiguousarray(part_major.transpose(0, 1, 2, 4, 3), dtype=np.float32)
+    """Per direction W (G, K) (W_hh: K = H; W_ih: K = I) -> (D, P, G/(P GB), K, GB) float32 in the order the kernel
+    reads it: part p's gate rows (gate q, unit u: row q H + p HP + u, HP = H/P) in blocks of GB (``float_block``),
+    each block's (K, GB) slice contiguous, so a block's rank-1 updates stream one contiguous run of K*GB floats (a
+    (K, G) W^T read a GB-wide column at a time jumps G floats per k, a page at G = 1024, where prefetchers stop)."""
+    rows, k = weights[0].shape
+    gates = GATES[kind]
+    hidden = rows // gates
+    units, block = hidden // parts, float_block(kind, hidden, parts, lanes)
+    stacked = np.stack([w.reshape(gates, parts, units, k) for w in weights])  # (D, Q, P, HP, K)
+    part_major = stacked.transpose(0, 2, 1, 3, 4).reshape(len(weights), parts, rows // parts // block, block, k)
+    return np.ascontiguousarray(part_major.transpose(0, 1, 2, 4, 3), dtype=np.float32)  # (D, P, blocks, K, GB)
 
 
 def state_macros(hidden: int, steps: int, parts: int = 1):
@@ -141,29 +142,53 @@ def cell_macro(kind: str, hidden: int, stride: int, nonlinearity: str, parts: in
     return cell
 
 
-def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions: int,
+def recurrent_kernel(kind: str, steps: int, batch: int, inputs: int, hidden: int, directions: int,
                      nonlinearity: str = "tanh", lanes: int = 16, parts: int = 1) -> tirx.PrimFunc:
-    """PrimFunc ``(xp, w_hh, b_hh, h0, c0, y, h_n, c_n)`` with shapes xp (T, B, D*G), w_hh (D, P, G/(P GB), H, GB)
-    (``pack_float_weights``), b_hh (1, B, D*G) [GRU only; the others fold it into xp], h0/c0 (D, B, H),
-    y (T, B, D*H), h_n/c_n (D, B, H).
+    """PrimFunc ``(x, w_ih, bias, w_hh, b_hh, h0, c0, y, h_n, c_n)`` with shapes x (T, B, I), w_ih (D, P, G/(P GB),
+    I, GB) and w_hh (D, P, G/(P GB), H, GB) (``pack_float_weights``), bias (D*G,) (b_ih, + b_hh but for GRU),
+    b_hh (1, B, D*G) [GRU only], h0/c0 (D, B, H), y (T, B, D*H), h_n/c_n (D, B, H).
 
-    ``parts`` = 1: one thread per direction runs its whole time loop (no synchronization). ``parts`` = P > 1
-    (``parts_for``): one parallel region for the whole sequence (TVM's ``pragma_parallel_launch_point``); each
-    step the D*P (direction, part) tasks are spread over the pool's threads, each computes its part's gate rows
-    from the full previous h (read from y) and writes its units of y, and the threads meet at the pool's barrier
-    (``pragma_parallel_barrier_when_finish``) before the next step reads them. A part's weights (H x G/P) stay
-    in its core's cache instead of the whole W_hh streaming from L3 every step; any thread count is correct (a
-    thread runs every task given to it), only the speed depends on one core per task."""
-    H, D, P = hidden, directions, parts
+    Each (direction, part) task first projects its own gate columns of the whole sequence, ``xp = x W_ih^T + bias``
+    (register tiles of rows x 2 vectors, a block of W_ih reused by every row), then runs the recurrence.
+    ``parts`` = 1: one thread per direction runs it all (no synchronization). ``parts`` = P > 1 (``parts_for``):
+    one parallel region for the whole sequence (TVM's ``pragma_parallel_launch_point``); each step the D*P tasks
+    are spread over the pool's threads, each computes its part's gate rows from the full previous h (read from y)
+    and writes its units of y, and the threads meet at the pool's barrier (``pragma_parallel_barrier_when_finish``)
+    before the next step reads them. A part's weights (H x G/P) stay in its core's cache instead of the whole W_hh
+    streaming from L3 every step; any thread count is correct (a thread runs every task given to it), only the
+    speed depends on one core per task."""
+    H, D, P, I = hidden, directions, parts, inputs
     G, HP = GATES[kind] * H, hidden // parts
     if H % P:
         raise ValueError(f"hidden size {H} does not split into {P} parts")
     GB = float_block(kind, H, P, lanes)
     gate_loops, unit_blocks = (1, G // GB) if P == 1 else (GATES[kind], HP // GB)
     blocks = gate_loops * unit_blocks
+    rows, cols = largest_divisor(steps, 4), largest_divisor(GB, 2 * lanes)  # the projection's register tile
     last = steps - 1
     cell = cell_macro(kind, H, G, nonlinearity, P)
     load_h, first, final = state_macros(H, steps, P)
+
+    @T.macro
+    def project_inputs(xp, x, w_ih, bias, b, d, p):
+        """xp[:, b, part p's gate columns of d] = x[:, b] W_ih^T + bias."""
+        tile = T.alloc_buffer((rows, cols), "float32", scope="local")
+        for q in range(gate_loops):
+            for ub in range(unit_blocks):
+                for cb in range(GB // cols):
+                    for to in range(steps // rows):
+                        for r in T.unroll(rows):
+                            for c in T.vectorized(cols):
+                                tile[r, c] = T.float32(0)
+                        for k in range(I):
+                            for r in T.unroll(rows):
+                                for c in T.vectorized(cols):
+                                    tile[r, c] = tile[r, c] + x[to * rows + r, b, k] * w_ih[
+                                        d, p, q * unit_blocks + ub, k, cb * cols + c]
+                        for r in T.unroll(rows):
+                            for c in T.vectorized(cols):
+                                xp[to * rows + r, b, d * G + q * H + p * HP + ub * GB + cb * cols + c] = (
+                                    tile[r, c] + bias[d * G + q * H + p * HP + ub * GB + cb * cols + c])
 
     @T.macro
     def project(out, acc, src, row, b, d, p, w, h):
@@ -195,26 +220,34 @@ def recurrent_kernel(kind: str, steps: int, batch: int, hidden: int, directions:
 
     if P == 1:
         @T.prim_func
-        def kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, 1, blocks, H, GB), "float32"),
+        def kernel(x: T.Buffer((steps, batch, I), "float32"), w_ih: T.Buffer((D, 1, blocks, I, GB), "float32"),
+                   bias: T.Buffer((D * G,), "float32"), w: T.Buffer((D, 1, blocks, H, GB), "float32"),
                    b_hh: T.Buffer((1, batch, D * G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
                    c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
                    h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
             T.func_attr({"tirx.noalias": True})
+            xp = T.alloc_buffer((steps, batch, D * G), "float32")
             for d in T.parallel(D):
                 for b in range(batch):
+                    project_inputs(xp, x, w_ih, bias, b, d, 0)
                     for step in range(steps):
                         step_of(xp, w, b_hh, h0, c0, y, h_n, c_n, b, d, 0, step)
 
         return kernel
 
     @T.prim_func
-    def split_kernel(xp: T.Buffer((steps, batch, D * G), "float32"), w: T.Buffer((D, P, blocks, H, GB), "float32"),
+    def split_kernel(x: T.Buffer((steps, batch, I), "float32"), w_ih: T.Buffer((D, P, blocks, I, GB), "float32"),
+                     bias: T.Buffer((D * G,), "float32"), w: T.Buffer((D, P, blocks, H, GB), "float32"),
                      b_hh: T.Buffer((1, batch, D * G), "float32"), h0: T.Buffer((D, batch, H), "float32"),
                      c0: T.Buffer((D, batch, H), "float32"), y: T.Buffer((steps, batch, D * H), "float32"),
                      h_n: T.Buffer((D, batch, H), "float32"), c_n: T.Buffer((D, batch, H), "float32")):
         T.func_attr({"tirx.noalias": True})
+        xp = T.alloc_buffer((steps, batch, D * G), "float32")
         with T.attr(0, "pragma_parallel_launch_point", 1):
             for b in range(batch):
+                with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                    for task in T.parallel(D * P):
+                        project_inputs(xp, x, w_ih, bias, b, task // P, task % P)
                 for step in range(steps):
                     with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                         for task in T.parallel(D * P):
