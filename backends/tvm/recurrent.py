@@ -1,23 +1,30 @@
-"""One TIR kernel per RNN layer (both directions): the whole time loop, weights packed once.
+"""One TIR kernel per RNN layer (both directions): the input projection and the whole time loop, weights packed once.
 
-The input projection of all time steps and both directions, ``xp = X [W_ih_fwd; W_ih_bwd]^T + b``
-((T*B, I) x (I, D*G)), is one dense kernel call before this one. The kernel then runs the recurrence with no
-per-step kernel launches, the two directions in parallel on separate cores:
+Work is split into tasks (direction d, part p): a direction per core, and when cores are left over (a lone
+direction, ``parts_for``) the direction's hidden units split into P parts of HP = H/P units, each owning those
+units' rows of every gate. Each task first projects its own gate columns for the whole sequence, then steps:
 
-    for d in parallel(directions):                # forward, and backward over reversed time
-        h, c = h0[d], c0[d]
-        for step in 0..T-1:  t = step if d == 0 else T-1-step
-            for each block of gate rows (``gate_block``):   # a GEMV tile that stays in vector registers
-                acc = xp[t, d*G + block]  (GRU: b_hh[block])
-                for k in 0..H-1: acc += h[k] * W_hh^T[d, k, block]
-            LSTM: c = sigmoid(f) * c + sigmoid(i) * tanh(g); h = sigmoid(o) * tanh(c)      (gates i, f, g, o)
-            GRU:  r = sigmoid(xr + hr); z = sigmoid(xz + hz); n = tanh(xn + r * hn); h = n + z * (h - n)
-            RNN:  h = tanh(acc) (or relu)
-            y[t, d*H:(d+1)*H] = h
+    xp[:, d, part's gates] = X W_ih[d, part's gates]^T + b           # register tiles: <= 4 rows x 2 vectors
+    for step in 0..T-1:  t = step if d == 0 else T-1-step
+        h = h0[d] at the first step, else y[t -/+ 1, d]                 # y is the state: every part reads all of h
+        for each block of the part's gate rows (``float_block``):        # a GEMV tile that stays in registers
+            acc = xp[t, block]  (GRU: b_hh[block]);  for k in 0..H-1: acc += h[k] * W_hh[d, block, k]
+        LSTM: c = sigmoid(f) * c + sigmoid(i) * tanh(g); h = sigmoid(o) * tanh(c)      (gates i, f, g, o)
+        GRU:  r = sigmoid(xr + hr); z = sigmoid(xz + hz); n = tanh(xn + r * hn); h = n + z * (h - n)
+        RNN:  h = tanh(acc) (or relu)
+        y[t, d, part's units] = h                      (P > 1: all tasks meet at a barrier before the next step)
 
-``W_hh^T`` is laid out (D, H, G) so each rank-1 update of a gate block is a contiguous vector FMA. The three
-cells share the projection and state handling (TVMScript macros) and differ only in their gate math. Gates use the
-vectorizable rational tanh (``kernels.fast_tanh``, a few ulp): exp-based ones are scalarized by LLVM.
+P = 1 runs a direction's steps on one thread with no synchronization. P > 1 is one parallel region for the whole
+sequence (TVM's ``pragma_parallel_launch_point``, lowered to one ``TVMBackendParallelLaunch``) with the thread pool's
+barrier after each step (``pragma_parallel_barrier_when_finish``): a parallel loop per step instead forks and joins
+the pool T times (measured slower than one thread). Why split at all: W_hh of H = 256 is 1 MB, twice a Zen 3 core's
+L2, so one thread streams it from L3 every step; a part's half stays in its core's L2.
+
+Both weights are packed at compile time in the order the loops read them (``pack_float_weights``: each block's
+(K, GB) slice contiguous): read from a (K, G) W^T, a block's rank-1 updates jump G floats per k, a 4 KB page at
+G = 1024, where hardware prefetchers stop. The three cells share the projection and state handling (TVMScript
+macros) and differ only in their gate math. Gates use the vectorizable rational tanh (``kernels.fast_tanh``, a few
+ulp): exp-based ones are scalarized by LLVM.
 
 ``integer_recurrent_kernel`` is the same loop for ``qlstm_dynamic``/``qgru_dynamic``/``qrnn_dynamic``
 (``passes.ir.ops``): the input projection ``xp`` comes from the dynamic int8 dense path, and each step's
