@@ -198,17 +198,19 @@ def recurrent_kernel(kind: str, steps: int, batch: int, inputs: int, hidden: int
                                     tile[r, c] + bias[d * G + q * H + p * HP + ub * GB + cb * cols + c])
 
     @T.macro
-    def project(out, acc, src, row, b, d, p, w, h):
-        """out = src[row, b, part p's gate columns of d] + W_hh h, one register block of gates at a time."""
-        for q in range(gate_loops):
-            for ub in range(unit_blocks):
+    def project(out, acc, src, row, b, d, p, w, h, step):
+        """out = src[row, b, part p's gate columns of d] + W_hh h, one register block of gates at a time, the blocks
+        in reverse order every other step: a core's W_hh slightly larger than its L2 would miss on every line read
+        in a fixed cyclic order (LRU), and reversed the first blocks read are the last ones still cached."""
+        for i in range(blocks):
+            blk = i + step % 2 * (blocks - 1 - 2 * i)
+            for g in T.vectorized(GB):
+                acc[g] = src[row, b, d * G + blk // unit_blocks * H + p * HP + blk % unit_blocks * GB + g]
+            for k in range(H):
                 for g in T.vectorized(GB):
-                    acc[g] = src[row, b, d * G + q * H + p * HP + ub * GB + g]
-                for k in range(H):
-                    for g in T.vectorized(GB):
-                        acc[g] = acc[g] + h[k] * w[d, p, q * unit_blocks + ub, k, g]
-                for g in T.vectorized(GB):
-                    out[q * HP + ub * GB + g] = acc[g]
+                    acc[g] = acc[g] + h[k] * w[d, p, blk, k, g]
+            for g in T.vectorized(GB):
+                out[blk * GB + g] = acc[g]
 
     @T.macro
     def step_of(xp, w, b_hh, h0, c0, y, h_n, c_n, b, d, p, step):
@@ -219,9 +221,9 @@ def recurrent_kernel(kind: str, steps: int, batch: int, inputs: int, hidden: int
         load_h(hl, h0, y, b, d, step)
         first(c0, c_n, b, d, p, step)
         if kind == "gru":
-            project(pre, acc, b_hh, 0, b, d, p, w, hl)
+            project(pre, acc, b_hh, 0, b, d, p, w, hl, step)
         else:
-            project(pre, acc, xp, step + d * (last - 2 * step), b, d, p, w, hl)
+            project(pre, acc, xp, step + d * (last - 2 * step), b, d, p, w, hl, step)
         cell(xp, pre, n, hl, c_n, y, step + d * (last - 2 * step), b, d, p)
         final(y, h_n, b, d, p, step)
 
