@@ -11,12 +11,14 @@ from tvm import relax
 from tvm.relax import op as R
 
 from backends.tvm import cuda_rnn
-from backends.tvm.lowering import LowerContext, call_dense_kernel, dynamic_dense, lowering
+from backends.tvm.lowering import LowerContext, dynamic_dense, lowering
 from backends.tvm.recurrent import (
     GATES,
     integer_layout,
     integer_recurrent_kernel,
+    pack_float_weights,
     pack_integer_weights,
+    parts_for,
     recurrent_kernel,
 )
 
@@ -153,9 +155,9 @@ def _recurrent(ctx, xs):
 
 
 def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
-    """Per layer, one input projection for both directions and one kernel for the whole time loop, directions in
-    parallel. CPU: our dense kernel, then ``recurrent_kernel``; cuda: a Relax matmul (dlight), then the persistent
-    ``cuda_rnn.cuda_recurrent_kernel`` (one launch per layer)."""
+    """Per layer one kernel call for the whole sequence. CPU: ``recurrent_kernel`` projects x and runs the time loop,
+    directions (and parts of a lone direction's units, ``parts_for``) on the pool's threads; cuda: a Relax matmul
+    (dlight) for the input projection of both directions, then the persistent ``cuda_rnn.cuda_recurrent_kernel``."""
     a, p = ctx.attrs, ctx.params
     kind = ctx.data["op"]
     rnn = _Layers.of(ctx, xs, kind)
@@ -171,21 +173,26 @@ def _recurrent_kernels(ctx: LowerContext, xs: list[relax.Expr]):
             b_ih, b_hh = [i + h for i, h in zip(b_ih, b_hh)], [zeros] * directions
         bias = np.concatenate(b_ih).astype(np.float32)
         name = f"{kind}_{ctx.node}_l{layer}"
-        if ctx.target_kind == "cuda":
+        b_hh_rows = ctx.const(np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1)), "float32")
+        states = [rnn.initial(1, layer), rnn.initial(2, layer)]
+        if ctx.target_kind == "cuda":  # a Relax matmul (dlight) for xp, then the persistent kernel on W_hh^T
             features = ctx.emit(R.reshape(x, (steps * batch, w_ih.shape[1])))
             xp = ctx.emit(R.add(R.matmul(features, ctx.const(np.ascontiguousarray(w_ih.T))), ctx.const(bias)))
             xp = ctx.emit(R.reshape(xp, (steps, batch, -1)))
             func = cuda_rnn.cuda_recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"))
-        else:
-            xp = call_dense_kernel(ctx, x, (steps, batch, w_ih.shape[1]), w_ih, bias)
-            func = recurrent_kernel(kind, steps, batch, hidden, directions, a.get("nonlinearity", "tanh"),
-                                    ctx.target.lanes)
+            w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
+            args = [xp, ctx.const(w_hh_t, "float32"), b_hh_rows, *states]
+        else:  # both weights packed for the kernel's blocks; it projects x itself
+            lanes, inputs = ctx.target.lanes, w_ih.shape[1]
+            parts = parts_for(hidden, directions, ctx.cores, lanes)
+            func = recurrent_kernel(kind, steps, batch, inputs, hidden, directions, a.get("nonlinearity", "tanh"),
+                                    lanes, parts)
+            packed = {k: pack_float_weights(kind, [p[f"weight_{k}{s}"] for s in suffixes], parts, lanes)
+                      for k in ("ih", "hh")}
+            args = [ctx.emit(R.reshape(x, (steps, batch, inputs))), ctx.const(packed["ih"], "float32"),
+                    ctx.const(bias, "float32"), ctx.const(packed["hh"], "float32"), b_hh_rows, *states]
         func = func.with_attrs({"global_symbol": name, "tir.is_scheduled": True, "op_pattern": 8})
         gv = ctx.bb.add_func(func, name)
-        w_hh_t = np.stack([np.ascontiguousarray(p["weight_hh" + s].T) for s in suffixes])
-        b_hh_rows = np.tile(np.concatenate(b_hh).reshape(1, 1, -1), (1, batch, 1))
-        args = [xp, ctx.const(w_hh_t, "float32"), ctx.const(b_hh_rows, "float32"), rnn.initial(1, layer),
-                rnn.initial(2, layer)]
         x, h_n, c_n = _call_recurrent_kernel(ctx, gv, args, (steps, batch, directions * hidden), rnn.state_type)
         final_h.append(h_n)
         final_c.append(c_n)
