@@ -611,9 +611,16 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     for loop in (yy, xx, oo, *((ry, rx) if spec.depthwise else ())):  # depthwise: taps unrolled, so neighbouring
         sch.unroll(loop)                                               # pixels share their input loads
     sch.set_scope(conv, 0, "local")
-    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    task = sch.fuse(n, o_outer, y_outer)
+    sch.parallel(task)
     sch.decompose_reduction(conv, rco)
-    if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
+    if spec.in_block and spec.packs_input:
+        # NCHW[b]c input: each task copies only the rows its tile reads (with their zero border) into a small,
+        # cache-resident buffer, instead of a padded copy of the whole tensor that round-trips through memory
+        pad = sch.get_sblock("pad")
+        sch.compute_at(pad, task)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    elif "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
         # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
