@@ -111,6 +111,8 @@ class AlterLayout(Pass):
                 attrs = {**data["attrs"], "in_layout": in_layout, "out_layout": out_layout}
                 replace_node(graph, node, "conv2d_nchwc", operands, attrs, data["params"], data["origin"])
                 decide.done(node, "blocked", f"{in_layout} -> {out_layout}")
+            elif data["op"] == "conv2d_nchwc":  # laid out by an earlier run: its operands already match
+                continue
             elif data["op"] not in ("input", "layout_transform"):
                 plain = [convert(v, PLAIN) for v in operands]
                 if plain != operands:
