@@ -76,3 +76,21 @@ def test_torchvision_blocks_compiled_match_pytorch(name, blocks, size):
     features = getattr(torchvision.models, name)().features[:blocks]
     graph = compiled_matches_pytorch(features, torch.randn(1, 3, size, size), atol=1e-4)
     assert graph.op_nodes("conv2d_nchwc")
+
+
+def test_the_optimized_onnx_export_is_logical_nchw(tmp_path):
+    """The ONNX exporter writes conv2d_nchwc as Conv and drops the layout transforms: ONNX Runtime runs the
+    exported file equal to PyTorch."""
+    import onnxruntime as ort
+
+    from backends.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = Fn(lambda s, x: (lambda y: (s.b(y), nn.functional.max_pool2d(y, 2)))(s.a(x)), a=nn.Conv2d(8, 16, 1),
+               b=nn.Conv2d(16, 16, 3, padding=1, groups=16)).eval()
+    x = torch.randn(1, 8, 6, 6)
+    graph = compiled_matches_pytorch(model, x)
+    assert graph.op_nodes("layout_transform") and graph.op_nodes("conv2d_nchwc")
+    session = ort.InferenceSession(str(export_onnx(graph, tmp_path / "m.onnx")), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        assert_outputs_close(model(x), tuple(session.run(None, {session.get_inputs()[0].name: x.numpy()})))
