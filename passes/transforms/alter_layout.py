@@ -5,11 +5,14 @@ Why: a CPU's blocked direct conv (oneDNN's jit_avx2, TVM's conv2d_NCHWc, our ``b
 one input pixel per broadcast and accumulates a vector of ``block`` output channels; in NCHW each conv first copies
 its input into NCHW[b]c and scatters its output back into planes. For memory-bound depthwise convs (MobileNet,
 EfficientNet) those two copies cost more than the arithmetic. Here each eligible ``conv2d`` becomes a
-``conv2d_nchwc`` whose output is blocked when some user is another eligible conv (as input or fused residual),
-and whose input is read in whatever layout its producer wrote; explicit ``layout_transform`` nodes are inserted
-only where a value crosses into an op with no blocked form (pools, flatten, linear, concat, a graph output...).
-A conv whose output feeds only NCHW users stores NCHW itself (its last store is the transform), and one fed by
-an NCHW value (the 3-channel stem) packs it as before, so a MobileNetV2 gets no transform node at all.
+``conv2d_nchwc`` whose output is blocked when some user runs blocked (another eligible conv, as input or fused
+residual, or a squeeze-excite op), and whose input is read in whatever layout its producer wrote. Squeeze-excite
+stays blocked too: a global average pool of a blocked value becomes a ``mean`` over H, W (a blocked 1x1 map) and
+the gate product ``x * s`` multiplies two blocked tensors (``runs_blocked``). Explicit ``layout_transform`` nodes
+are inserted only where a blocked value reaches an op with no blocked form (flatten, linear, other pools, concat,
+a graph output...). A conv whose output feeds only NCHW users stores NCHW itself (its last store is the
+transform), and one fed by an NCHW value (the 3-channel stem) packs it as before: a MobileNetV2 or EfficientNet-B0
+gets one transform, of its pooled 1x1 map before the classifier.
 
 Exact: ``to_layout`` is a bijection (blocked[n, c / b, h, w, c % b] = plain[n, c, h, w]) and ``conv2d_nchwc``
 computes the same sums as ``conv2d``. Channel rule: a conv whose output channels are not a multiple of the block
@@ -33,6 +36,7 @@ from passes.core.rewrite import replace_node
 from passes.ir.graph import Graph, Value
 
 PLAIN = "NCHW"
+LAYOUT_META = "alter_layout.layout"  # on a mean/mul this pass made blocked: its output's layout
 WINOGRAD_CHANNELS = 32  # backends/tvm/winograd.MIN_CHANNELS: below it a 3x3 conv is never Winograd
 
 
@@ -61,8 +65,37 @@ def refusal(graph: Graph, conv: str, target: str, block: int, winograd: bool) ->
     return None
 
 
+def runs_blocked(graph: Graph, node: str) -> bool:
+    """Squeeze-excite's ops, which run on blocked values as they are: a global average pool (a mean over H, W) and
+    the product of a tensor with its per-channel gate (N, C, 1, 1) or with a tensor of its own shape."""
+    data = graph.nodes[node]
+    if data["op"] == "adaptive_avg_pool2d":
+        return data["attrs"]["output_size"] == (1, 1)
+    if data["op"] != "mul" or len(graph.operands(node)) != 2:
+        return False
+    a, b = (graph.value_type(v) for v in graph.operands(node))
+    gate = lambda t, full: t.shape == full.shape or t.shape == (*full.shape[:2], 1, 1)  # noqa: E731
+    return a.rank == b.rank == 4 and a.dtype == b.dtype == "float32" and (gate(a, b) or gate(b, a))
+
+
+def blocked_values(graph: Graph, eligible: set[str]) -> set[str]:
+    """The nodes whose output is stored blocked: the largest set in which every eligible conv has a blocked
+    consumer (an eligible conv, or a squeeze-excite op that runs blocked) and every squeeze-excite op reads only
+    blocked values (a fixed point, from all candidates down)."""
+    chosen = eligible | {n for n in graph.op_nodes(("adaptive_avg_pool2d", "mul")) if runs_blocked(graph, n)}
+    while True:
+        drop = {n for n in chosen if (
+            not any(user in eligible or user in chosen for user, _ in graph.users(Value(n, 0))) if n in eligible
+            else not all(v.node in chosen for v in graph.operands(n)))}
+        if not drop:
+            return chosen
+        chosen -= drop
+
+
 def layout_of(graph: Graph, value: Value) -> str:
     data = graph.nodes[value.node]
+    if LAYOUT_META in data["meta"]:
+        return data["meta"][LAYOUT_META]
     if data["op"] == "conv2d_nchwc":
         return data["attrs"]["out_layout"]
     return data["attrs"]["dst"] if data["op"] == "layout_transform" else PLAIN
@@ -86,8 +119,7 @@ class AlterLayout(Pass):
                 eligible.add(conv)
             else:
                 decide.skip(conv, *why)
-        # a conv stores blocked when another blocked conv reads its output (as input or as fused residual)
-        stores_blocked = {c for c in eligible if any(user in eligible for user, _ in graph.users(Value(c, 0)))}
+        stores_blocked = blocked_values(graph, eligible)
         transforms: dict[tuple[Value, str], Value] = {}
 
         def convert(value: Value, dst: str) -> Value:
@@ -111,7 +143,14 @@ class AlterLayout(Pass):
                 attrs = {**data["attrs"], "in_layout": in_layout, "out_layout": out_layout}
                 replace_node(graph, node, "conv2d_nchwc", operands, attrs, data["params"], data["origin"])
                 decide.done(node, "blocked", f"{in_layout} -> {out_layout}")
-            elif data["op"] == "conv2d_nchwc":  # laid out by an earlier run: its operands already match
+            elif node in stores_blocked and node not in eligible:  # squeeze-excite: the pool as a mean over H, W
+                pool = data["op"] == "adaptive_avg_pool2d"
+                new = replace_node(graph, node, "mean" if pool else "mul", operands,
+                                   {"dim": (2, 3), "keepdim": True} if pool else data["attrs"], data["params"],
+                                   data["origin"])
+                graph.nodes[new.node]["meta"][LAYOUT_META] = blocked
+                decide.done(node, "blocked", f"{data['op']} on {blocked}")
+            elif data["op"] == "conv2d_nchwc" or LAYOUT_META in data["meta"]:  # laid out by an earlier run
                 continue
             elif data["op"] not in ("input", "layout_transform"):
                 plain = [convert(v, PLAIN) for v in operands]

@@ -50,11 +50,11 @@ def test_compiled_blocked_models_match_pytorch(model, shape):
 
 
 def test_no_layout_copy_between_blocked_convs():
-    """The printed Relax of the inverted residual: conv kernels only (no transposes, pads or reshapes between
-    them), their arguments and results NCHW8c."""
+    """The printed Relax of the inverted residual: conv kernels only (no transposes or pads between them), their
+    arguments and results NCHW8c; one transpose, of the pooled 1x1 map."""
     graph = compiled_matches_pytorch(InvertedResidual(), torch.randn(1, 3, 12, 10))
     main = lower(graph)["main"].script()
-    assert "permute_dims" not in main and "R.nn.pad" not in main
+    assert main.count("permute_dims") == 1 and "R.nn.pad" not in main
     assert main.count("R.Tensor((1, 2, 6, 5, 8)") >= 2 and main.count("R.Tensor((1, 4, 6, 5, 8)") >= 2
 
 

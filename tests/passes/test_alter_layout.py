@@ -76,21 +76,23 @@ def check(model: nn.Module, x: torch.Tensor, ctx: PassContext | None = None, pas
     return graph, result
 
 
-def test_mobilenet_block_runs_blocked_with_no_transform_node():
-    """The stem packs the NCHW input itself, the convs hand each other NCHW8c (the residual too), and the last conv
-    stores NCHW for the pool: no layout_transform at all."""
+def test_mobilenet_block_has_one_transform_at_the_exit():
+    """The stem packs the NCHW input itself (no entry transform), the convs hand each other NCHW8c (the residual
+    too), the global pool is a mean over H, W of the blocked tensor, and the one layout_transform is on the pooled
+    1x1 map, before flatten."""
     torch.manual_seed(0)
     graph, result = check(InvertedResidual(), torch.randn(1, 3, 12, 10))
-    assert result.stats == {"blocked": 5, "transforms": 0}
+    assert result.stats == {"blocked": 6, "transforms": 1}
     assert_graph_text(graph, """
 graph InvertedResidual(%x: f32[1,3,12,10]) {
   %stem = conv2d_nchwc(%x) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW', out_layout='NCHW8c', padding=(1, 1), stride=(2, 2)} [bias: f32[16], weight: f32[16,3,3,3]] -> f32[1,2,6,5,8]
   %expand = conv2d_nchwc(%stem) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[32], weight: f32[32,16,1,1]] -> f32[1,4,6,5,8]
   %dw = conv2d_nchwc(%expand) {activation='relu6', activation_params=(), dilation=(1, 1), groups=32, in_layout='NCHW8c', out_layout='NCHW8c', padding=(1, 1), stride=(1, 1)} [bias: f32[32], weight: f32[32,1,3,3]] -> f32[1,4,6,5,8]
   %project = conv2d_nchwc(%dw, %stem) {activation='none', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[16], weight: f32[16,32,1,1]] -> f32[1,2,6,5,8]
-  %last = conv2d_nchwc(%project) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', out_layout='NCHW', padding=(0, 0), stride=(1, 1)} [bias: f32[24], weight: f32[24,16,1,1]] -> f32[1,24,6,5]
-  %adaptive_avg_pool2d = adaptive_avg_pool2d(%last) {output_size=(1, 1)} -> f32[1,24,1,1]
-  %flatten = flatten(%adaptive_avg_pool2d) {end_dim=3, start_dim=1} -> f32[1,24]
+  %last = conv2d_nchwc(%project) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[24], weight: f32[24,16,1,1]] -> f32[1,3,6,5,8]
+  %adaptive_avg_pool2d = mean(%last) {dim=(2, 3), keepdim=True} -> f32[1,3,1,1,8]  meta{alter_layout.layout='NCHW8c'}
+  %adaptive_avg_pool2d_to_NCHW = layout_transform(%adaptive_avg_pool2d) {dst='NCHW', src='NCHW8c'} -> f32[1,24,1,1]
+  %flatten = flatten(%adaptive_avg_pool2d_to_NCHW) {end_dim=3, start_dim=1} -> f32[1,24]
   %fc = linear(%flatten) {activation='none', activation_params=()} [bias: f32[10], weight: f32[10,24]] -> f32[1,10]
   return %fc
 }""")
@@ -127,13 +129,17 @@ def test_layout_transforms_are_inverse_bijections():
 
 
 def test_squeeze_excite_block_numerics():
-    """The squeeze conv (4 channels) keeps NCHW; the depthwise output is both pooled and multiplied (NCHW users):
-    stored NCHW by its conv, which reads the expand conv's NCHW8c output."""
+    """Squeeze-excite runs blocked: the pool as a mean of the depthwise conv's NCHW8c output, the excite conv stores
+    NCHW8c for the gate product; only the squeeze conv (4 channels: no whole block) reads NCHW, through one
+    transform of the pooled 1x1 map."""
     torch.manual_seed(1)
     graph, result = check(SqueezeExcite(), torch.randn(1, 8, 9, 11))
-    assert result.stats == {"blocked": 2, "transforms": 0, "skipped.channels": 1}
+    assert result.stats == {"blocked": 6, "transforms": 1, "skipped.channels": 1}
     assert [graph.nodes[n]["attrs"]["in_layout"] + "->" + graph.nodes[n]["attrs"]["out_layout"]
-            for n in graph.op_nodes("conv2d_nchwc")] == ["NCHW->NCHW8c", "NCHW8c->NCHW"]
+            for n in graph.op_nodes("conv2d_nchwc")] == ["NCHW->NCHW8c", "NCHW8c->NCHW8c", "NCHW->NCHW8c",
+                                                         "NCHW8c->NCHW"]
+    assert graph.value_type(graph.operands("squeeze")[0]).shape == (1, 24, 1, 1)
+    assert graph.nodes[graph.operands("mul")[0].node]["op"] == "conv2d_nchwc"
 
 
 @pytest.mark.parametrize("model, reason", [
