@@ -8,7 +8,10 @@ CPU (llvm), ordinary (groups=1) and depthwise convs without a fused pool whose o
 the blocked (NCHWc) direct conv (``_blocked_compute``, ``_schedule_cpu_blocked``): input packed to NCHW[8]c with
 its zero border in one vectorized copy, weights packed at compile time to [OC/8][C/icb][KH][KW][icb][8], a register
 tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators of AVX2's 16 ymm), one broadcast
-input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW.
+input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW. ``conv2d_nchwc`` (from the
+``alter-layout`` pass) reads its input already in NCHW[8]c (each task copies only the rows it reads into a small
+zero-bordered buffer, or nothing for an unpadded 1x1 conv) and/or stores NCHW[8]c: one vector store per
+accumulator, the residual read the same way.
 
 Otherwise (fused pools, grouped convs, channel counts that fill no vector), per output tile of ``oc_block``
 channels x ``rows`` rows x ``width`` columns:
@@ -379,7 +382,8 @@ def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
 
 
 def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
-    """NCHWc direct conv, NCHW in and out: oneDNN's jit_avx2 / TVM's conv2d_NCHWc loop nest.
+    """NCHWc direct conv, NCHW in and out (or NCHW[v]c: ``in_block`` / ``out_block``, below): oneDNN's jit_avx2 /
+    TVM's conv2d_NCHWc loop nest.
 
         pad[n, C/icb, H + 2ph, W + 2pw, icb] = zero-padded input, ``ic_block`` channels innermost (one copy;
                                                none for an unpadded 1x1 conv, which reads NCHW)
@@ -393,6 +397,8 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     is a vector of its own input channels times the tap's weight vector (C/icb = icb = 1 in the weight).
     The conv stage is ``cols``-padded in width (the register tile's pixel count need not divide the output width:
     a 56-wide row takes 2 channel vectors x 6 pixels, 12 accumulators, computing 60 columns of which 56 are stored).
+    Blocked layouts: data[n, C/v, H, W, v] is read as is (``pad`` only adds the zero border and spare columns), and
+    out[n, OC/v, OH, OW, v] = act(conv[n, oc/v, y, x, oc%v] + bias [+ residual, also blocked]).
     """
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
