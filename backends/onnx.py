@@ -153,7 +153,14 @@ def _conv_node(ex: _Exporter, x: str, attrs: dict, params: dict, op: str = "Conv
                   kernel_shape=list(np.shape(params["weight"])[2:2 + nd]), **extra)
 
 
-@exports("conv1d", "conv2d")
+@exports("layout_transform")
+def _layout_transform(ex, xs, a, p):
+    """ONNX tensors are logical (NCHW): a memory layout chosen by alter-layout exports as nothing, and
+    ``conv2d_nchwc`` as the plain Conv below."""
+    return xs[0]
+
+
+@exports("conv1d", "conv2d", "conv2d_nchwc")
 def _conv(ex, xs, a, p):
     y = _conv_node(ex, xs[0], a, p)
     if len(xs) > 1:  # residual operand (fuse-conv-add)

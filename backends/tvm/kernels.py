@@ -8,7 +8,10 @@ CPU (llvm), ordinary (groups=1) and depthwise convs without a fused pool whose o
 the blocked (NCHWc) direct conv (``_blocked_compute``, ``_schedule_cpu_blocked``): input packed to NCHW[8]c with
 its zero border in one vectorized copy, weights packed at compile time to [OC/8][C/icb][KH][KW][icb][8], a register
 tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators of AVX2's 16 ymm), one broadcast
-input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW.
+input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW. ``conv2d_nchwc`` (from the
+``alter-layout`` pass) reads its input already in NCHW[8]c (each task copies only the rows it reads into a small
+zero-bordered buffer, or nothing for an unpadded 1x1 conv) and/or stores NCHW[8]c: one vector store per
+accumulator, the residual read the same way.
 
 Otherwise (fused pools, grouped convs, channel counts that fill no vector), per output tile of ``oc_block``
 channels x ``rows`` rows x ``width`` columns:
@@ -129,6 +132,8 @@ class ConvSpec:
     pool_ceil_mode: bool = False
     dtype: str = F32                         # storage of data, weight, residual, output; bias and accumulation fp32
     lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
+    in_block: int = 0                        # data in NCHW[in_block]c (``conv2d_nchwc``); 0: NCHW
+    out_block: int = 0                       # output (and residual) in NCHW[out_block]c; 0: NCHW
 
     @property
     def channels_vectorized(self) -> bool:
@@ -145,12 +150,19 @@ class ConvSpec:
 
     @property
     def oc_vector(self) -> int:
-        """Output channels per vector of the blocked (NCHWc) kernel: the target's lanes, else 8; 0: not blocked."""
+        """Output channels per vector of the blocked (NCHWc) kernel: the target's lanes, else 8; 0: not blocked.
+        A blocked layout (``conv2d_nchwc``) fixes it to its block (a depthwise conv's output vector is a block of its
+        input channels)."""
+        if self.in_block or self.out_block:
+            return self.out_block or self.in_block
         return next((b for b in (self.lanes, 8) if self.weight_shape[0] % b == 0), 0)
 
     @property
     def ic_block(self) -> int:
-        """Input channels per block of the blocked kernel's packed input and weight (a whole vector's worth)."""
+        """Input channels per block of the blocked kernel's packed input and weight (a whole vector's worth; the
+        layout's block when an ordinary conv's input comes blocked; a depthwise weight has one input channel)."""
+        if self.in_block and not self.depthwise:
+            return self.in_block
         return largest_divisor(self.weight_shape[1], self.lanes)
 
     @property
@@ -161,13 +173,16 @@ class ConvSpec:
     @property
     def blocked(self) -> bool:
         """The NCHWc direct conv (``_blocked_compute``): ordinary (groups=1) and depthwise convs without a fused pool
-        whose output channels fill vectors."""
+        whose output channels fill vectors; every ``conv2d_nchwc``."""
         return (self.groups == 1 or self.depthwise) and self.pool is None and self.oc_vector > 0
 
     @property
     def packs_input(self) -> bool:
         """The blocked kernel copies its input into padded NCHW[c]c; an unpadded 1x1 conv reads NCHW as is (its
-        broadcasts walk each input plane in order, and the copy would cost as much as a thin conv)."""
+        broadcasts walk each input plane in order, and the copy would cost as much as a thin conv). Input already in
+        NCHW[b]c: copied only to add the zero border."""
+        if self.in_block:
+            return self.padding != (0, 0)
         return self.padding != (0, 0) or self.weight_shape[2:] != (1, 1) or self.depthwise
 
     def without_pool(self) -> ConvSpec:
@@ -186,6 +201,16 @@ class ConvSpec:
             blocks = np.reshape(weight, (oc // v, v, c // icb, icb, kh, kw))
             return np.ascontiguousarray(np.transpose(blocks, (0, 2, 4, 5, 3, 1)))
         return np.ascontiguousarray(np.transpose(weight, (1, 2, 3, 0))) if self.channels_vectorized else weight
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The data argument as stored: ``in_shape``, or NCHW[in_block]c."""
+        return blocked_shape(self.in_shape, self.in_block)
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The output (and residual) as stored: ``out_shape``, or NCHW[out_block]c."""
+        return blocked_shape(self.out_shape, self.out_block)
 
     @property
     def conv_shape(self) -> tuple[int, int, int, int]:
@@ -226,6 +251,12 @@ class ConvSpec:
         the storage dtype loses ~log2(window) bits; a max is the same either way, rounding being monotonic; and TVM's
         bf16 legalization rejects the vector store of a bf16 reduction: fuzzer seeds 3004, 3242)."""
         return self.pool_commutes or (self.pool is not None and self.dtype != F32)
+
+
+def blocked_shape(shape: tuple[int, int, int, int], block: int) -> tuple[int, ...]:
+    """(N, C, H, W) stored as NCHW[block]c: (N, C / block, H, W, block); block 0: NCHW as is."""
+    n, c, h, w = shape
+    return (n, c // block, h, w, block) if block else tuple(shape)
 
 
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
@@ -336,12 +367,15 @@ def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
     fp32, for a pool staged in fp32), and the placeholders it reads (bias, residual)."""
     # The bias is fp32 at any storage dtype: it is added to the fp32 accumulator (mixed-precision keeps it fp32).
     bias = te.placeholder((spec.weight_shape[0],), F32, name="bias") if spec.has_bias else None
-    residual = te.placeholder(spec.conv_shape, spec.dtype, name="residual") if spec.residual else None
+    block = spec.out_block
+    residual = (te.placeholder(blocked_shape(spec.conv_shape, block), spec.dtype, name="residual") if spec.residual
+                else None)
     act_fn = TE_ACTIVATIONS[spec.activation]
 
     def finish(v, b, o, y, x, narrow: bool = True):
         v = v + _wide(bias[o]) if bias is not None else v
-        v = v + _wide(residual[b, o, y, x]) if residual is not None else v
+        if residual is not None:  # (o = oo * block + oi in a blocked store: the indices simplify back to oo, oi)
+            v = v + _wide(residual[b, o // block, y, x, o % block] if block else residual[b, o, y, x])
         v = act_fn(v, spec.activation_params)
         return _narrow(v, spec.dtype) if narrow else v
 
@@ -349,7 +383,8 @@ def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
 
 
 def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
-    """NCHWc direct conv, NCHW in and out: oneDNN's jit_avx2 / TVM's conv2d_NCHWc loop nest.
+    """NCHWc direct conv, NCHW in and out (or NCHW[v]c: ``in_block`` / ``out_block``, below): oneDNN's jit_avx2 /
+    TVM's conv2d_NCHWc loop nest.
 
         pad[n, C/icb, H + 2ph, W + 2pw, icb] = zero-padded input, ``ic_block`` channels innermost (one copy;
                                                none for an unpadded 1x1 conv, which reads NCHW)
@@ -363,25 +398,31 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     is a vector of its own input channels times the tap's weight vector (C/icb = icb = 1 in the weight).
     The conv stage is ``cols``-padded in width (the register tile's pixel count need not divide the output width:
     a 56-wide row takes 2 channel vectors x 6 pixels, 12 accumulators, computing 60 columns of which 56 are stored).
+    Blocked layouts: data[n, C/v, H, W, v] is read as is (``pad`` only adds the zero border and spare columns), and
+    out[n, OC/v, OH, OW, v] = act(conv[n, oc/v, y, x, oc%v] + bias [+ residual, also blocked]).
     """
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
     v, icb, dtype = spec.oc_vector, spec.ic_block, spec.dtype
-    data = te.placeholder(spec.in_shape, dtype, name="data")
+    data = te.placeholder(spec.data_shape, dtype, name="data")
     weight = te.placeholder((oc // v, cg // icb, kh, kw, icb, v), dtype, name="weight")
     if spec.depthwise:
         icb = v  # the input's channel block: each output vector reads its own channels
     n_, _, oh, ow = spec.conv_shape
     wide = ceil_to(ow, cols)
+    if spec.in_block:  # already NCHW[icb]c: a copy only adds the zero border (contiguous channel vectors)
+        read = lambda b, co, y, x, ci: data[b, co, y, x, ci]  # noqa: E731
+    else:
+        read = lambda b, co, y, x, ci: data[b, co * icb + ci, y, x]  # noqa: E731
     if spec.packs_input or wide > ow:  # (the zero columns past the input feed the padding columns of the conv)
         pad = te.compute((n, c // icb, h + 2 * ph, max(w + 2 * pw, (wide - 1) * sw + (kw - 1) * dw + 1), icb),
                          lambda b, co, y, x, ci: tirx.if_then_else(
                              tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
-                             data[b, co * icb + ci, y - ph, x - pw], tirx.const(0.0, dtype)), name="pad")
+                             read(b, co, y - ph, x - pw, ci), tirx.const(0.0, dtype)), name="pad")
         source = lambda b, co, y, x, ci: pad[b, co, y, x, ci]  # noqa: E731
     else:
-        source = lambda b, co, y, x, ci: data[b, co * icb + ci, y, x]  # noqa: E731
+        source = read
     rco = te.reduce_axis((0, cg // spec.ic_block), "rco")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
@@ -396,8 +437,12 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
         _wide(tap(b, oo, y, x, oi)) * _wide(weight[oo, rco, ry, rx, rci, oi]), axis=[rco, ry, rx, rci]),
         name="conv")
     finish, extra = _epilogue_inputs(spec)
-    out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
-                     name="epilogue")
+    if spec.out_block:  # stored NCHW[v]c: each accumulator vector is one contiguous store
+        out = te.compute(spec.stored_shape, lambda b, oo, y, x, oi: finish(conv[b, oo, y, x, oi], b, oo * v + oi, y,
+                                                                          x), name="epilogue")
+    else:
+        out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
+                         name="epilogue")
     return [data, weight, *extra, out]
 
 
@@ -558,11 +603,17 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     stored through the epilogue into NCHW."""
     sch = Schedule(func)
     conv, out = sch.get_sblock("conv"), sch.get_sblock("epilogue")
-    n, o, y, x = sch.get_loops(out)
-    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    if spec.out_block:  # NCHW[v]c store: tile over channel blocks, the block itself one vector store
+        n, o, y, x, lanes = sch.get_loops(out)
+        o_outer, o_inner = sch.split(o, [None, tile.oc_block // spec.oc_vector])
+    else:
+        (n, o, y, x), lanes = sch.get_loops(out), None
+        o_outer, o_inner = sch.split(o, [None, tile.oc_block])
     y_outer, y_inner = sch.split(y, [None, tile.rows])
     x_outer, x_inner = sch.split(x, [None, tile.cols])
-    sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
+    sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner, *([lanes] if lanes else []))
+    if lanes is not None:
+        sch.vectorize(lanes)
     sch.compute_at(conv, x_outer, preserve_unit_loops=True)
     oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
     sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
@@ -570,9 +621,16 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     for loop in (yy, xx, oo, *((ry, rx) if spec.depthwise else ())):  # depthwise: taps unrolled, so neighbouring
         sch.unroll(loop)                                               # pixels share their input loads
     sch.set_scope(conv, 0, "local")
-    sch.parallel(sch.fuse(n, o_outer, y_outer))
+    task = sch.fuse(n, o_outer, y_outer)
+    sch.parallel(task)
     sch.decompose_reduction(conv, rco)
-    if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
+    if spec.in_block and spec.packs_input:
+        # NCHW[b]c input: each task copies only the rows its tile reads (with their zero border) into a small,
+        # cache-resident buffer, instead of a padded copy of the whole tensor that round-trips through memory
+        pad = sch.get_sblock("pad")
+        sch.compute_at(pad, task)
+        sch.vectorize(sch.get_loops(pad)[-1])
+    elif "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
         # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)

@@ -46,7 +46,7 @@ from backends.tvm.select import (
 from backends.tvm.target import Target, resolve_target
 from backends.tvm.winograd import WinogradSpec, winograd_kernel
 from passes.ir.graph import Graph, Value
-from passes.ir.ops import activation_of
+from passes.ir.ops import activation_of, layout_block
 
 FLOAT_MAX = 3.4028234663852886e38
 
@@ -74,7 +74,7 @@ def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual:
         args.append(ctx.const(ctx.params["bias"], "float32"))  # kernels take an fp32 bias
     if residual is not None:
         args.append(residual)
-    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, spec.dtype)))
+    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.stored_shape, spec.dtype)))
 
 
 def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, residual: relax.Expr | None = None
@@ -117,12 +117,17 @@ def _conv2d_pool(ctx, xs):
 
 @lowering("conv1d", "conv2d")
 def _conv(ctx, xs):
-    a, p = ctx.attrs, ctx.params
-    nd = len(a["stride"])
     if ctx.choice.kernel == "conv":
         return call_conv_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
     if ctx.choice.kernel == "winograd":
         return call_winograd_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
+    return _relax_conv(ctx, xs)
+
+
+def _relax_conv(ctx: LowerContext, xs: list[relax.Expr]) -> relax.Expr:
+    """act(conv(x) + bias [+ residual]) as Relax ops, NCHW."""
+    a, p = ctx.attrs, ctx.params
+    nd = len(a["stride"])
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
     y = ctx.emit(conv(xs[0], ctx.const(p["weight"]), strides=a["stride"], padding=padding,
@@ -131,6 +136,37 @@ def _conv(ctx, xs):
     if len(xs) > 1:  # residual operand (fuse-conv-add)
         y = ctx.emit(R.add(y, xs[1]))
     return apply_activation(ctx, y)
+
+
+def relax_layout(ctx: LowerContext, x: relax.Expr, src: str, dst: str) -> relax.Expr:
+    """``passes.ir.ops.to_layout`` as Relax ops: blocked[n, c / b, h, w, c % b] = plain[n, c, h, w]."""
+    if src == dst:
+        return x
+    if layout_block(src):
+        n, cb, h, w, b = static_shape(x)
+        x = ctx.emit(R.reshape(R.permute_dims(x, [0, 1, 4, 2, 3]), (n, cb * b, h, w)))
+    block = layout_block(dst)
+    if not block:
+        return x
+    n, c, h, w = static_shape(x)
+    return ctx.emit(R.permute_dims(R.reshape(x, (n, c // block, block, h, w)), [0, 1, 3, 4, 2]))
+
+
+@lowering("layout_transform")
+def _layout_transform(ctx, xs):
+    return relax_layout(ctx, xs[0], ctx.attrs["src"], ctx.attrs["dst"])
+
+
+@lowering("conv2d_nchwc")
+def _conv2d_nchwc(ctx, xs):
+    """Our blocked kernel reads and writes the layouts directly (CPU); elsewhere (cuda, a dtype our kernels do not
+    take) the NCHW Relax conv between layout transforms."""
+    if ctx.choice.kernel == "conv" and ctx.choice.spec.blocked:
+        return call_conv_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
+    a = ctx.attrs
+    plain = [relax_layout(ctx, xs[0], a["in_layout"], "NCHW")]
+    plain += [relax_layout(ctx, r, a["out_layout"], "NCHW") for r in xs[1:]]
+    return relax_layout(ctx, _relax_conv(ctx, plain), "NCHW", a["out_layout"])
 
 
 @lowering("conv_transpose1d", "conv_transpose2d")

@@ -14,20 +14,26 @@ from backends.tvm import cuda_rnn, winograd
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
 from backends.tvm.winograd import WinogradSpec
 from passes.ir.graph import Graph, Value
+from passes.ir.ops import layout_block
 
 
 def conv_spec_of(graph: Graph, node: str, lanes: int = 16) -> ConvSpec:
-    """The kernel spec of a conv2d / conv2d_pool node (also what the tuner tunes, so the keys agree)."""
+    """The kernel spec of a conv2d / conv2d_pool / conv2d_nchwc node (also what the tuner tunes, so the keys agree).
+    ``in_shape`` is always the logical NCHW shape; a blocked layout is in ``in_block`` / ``out_block``."""
     d = graph.nodes[node]
     a, p = d["attrs"], d["params"]
     operands = graph.operands(node)
-    return ConvSpec(in_shape=graph.value_type(operands[0]).shape, weight_shape=tuple(p["weight"].shape),
+    in_block, out_block = layout_block(a.get("in_layout", "NCHW")), layout_block(a.get("out_layout", "NCHW"))
+    in_shape = graph.value_type(operands[0]).shape
+    if in_block:  # (N, C/b, H, W, b) -> (N, C, H, W)
+        in_shape = (in_shape[0], in_shape[1] * in_block, *in_shape[2:4])
+    return ConvSpec(in_shape=in_shape, weight_shape=tuple(p["weight"].shape),
                     stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
                     has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
                     residual=len(operands) > 1, pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
                     pool_stride=a.get("pool_stride", (1, 1)), pool_padding=a.get("pool_padding", (0, 0)),
                     pool_ceil_mode=a.get("pool_ceil_mode", False), dtype=graph.value_type(operands[0]).dtype,
-                    lanes=lanes)
+                    lanes=lanes, in_block=in_block, out_block=out_block)
 
 
 KERNEL_DTYPES = ("float32", "bfloat16", "float16")  # our kernels store these and accumulate in fp32
@@ -44,11 +50,12 @@ def _kernel_dtype(graph: Graph, node: str) -> bool:
 
 
 def uses_conv_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> ConvSpec | None:
-    """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d, any conv2d_pool)."""
+    """The spec when ``node`` lowers to our conv kernel on ``target_kind`` (CPU conv2d and conv2d_nchwc, any
+    conv2d_pool)."""
     d = graph.nodes[node]
-    if d["op"] not in ("conv2d", "conv2d_pool") or not _kernel_dtype(graph, node):
+    if d["op"] not in ("conv2d", "conv2d_pool", "conv2d_nchwc") or not _kernel_dtype(graph, node):
         return None
-    if d["op"] == "conv2d" and target_kind != "llvm":
+    if d["op"] in ("conv2d", "conv2d_nchwc") and target_kind != "llvm":
         return None
     spec = conv_spec_of(graph, node, lanes)
     return spec if supports(spec) else None
@@ -127,7 +134,8 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
     data = graph.nodes[node]
     op = data["op"]
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
-    cpu_conv = target_kind == "llvm" and isinstance(spec, ConvSpec)  # the Winograd kernel is CPU-only
+    # the Winograd kernel is CPU-only and NCHW (alter-layout leaves the convs it may take in NCHW)
+    cpu_conv = target_kind == "llvm" and isinstance(spec, ConvSpec) and op != "conv2d_nchwc"
     tuned = (tiles or {}).get(spec) if cpu_conv else None
     if tuned is not None and allow_winograd:
         fast = winograd.choose(spec, tuned.winograd) if tuned.winograd else None

@@ -80,8 +80,12 @@ class TuneTask:
 
 def task_key(spec: Spec, target: Target | tvm.target.Target) -> str:
     tvm_target = target.tvm if isinstance(target, Target) else target
-    doc = {"schema": SCHEMA, "kind": type(spec).__name__, "spec": dataclasses.asdict(spec),
-           "target": str(tvm_target), "tvm": tvm.__version__}
+    fields = dataclasses.asdict(spec)
+    for layout in ("in_block", "out_block"):  # NCHW (0): left out, so records made before these fields still match
+        if not fields.get(layout, 1):
+            del fields[layout]
+    doc = {"schema": SCHEMA, "kind": type(spec).__name__, "spec": fields, "target": str(tvm_target),
+           "tvm": tvm.__version__}
     if isinstance(spec, ConvSpec) and spec.blocked:  # its tiles are whole channel vectors: records of the
         doc["schedule"] = "nchwc"                    # NCHW schedules of the same spec do not apply
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -36,6 +36,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "prune-channels": "passes.transforms.prune_channels:PruneChannels",
     "distill": "passes.transforms.distill:Distill",
     "mixed-precision": "passes.transforms.mixed_precision:MixedPrecision",
+    "alter-layout": "passes.transforms.alter_layout:AlterLayout",
 }
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.

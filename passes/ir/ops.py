@@ -371,6 +371,58 @@ register_op(OpDef(
     doc="Fused pool(act(conv2d(x) + b)) (from fuse-conv-pool): pool 'max' (any window, padding, ceil mode) or "
         "'avg' (no padding, no partial windows)."))
 
+# ---------------------------------------------------------------------------------------------- blocked layouts
+def layout_block(layout: str) -> int:
+    """Channels per block of a layout name: 0 for "NCHW", b for "NCHW{b}c" (channel block innermost)."""
+    if layout == "NCHW":
+        return 0
+    digits = layout[4:-1]
+    if not (layout.startswith("NCHW") and layout.endswith("c") and digits.isdigit() and int(digits) > 0):
+        raise IRError(f"unknown layout {layout!r} (known: NCHW, NCHW<b>c such as NCHW8c)")
+    return int(digits)
+
+
+def to_layout(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """Reorder a 4-d activation between NCHW and NCHW[b]c: blocked[n, c // b, h, w, c % b] = plain[n, c, h, w].
+
+    Channel counts must be a multiple of the block (``alter-layout`` keeps the others NCHW), so the map is a
+    bijection and a transform followed by its inverse is the identity."""
+    if src == dst:
+        return x
+    if layout_block(src):
+        x = x.permute(0, 1, 4, 2, 3).flatten(1, 2)
+    block = layout_block(dst)
+    if not block:
+        return x
+    n, c, h, w = x.shape
+    if c % block:
+        raise IRError(f"{c} channels do not fill blocks of {block} ({dst})")
+    return x.reshape(n, c // block, block, h, w).permute(0, 1, 3, 4, 2).contiguous()
+
+
+register_op(OpDef("layout_transform", lambda xs, a, p: to_layout(xs[0], a["src"], a["dst"]),
+                  attrs={"src": REQUIRED, "dst": REQUIRED}, flops=_no_flops,
+                  doc="The same tensor in another memory layout: NCHW <-> NCHW[b]c (from alter-layout)."))
+
+
+def _conv2d_nchwc(xs, a, p):
+    x = to_layout(xs[0], a["in_layout"], "NCHW")
+    y = F.conv2d(x, p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
+    if len(xs) > 1:
+        y = y + to_layout(xs[1], a["out_layout"], "NCHW")
+    return to_layout(apply_activation(y, a), "NCHW", a["out_layout"])
+
+
+register_op(OpDef(
+    "conv2d_nchwc", _conv2d_nchwc, arity=(1, 2),
+    attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, **_FUSED_ACTIVATION,
+           "in_layout": REQUIRED, "out_layout": REQUIRED},
+    params=("weight",), optional_params=("bias",), flops=_conv_flops,
+    doc="conv2d (as the `conv2d` op: bias, residual operand, fused activation) whose input is in `in_layout` and "
+        "whose output and residual are in `out_layout` (NCHW or NCHW[b]c; from alter-layout). Weights stay "
+        "(OC, C/groups, KH, KW)."))
+
+
 for _nd, _convt in ((1, F.conv_transpose1d), (2, F.conv_transpose2d)):
     register_op(OpDef(
         f"conv_transpose{_nd}d",

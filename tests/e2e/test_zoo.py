@@ -57,7 +57,7 @@ def test_zoo_default_pipeline_matches_pytorch(name):
     with torch.no_grad():
         assert_outputs_close(model(*xs), opt(*xs))
     report = opt.report.to_dict()
-    assert [p["name"] for p in report["passes"]] == list(PRESETS["default"])
+    assert [p["name"] for p in report["passes"]] == [*PRESETS["default"], "alter-layout"]
     assert report["flops"]["after"] <= report["flops"]["before"]
 
 
