@@ -129,6 +129,7 @@ class ConvSpec:
     pool_ceil_mode: bool = False
     dtype: str = F32                         # storage of data, weight, bias, residual, output; accumulation is fp32
     lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
+    pool_epilogue: bool = False              # the pool is the blocked kernel's epilogue (CPU; ``blocked_pool_fits``)
 
     @property
     def channels_vectorized(self) -> bool:
@@ -161,8 +162,27 @@ class ConvSpec:
     @property
     def blocked(self) -> bool:
         """The NCHWc direct conv (``_blocked_compute``): ordinary (groups=1) and depthwise convs without a fused pool
-        whose output channels fill vectors."""
-        return (self.groups == 1 or self.depthwise) and self.pool is None and self.oc_vector > 0
+        whose output channels fill vectors, or with a pool in its epilogue (``pool_epilogue``)."""
+        return ((self.groups == 1 or self.depthwise) and (self.pool is None or self.pool_epilogue)
+                and self.oc_vector > 0)
+
+    @property
+    def blocked_pool_fits(self) -> str | None:
+        """Why the pool cannot be the blocked kernel's epilogue (None: it can). The register tile holds one conv
+        row of whole pooling windows (for 1-3 channel vectors), so the windows must tile the conv output (kernel ==
+        stride, no padding, no partial ceil-mode window: ``banded`` ones share conv outputs) and one window row must
+        fit the accumulator registers (``_blocked_pool_tile``)."""
+        if self.pool is None:
+            return "no pool"
+        if (self.groups != 1 and not self.depthwise) or self.oc_vector == 0 or self.residual:
+            return "the conv is not a blocked (NCHWc) conv"
+        if self.banded:
+            return (f"{self.pool_kernel[0]}x{self.pool_kernel[1]}/{self.pool_stride[0]} windows with padding "
+                    f"{self.pool_padding} overlap or reach outside the conv output")
+        pixels = accumulator_vectors(self.lanes) - 4
+        if self.pool_kernel[1] > pixels:
+            return f"a window row of {self.pool_kernel[1]} pixels exceeds the register tile's {pixels}"
+        return None
 
     @property
     def packs_input(self) -> bool:
@@ -256,7 +276,7 @@ def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
     the conv output's (a whole number of vectors).
     """
     if spec.blocked:
-        return _blocked_compute(spec, (tile or default_tile(spec)).cols)
+        return _blocked_compute(spec, (tile or default_tile(spec)).cols * spec.pool_stride[1])
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -371,7 +391,7 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     weight = te.placeholder((oc // v, cg // icb, kh, kw, icb, v), dtype, name="weight")
     if spec.depthwise:
         icb = v  # the input's channel block: each output vector reads its own channels
-    n_, _, oh, ow = spec.conv_shape
+    n_, oh, ow = spec.in_shape[0], *spec.window_extent  # with a pool: the conv rows/columns its windows read
     wide = ceil_to(ow, cols)
     if spec.packs_input or wide > ow:  # (the zero columns past the input feed the padding columns of the conv)
         pad = te.compute((n, c // icb, h + 2 * ph, max(w + 2 * pw, (wide - 1) * sw + (kw - 1) * dw + 1), icb),
@@ -395,9 +415,47 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
         _wide(tap(b, oo, y, x, oi)) * _wide(weight[oo, rco, ry, rx, rci, oi]), axis=[rco, ry, rx, rci]),
         name="conv")
     finish, extra = _epilogue_inputs(spec)
+    if spec.pool is not None:
+        return [data, weight, *extra, _blocked_pool(spec, conv, finish)]
     out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
                      name="epilogue")
     return [data, weight, *extra, out]
+
+
+def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tensor:
+    """The pool as the blocked conv's epilogue, for windows that tile the conv output (k x k / k):
+
+        pool[n, OC/v, PH, PW', v] = max (or mean) over (wy, wx) of conv[n, oc/v, y*k + wy, x*k + wx, 0:v]
+        post[n, oc, y, x] = act(pool[n, oc/v, y, x, oc%v] + bias)       (narrowed to the storage dtype)
+
+    A max of channel vectors (one vector max per window element, no shuffles), in fp32. A max pool takes bias and
+    an activation that commutes with max after it (on 1/k^2 of the values); the other activations, and every
+    average pool, apply bias and activation per conv output first. ``PW'`` is the pooled width padded to whole
+    register tiles (the conv stage's ``wide`` / k): only ``post`` is written to memory, and only the PW real
+    columns."""
+    v, dtype = spec.oc_vector, spec.dtype
+    (pkh, pkw), commutes = spec.pool_kernel, spec.pool_commutes
+    n, _, ph, _ = spec.out_shape
+    wy = te.reduce_axis((0, pkh), "wy")
+    wx = te.reduce_axis((0, pkw), "wx")
+
+    def value(b, oo, y, x, oi):
+        cy, cx = y * pkh + wy, x * pkw + wx
+        raw = conv[b, oo, cy, cx, oi]
+        return raw if commutes else finish(raw, b, oo * v + oi, cy, cx, narrow=False)
+
+    shape = (n, spec.weight_shape[0] // v, ph, conv.shape[3] // pkw, v)
+    if spec.pool == "max":
+        pooled = te.compute(shape, lambda *i: te.max(value(*i), axis=[wy, wx]), name="pool")
+    else:
+        scale = tirx.const(1.0 / (pkh * pkw), F32)
+        pooled = te.compute(shape, lambda *i: te.sum(value(*i) * scale, axis=[wy, wx]), name="pool")
+
+    def store(b, o, y, x):
+        p = pooled[b, o // v, y, x, o % v]
+        return finish(p, b, o, y, x) if commutes else _narrow(p, dtype)
+
+    return te.compute(spec.out_shape, store, name="post")
 
 
 def _wide(x):
@@ -452,6 +510,8 @@ def default_tile(spec: ConvSpec) -> Tile:
                         cols=largest_divisor(conv_w, 4))
         return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
                     cols=largest_divisor(conv_w, lanes))
+    if spec.blocked and spec.pool:
+        return _blocked_pool_tile(spec, budget)
     if spec.depthwise and spec.blocked:  # one channel vector x a row of pixels: memory-bound, taps unrolled
         return Tile(oc_block=spec.oc_vector, rows=1, cols=largest_divisor(ow, budget - 4))
     if spec.blocked:
@@ -506,6 +566,25 @@ def _blocked_tile(spec: ConvSpec, ow: int, budget: int) -> Tile:
     return max(options, key=merit)
 
 
+def _blocked_pool_tile(spec: ConvSpec, budget: int) -> Tile:
+    """The blocked kernel with its pool (``_blocked_pool``): 1-3 channel vectors x ``cols`` pooled pixels of one
+    pooled row, the register tile one conv row of those windows (``cols`` x k pixels): the most accumulators within
+    ``budget`` (one vector alone: ``budget - 4`` pixels, as in ``_blocked_tile``), the fewest wasted columns of the
+    padded row next. 2x2/2 windows on AVX2: 2 vectors x 3 pooled pixels (12 accumulators), 1 vector x 4."""
+    v, kw, pw = spec.oc_vector, spec.pool_kernel[1], spec.out_shape[3]
+    options = []
+    for vectors in (1,) if spec.depthwise else (3, 2, 1):
+        if (spec.weight_shape[0] // v) % vectors == 0:
+            pixels = budget // vectors if vectors > 1 else budget - 4
+            options += [Tile(oc_block=vectors * v, rows=1, cols=cols) for cols in range(1, pixels // kw + 1)]
+
+    def merit(t: Tile):
+        computed = ceil_to(pw, t.cols)
+        return round(t.oc_block // v * t.cols * kw * pw / computed, 3), -(computed - pw), t.oc_block
+
+    return max(options, key=merit)
+
+
 def _output_block(spec: ConvSpec) -> str:
     """The stage that writes the kernel's output: the one whose loops are tiled."""
     return "post" if spec.pool_staged else "pool" if spec.pool else "epilogue"
@@ -553,13 +632,14 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     of ``oc_block / v`` channel vectors x ``rows`` x ``cols`` pixels accumulated over (C/icb, KH, KW, icb), then
     stored through the epilogue into NCHW."""
     sch = Schedule(func)
-    conv, out = sch.get_sblock("conv"), sch.get_sblock("epilogue")
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("post" if spec.pool else "epilogue")
     n, o, y, x = sch.get_loops(out)
     o_outer, o_inner = sch.split(o, [None, tile.oc_block])
     y_outer, y_inner = sch.split(y, [None, tile.rows])
     x_outer, x_inner = sch.split(x, [None, tile.cols])
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner)
-    sch.compute_at(conv, x_outer, preserve_unit_loops=True)
+    # with a pool: its tile of pooled vectors, from one conv row of the tile's windows at a time
+    sch.compute_at(conv, _schedule_blocked_pool(sch, x_outer) if spec.pool else x_outer, preserve_unit_loops=True)
     oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
     sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
     sch.vectorize(oi)
@@ -568,6 +648,8 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     sch.set_scope(conv, 0, "local")
     sch.parallel(sch.fuse(n, o_outer, y_outer))
     sch.decompose_reduction(conv, rco)
+    if spec.pool:
+        _unroll_blocked_pool(sch)
     if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
         # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
         pad = sch.get_sblock("pad")
@@ -575,6 +657,30 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
         sch.parallel(sch.fuse(*pad_loops[:3]))
         sch.vectorize(pad_loops[-1])
     return sch.mod["main"]
+
+
+def _schedule_blocked_pool(sch: Schedule, x_outer):
+    """The pooled tile (``_blocked_pool``) in a local buffer under the output tile's loop, reduced one window row at
+    a time (vector max/add per channel vector and pooled pixel): returns the window-row loop, under which the conv's
+    register tile (one conv row of the tile's windows) is computed."""
+    pool = sch.get_sblock("pool")
+    sch.compute_at(pool, x_outer, preserve_unit_loops=True)
+    sch.set_scope(pool, 0, "local")
+    oo, yy, xx, oi, wy, wx = sch.get_loops(pool)[-6:]
+    sch.reorder(wy, oo, yy, xx, wx, oi)
+    sch.vectorize(oi)
+    return wy
+
+
+def _unroll_blocked_pool(sch: Schedule) -> None:
+    """The pooled tile's initialization and reduction unrolled (its vectors stay in registers); after ``parallel``,
+    which needs the reduction whole."""
+    pool = sch.get_sblock("pool")
+    wy = sch.get_loops(pool)[-6]
+    init = sch.decompose_reduction(pool, wy)
+    sch.vectorize(sch.get_loops(init)[-1])
+    for loop in (*sch.get_loops(pool)[-5:-1], *sch.get_loops(init)[-4:-1]):
+        sch.unroll(loop)
 
 
 def _register_tile(sch: Schedule, conv, spec: ConvSpec, outer: int):

@@ -7,6 +7,7 @@ neither asks the other.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -127,6 +128,8 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
     fast = winograd.choose(spec) if allow_winograd and cpu_conv else None
     if fast is not None:
         return Choice("winograd", fast)
+    if spec is not None and blocked_with_pool(spec, target_kind):
+        return Choice("conv", dataclasses.replace(spec, pool_epilogue=True))
     if spec is not None and blocked_then_pool(spec, target_kind):
         return Choice("blocked_conv_pool", spec.without_pool())
     if spec is not None:
@@ -146,13 +149,22 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
     return RELAX
 
 
+def blocked_with_pool(spec: ConvSpec | DenseSpec, target_kind: str) -> bool:
+    """A conv2d_pool whose windows tile the conv output (VGG's 2x2/2 max pools, a conv-ReLU-maxpool stack) runs as
+    the blocked (NCHWc) conv with the pool in its epilogue (``ConvSpec.pool_epilogue``): the register tile holds
+    whole windows, only the pooled output is stored. CPU only (the CUDA kernel is one thread per pooled output)."""
+    return (target_kind == "llvm" and isinstance(spec, ConvSpec) and spec.pool is not None
+            and spec.blocked_pool_fits is None)
+
+
 def blocked_then_pool(spec: ConvSpec | DenseSpec, target_kind: str) -> bool:
-    """A conv2d_pool whose windows tile the conv output (VGG's 2x2/2 max pools) runs as the blocked (NCHWc) conv,
-    then the pool as a Relax op: measured on Zen 3 (AVX2, one thread), VGG's 3x3 conv + 2x2 max pool shapes took
-    3.0-4.6x longer in the fused column-vectorized kernel than the blocked conv alone; the pool rereads the conv
-    output once (1/(C*9*2) of the conv's work). Overlapping windows (ResNet's stem) stay fused (banded)."""
+    """A conv2d_pool whose windows tile the conv output but do not fit the blocked kernel's register tile (more
+    than ``accumulator_vectors`` pixels per window) runs as the blocked (NCHWc) conv, then the pool as a Relax op:
+    measured on Zen 3 (AVX2, one thread), VGG's 3x3 conv + 2x2 max pool shapes took 3.0-4.6x longer in the fused
+    column-vectorized kernel than the blocked conv alone; the pool rereads the conv output once (1/(C*9*2) of the
+    conv's work). Overlapping windows (ResNet's stem) stay fused (banded)."""
     return (target_kind == "llvm" and isinstance(spec, ConvSpec) and spec.pool is not None and not spec.banded
-            and spec.without_pool().blocked)
+            and spec.without_pool().blocked and not blocked_with_pool(spec, target_kind))
 
 
 def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True
