@@ -172,10 +172,12 @@ class ConvSpec:
         row of whole pooling windows (for 1-3 channel vectors), so the windows must tile the conv output (kernel ==
         stride, no padding, no partial ceil-mode window: ``banded`` ones share conv outputs) and one window row must
         fit the accumulator registers (``_blocked_pool_tile``)."""
-        if self.pool is None:
-            return "no pool"
-        if (self.groups != 1 and not self.depthwise) or self.oc_vector == 0 or self.residual:
-            return "the conv is not a blocked (NCHWc) conv"
+        if self.pool is None or self.residual:
+            return "no pool" if self.pool is None else "a residual operand"
+        if self.groups != 1 and not self.depthwise:
+            return f"groups {self.groups}: the blocked (NCHWc) conv takes dense and depthwise convs"
+        if self.oc_vector == 0:
+            return f"{self.weight_shape[0]} output channels fill no vector of 8: not a blocked (NCHWc) conv"
         if self.banded:
             return (f"{self.pool_kernel[0]}x{self.pool_kernel[1]}/{self.pool_stride[0]} windows with padding "
                     f"{self.pool_padding} overlap or reach outside the conv output")
@@ -667,7 +669,7 @@ def _schedule_blocked_pool(sch: Schedule, x_outer):
     sch.compute_at(pool, x_outer, preserve_unit_loops=True)
     sch.set_scope(pool, 0, "local")
     oo, yy, xx, oi, wy, wx = sch.get_loops(pool)[-6:]
-    sch.reorder(wy, oo, yy, xx, wx, oi)
+    sch.reorder(yy, wy, oo, xx, wx, oi)
     sch.vectorize(oi)
     return wy
 
@@ -676,10 +678,11 @@ def _unroll_blocked_pool(sch: Schedule) -> None:
     """The pooled tile's initialization and reduction unrolled (its vectors stay in registers); after ``parallel``,
     which needs the reduction whole."""
     pool = sch.get_sblock("pool")
-    wy = sch.get_loops(pool)[-6]
-    init = sch.decompose_reduction(pool, wy)
-    sch.vectorize(sch.get_loops(init)[-1])
-    for loop in (*sch.get_loops(pool)[-5:-1], *sch.get_loops(init)[-4:-1]):
+    above = len(sch.get_loops(pool)) - 5  # ..., yy | wy, oo, xx, wx, oi
+    init = sch.decompose_reduction(pool, sch.get_loops(pool)[above])
+    *init_loops, init_lanes = sch.get_loops(init)[above:]
+    sch.vectorize(init_lanes)
+    for loop in (*sch.get_loops(pool)[above + 1:-1], *init_loops):
         sch.unroll(loop)
 
 

@@ -184,7 +184,25 @@ def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_wino
             rows.append((node, f"lowered by {choice.kernel!r}, not our conv kernel ({target_kind})"))
         else:
             rows.append((node, winograd.refusal(choice.spec)))
+        if graph.nodes[node]["op"] == "conv2d_pool":
+            decision = rows[-1][1]
+            rows[-1] = (node, f"{decision}; {pool_path(graph, node, choice, lanes)}")
     return rows
+
+
+def pool_path(graph: Graph, node: str, choice: Choice, lanes: int = 16) -> str:
+    """How the CPU build runs a conv2d_pool's pool, and why (``explain winograd`` prints it after the conv's row)."""
+    spec = conv_spec_of(graph, node, lanes)
+    if choice.kernel == "winograd":
+        return "pool: after the Winograd conv (a Relax op)"
+    if choice.kernel == "conv" and choice.spec.pool_epilogue:
+        return "pool: in the blocked conv's epilogue (one kernel, only the pooled output stored)"
+    if choice.kernel == "blocked_conv_pool":
+        return f"pool: after the blocked conv (a Relax op): {spec.blocked_pool_fits}"
+    if choice.kernel == "conv":
+        kind = "banded fused kernel" if spec.banded else "fused kernel"
+        return f"pool: {kind} (the conv output never stored): {spec.blocked_pool_fits}"
+    return f"pool: lowered by {choice.kernel!r}"
 
 
 @dataclass(frozen=True)
