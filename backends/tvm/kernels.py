@@ -8,7 +8,10 @@ CPU (llvm), ordinary (groups=1) and depthwise convs without a fused pool whose o
 the blocked (NCHWc) direct conv (``_blocked_compute``, ``_schedule_cpu_blocked``): input packed to NCHW[8]c with
 its zero border in one vectorized copy, weights packed at compile time to [OC/8][C/icb][KH][KW][icb][8], a register
 tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators of AVX2's 16 ymm), one broadcast
-input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW.
+input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW. A fused pool whose windows
+tile the conv output (2x2/2, 3x3/3: ``ConvSpec.pool_epilogue``, chosen by ``select``) is its epilogue: the register
+tile is one conv row of a few whole windows, max'ed (or summed) into a local tile of pooled channel vectors row by
+row, and only the pooled output is stored (``_blocked_pool``).
 
 Otherwise (fused pools, grouped convs, channel counts that fill no vector), per output tile of ``oc_block``
 channels x ``rows`` rows x ``width`` columns:

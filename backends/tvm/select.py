@@ -103,13 +103,15 @@ DYNAMIC_RECURRENT_OPS = ("qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
 
 @dataclass(frozen=True)
 class Choice:
-    """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool;
-    ``dense``: ``kernels.dense_kernel``; ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``:
-    ``qkernels.depthwise_kernel``; ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel;
-    ``integer_recurrent``: the dynamic int8 RNNs; ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1
-    convs where its cost rule says it pays; ``blocked_conv_pool``: a conv2d_pool as the blocked conv, ``spec``
-    without its pool, then the pool as a Relax op) or ``relax`` (TVM's Relax ops, scheduled by ``schedule.py``).
-    ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning tasks)."""
+    """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool, with
+    ``spec.pool_epilogue`` the blocked conv with the pool in its epilogue; ``dense``: ``kernels.dense_kernel``;
+    ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``: ``qkernels.depthwise_kernel``;
+    ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel; ``integer_recurrent``: the dynamic
+    int8 RNNs; ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1 convs where its cost rule says it pays;
+    ``blocked_conv_pool``: a conv2d_pool whose window rows are too wide for the blocked kernel's epilogue, as the
+    blocked conv, ``spec`` without its pool, then the pool as a Relax op) or ``relax`` (TVM's Relax ops, scheduled
+    by ``schedule.py``). ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning
+    tasks)."""
 
     kernel: str
     spec: ConvSpec | DenseSpec | WinogradSpec | None = None
