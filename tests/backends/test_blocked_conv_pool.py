@@ -67,10 +67,10 @@ def test_pool_in_blocked_epilogue_matches_pytorch(layers, shape, epilogue):
     assert "R.nn.max_pool2d" not in mod["main"].script() and "R.nn.avg_pool2d" not in mod["main"].script()
 
 
-def _spec(c: int, oc: int, hw: tuple[int, int], pool: str = "max", k: int = 2, **kw) -> ConvSpec:
+def _spec(c: int, oc: int, hw: tuple[int, int], pool: str = "max", k: int = 2, lanes: int = 8) -> ConvSpec:
     return ConvSpec(in_shape=(1, c, *hw), weight_shape=(oc, c, 3, 3), stride=(1, 1), padding=(1, 1),
                     dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool=pool, pool_kernel=(k, k),
-                    pool_stride=(k, k), lanes=8, pool_epilogue=True, **kw)
+                    pool_stride=(k, k), lanes=lanes, pool_epilogue=True)
 
 
 def test_only_the_pooled_output_is_stored():
@@ -177,3 +177,15 @@ def test_nan_propagates_through_the_epilogue_max():
         expected = model(x)
     assert torch.isnan(expected).sum() == 16  # two windows x 8 channels
     torch.testing.assert_close(torch.as_tensor(opt(x)), expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_for_avx512():
+    """lanes 16 (AVX-512, not runnable here): 16-channel vectors, 2 vectors x 4 windows of 2 conv pixels (16 of the
+    32 zmm registers accumulate), compiled to zmm FMAs."""
+    spec = _spec(16, 32, (28, 28), lanes=16)
+    assert spec.oc_vector == 16 and default_tile(spec) == Tile(oc_block=32, rows=1, cols=4)
+    func = conv_kernel(spec, "llvm").with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm", "mcpu": "skylake-avx512"})
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    fmas = [line for line in asm.splitlines() if "vfmadd" in line]
+    assert fmas and all("zmm" in line for line in fmas)
