@@ -7,6 +7,9 @@ Cases (batch 1, fp32, CPU, seeded random weights; torchvision's densenet121 is b
   (overlapping, padded windows): ``fuse-conv-pool`` on vs off.
 - ``stack``: conv3x3-ReLU-maxpool2x2 three times over a 512x512 image with 3->8->16->16 channels (memory-bound
   convs): ``fuse-conv-pool`` on vs off.
+- ``vgg``: torchvision vgg11_bn at 224x224, the default pipeline with and without ``fuse-conv-pool`` (its five
+  conv-BN-ReLU-maxpool 2x2/2: the first runs as the blocked conv with the pool in its epilogue, the other four as
+  Winograd then the pool).
 - ``densenet``: torchvision densenet121 at 224x224, the default pipeline with and without ``fold-conv-avg-pool``
   (its three transitions: BN, ReLU, 1x1 conv, 2x2/2 avg pool): FLOPs, latency and the worst error against PyTorch.
 
@@ -35,6 +38,7 @@ UNFUSED = ["fold-batch-norm", "fuse-conv-activation"]
 FUSED = [*UNFUSED, "fuse-conv-pool"]
 DEFAULT = list(PRESETS["default"])
 DEFAULT_WITHOUT_FOLD = [p for p in DEFAULT if p != "fold-conv-avg-pool"]
+DEFAULT_WITHOUT_FUSE = [p for p in DEFAULT if p != "fuse-conv-pool"]
 
 
 def seeded(model: nn.Module) -> nn.Module:
@@ -63,6 +67,12 @@ def stack() -> tuple[nn.Module, torch.Tensor]:
     return seeded(nn.Sequential(*layers)), torch.randn(1, 3, 512, 512)
 
 
+def vgg() -> tuple[nn.Module, torch.Tensor]:
+    import torchvision
+
+    return seeded(torchvision.models.vgg11_bn(weights=None)), torch.randn(1, 3, 224, 224)
+
+
 def densenet() -> tuple[nn.Module, torch.Tensor]:
     import torchvision
 
@@ -71,6 +81,7 @@ def densenet() -> tuple[nn.Module, torch.Tensor]:
 
 # name -> (model maker, passes A, passes B, calls per timing: TVM's time evaluator number x repeat)
 CASES = {"stem": (stem, UNFUSED, FUSED, (10, 5)), "stack": (stack, UNFUSED, FUSED, (10, 5)),
+         "vgg": (vgg, DEFAULT_WITHOUT_FUSE, DEFAULT, (1, 3)),
          "densenet": (densenet, DEFAULT_WITHOUT_FOLD, DEFAULT, (1, 3))}
 
 
@@ -114,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases.split(","):
         row = compare(name, args.rounds)
         rows.append(row)
-        a_desc = "default - fold-conv-avg-pool" if name == "densenet" else "unfused"
-        b_desc = "default" if name == "densenet" else "fuse-conv-pool"
+        a_desc = {"densenet": "default - fold-conv-avg-pool", "vgg": "default - fuse-conv-pool"}.get(name, "unfused")
+        b_desc = "default" if name in ("densenet", "vgg") else "fuse-conv-pool"
         print(f"| {name} | {a_desc} | {b_desc} "
               f"| {row['A_ms_median']:.2f} ({row['A_ms_min']:.2f}-{row['A_ms_max']:.2f}) "
               f"| {row['B_ms_median']:.2f} ({row['B_ms_min']:.2f}-{row['B_ms_max']:.2f}) "

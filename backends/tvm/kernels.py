@@ -11,7 +11,10 @@ tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators 
 input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW. ``conv2d_nchwc`` (from the
 ``alter-layout`` pass) reads its input already in NCHW[8]c (each task copies only the rows it reads into a small
 zero-bordered buffer, or nothing for an unpadded 1x1 conv) and/or stores NCHW[8]c: one vector store per
-accumulator, the residual read the same way.
+accumulator, the residual read the same way. A fused pool whose windows tile the conv output (2x2/2, 3x3/3:
+``ConvSpec.pool_epilogue``, chosen by ``select``; NCHW in and out) is its epilogue: the register tile is one conv row
+of a few whole windows, max'ed (or summed) into a local tile of pooled channel vectors row by row, and only the
+pooled output is stored (``_blocked_pool``).
 
 Otherwise (fused pools, grouped convs, channel counts that fill no vector), per output tile of ``oc_block``
 channels x ``rows`` rows x ``width`` columns:
@@ -134,6 +137,7 @@ class ConvSpec:
     lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
     in_block: int = 0                        # data in NCHW[in_block]c (``conv2d_nchwc``); 0: NCHW
     out_block: int = 0                       # output (and residual) in NCHW[out_block]c; 0: NCHW
+    pool_epilogue: bool = False              # the pool is the blocked kernel's epilogue (CPU; ``blocked_pool_fits``)
 
     @property
     def channels_vectorized(self) -> bool:
@@ -173,8 +177,30 @@ class ConvSpec:
     @property
     def blocked(self) -> bool:
         """The NCHWc direct conv (``_blocked_compute``): ordinary (groups=1) and depthwise convs without a fused pool
-        whose output channels fill vectors; every ``conv2d_nchwc``."""
-        return (self.groups == 1 or self.depthwise) and self.pool is None and self.oc_vector > 0
+        whose output channels fill vectors, or with a pool in its epilogue (``pool_epilogue``); every
+        ``conv2d_nchwc``."""
+        return ((self.groups == 1 or self.depthwise) and (self.pool is None or self.pool_epilogue)
+                and self.oc_vector > 0)
+
+    @property
+    def blocked_pool_fits(self) -> str | None:
+        """Why the pool cannot be the blocked kernel's epilogue (None: it can). The register tile holds one conv
+        row of whole pooling windows (for 1-3 channel vectors), so the windows must tile the conv output (kernel ==
+        stride, no padding, no partial ceil-mode window: ``banded`` ones share conv outputs) and one window row must
+        fit the accumulator registers (``_blocked_pool_tile``)."""
+        if self.pool is None or self.residual:
+            return "no pool" if self.pool is None else "a residual operand"
+        if self.groups != 1 and not self.depthwise:
+            return f"groups {self.groups}: the blocked (NCHWc) conv takes dense and depthwise convs"
+        if self.oc_vector == 0:
+            return f"{self.weight_shape[0]} output channels fill no vector of 8: not a blocked (NCHWc) conv"
+        if self.banded:
+            return (f"{self.pool_kernel[0]}x{self.pool_kernel[1]}/{self.pool_stride[0]} windows with padding "
+                    f"{self.pool_padding} overlap or reach outside the conv output")
+        pixels = accumulator_vectors(self.lanes) - 4
+        if self.pool_kernel[1] > pixels:
+            return f"a window row of {self.pool_kernel[1]} pixels exceeds the register tile's {pixels}"
+        return None
 
     @property
     def packs_input(self) -> bool:
@@ -287,7 +313,7 @@ def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
     the conv output's (a whole number of vectors).
     """
     if spec.blocked:
-        return _blocked_compute(spec, (tile or default_tile(spec)).cols)
+        return _blocked_compute(spec, (tile or default_tile(spec)).cols * spec.pool_stride[1])
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -409,7 +435,7 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     weight = te.placeholder((oc // v, cg // icb, kh, kw, icb, v), dtype, name="weight")
     if spec.depthwise:
         icb = v  # the input's channel block: each output vector reads its own channels
-    n_, _, oh, ow = spec.conv_shape
+    n_, oh, ow = spec.in_shape[0], *spec.window_extent  # with a pool: the conv rows/columns its windows read
     wide = ceil_to(ow, cols)
     if spec.in_block:  # already NCHW[icb]c: a copy only adds the zero border (contiguous channel vectors)
         read = lambda b, co, y, x, ci: data[b, co, y, x, ci]  # noqa: E731
@@ -437,6 +463,8 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
         _wide(tap(b, oo, y, x, oi)) * _wide(weight[oo, rco, ry, rx, rci, oi]), axis=[rco, ry, rx, rci]),
         name="conv")
     finish, extra = _epilogue_inputs(spec)
+    if spec.pool is not None:  # NCHW in and out (select sets pool_epilogue only there)
+        return [data, weight, *extra, _blocked_pool(spec, conv, finish)]
     if spec.out_block:  # stored NCHW[v]c: each accumulator vector is one contiguous store
         out = te.compute(spec.stored_shape, lambda b, oo, y, x, oi: finish(conv[b, oo, y, x, oi], b, oo * v + oi, y,
                                                                           x), name="epilogue")
@@ -444,6 +472,42 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
         out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
                          name="epilogue")
     return [data, weight, *extra, out]
+
+
+def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tensor:
+    """The pool as the blocked conv's epilogue, for windows that tile the conv output (k x k / k):
+
+        pool[n, OC/v, PH, PW', v] = max (or mean) over (wy, wx) of conv[n, oc/v, y*k + wy, x*k + wx, 0:v]
+        post[n, oc, y, x] = act(pool[n, oc/v, y, x, oc%v] + bias)       (narrowed to the storage dtype)
+
+    A max of channel vectors (one vector max per window element, no shuffles), in fp32. A max pool takes bias and
+    an activation that commutes with max after it (on 1/k^2 of the values); the other activations, and every
+    average pool, apply bias and activation per conv output first. ``PW'`` is the pooled width padded to whole
+    register tiles (the conv stage's ``wide`` / k): only ``post`` is written to memory, and only the PW real
+    columns."""
+    v, dtype = spec.oc_vector, spec.dtype
+    (pkh, pkw), commutes = spec.pool_kernel, spec.pool_commutes
+    n, _, ph, _ = spec.out_shape
+    wy = te.reduce_axis((0, pkh), "wy")
+    wx = te.reduce_axis((0, pkw), "wx")
+
+    def value(b, oo, y, x, oi):
+        cy, cx = y * pkh + wy, x * pkw + wx
+        raw = conv[b, oo, cy, cx, oi]
+        return raw if commutes else finish(raw, b, oo * v + oi, cy, cx, narrow=False)
+
+    shape = (n, spec.weight_shape[0] // v, ph, conv.shape[3] // pkw, v)
+    if spec.pool == "max":
+        pooled = te.compute(shape, lambda *i: te.max(value(*i), axis=[wy, wx]), name="pool")
+    else:
+        scale = tirx.const(1.0 / (pkh * pkw), F32)
+        pooled = te.compute(shape, lambda *i: te.sum(value(*i) * scale, axis=[wy, wx]), name="pool")
+
+    def store(b, o, y, x):
+        p = pooled[b, o // v, y, x, o % v]
+        return finish(p, b, o, y, x) if commutes else _narrow(p, dtype)
+
+    return te.compute(spec.out_shape, store, name="post")
 
 
 def _wide(x):
@@ -501,6 +565,8 @@ def default_tile(spec: ConvSpec) -> Tile:
                         cols=largest_divisor(conv_w, 4))
         return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, 8),
                     cols=largest_divisor(conv_w, lanes))
+    if spec.blocked and spec.pool:
+        return _blocked_pool_tile(spec, budget)
     if spec.depthwise and spec.blocked:  # one channel vector x a row of pixels: memory-bound, taps unrolled
         return Tile(oc_block=spec.oc_vector, rows=1, cols=largest_divisor(ow, budget - 4))
     if spec.blocked:
@@ -555,6 +621,25 @@ def _blocked_tile(spec: ConvSpec, ow: int, budget: int) -> Tile:
     return max(options, key=merit)
 
 
+def _blocked_pool_tile(spec: ConvSpec, budget: int) -> Tile:
+    """The blocked kernel with its pool (``_blocked_pool``): 1-3 channel vectors x ``cols`` pooled pixels of one
+    pooled row, the register tile one conv row of those windows (``cols`` x k pixels): the most accumulators within
+    ``budget`` (one vector alone: ``budget - 4`` pixels, as in ``_blocked_tile``), the fewest wasted columns of the
+    padded row next. 2x2/2 windows on AVX2: 2 vectors x 3 pooled pixels (12 accumulators), 1 vector x 4."""
+    v, kw, pw = spec.oc_vector, spec.pool_kernel[1], spec.out_shape[3]
+    options = []
+    for vectors in (1,) if spec.depthwise else (3, 2, 1):
+        if (spec.weight_shape[0] // v) % vectors == 0:
+            pixels = budget // vectors if vectors > 1 else budget - 4
+            options += [Tile(oc_block=vectors * v, rows=1, cols=cols) for cols in range(1, pixels // kw + 1)]
+
+    def merit(t: Tile):
+        computed = ceil_to(pw, t.cols)
+        return round(t.oc_block // v * t.cols * kw * pw / computed, 3), -(computed - pw), t.oc_block
+
+    return max(options, key=merit)
+
+
 def _output_block(spec: ConvSpec) -> str:
     """The stage that writes the kernel's output: the one whose loops are tiled."""
     return "post" if spec.pool_staged else "pool" if spec.pool else "epilogue"
@@ -602,7 +687,7 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     of ``oc_block / v`` channel vectors x ``rows`` x ``cols`` pixels accumulated over (C/icb, KH, KW, icb), then
     stored through the epilogue into NCHW."""
     sch = Schedule(func)
-    conv, out = sch.get_sblock("conv"), sch.get_sblock("epilogue")
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("post" if spec.pool else "epilogue")
     if spec.out_block:  # NCHW[v]c store: tile over channel blocks, the block itself one vector store
         n, o, y, x, lanes = sch.get_loops(out)
         o_outer, o_inner = sch.split(o, [None, tile.oc_block // spec.oc_vector])
@@ -614,7 +699,8 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner, *([lanes] if lanes else []))
     if lanes is not None:
         sch.vectorize(lanes)
-    sch.compute_at(conv, x_outer, preserve_unit_loops=True)
+    # with a pool: its tile of pooled vectors, from one conv row of the tile's windows at a time
+    sch.compute_at(conv, _schedule_blocked_pool(sch, x_outer) if spec.pool else x_outer, preserve_unit_loops=True)
     oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
     sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
     sch.vectorize(oi)
@@ -624,6 +710,8 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     task = sch.fuse(n, o_outer, y_outer)
     sch.parallel(task)
     sch.decompose_reduction(conv, rco)
+    if spec.pool:
+        _unroll_blocked_pool(sch)
     if spec.in_block and spec.packs_input:
         # NCHW[b]c input: each task copies only the rows its tile reads (with their zero border) into a small,
         # cache-resident buffer, instead of a padded copy of the whole tensor that round-trips through memory
@@ -637,6 +725,31 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
         sch.parallel(sch.fuse(*pad_loops[:3]))
         sch.vectorize(pad_loops[-1])
     return sch.mod["main"]
+
+
+def _schedule_blocked_pool(sch: Schedule, x_outer):
+    """The pooled tile (``_blocked_pool``) in a local buffer under the output tile's loop, reduced one window row at
+    a time (vector max/add per channel vector and pooled pixel): returns the window-row loop, under which the conv's
+    register tile (one conv row of the tile's windows) is computed."""
+    pool = sch.get_sblock("pool")
+    sch.compute_at(pool, x_outer, preserve_unit_loops=True)
+    sch.set_scope(pool, 0, "local")
+    oo, yy, xx, oi, wy, wx = sch.get_loops(pool)[-6:]
+    sch.reorder(yy, wy, oo, xx, wx, oi)
+    sch.vectorize(oi)
+    return wy
+
+
+def _unroll_blocked_pool(sch: Schedule) -> None:
+    """The pooled tile's initialization and reduction unrolled (its vectors stay in registers); after ``parallel``,
+    which needs the reduction whole."""
+    pool = sch.get_sblock("pool")
+    above = len(sch.get_loops(pool)) - 5  # ..., yy | wy, oo, xx, wx, oi
+    init = sch.decompose_reduction(pool, sch.get_loops(pool)[above])
+    *init_loops, init_lanes = sch.get_loops(init)[above:]
+    sch.vectorize(init_lanes)
+    for loop in (*sch.get_loops(pool)[above + 1:-1], *init_loops):
+        sch.unroll(loop)
 
 
 def _register_tile(sch: Schedule, conv, spec: ConvSpec, outer: int):

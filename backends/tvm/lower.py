@@ -92,9 +92,10 @@ def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, r
 
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
-    """Our single fused kernel (the conv output is never materialized), except where the conv runs as Winograd or
-    as the blocked conv (``select.blocked_then_pool``): then that kernel (bias and activation fused) and the pool
-    after it."""
+    """Our single fused kernel (the conv output is never materialized; on CPU the blocked conv with the pool in its
+    epilogue where the windows tile the conv output), except where the conv runs as Winograd or as the blocked conv
+    whose epilogue cannot take the windows (``select.blocked_then_pool``): then that kernel (bias and activation
+    fused) and the pool after it."""
     if ctx.choice.kernel == "blocked_conv_pool":
         a, y = ctx.attrs, call_conv_kernel(ctx, xs[0], ctx.choice.spec)
         pool = R.nn.max_pool2d if a["pool"] == "max" else R.nn.avg_pool2d

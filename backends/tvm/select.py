@@ -7,6 +7,7 @@ neither asks the other.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -111,13 +112,15 @@ DYNAMIC_RECURRENT_OPS = ("qlstm_dynamic", "qgru_dynamic", "qrnn_dynamic")
 
 @dataclass(frozen=True)
 class Choice:
-    """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool;
-    ``dense``: ``kernels.dense_kernel``; ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``:
-    ``qkernels.depthwise_kernel``; ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel;
-    ``integer_recurrent``: the dynamic int8 RNNs; ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1
-    convs where its cost rule says it pays; ``blocked_conv_pool``: a conv2d_pool as the blocked conv, ``spec``
-    without its pool, then the pool as a Relax op) or ``relax`` (TVM's Relax ops, scheduled by ``schedule.py``).
-    ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning tasks)."""
+    """How one node lowers. ``kernel``: one of ours (``conv``: ``kernels.conv_kernel``, also conv2d_pool, with
+    ``spec.pool_epilogue`` the blocked conv with the pool in its epilogue; ``dense``: ``kernels.dense_kernel``;
+    ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``: ``qkernels.depthwise_kernel``;
+    ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel; ``integer_recurrent``: the dynamic
+    int8 RNNs; ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1 convs where its cost rule says it pays;
+    ``blocked_conv_pool``: a conv2d_pool whose window rows are too wide for the blocked kernel's epilogue, as the
+    blocked conv, ``spec`` without its pool, then the pool as a Relax op) or ``relax`` (TVM's Relax ops, scheduled
+    by ``schedule.py``). ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning
+    tasks)."""
 
     kernel: str
     spec: ConvSpec | DenseSpec | WinogradSpec | None = None
@@ -143,6 +146,8 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
         fast = winograd.choose(spec) if allow_winograd and cpu_conv else None
     if fast is not None:
         return Choice("winograd", fast)
+    if spec is not None and blocked_with_pool(spec, target_kind):
+        return Choice("conv", dataclasses.replace(spec, pool_epilogue=True))
     if spec is not None and blocked_then_pool(spec, target_kind):
         return Choice("blocked_conv_pool", spec.without_pool())
     if spec is not None:
@@ -162,13 +167,22 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
     return RELAX
 
 
+def blocked_with_pool(spec: ConvSpec | DenseSpec, target_kind: str) -> bool:
+    """A conv2d_pool whose windows tile the conv output (VGG's 2x2/2 max pools, a conv-ReLU-maxpool stack) runs as
+    the blocked (NCHWc) conv with the pool in its epilogue (``ConvSpec.pool_epilogue``): the register tile holds
+    whole windows, only the pooled output is stored. CPU only (the CUDA kernel is one thread per pooled output)."""
+    return (target_kind == "llvm" and isinstance(spec, ConvSpec) and spec.pool is not None
+            and spec.blocked_pool_fits is None)
+
+
 def blocked_then_pool(spec: ConvSpec | DenseSpec, target_kind: str) -> bool:
-    """A conv2d_pool whose windows tile the conv output (VGG's 2x2/2 max pools) runs as the blocked (NCHWc) conv,
-    then the pool as a Relax op: measured on Zen 3 (AVX2, one thread), VGG's 3x3 conv + 2x2 max pool shapes took
-    3.0-4.6x longer in the fused column-vectorized kernel than the blocked conv alone; the pool rereads the conv
-    output once (1/(C*9*2) of the conv's work). Overlapping windows (ResNet's stem) stay fused (banded)."""
+    """A conv2d_pool whose windows tile the conv output but do not fit the blocked kernel's register tile (more
+    than ``accumulator_vectors`` pixels per window) runs as the blocked (NCHWc) conv, then the pool as a Relax op:
+    measured on Zen 3 (AVX2, one thread), VGG's 3x3 conv + 2x2 max pool shapes took 3.0-4.6x longer in the fused
+    column-vectorized kernel than the blocked conv alone; the pool rereads the conv output once (1/(C*9*2) of the
+    conv's work). Overlapping windows (ResNet's stem) stay fused (banded)."""
     return (target_kind == "llvm" and isinstance(spec, ConvSpec) and spec.pool is not None and not spec.banded
-            and spec.without_pool().blocked)
+            and spec.without_pool().blocked and not blocked_with_pool(spec, target_kind))
 
 
 def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_winograd: bool = True
@@ -188,7 +202,25 @@ def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_wino
             rows.append((node, f"lowered by {choice.kernel!r}, not our conv kernel ({target_kind})"))
         else:
             rows.append((node, winograd.refusal(choice.spec)))
+        if graph.nodes[node]["op"] == "conv2d_pool":
+            decision = rows[-1][1]
+            rows[-1] = (node, f"{decision}; {pool_path(graph, node, choice, lanes)}")
     return rows
+
+
+def pool_path(graph: Graph, node: str, choice: Choice, lanes: int = 16) -> str:
+    """How the CPU build runs a conv2d_pool's pool, and why (``explain winograd`` prints it after the conv's row)."""
+    spec = conv_spec_of(graph, node, lanes)
+    if choice.kernel == "winograd":
+        return "pool: after the Winograd conv (a Relax op)"
+    if choice.kernel == "conv" and choice.spec.pool_epilogue:
+        return "pool: in the blocked conv's epilogue (one kernel, only the pooled output stored)"
+    if choice.kernel == "blocked_conv_pool":
+        return f"pool: after the blocked conv (a Relax op): {spec.blocked_pool_fits}"
+    if choice.kernel == "conv":
+        kind = "banded fused kernel" if spec.banded else "fused kernel"
+        return f"pool: {kind} (the conv output never stored): {spec.blocked_pool_fits}"
+    return f"pool: lowered by {choice.kernel!r}"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,191 @@
+"""The pool in the blocked (NCHWc) conv's epilogue (``ConvSpec.pool_epilogue``): numerics against PyTorch's conv ->
+activation -> pool on odd shapes, the kernel's buffers (only the pooled output is stored), which conv2d_pool takes
+it and why (``explain winograd``), bf16 storage, NaN, and CUDA staying on its own kernel."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tvm
+from torch import nn
+
+import passes
+from backends.tvm.kernels import ConvSpec, Tile, compacted_buffers, conv_kernel, default_tile
+from backends.tvm.lower import lower
+from backends.tvm.select import explain_winograd, select_kernels
+from backends.tvm.target import resolve_target
+from tests.backends.test_kernels import compile_and_compare
+from tests.e2e.test_robustness import UNIT_ROUNDOFF
+
+pytestmark = pytest.mark.tvm
+
+LANES = resolve_target("llvm").lanes  # what the build sizes its vectors by
+
+
+def _pool_node(graph) -> str:
+    (node,) = graph.op_nodes("conv2d_pool")
+    return node
+
+
+def _pool_choice(graph, target_kind: str = "llvm", lanes: int = LANES):
+    return select_kernels(graph, target_kind, lanes)[_pool_node(graph)]
+
+
+@pytest.mark.parametrize("layers, shape, epilogue", [
+    ((nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)), (1, 3, 13, 11), True),  # last row/col dropped
+    ((nn.Conv2d(5, 16, 3, stride=2, padding=1), nn.ReLU6(), nn.MaxPool2d(2)), (1, 5, 15, 17), True),  # stride 2
+    ((nn.Conv2d(7, 24, 3), nn.LeakyReLU(0.1), nn.MaxPool2d(3)), (1, 7, 17, 19), True),  # 3 vectors, 3x3/3
+    ((nn.Conv2d(3, 16, 5, padding=2), nn.Sigmoid(), nn.MaxPool2d(2)), (1, 3, 9, 13), True),  # act before the max
+    ((nn.Conv2d(6, 16, 3, padding=1, bias=False), nn.AvgPool2d(2)), (1, 6, 11, 10), True),
+    ((nn.Conv2d(5, 8, 3, padding=1), nn.GELU(), nn.AvgPool2d((2, 3))), (1, 5, 10, 14), True),
+    ((nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)), (1, 3, 12, 10), True),  # whole
+    ((nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True)), (1, 3, 11, 9), False),  # partial
+    ((nn.Conv2d(16, 16, 3, groups=16, padding=1), nn.ReLU(), nn.MaxPool2d(2)), (1, 16, 10, 12), True),  # depthwise
+    ((nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2)), (2, 3, 10, 10), True),
+], ids=["drop-last", "stride2-relu6", "3x3-leaky", "sigmoid", "avg", "avg-gelu-2x3", "ceil-whole", "ceil-partial",
+        "depthwise", "bn-batch2"])
+def test_pool_in_blocked_epilogue_matches_pytorch(layers, shape, epilogue):
+    """fuse-conv-pool alone (it matches BN and the activation), then one kernel: windows that tile the conv output
+    take the blocked conv with the pool in its epilogue; a partial ceil-mode window keeps the banded kernel."""
+    model = nn.Sequential(*layers).eval()
+    gen = torch.Generator().manual_seed(16)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    graph = compile_and_compare(model, torch.randn(shape, generator=gen) * 2, passes="fuse-conv-pool",
+                                expect_op="conv2d_pool")
+    choice = _pool_choice(graph)
+    assert choice.kernel == "conv" and choice.spec.pool_epilogue == epilogue
+    mod = lower(graph)
+    assert [gv.name_hint for gv in mod.functions if gv.name_hint != "main"] == ["conv2d_pool_" + _pool_node(graph)]
+    assert "R.nn.max_pool2d" not in mod["main"].script() and "R.nn.avg_pool2d" not in mod["main"].script()
+
+
+def _spec(c: int, oc: int, hw: tuple[int, int], pool: str = "max", k: int = 2, lanes: int = 8) -> ConvSpec:
+    return ConvSpec(in_shape=(1, c, *hw), weight_shape=(oc, c, 3, 3), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool=pool, pool_kernel=(k, k),
+                    pool_stride=(k, k), lanes=lanes, pool_epilogue=True)
+
+
+def test_only_the_pooled_output_is_stored():
+    """The stack's first layer (3 -> 8 channels, 2x2/2 max): per task one pooled row; per tile 4 pooled pixels of
+    one 8-channel vector, from one conv row of their windows (8 pixels = 8 accumulators) at a time. The buffers are
+    the packed input, the register tile and the pooled tile: the conv output never exists at full size."""
+    spec = _spec(3, 8, (64, 64))
+    assert spec.blocked and spec.blocked_pool_fits is None
+    assert default_tile(spec) == Tile(oc_block=8, rows=1, cols=4)
+    buffers = {name: (shape, scope) for name, shape, scope in compacted_buffers(conv_kernel(spec, "llvm"))}
+    assert buffers == {"pad": ((1, 1, 66, 66, 3), "global"), "conv_local": ((1, 1, 1, 8, 8), "local"),
+                       "pool_local": ((1, 1, 1, 4, 8), "local")}
+    func = conv_kernel(spec, "llvm")
+    assert tuple(int(d) for d in func.params[-1].shape) == spec.out_shape  # the only buffer written to memory
+    assert all(math.prod(shape) < math.prod(spec.conv_shape) for shape, _ in buffers.values())
+
+
+@pytest.mark.parametrize("oc, k, tile", [(16, 2, Tile(16, 1, 3)), (24, 2, Tile(24, 1, 2)), (8, 3, Tile(8, 1, 2)),
+                                         (16, 8, Tile(8, 1, 1))])
+def test_register_tile_holds_one_conv_row_of_whole_windows(oc, k, tile):
+    """At most 12 accumulators on AVX2 (8 with one vector): 2 vectors x 3 windows of 2 = 12, 3 x 2 x 2 = 12."""
+    assert default_tile(_spec(8, oc, (32, 48), k=k)) == tile
+
+
+def test_windows_the_epilogue_does_not_take():
+    """Each reason the pool stays out of the blocked kernel, as ``explain`` words it."""
+    def why(**kw):
+        base = dict(in_shape=(1, 8, 32, 32), weight_shape=(16, 8, 3, 3), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1, has_bias=True, pool="max", pool_kernel=(2, 2), pool_stride=(2, 2),
+                    lanes=8)
+        return ConvSpec(**(base | kw)).blocked_pool_fits
+
+    assert why() is None
+    assert "overlap" in why(pool_kernel=(3, 3), pool_stride=(2, 2), pool_padding=(1, 1))
+    assert "window row of 9 pixels" in why(pool_kernel=(9, 9), pool_stride=(9, 9))
+    assert "12 output channels" in why(weight_shape=(12, 8, 3, 3))
+    assert "groups 2" in why(weight_shape=(16, 4, 3, 3), groups=2)
+
+
+@pytest.mark.parametrize("tile", [Tile(8, 2, 2), Tile(16, 1, 5)], ids=str)
+def test_tuner_tiles_other_than_the_default_match(tile):
+    """Tiles the tuner proposes (two pooled rows per task, a register tile past the budget) stay exact."""
+    spec = _spec(5, 16, (13, 22))
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = (torch.randn(s, generator=gen) for s in (spec.in_shape, spec.weight_shape, (16,)))
+    expected = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": conv_kernel(spec, "llvm", tile).with_attr("global_symbol", "main")}),
+                      target="llvm")
+    args = [tvm.runtime.tensor(a) for a in (x.numpy(), spec.pack_weight(w.numpy()), b.numpy())]
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    lib["main"](*args, out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_explain_names_the_pool_path():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d((1, 13))).eval()
+    x = torch.randn(1, 3, 32, 64)
+    opt = passes.optimize(model, passes=["fuse-conv-pool"], example_inputs=(x,), measure=False)
+    rows = [why for _, why in explain_winograd(opt.graph, "llvm", LANES)]
+    assert len(rows) == 3
+    assert rows[0].endswith("pool: in the blocked conv's epilogue (one kernel, only the pooled output stored)")
+    assert "pool: banded fused kernel (the conv output never stored)" in rows[1] and "overlap" in rows[1]
+    assert "pool: after the blocked conv (a Relax op): a window row of 13 pixels" in rows[2]
+
+
+def test_cuda_keeps_its_own_conv_pool_kernel():
+    """On cuda a conv2d_pool is one thread per pooled output (``schedule_gpu``), never the CPU's blocked layout."""
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    opt = passes.optimize(model, passes=["fuse-conv-pool"], example_inputs=(torch.randn(1, 8, 16, 16),),
+                          measure=False)
+    cuda = _pool_choice(opt.graph, "cuda", 16)
+    assert cuda.kernel == "conv" and not cuda.spec.pool_epilogue and not cuda.spec.blocked
+    assert _pool_choice(opt.graph).spec.pool_epilogue
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("act, pool", [(nn.ReLU(), nn.MaxPool2d(2)), (nn.SiLU(), nn.AvgPool2d(2))], ids=repr)
+def test_low_precision_storage(act, pool, dtype):
+    """bf16/fp16 data and weights, fp32 accumulation and pooling, one rounding at the store: within twice PyTorch's
+    own low-precision error plus the dtype's unit roundoff of the output scale."""
+    model = nn.Sequential(nn.Conv2d(5, 16, 3, padding=1), act, pool).eval()
+    x = torch.randn((1, 5, 11, 14), generator=torch.Generator().manual_seed(5))
+    opt = passes.optimize(model, passes=["fuse-conv-pool", f"mixed-precision{{dtype={dtype}}}"],
+                          example_inputs=(x,), measure=False)
+    choice = _pool_choice(opt.graph)
+    assert choice.spec.pool_epilogue and choice.spec.dtype == ("bfloat16" if dtype == "bf16" else "float16")
+    low = torch.bfloat16 if dtype == "bf16" else torch.float16
+    with torch.no_grad():
+        expected = model(x)
+        torch_error = (model.to(low)(x.to(low)).float() - expected).abs().max().item()
+    error = (opt(x).float() - expected).abs().max().item()
+    assert error <= 2 * torch_error + UNIT_ROUNDOFF[dtype] * expected.abs().max().item()
+
+
+def test_nan_propagates_through_the_epilogue_max():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.MaxPool2d(2)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    x[0, 0, 0, 0] = x[0, 2, 5, 6] = float("nan")
+    opt = passes.optimize(model, passes=["fuse-conv-pool"], example_inputs=(x,), measure=False)
+    assert _pool_choice(opt.graph).spec.pool_epilogue
+    with torch.no_grad():
+        expected = model(x)
+    assert torch.isnan(expected).sum() == 16  # two windows x 8 channels
+    torch.testing.assert_close(torch.as_tensor(opt(x)), expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+def test_compiles_for_avx512():
+    """lanes 16 (AVX-512, not runnable here): 16-channel vectors, 2 vectors x 4 windows of 2 conv pixels (16 of the
+    32 zmm registers accumulate), compiled to zmm FMAs."""
+    spec = _spec(16, 32, (28, 28), lanes=16)
+    assert spec.oc_vector == 16 and default_tile(spec) == Tile(oc_block=32, rows=1, cols=4)
+    func = conv_kernel(spec, "llvm").with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target={"kind": "llvm", "mcpu": "skylake-avx512"})
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    fmas = [line for line in asm.splitlines() if "vfmadd" in line]
+    assert fmas and all("zmm" in line for line in fmas)
