@@ -34,7 +34,7 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
 from tvm.s_tir.tensor_intrin import cuda as wmma_intrinsics
 
-from backends.tvm.kernels import ConvSpec, _epilogue_inputs, _wide
+from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, _epilogue_inputs, _wide
 
 FRAGMENT = 16  # WMMA m16n16k16: every fragment is a 16x16 tile and each mma_sync consumes 16 of K
 WARP = 32
@@ -82,6 +82,8 @@ def refusal(spec: ConvSpec) -> str | None:
         return f"groups={spec.groups}: a grouped/depthwise conv is no single GEMM"
     if spec.pool is not None:
         return "a fused pool: the conv output is pooled in the kernel (the SIMT kernel does that)"
+    if spec.activation not in TE_ACTIVATIONS:
+        return f"activation {spec.activation!r} has no fused epilogue"
     return None
 
 
