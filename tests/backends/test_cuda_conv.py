@@ -56,7 +56,8 @@ def test_fp16_convs_run_on_tensor_cores_and_the_source_compiles_for_sm_90(tmp_pa
     kernels = _kernels(opt)
     assert sorted(kernels.values()) == ["relax", "tensor_core", "tensor_core", "tensor_core"], kernels
     source = cuda_source(opt.compiled)
-    assert len(set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(conv2d_tensor_core_\w+)\(", source))) == 3
+    names = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(conv2d_tensor_core_\w+)\(", source)
+    assert len(set(names)) == 3, names
     assert "nvcuda::wmma::mma_sync" in source and "fragment<nvcuda::wmma::matrix_a, 16, 16, 16, half" in source
     assert_nvcc_accepts(source, tmp_path)
 
@@ -123,15 +124,15 @@ def _float(a: np.ndarray, dtype: str) -> torch.Tensor:
             torch.from_numpy(a)).float()
 
 
-CASES = {  # (N, C, H, W), (OC, KH, KW), stride, padding, residual, activation
-    "stem_3ch_stride2_oc20_residual_relu": ((1, 3, 9, 9), (20, 3, 3), 2, 1, True, "relu"),
-    "1x1_two_m_tiles_no_bias": ((2, 24, 7, 5), (40, 1, 1), 1, 0, False, "none"),
-    "3x3_two_k_stages_two_oc_tiles": ((1, 8, 6, 6), (72, 3, 3), 1, 1, False, "relu6"),
+CASES = {  # (N, C, H, W), (OC, KH, KW), stride, padding, bias, residual, activation
+    "stem_3ch_stride2_oc20_residual_relu": ((1, 3, 9, 9), (20, 3, 3), 2, 1, True, True, "relu"),
+    "1x1_two_m_tiles_no_bias": ((2, 24, 7, 5), (40, 1, 1), 1, 0, False, False, "none"),
+    "3x3_three_k_stages_two_oc_tiles": ((1, 8, 6, 6), (72, 3, 3), 1, 1, True, False, "relu6"),
 }
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case,dtype", [(case, "float16") for case in sorted(CASES)] + [
+    ("stem_3ch_stride2_oc20_residual_relu", "bfloat16"), ("3x3_three_k_stages_two_oc_tiles", "bfloat16")])
 def test_generated_cuda_matches_pytorch_on_cpu_threads(case, dtype, tmp_path):
     """The kernel's CUDA C run by the emulator (WMMA emulated exactly) against torch's fp32 conv2d; the bound is
     twice PyTorch's own error in ``dtype`` (its conv of the rounded tensors) plus one unit roundoff of the scale,
@@ -144,9 +145,9 @@ def test_generated_cuda_matches_pytorch_on_cpu_threads(case, dtype, tmp_path):
 
     if not cuda_emulator.available():
         pytest.skip("g++ not installed")
-    in_shape, (oc, kh, kw), stride, padding, residual, activation = CASES[case]
+    in_shape, (oc, kh, kw), stride, padding, bias, residual, activation = CASES[case]
     spec = ConvSpec(in_shape=in_shape, weight_shape=(oc, in_shape[1], kh, kw), stride=(stride, stride),
-                    padding=(padding, padding), dilation=(1, 1), groups=1, has_bias=case[:2] != "1x",
+                    padding=(padding, padding), dilation=(1, 1), groups=1, has_bias=bias,
                     activation=activation, residual=residual, dtype=dtype)
     generator = torch.Generator().manual_seed(0)
     x, w = torch.randn(in_shape, generator=generator), torch.randn(spec.weight_shape, generator=generator) * 0.3
@@ -171,8 +172,7 @@ def test_generated_cuda_matches_pytorch_on_cpu_threads(case, dtype, tmp_path):
     source = tvm.tirx.build(tvm.IRModule({"k": func}), target=make_target("cuda")).imports[0].inspect_source()
     tile, shape = cuda_conv.DEFAULT_TILE, cuda_conv.gemm_shape(spec)
     cuda_emulator.emulate(source, arrays, (shape.m_pad // tile.block_m, shape.n_pad // tile.block_n),
-                          (cuda_emulator_warp := 32, tile.warps_m * tile.warps_n), tmp_path)
-    assert cuda_emulator_warp == cuda_conv.WARP
+                          (cuda_conv.WARP, tile.warps_m * tile.warps_n), tmp_path)
     ours = (_float(arrays["epilogue"], dtype) - reference).abs().max().item()
     bound = 2 * theirs + UNIT_ROUNDOFF[dtype] * reference.abs().max().item()
     assert ours <= bound, (ours, theirs, bound)
