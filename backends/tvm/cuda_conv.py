@@ -229,6 +229,10 @@ def schedule(spec: ConvSpec, func: tirx.PrimFunc, tile: TensorCoreTile = DEFAULT
     cols_outer, cols_inner = sch.split(cols, [None, f])
     sch.reorder(rows_outer, cols_outer, rows_inner, cols_inner)
     sch.tensorize(rows_inner, names["store"])
+    # The epilogue's threads walk m (coalesced NCHW stores), i.e. a column of the (block_m, block_n) fp32 tile:
+    # a row stride of block_n words would put all 32 lanes in one bank; block_n + 4 (wmma needs a multiple of 4)
+    # spreads them over 8 banks.
+    sch.storage_align(sch.get_sblock("gemm_wmma.accumulator_o"), 0, axis=0, factor=tile.block_n, offset=4)
 
     init = sch.decompose_reduction(gemm, k_outer)
     sch.tensorize(sch.get_loops(init)[-2], names["fill"])
