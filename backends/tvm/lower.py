@@ -92,10 +92,13 @@ def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, r
 
 def call_tensor_core_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
                             ) -> relax.Expr:
-    """``call_tir`` of the cuda tensor-core conv (``cuda_conv``); weights packed to (K_pad, OC_pad) at compile time."""
+    """``call_tir`` of the cuda tensor-core conv (``cuda_conv``); weights packed to (K_pad, OC_pad) at compile time.
+    A ``TensorCoreTile`` in ``ctx.tiles`` for ``spec`` (a tuner's choice) replaces the default tile."""
     name = f"conv2d_tensor_core_{ctx.node}"
-    gv = ctx.bb.add_func(cuda_conv.conv_kernel(spec).with_attr("global_symbol", name), name)
-    args = [x, ctx.const(cuda_conv.pack_weight(spec, ctx.params["weight"]), spec.dtype)]
+    tile = ctx.tiles.get(spec)
+    tile = tile if isinstance(tile, cuda_conv.TensorCoreTile) else cuda_conv.DEFAULT_TILE
+    gv = ctx.bb.add_func(cuda_conv.conv_kernel(spec, tile).with_attr("global_symbol", name), name)
+    args = [x, ctx.const(cuda_conv.pack_weight(spec, ctx.params["weight"], tile), spec.dtype)]
     if spec.has_bias:
         args.append(ctx.const(ctx.params["bias"], spec.dtype))
     if residual is not None:

@@ -176,3 +176,17 @@ def test_generated_cuda_matches_pytorch_on_cpu_threads(case, dtype, tmp_path):
     ours = (_float(arrays["epilogue"], dtype) - reference).abs().max().item()
     bound = 2 * theirs + UNIT_ROUNDOFF[dtype] * reference.abs().max().item()
     assert ours <= bound, (ours, theirs, bound)
+
+
+def test_a_tile_in_the_tuning_table_sizes_the_kernel():
+    """``lower(graph, tiles={spec: TensorCoreTile(...)})`` builds that tile (what a tuner would hand in): the stem's
+    packed weight (K = 27, OC = 16) is (32, 16) with a one-fragment block instead of the default (32, 64)."""
+    from backends.tvm.lower import lower
+
+    graph = _optimize("float16").graph
+    choices = select_kernels(graph, "cuda").choices
+    stem = next(n for n, c in choices.items() if c.kernel == "tensor_core" and c.spec.in_shape[1] == 3)
+    tile = cuda_conv.TensorCoreTile(warps_m=1, warps_n=1, frag_m=1, frag_n=1, chunk=1)
+    for tiles, packed in (({}, (32, 64)), ({choices[stem].spec: tile}, (32, 16))):
+        func = lower(graph, "cuda", tiles=tiles)[f"conv2d_tensor_core_{stem}"]
+        assert tuple(int(d) for d in func.params[1].ty.shape) == packed
