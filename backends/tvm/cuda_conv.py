@@ -168,6 +168,15 @@ def _intrinsics(dtype: str) -> dict[str, str]:
     return names
 
 
+def _tensorize_tiles(sch: Schedule, block, intrinsic: str) -> None:
+    """Split a copy block's two innermost loops into 16x16 tiles and map each tile to one WMMA load/store."""
+    rows, cols = sch.get_loops(block)[-2:]
+    rows_outer, rows_inner = sch.split(rows, [None, FRAGMENT])
+    cols_outer, cols_inner = sch.split(cols, [None, FRAGMENT])
+    sch.reorder(rows_outer, cols_outer, rows_inner, cols_inner)
+    sch.tensorize(rows_inner, intrinsic)
+
+
 def schedule(spec: ConvSpec, func: tirx.PrimFunc, tile: TensorCoreTile = DEFAULT_TILE) -> tirx.PrimFunc:
     """Grid: blockIdx.x over M tiles, blockIdx.y over OC tiles; threadIdx.y: the block's warps, each holding
     frag_m x frag_n accumulators. Per K chunk every thread of the block helps gather A (the im2col tile, padding as
@@ -205,17 +214,13 @@ def schedule(spec: ConvSpec, func: tirx.PrimFunc, tile: TensorCoreTile = DEFAULT
     b_fragment = sch.cache_read(gemm, 1, "wmma.matrix_b")
     sch.compute_at(a_fragment, k_frag)
     sch.compute_at(b_fragment, k_frag)
-    for fragment, intrinsic in ((a_fragment, names["load_a"]), (b_fragment, names["load_b"])):
-        rows, cols = sch.get_loops(fragment)[-2:]
-        rows_outer, rows_inner = sch.split(rows, [None, f])
-        cols_outer, cols_inner = sch.split(cols, [None, f])
-        sch.reorder(rows_outer, cols_outer, rows_inner, cols_inner)
-        sch.tensorize(rows_inner, intrinsic)
+    _tensorize_tiles(sch, a_fragment, names["load_a"])
+    _tensorize_tiles(sch, b_fragment, names["load_b"])
 
     # Accumulators to shared memory, per warp.
     sch.reverse_compute_at(store, warp)
     # The epilogue in GEMM coordinates (m, o), by the whole block, after every warp stored its accumulators.
-    batch, oc, oh, ow = spec.conv_shape
+    _, _, oh, ow = spec.conv_shape
     epilogue = sch.get_sblock("epilogue")
     sch.transform_block_layout(epilogue, lambda n, c, y, x: (c, (n * oh + y) * ow + x))
     sch.reverse_compute_at(epilogue, o_block)
@@ -224,11 +229,7 @@ def schedule(spec: ConvSpec, func: tirx.PrimFunc, tile: TensorCoreTile = DEFAULT
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
 
-    rows, cols = sch.get_loops(store)[-2:]
-    rows_outer, rows_inner = sch.split(rows, [None, f])
-    cols_outer, cols_inner = sch.split(cols, [None, f])
-    sch.reorder(rows_outer, cols_outer, rows_inner, cols_inner)
-    sch.tensorize(rows_inner, names["store"])
+    _tensorize_tiles(sch, store, names["store"])
     # The epilogue's threads walk m (coalesced NCHW stores), i.e. a column of the (block_m, block_n) fp32 tile:
     # a row stride of block_n words would put all 32 lanes in one bank; block_n + 4 (wmma needs a multiple of 4)
     # spreads them over 8 banks.
