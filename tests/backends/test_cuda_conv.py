@@ -124,10 +124,11 @@ def _float(a: np.ndarray, dtype: str) -> torch.Tensor:
             torch.from_numpy(a)).float()
 
 
-CASES = {  # (N, C, H, W), (OC, KH, KW), stride, padding, bias, residual, activation
-    "stem_3ch_stride2_oc20_residual_relu": ((1, 3, 9, 9), (20, 3, 3), 2, 1, True, True, "relu"),
-    "1x1_two_m_tiles_no_bias": ((2, 24, 7, 5), (40, 1, 1), 1, 0, False, False, "none"),
-    "3x3_three_k_stages_two_oc_tiles": ((1, 8, 6, 6), (72, 3, 3), 1, 1, True, False, "relu6"),
+CASES = {  # (N, C, H, W), (OC, KH, KW), stride, padding, bias, residual, activation, dilation
+    "stem_3ch_stride2_oc20_residual_relu": ((1, 3, 9, 9), (20, 3, 3), 2, 1, True, True, "relu", 1),
+    "1x1_two_m_tiles_no_bias": ((2, 24, 7, 5), (40, 1, 1), 1, 0, False, False, "none", 1),
+    "3x3_three_k_stages_two_oc_tiles": ((1, 8, 6, 6), (72, 3, 3), 1, 1, True, False, "relu6", 1),
+    "3x3_dilation2_padding2": ((1, 5, 7, 8), (16, 3, 3), 1, 2, True, False, "none", 2),
 }
 
 
@@ -145,9 +146,9 @@ def test_generated_cuda_matches_pytorch_on_cpu_threads(case, dtype, tmp_path):
 
     if not cuda_emulator.available():
         pytest.skip("g++ not installed")
-    in_shape, (oc, kh, kw), stride, padding, bias, residual, activation = CASES[case]
+    in_shape, (oc, kh, kw), stride, padding, bias, residual, activation, dilation = CASES[case]
     spec = ConvSpec(in_shape=in_shape, weight_shape=(oc, in_shape[1], kh, kw), stride=(stride, stride),
-                    padding=(padding, padding), dilation=(1, 1), groups=1, has_bias=bias,
+                    padding=(padding, padding), dilation=(dilation, dilation), groups=1, has_bias=bias,
                     activation=activation, residual=residual, dtype=dtype)
     generator = torch.Generator().manual_seed(0)
     x, w = torch.randn(in_shape, generator=generator), torch.randn(spec.weight_shape, generator=generator) * 0.3
@@ -157,7 +158,7 @@ def test_generated_cuda_matches_pytorch_on_cpu_threads(case, dtype, tmp_path):
 
     def conv(x, w, b, r, precision=torch.float32):
         y = nn.functional.conv2d(x.to(precision), w.to(precision), None if b is None else b.to(precision), stride,
-                                 padding)
+                                 padding, dilation)
         return act(y + r.to(precision) if residual else y).float()
 
     reference = conv(x, w, b, r)
