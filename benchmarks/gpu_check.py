@@ -5,7 +5,9 @@
 
 Models: the zoo's names, ``tv-resnet18``, ``tv-mobilenet_v2``, ``tv-vgg11`` (torchvision architectures with random
 seeded weights, no download, 224x224 batch 1), and any of them with ``-fp16`` (``mixed-precision{dtype=fp16}``
-after the default pipeline; PyTorch's column is then the model ``.half()``).
+after the default pipeline; PyTorch's column is then the model ``.half()``). fp16 builds run their ordinary (groups=1,
+unpooled) convs on tensor cores (``backends/tvm/cuda_conv.py``, WMMA implicit GEMM); ``prepare`` records how many
+convs took that kernel and ``run`` prints it (``tc N``), so a row says which conv path it timed.
 
 ``prepare`` compiles each zoo model for ``cuda`` (sm_90) with the default pipeline and exports the artifact, with
 the example inputs, the PyTorch CPU reference outputs and a checksum of the seeded weights. ``run`` loads each
@@ -80,6 +82,7 @@ def prepare(directory: Path, entries: list[str], small: bool) -> None:
         pipeline = _base(entry)[1]
         start = time.perf_counter()
         opt = passes.optimize(model, passes=pipeline, target="cuda", example_inputs=inputs, measure=False)
+        tensor_core = _tensor_core_convs(opt.graph)
         folder = directory / entry
         opt.compiled.export(folder)
         with torch.no_grad():
@@ -87,8 +90,17 @@ def prepare(directory: Path, entries: list[str], small: bool) -> None:
         expected = expected if isinstance(expected, tuple) else (expected,)
         np.savez(folder / "data.npz", **{f"input_{i}": x.numpy() for i, x in enumerate(inputs)},
                  **{f"expected_{i}": y.numpy() for i, y in enumerate(expected)})
-        (folder / "meta.json").write_text(json.dumps({"checksum": _checksum(model), "small": small}))
-        print(f"{entry}: built for cuda in {time.perf_counter() - start:.1f} s", flush=True)
+        (folder / "meta.json").write_text(json.dumps({"checksum": _checksum(model), "small": small,
+                                                      "tensor_core_convs": tensor_core}))
+        print(f"{entry}: built for cuda in {time.perf_counter() - start:.1f} s, {tensor_core} conv(s) on tensor cores",
+              flush=True)
+
+
+def _tensor_core_convs(graph) -> int:
+    """How many convs of the optimized graph the cuda build runs on the tensor-core kernel."""
+    from backends.tvm.select import select_kernels
+
+    return sum(choice.kernel == "tensor_core" for choice in select_kernels(graph, "cuda").choices.values())
 
 
 def _caller(model, inputs):
@@ -191,7 +203,7 @@ def run(directory: Path, number: int, repeat: int) -> None:
             print(f"{entry}: FAILED to load or run: {type(error).__name__}: {error}", flush=True)
             continue
         row = {"rel_error_vs_cpu_reference": _max_rel_error(got, expected), "same_weights": same_weights,
-               "fp16": fp16}
+               "fp16": fp16, "tensor_core_convs": meta.get("tensor_core_convs", 0)}
         model = model.to(device)
         torch_inputs = [torch.from_numpy(x).to(device) for x in inputs]
         with torch.no_grad():
@@ -211,7 +223,8 @@ def run(directory: Path, number: int, repeat: int) -> None:
         row["ours_vs_reference"] = row["ours_ms"] / row["torch_cudnn_benchmark_ms"]
         row["ours_j_vs_reference"] = row["ours_j"] / row["torch_cudnn_benchmark_j"]
         results[entry] = row
-        print(f"{entry}: ours {row['ours_ms']:.3f} ms {row['ours_j'] * 1e3:.2f} mJ (evaluator "
+        print(f"{entry} (tc {row['tensor_core_convs']}): ours {row['ours_ms']:.3f} ms {row['ours_j'] * 1e3:.2f} mJ "
+              f"(evaluator "
               f"{row['ours_evaluator_ms']:.3f} ms); torch{' fp16' if fp16 else ''} eager {row['torch_eager_ms']:.3f} "
               f"ms {row['torch_eager_j'] * 1e3:.2f} mJ, cudnn.benchmark {row['torch_cudnn_benchmark_ms']:.3f} ms "
               f"{row['torch_cudnn_benchmark_j'] * 1e3:.2f} mJ; ratio {row['ours_vs_reference']:.2f} (energy "

@@ -20,7 +20,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm import lower_recurrent  # noqa: F401 (registers the lstm/gru/rnn lowerings)
+from backends.tvm import cuda_conv, lower_recurrent  # noqa: F401 (lower_recurrent registers the RNN lowerings)
 from backends.tvm.kernels import ConvSpec, conv_kernel
 from backends.tvm.lowering import (  # noqa: F401 (LoweringError, LowerContext: re-exported)
     LOWERINGS,
@@ -90,6 +90,22 @@ def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, r
     return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "float32")))
 
 
+def call_tensor_core_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
+                            ) -> relax.Expr:
+    """``call_tir`` of the cuda tensor-core conv (``cuda_conv``); weights packed to (K_pad, OC_pad) at compile time.
+    A ``TensorCoreTile`` in ``ctx.tiles`` for ``spec`` (a tuner's choice) replaces the default tile."""
+    name = f"conv2d_tensor_core_{ctx.node}"
+    tile = ctx.tiles.get(spec)
+    tile = tile if isinstance(tile, cuda_conv.TensorCoreTile) else cuda_conv.DEFAULT_TILE
+    gv = ctx.bb.add_func(cuda_conv.conv_kernel(spec, tile).with_attr("global_symbol", name), name)
+    args = [x, ctx.const(cuda_conv.pack_weight(spec, ctx.params["weight"], tile), spec.dtype)]
+    if spec.has_bias:
+        args.append(ctx.const(ctx.params["bias"], "float32"))  # kernels take an fp32 bias
+    if residual is not None:
+        args.append(residual)
+    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, spec.dtype)))
+
+
 @lowering("conv2d_pool")
 def _conv2d_pool(ctx, xs):
     """Our single fused kernel (the conv output is never materialized; on CPU the blocked conv with the pool in its
@@ -122,6 +138,8 @@ def _conv(ctx, xs):
         return call_conv_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
     if ctx.choice.kernel == "winograd":
         return call_winograd_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
+    if ctx.choice.kernel == "tensor_core":
+        return call_tensor_core_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
     return _relax_conv(ctx, xs)
 
 

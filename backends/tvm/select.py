@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from backends.tvm import cuda_rnn, winograd
+from backends.tvm import cuda_conv, cuda_rnn, winograd
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
 from backends.tvm.winograd import WinogradSpec
 from passes.ir.graph import Graph, Value
@@ -116,7 +116,8 @@ class Choice:
     ``spec.pool_epilogue`` the blocked conv with the pool in its epilogue; ``dense``: ``kernels.dense_kernel``;
     ``integer``: ``qkernels.qconv_kernel`` for qconv2d/qlinear; ``depthwise``: ``qkernels.depthwise_kernel``;
     ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel; ``integer_recurrent``: the dynamic
-    int8 RNNs; ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1 convs where its cost rule says it pays;
+    int8 RNNs; ``tensor_core``: ``cuda_conv.conv_kernel``, a cuda fp16/bf16 conv2d as implicit GEMM on tensor cores;
+    ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1 convs where its cost rule says it pays;
     ``blocked_conv_pool``: a conv2d_pool whose window rows are too wide for the blocked kernel's epilogue, as the
     blocked conv, ``spec`` without its pool, then the pool as a Relax op) or ``relax`` (TVM's Relax ops, scheduled
     by ``schedule.py``). ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning
@@ -156,6 +157,8 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
         return Choice("depthwise" if is_depthwise(graph, node) else "integer")
     if target_kind == "cuda" and op in RECURRENT_OPS and cuda_rnn.fits(op, data["attrs"]["hidden_size"]):
         return Choice("recurrent")  # the persistent kernel: one launch per layer for the whole sequence
+    if tensor_core_refusal(graph, node, target_kind) is None:
+        return Choice("tensor_core", conv_spec_of(graph, node, lanes))
     if target_kind != "llvm":
         return RELAX
     if op in RECURRENT_OPS:
@@ -173,6 +176,15 @@ def blocked_with_pool(spec: ConvSpec | DenseSpec, target_kind: str) -> bool:
     whole windows, only the pooled output is stored. CPU only (the CUDA kernel is one thread per pooled output)."""
     return (target_kind == "llvm" and isinstance(spec, ConvSpec) and spec.pool is not None
             and spec.blocked_pool_fits is None)
+
+
+def tensor_core_refusal(graph: Graph, node: str, target_kind: str) -> str | None:
+    """None when ``node`` is a cuda conv2d the tensor-core kernel takes (``cuda_conv.refusal``), else why not."""
+    if target_kind != "cuda" or graph.nodes[node]["op"] != "conv2d":
+        return f"not a conv2d on cuda ({graph.nodes[node]['op']} on {target_kind})"
+    if not _kernel_dtype(graph, node):
+        return "mixed operand/weight dtypes"
+    return cuda_conv.refusal(conv_spec_of(graph, node))
 
 
 def blocked_then_pool(spec: ConvSpec | DenseSpec, target_kind: str) -> bool:
@@ -194,7 +206,10 @@ def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_wino
         if graph.nodes[node]["op"] not in ("conv2d", "conv2d_pool"):
             continue
         choice = choose(graph, node, target_kind, lanes, allow_winograd)
-        if choice.kernel == "winograd":
+        if target_kind == "cuda":  # no Winograd on cuda: say whether the conv runs on tensor cores, else why not
+            rows.append((node, "tensor cores (implicit GEMM, WMMA)" if choice.kernel == "tensor_core" else
+                         f"SIMT kernel: {tensor_core_refusal(graph, node, target_kind)}"))
+        elif choice.kernel == "winograd":
             rows.append((node, f"F({choice.spec.tile}x{choice.spec.tile},3x3)"))
         elif not allow_winograd:
             rows.append((node, "Winograd turned off"))
