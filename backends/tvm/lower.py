@@ -34,6 +34,7 @@ from backends.tvm.lowering import (  # noqa: F401 (LoweringError, LowerContext: 
 from backends.tvm.qkernels import (
     QConvSpec,
     depthwise_kernel,
+    instruction_for,
     integer_max_pool2d_kernel,
     pack_depthwise_weight,
     qconv_kernel,
@@ -516,7 +517,8 @@ def _integer_spec(ctx: LowerContext) -> QConvSpec:
     a, weight = ctx.attrs, ctx.params["weight"]
     common = {"input_zero_point": a["input_zero_point"], "output_zero_point": a["output_zero_point"],
               "out_min": a["out_min"], "out_max": a["out_max"], "in_dtype": ctx.in_type(0).dtype,
-              "out_dtype": a["out_dtype"], "vnni": ctx.vnni}
+              "out_dtype": a["out_dtype"],
+              "instruction": instruction_for(ctx.target)}
     if ctx.data["op"] == "qconv2d":
         operands = ctx.graph.operands(ctx.node)
         layout = lambda value: "NHWC" if value in ctx.nhwc else "NCHW"  # noqa: E731
@@ -568,7 +570,7 @@ def _integer_layer(ctx, xs):
             name = f"{ctx.data['op']}_{ctx.node}"
         gv = ctx.bb.add_func(func.with_attr("global_symbol", name), name)
         x = xs[0] if is_conv else ctx.emit(R.reshape(xs[0], spec.in_shape))
-        args = [x, ctx.const(packed, "int8"), ctx.const(spec.fold_bias(weight, p["bias"]), "int32"),
+        args = [x, ctx.const(packed, str(packed.dtype)), ctx.const(spec.fold_bias(weight, p["bias"]), "int32"),
                 ctx.const(p["multiplier"], "int32"), ctx.const(p["shift"], "int32")]
         if spec.residual_zero_point is not None:
             args += [xs[1], ctx.const(p["residual_multiplier"], "int64")]

@@ -40,10 +40,16 @@ from tvm.target.codegen import llvm_version_major
 
 from backends.tvm.kernels import ceil_to, conv_output_shape, largest_divisor
 
-LANES = 16  # int32 accumulators per AVX-512 register = output channels per vpdpbusd
+LANES = 16  # output channels per weight block and per tensorized step (one AVX-512 or two AVX2 int32 registers)
 DEPTH = 4   # bytes multiplied into each int32 lane per vpdpbusd = input channels per step
 MAX_COLS = 8  # register tile: 8 accumulators + the weight block + broadcast input
 VNNI_INTRINSIC = "passes_dot_16x4_u8i8i32_vpdpbusd"
+AVX2_INTRINSIC = "passes_dot_16x2_i16i16i32_vpmaddwd"
+# The integer dot-product instruction a kernel is built around: ``vpdpbusd`` (AVX-512 VNNI, 4 u8 x s8 per lane),
+# ``vpmaddwd`` (AVX2, 2 s16 x s16 per lane, operands widened to int16 at packing time), ``generic`` (LLVM's
+# widening multiply-add vectorized over the 16 lanes: any other CPU).
+INSTRUCTIONS = ("vpdpbusd", "vpmaddwd", "generic")
+AVX2_MAX_COLS = 6  # 6 columns x 2 ymm accumulators + 2 weight registers + 1 broadcast = 15 of AVX2's 16 registers
 BYTE_OPERANDS = "int8x64" if llvm_version_major() >= 22 else "int32x16"  # the intrinsic's operand type
 
 
@@ -92,6 +98,54 @@ def vnni_intrinsic() -> str:
     return VNNI_INTRINSIC
 
 
+def vpmaddwd(acc, pair, weights):
+    """``acc`` (int32x8) + per lane ``pair[0] * weights[2i] + pair[1] * weights[2i+1]`` (s16 x s16 -> s32, exact:
+    no saturation unless both products are (-32768)^2): AVX2's ``vpmaddwd`` then ``vpaddd``; ``pair`` (int16x2) is
+    broadcast to every lane as one int32."""
+    pairs = T.reinterpret(T.broadcast(T.reinterpret(pair, dtype="int32"), 8), dtype="int16x16")
+    return acc + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, weights,
+                                         dtype="int32x8")
+
+
+@functools.cache
+def avx2_intrinsic() -> str:
+    """Register (once) and name the tensor intrinsic ``C[0:16] += sum_k A[k] * B[0:16, k]`` over k < 2 (int16
+    operands, int32 sums) as two ``vpmaddwd`` (8 lanes each). Exact where ``vpmaddubsw`` (u8 x s8 -> saturating
+    s16) is not: 255 x 127 x 2 = 64770 overflows int16."""
+    from tvm.s_tir import TensorIntrin
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((16, 2), "int16", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def implementation(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((16, 2), "int16", offset_factor=1),
+                       C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 8)] = vpmaddwd(C.vload([0], dtype="int32x8"), A.vload([0], "int16x2"),
+                                                   B.vload([0, 0], dtype="int16x16"))
+            C[T.ramp(T.int32(8), 1, 8)] = vpmaddwd(C.vload([8], dtype="int32x8"), A.vload([0], "int16x2"),
+                                                   B.vload([8, 0], dtype="int16x16"))
+
+    TensorIntrin.register(AVX2_INTRINSIC, desc, implementation, override=True)
+    return AVX2_INTRINSIC
+
+
+def instruction_for(target) -> str:
+    """The integer dot product of a ``target.Target``: vpdpbusd with VNNI, vpmaddwd with AVX2, else generic."""
+    return "vpdpbusd" if target.vnni else "vpmaddwd" if "avx2" in target.features else "generic"
+
+
 @dataclass(frozen=True)
 class QConvSpec:
     """Static description of one integer conv (groups = 1) or linear (as a 1x1 conv on (M, K, 1, 1))."""
@@ -106,7 +160,7 @@ class QConvSpec:
     out_min: int
     out_max: int
     in_dtype: str = "uint8"   # int8 inputs are shifted to uint8 while padding (x + 128, z_x + 128): same x - z_x
-    vnni: bool = False
+    instruction: str = "generic"  # INSTRUCTIONS: what the inner step is built around (``instruction_for``)
     out_dtype: str = "uint8"
     residual_zero_point: int | None = None  # a residual operand joins the requantization (None: no residual)
     residual_dtype: str = "uint8"
@@ -125,29 +179,42 @@ class QConvSpec:
         return (n, h, w, c) if layout == "NHWC" else (n, c, h, w)
 
     @property
+    def depth(self) -> int:
+        """Reduction elements per lane per step: 4 bytes for vpdpbusd (and the generic kernel), 2 int16 for
+        vpmaddwd."""
+        return 2 if self.instruction == "vpmaddwd" else DEPTH
+
+    @property
+    def operand_dtypes(self) -> tuple[str, str]:
+        """(padded input, packed weight) element types: vpmaddwd multiplies int16, so both are widened once (the
+        input while padding, the weight at compile time) rather than per step in the inner loop."""
+        return ("int16", "int16") if self.instruction == "vpmaddwd" else ("uint8", "int8")
+
+    @property
     def padded_channels(self) -> tuple[int, int]:
-        """(input channels padded to DEPTH, output channels padded to LANES)."""
-        return ceil_to(self.in_shape[1], DEPTH), ceil_to(self.weight_shape[0], LANES)
+        """(input channels padded to ``depth``, output channels padded to LANES)."""
+        return ceil_to(self.in_shape[1], self.depth), ceil_to(self.weight_shape[0], LANES)
 
     @property
     def packs_width(self) -> bool:
         """Whether the kernel's columns and input channels form one reduction axis (``rx * C + c``, padded to
-        DEPTH once per kernel row) instead of each column's channels being padded to DEPTH. Pays where C is not a
-        multiple of 4: ResNet's RGB stem (7x7, C = 3) takes 7 x 6 instead of 7 x 7 vpdpbusd steps per output
-        pixel, a 1-channel 3x3 conv 3 x 1 instead of 3 x 3. Needs unit column dilation (the packed columns are
-        adjacent in memory)."""
-        c, kw, dw = self.in_shape[1], self.weight_shape[3], self.dilation[1]
-        return dw == 1 and ceil_to(kw * c, DEPTH) // DEPTH < kw * (ceil_to(c, DEPTH) // DEPTH)
+        ``depth`` once per kernel row) instead of each column's channels being padded to ``depth``. Pays where C is
+        not a multiple of ``depth``: ResNet's RGB stem (7x7, C = 3) takes 7 x 6 instead of 7 x 7 vpdpbusd steps per
+        output pixel (7 x 11 instead of 7 x 14 vpmaddwd steps), a 1-channel 3x3 conv 3 x 1 instead of 3 x 3. Needs
+        unit column dilation (the packed columns are adjacent in memory)."""
+        c, kw, dw, depth = self.in_shape[1], self.weight_shape[3], self.dilation[1], self.depth
+        return dw == 1 and ceil_to(kw * c, depth) // depth < kw * (ceil_to(c, depth) // depth)
 
     @property
     def reduction(self) -> tuple[int, int, int]:
-        """(pixel stride P of the padded NHWC rows, kernel columns reduced one by one, DEPTH-byte steps per
-        column): a reduction step reads bytes ``(x*sw + rx*dw) * P + 4 rco + [0, 4)`` of the padded row."""
+        """(pixel stride P of the padded NHWC rows, kernel columns reduced one by one, ``depth``-element steps per
+        column): a reduction step reads elements ``(x*sw + rx*dw) * P + depth rco + [0, depth)`` of the padded
+        row."""
         c, kw = self.in_shape[1], self.weight_shape[3]
         if self.packs_width:
-            return c, 1, ceil_to(kw * c, DEPTH) // DEPTH
+            return c, 1, ceil_to(kw * c, self.depth) // self.depth
         cp = self.padded_channels[0]
-        return cp, kw, cp // DEPTH
+        return cp, kw, cp // self.depth
 
     @property
     def padded_row(self) -> int:
@@ -155,23 +222,24 @@ class QConvSpec:
         reads past it (into bytes that meet zero weights)."""
         w, pw, sw = self.in_shape[3], self.padding[1], self.stride[1]
         pixel, cols, steps = self.reduction
-        last_read = ((self.out_shape[3] - 1) * sw + (cols - 1) * self.dilation[1]) * pixel + steps * DEPTH
+        last_read = ((self.acc_width - 1) * sw + (cols - 1) * self.dilation[1]) * pixel + steps * self.depth
         return ceil_to(max((w + 2 * pw) * pixel, last_read), pixel)  # whole pixels: the pad loop splits by P
 
     def pack_weight(self, weight: np.ndarray) -> np.ndarray:
-        """(OC, C, KH, KW) int8 -> (OCp/16, KH, cols, steps, 16, 4) (``reduction``), zero padded: per step, 16
-        output channels x 4 reduction bytes (channels, or packed columns x channels) contiguous."""
+        """(OC, C, KH, KW) int8 -> (OCp/16, KH, cols, steps, 16, depth) (``reduction``), zero padded, as
+        ``operand_dtypes[1]``: per step, 16 output channels x ``depth`` reduction elements (channels, or packed
+        columns x channels) contiguous, in the order the inner step reads them."""
         oc, c, kh, kw = weight.shape
-        ocp = self.padded_channels[1]
+        ocp, depth, dtype = self.padded_channels[1], self.depth, self.operand_dtypes[1]
         _, cols, steps = self.reduction
-        if self.packs_width:  # reduction byte rx * C + c of kernel row ry
-            flat = np.zeros((ocp, kh, steps * DEPTH), np.int8)
+        if self.packs_width:  # reduction element rx * C + c of kernel row ry
+            flat = np.zeros((ocp, kh, steps * depth), dtype)
             flat[:oc, :, :kw * c] = weight.transpose(0, 2, 3, 1).reshape(oc, kh, kw * c)
-            blocks = flat.reshape(ocp // LANES, LANES, kh, 1, steps, DEPTH)
+            blocks = flat.reshape(ocp // LANES, LANES, kh, 1, steps, depth)
             return np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1, 5))
-        padded = np.zeros((ocp, steps * DEPTH, kh, kw), np.int8)
+        padded = np.zeros((ocp, steps * depth, kh, kw), dtype)
         padded[:oc, :c] = weight
-        blocks = padded.reshape(ocp // LANES, LANES, steps, DEPTH, kh, kw)
+        blocks = padded.reshape(ocp // LANES, LANES, steps, depth, kh, kw)
         return np.ascontiguousarray(blocks.transpose(0, 4, 5, 2, 1, 3))
 
     @property
@@ -187,7 +255,22 @@ class QConvSpec:
 
     @property
     def cols(self) -> int:
-        return largest_divisor(self.out_shape[3], MAX_COLS)
+        """Output columns per register tile. vpdpbusd: the largest divisor of the width up to 8 (one zmm
+        accumulator each). vpmaddwd: up to 6 (two ymm accumulators each), the row padded to a multiple of it
+        (``acc_width``), chosen by the cost of a row, tiles x (columns + 1) (the +1: each step's weight loads,
+        shared by the tile's columns): ResNet's 7 wide rows take 2 tiles of 4, not 7 tiles of 1. A residual read
+        along NCHW columns needs whole tiles (its epilogue vectorizes the columns)."""
+        width = self.out_shape[3]
+        if self.instruction != "vpmaddwd" or (self.residual_zero_point is not None
+                                              and self.residual_layout == "NCHW"):
+            return largest_divisor(width, MAX_COLS if self.instruction != "vpmaddwd" else AVX2_MAX_COLS)
+        return min(range(min(width, AVX2_MAX_COLS), 0, -1), key=lambda c: -(-width // c) * (c + 1))
+
+    @property
+    def acc_width(self) -> int:
+        """The accumulator's row width: the output width rounded up to whole tiles (the extra columns are computed
+        from padding and never stored)."""
+        return ceil_to(self.out_shape[3], self.cols)
 
 
 def requantize_expr(acc, multiplier, shift, spec: QConvSpec, residual_term=None):
@@ -224,30 +307,31 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     def read(tensor, layout, b, ch, y, x):
         return tensor[b, y, x, ch] if layout == "NHWC" else tensor[b, ch, y, x]
 
-    weight = te.placeholder((ocp // LANES, kh, cols, steps, LANES, DEPTH), "int8", name="weight")
+    depth, (operand, weight_dtype) = spec.depth, spec.operand_dtypes
+    weight = te.placeholder((ocp // LANES, kh, cols, steps, LANES, depth), weight_dtype, name="weight")
     bias = te.placeholder((oc,), "int32", name="bias")
     multiplier = te.placeholder((oc,), "int32", name="multiplier")
     shift = te.placeholder((oc,), "int32", name="shift")
-    zero = tirx.const(spec.padded_zero_point, "uint8")
+    zero = tirx.const(spec.padded_zero_point, operand)
 
-    def padded_value(b, y, i):  # byte i of padded row y: pixel i // P, channel i % P
+    def padded_value(b, y, i):  # element i of padded row y: pixel i // P, channel i % P
         px, ch = i // pixel, i % pixel
         inside = tirx.all(y >= ph, y < h + ph, px >= pw, px < w + pw, ch < c)
         value = read(data, spec.in_layout, b, tirx.min(ch, c - 1), tirx.max(tirx.min(y - ph, h - 1), 0),
                      tirx.max(tirx.min(px - pw, w - 1), 0))
         if spec.in_dtype == "int8":  # to uint8 by flipping the sign bit: x + 128
             value = (value.astype("int32") + 128).astype("uint8")
-        return tirx.if_then_else(inside, value, zero)
+        return tirx.if_then_else(inside, value.astype(operand), zero)
 
     padded = te.compute((n, h + 2 * ph, spec.padded_row), padded_value, name="pad")
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, cols), "rx")
     rco = te.reduce_axis((0, steps), "rco")
-    rci = te.reduce_axis((0, DEPTH), "rci")
+    rci = te.reduce_axis((0, depth), "rci")
     acc = te.compute(
-        (n, oh, ow, ocp // LANES, LANES),
+        (n, oh, spec.acc_width, ocp // LANES, LANES),
         lambda b, y, x, oo, oi: te.sum(
-            padded[b, y * sh + ry * dh, (x * sw + rx * dw) * pixel + rco * DEPTH + rci].astype("int32")
+            padded[b, y * sh + ry * dh, (x * sw + rx * dw) * pixel + rco * depth + rci].astype("int32")
             * weight[oo, ry, rx, rco, oi, rci].astype("int32"), axis=[ry, rx, rco, rci]), name="acc")
     inputs = [data, weight, bias, multiplier, shift]
     residual_of = None
@@ -285,14 +369,15 @@ def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> t
     acc = sch.get_sblock("acc")
     b, y, x, oo, oi, ry, rx, rco, rci = sch.get_loops(acc)
     x_outer, x_inner = sch.split(x, [None, spec.cols])
-    inner = (oi, rci) if spec.vnni else (rci, oi)  # VNNI: the tensorized 16 lanes x 4 bytes step
+    tensorized = spec.instruction != "generic"
+    inner = (oi, rci) if tensorized else (rci, oi)  # the tensorized 16 lanes x depth step
     if order == "channels":  # weight-stationary: one 16-channel weight block stays in cache for every pixel
         sch.reorder(oo, b, y, x_outer, ry, rx, rco, x_inner, *inner)
         outer, tile = (oo, b), x_outer
     else:
         sch.reorder(b, y, x_outer, oo, ry, rx, rco, x_inner, *inner)
         outer, tile = (b, y), oo
-    if not spec.vnni:  # without VNNI: one widening multiply-add per reduction byte, vectorized over the 16 lanes
+    if not tensorized:  # one widening multiply-add per reduction byte, vectorized over the 16 lanes
         sch.vectorize(oi)
     requantize = sch.get_sblock("requantize")
     sch.reverse_compute_at(requantize, tile)
@@ -318,8 +403,8 @@ def qconv_kernel(spec: QConvSpec, cores: int = 1, order: str | None = None) -> t
     # to registers (the intrinsic declares its operands in global scope, so not before tensorize)
     init = sch.decompose_reduction(acc, ry)
     sch.vectorize(sch.get_loops(init)[-1])
-    if spec.vnni:
-        sch.tensorize(oi, vnni_intrinsic())
+    if tensorized:
+        sch.tensorize(oi, vnni_intrinsic() if spec.instruction == "vpdpbusd" else avx2_intrinsic())
     sch.set_scope(init, 0, "local")
     return sch.mod["main"].with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
 
