@@ -62,6 +62,24 @@ def vpdpbusd(acc, quad, weights):
         T.reinterpret(weights, dtype=BYTE_OPERANDS), dtype="int32x16")
 
 
+def _dot_desc(depth: int, a_dtype: str, b_dtype: str):
+    """The semantics both integer intrinsics implement: ``C[0:16] += sum_{k < depth} A[k] * B[0:16, k]`` in int32."""
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((depth,), a_dtype, offset_factor=1), B: T.Buffer((16, depth), b_dtype, offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:depth], B[0:16, 0:depth])
+            T.writes(C[0:16])
+            for i in T.serial(0, 16):
+                for k in T.serial(0, depth):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
 @functools.cache
 def vnni_intrinsic() -> str:
     """Register (once) and name the tensor intrinsic ``C[0:16] += sum_k A[k] * B[0:16, k]`` (u8 x s8 -> i32) as
@@ -74,18 +92,6 @@ def vnni_intrinsic() -> str:
     from tvm.s_tir import TensorIntrin
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
     def implementation(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((16, 4), "int8", offset_factor=1),
                        C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
@@ -94,7 +100,7 @@ def vnni_intrinsic() -> str:
             C[T.ramp(T.int32(0), 1, 16)] = vpdpbusd(C.vload([0], dtype="int32x16"), A.vload([0], "uint8x4"),
                                                     B.vload([0, 0], dtype="int8x64"))
 
-    TensorIntrin.register(VNNI_INTRINSIC, desc, implementation, override=True)
+    TensorIntrin.register(VNNI_INTRINSIC, _dot_desc(4, "uint8", "int8"), implementation, override=True)
     return VNNI_INTRINSIC
 
 
@@ -115,18 +121,6 @@ def avx2_intrinsic() -> str:
     from tvm.s_tir import TensorIntrin
 
     @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((16, 2), "int16", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-            T.writes(C[0:16])
-            for i in T.serial(0, 16):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
     def implementation(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((16, 2), "int16", offset_factor=1),
                        C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
@@ -137,7 +131,7 @@ def avx2_intrinsic() -> str:
             C[T.ramp(T.int32(8), 1, 8)] = vpmaddwd(C.vload([8], dtype="int32x8"), A.vload([0], "int16x2"),
                                                    B.vload([8, 0], dtype="int16x16"))
 
-    TensorIntrin.register(AVX2_INTRINSIC, desc, implementation, override=True)
+    TensorIntrin.register(AVX2_INTRINSIC, _dot_desc(2, "int16", "int16"), implementation, override=True)
     return AVX2_INTRINSIC
 
 
