@@ -64,47 +64,45 @@ def _constant(ctx, xs):
     return ctx.const(ctx.params["value"])
 
 
+def _call_kernel(ctx: LowerContext, name: str, func, x: relax.Expr, weight: np.ndarray, weight_dtype: str,
+                 has_bias: bool, residual: relax.Expr | None, out_shape: tuple, out_dtype: str) -> relax.Expr:
+    """``call_tir`` of one of our conv kernels: ``(x, packed weight[, bias][, residual]) -> out``, the weight and the
+    bias (fp32 in every kernel: added to the fp32 accumulator) as constants."""
+    gv = ctx.bb.add_func(func.with_attr("global_symbol", name), name)
+    args = [x, ctx.const(weight, weight_dtype)]
+    if has_bias:
+        args.append(ctx.const(ctx.params["bias"], "float32"))
+    if residual is not None:
+        args.append(residual)
+    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(out_shape, out_dtype)))
+
+
 def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
                      ) -> relax.Expr:
     """``call_tir`` of our scheduled conv kernel, weights and bias as constants."""
-    name = ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node
-    func = conv_kernel(spec, ctx.target_kind, ctx.tiles.get(spec)).with_attr("global_symbol", name)
-    gv = ctx.bb.add_func(func, name)
-    args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), spec.dtype)]
-    if spec.has_bias:
-        args.append(ctx.const(ctx.params["bias"], "float32"))  # kernels take an fp32 bias
-    if residual is not None:
-        args.append(residual)
-    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.stored_shape, spec.dtype)))
+    return _call_kernel(ctx, ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node,
+                        conv_kernel(spec, ctx.target_kind, ctx.tiles.get(spec)), x,
+                        spec.pack_weight(ctx.params["weight"]), spec.dtype, spec.has_bias, residual,
+                        spec.stored_shape, spec.dtype)
 
 
 def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, residual: relax.Expr | None = None
                          ) -> relax.Expr:
     """``call_tir`` of our Winograd kernel; the weights go in transformed (U = G g G^T, packed) at compile time."""
-    name = f"conv2d_winograd{spec.tile}_{ctx.node}"
-    gv = ctx.bb.add_func(winograd_kernel(spec).with_attr("global_symbol", name), name)
-    args = [x, ctx.const(spec.pack_weight(ctx.params["weight"]), "float32")]
-    if spec.has_bias:
-        args.append(ctx.const(ctx.params["bias"], "float32"))
-    if residual is not None:
-        args.append(residual)
-    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, "float32")))
+    return _call_kernel(ctx, f"conv2d_winograd{spec.tile}_{ctx.node}", winograd_kernel(spec), x,
+                        spec.pack_weight(ctx.params["weight"]), "float32", spec.has_bias, residual, spec.out_shape,
+                        "float32")
 
 
 def call_tensor_core_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
                             ) -> relax.Expr:
     """``call_tir`` of the cuda tensor-core conv (``cuda_conv``); weights packed to (K_pad, OC_pad) at compile time.
     A ``TensorCoreTile`` in ``ctx.tiles`` for ``spec`` (a tuner's choice) replaces the default tile."""
-    name = f"conv2d_tensor_core_{ctx.node}"
     tile = ctx.tiles.get(spec)
     tile = tile if isinstance(tile, cuda_conv.TensorCoreTile) else cuda_conv.DEFAULT_TILE
-    gv = ctx.bb.add_func(cuda_conv.conv_kernel(spec, tile).with_attr("global_symbol", name), name)
-    args = [x, ctx.const(cuda_conv.pack_weight(spec, ctx.params["weight"], tile), spec.dtype)]
-    if spec.has_bias:
-        args.append(ctx.const(ctx.params["bias"], "float32"))  # kernels take an fp32 bias
-    if residual is not None:
-        args.append(residual)
-    return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.out_shape, spec.dtype)))
+    return _call_kernel(ctx, f"conv2d_tensor_core_{ctx.node}", cuda_conv.conv_kernel(spec, tile), x,
+                        cuda_conv.pack_weight(spec, ctx.params["weight"], tile), spec.dtype, spec.has_bias, residual,
+                        spec.out_shape, spec.dtype)
 
 
 @lowering("conv2d_pool")
