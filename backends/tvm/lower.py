@@ -516,7 +516,7 @@ def _integer_spec(ctx: LowerContext) -> QConvSpec:
     common = {"input_zero_point": a["input_zero_point"], "output_zero_point": a["output_zero_point"],
               "out_min": a["out_min"], "out_max": a["out_max"], "in_dtype": ctx.in_type(0).dtype,
               "out_dtype": a["out_dtype"],
-              "instruction": instruction_for(ctx.target)}
+              "instruction": instruction_for(ctx.target), "wide_shift": bool(np.min(ctx.params["shift"]) >= 32)}
     if ctx.data["op"] == "qconv2d":
         operands = ctx.graph.operands(ctx.node)
         layout = lambda value: "NHWC" if value in ctx.nhwc else "NCHW"  # noqa: E731
@@ -569,7 +569,7 @@ def _integer_layer(ctx, xs):
         gv = ctx.bb.add_func(func.with_attr("global_symbol", name), name)
         x = xs[0] if is_conv else ctx.emit(R.reshape(xs[0], spec.in_shape))
         args = [x, ctx.const(packed, str(packed.dtype)), ctx.const(spec.fold_bias(weight, p["bias"]), "int32"),
-                ctx.const(p["multiplier"], "int32"), ctx.const(p["shift"], "int32")]
+                ctx.const(p["multiplier"], "int32"), ctx.const(spec.kernel_shift(p["shift"]), "int32")]
         if spec.residual_zero_point is not None:
             args += [xs[1], ctx.const(p["residual_multiplier"], "int64")]
         out_shape = spec.physical(spec.out_layout, spec.out_shape)

@@ -158,6 +158,7 @@ class QConvSpec:
     out_dtype: str = "uint8"
     residual_zero_point: int | None = None  # a residual operand joins the requantization (None: no residual)
     residual_dtype: str = "uint8"
+    wide_shift: bool = False  # every channel's shift >= 32: requantize in int32 after the product (requantize_expr)
     in_layout: str = "NCHW"  # NHWC between two of our kernels (``select.nhwc_values``): no transposes
     out_layout: str = "NCHW"
     residual_layout: str = "NCHW"
@@ -248,6 +249,15 @@ class QConvSpec:
         return (bias.astype(np.int64) - self.padded_zero_point * weight_sums).astype(np.int32)
 
     @property
+    def uses_wide_shift(self) -> bool:
+        """Requantize in int32 after the 64-bit product (``requantize_expr``): every shift >= 32, no residual."""
+        return self.wide_shift and self.residual_zero_point is None
+
+    def kernel_shift(self, shift: np.ndarray) -> np.ndarray:
+        """The kernel's per-channel shift argument: ``s - 32`` when ``uses_wide_shift``, else ``s``."""
+        return (shift - 32 if self.uses_wide_shift else shift).astype(np.int32)
+
+    @property
     def cols(self) -> int:
         """Output columns per register tile. vpdpbusd: the largest divisor of the width up to 8 (one zmm
         accumulator each). vpmaddwd: up to 6 (two ymm accumulators each), the row padded to a multiple of it
@@ -269,8 +279,22 @@ class QConvSpec:
 
 def requantize_expr(acc, multiplier, shift, spec: QConvSpec, residual_term=None):
     """clamp(z_y + ((acc * M + 2^(shift-1) [+ (r - z_r) R]) >> shift), out_min, out_max) as the output dtype, in
-    int64 arithmetic (``residual_term`` is the int64 ``(r - z_r) R``)."""
+    int64 arithmetic (``residual_term`` is the int64 ``(r - z_r) R``).
+
+    With ``spec.wide_shift`` (every shift >= 32, no residual) only the product and rounding stay 64-bit: floor
+    shifts compose, ``t >> s = (t >> 32) >> (s - 32)``, and ``|t| < 2^62`` (|acc| < 2^31, M < 2^31) makes
+    ``t >> 32`` an int32 (|.| <= 2^30), so the shift, zero point and clamp run on 8 int32 lanes per AVX2 register
+    instead of emulated 4-lane int64 shifts and min/max (AVX2 has neither); bit for bit the same result. The
+    kernel's ``shift`` argument is then ``s - 32`` (``kernel_shift``): TVM's bound analysis folded ``x >> (s - 32)``
+    with a clamp to a constant."""
     shift64 = shift.astype("int64")
+    if spec.uses_wide_shift:
+        rounding = tirx.const(1, "int64") << (shift64 + tirx.const(31, "int64"))
+        total = acc.astype("int64") * multiplier.astype("int64") + rounding
+        scaled = (total >> tirx.const(32, "int64")).astype("int32") >> shift
+        clamped = tirx.max(tirx.min(scaled + tirx.const(spec.output_zero_point, "int32"),
+                                    tirx.const(spec.out_max, "int32")), tirx.const(spec.out_min, "int32"))
+        return clamped.astype(spec.out_dtype)
     rounding = tirx.const(1, "int64") << (shift64 - tirx.const(1, "int64"))
     total = acc.astype("int64") * multiplier.astype("int64") + rounding
     scaled = (total if residual_term is None else total + residual_term) >> shift64

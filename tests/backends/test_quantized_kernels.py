@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+import tvm
 
 from backends.tvm import build, qkernels
 from backends.tvm import lower as lower_module
@@ -27,6 +28,10 @@ pytestmark = pytest.mark.tvm
 
 RNG = np.random.default_rng(0)
 NO_VNNI = {"kind": "llvm", "mcpu": "skylake-avx512", "num-cores": 2}  # AVX-512 without VNNI
+AVX2 = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}  # vpmaddwd: runs on any AVX2 host (Zen 3 included)
+GENERIC = {"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}  # no AVX2: the generic widening multiply-add
+VNNI_CPU = {"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2}  # compile-only where the host has no VNNI
+needs_avx2 = pytest.mark.skipif(not cpu_has("avx2"), reason="host CPU has no AVX2")
 needs_vnni = pytest.mark.skipif(not cpu_has("avx512vnni"), reason="host CPU has no VNNI")
 needs_avx512 = pytest.mark.skipif(not cpu_has("avx512f"), reason="host CPU has no AVX-512")
 
@@ -90,6 +95,72 @@ def test_qconv2d_is_exact_with_vnni(case):
 @pytest.mark.parametrize("case", CONVS[:3] + PACKED[:1], ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
 def test_qconv2d_is_exact_without_vnni(case):
     assert_exact(qconv_graph(**case), NO_VNNI)
+
+
+@needs_avx2
+@pytest.mark.parametrize("case", CONVS, ids=lambda c: f"{c['in_shape']}->{c['out_channels']}k{c['kernel']}")
+def test_qconv2d_is_exact_with_vpmaddwd(case):
+    """The AVX2 kernel (int16 operands, vpmaddwd) on every shape, whatever the host's best instruction."""
+    assert_exact(qconv_graph(**case), AVX2)
+
+
+@pytest.mark.parametrize("case", CONVS[:3] + PACKED[:1], ids=lambda c: f"{c['in_shape']}->{c['out_channels']}")
+def test_qconv2d_is_exact_on_a_generic_cpu(case):
+    assert_exact(qconv_graph(**case), GENERIC)
+
+
+def extreme_graph(in_dtype: str, channels: int = 64) -> tuple[Graph, np.ndarray]:
+    """A 3x3 conv whose every product is extreme: inputs 0/255 (uint8) or -128/127 (int8), weights -128/127, and
+    the first 16 output channels all 127 over an all-255 (127) corner, where each pair of products sums to
+    2 x 255 x 127 = 64770: past int16, so a saturating u8 x s8 -> s16 step (vpmaddubsw) would be wrong there."""
+    low, high = (0, 255) if in_dtype == "uint8" else (-128, 127)
+    data = RNG.choice(np.array([low, high]), (1, channels, 10, 10)).astype(in_dtype)
+    data[:, :, :5, :5] = high
+    weight = RNG.choice(np.array([-128, 127]), (32, channels, 3, 3)).astype(np.int8)
+    weight[:16] = 127
+    reach = 255 * 128 * channels * 9  # |acc| bound; the multiplier maps +-reach onto the output range
+    multiplier, shift = fixed_point(np.full(32, 120.0 / reach))
+    g = Graph(name="extreme")
+    x = g.add_input("x", TensorType(data.shape, in_dtype))
+    attrs = {"input_zero_point": 0 if in_dtype == "int8" else 128, "output_zero_point": 128, "out_min": 0,
+             "out_max": 255, "padding": (1, 1)}
+    params = {"weight": weight, "bias": np.zeros(32, np.int32), "multiplier": multiplier, "shift": shift}
+    g.set_outputs(g.add_op("qconv2d", [x], attrs=attrs, params=params))
+    return g, data
+
+
+@needs_avx2
+@pytest.mark.parametrize("in_dtype", ["uint8", "int8"])
+def test_extreme_values_do_not_saturate(in_dtype):
+    graph, data = extreme_graph(in_dtype)
+    expected = run_reference(graph, (torch.from_numpy(data),)).numpy()
+    np.testing.assert_array_equal(build(graph, AVX2)(data), expected)
+    assert len(np.unique(expected)) > 20 and expected[0, 0, 1, 1] > 128 + 50  # spread out; the corner is large
+
+
+@needs_avx2
+def test_requantize_is_exact_with_shifts_below_32():
+    """Real multipliers >= 0.5 give shifts <= 31: the int64 requantization, not the int32 shortcut after >> 32."""
+    g = qconv_graph((1, 4, 6, 7), 16, (1, 1))
+    params = g.nodes[g.outputs.node]["params"]
+    params["weight"] = RNG.integers(-3, 4, params["weight"].shape).astype(np.int8)
+    params["bias"] = RNG.integers(-200, 200, 16).astype(np.int32)
+    params["multiplier"], params["shift"] = fixed_point(RNG.uniform(0.05, 1.5, 16))
+    assert params["shift"].min() < 32 <= params["shift"].max()
+    assert_exact(g, AVX2)
+
+
+def test_avx2_tiles_pad_rows_to_whole_tiles():
+    def spec(width, **extra):
+        return QConvSpec((1, 64, width, width), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 0, 0, 0, 255,
+                         instruction="vpmaddwd", **extra)
+
+    assert [(spec(w).cols, spec(w).acc_width) for w in (56, 28, 14, 7, 1)] == [(6, 60), (6, 30), (5, 15), (4, 8),
+                                                                              (1, 1)]
+    assert spec(7, residual_zero_point=3, residual_layout="NHWC").cols == 4  # NHWC residual: padded tiles are fine
+    assert spec(7, residual_zero_point=3, residual_layout="NCHW").cols == 1  # NCHW: whole tiles, as VNNI
+    vnni = QConvSpec((1, 64, 7, 7), (64, 64, 3, 3), (1, 1), (1, 1), (1, 1), 0, 0, 0, 255, instruction="vpdpbusd")
+    assert (vnni.cols, vnni.acc_width, vnni.depth, spec(7).depth) == (7, 7, 4, 2)
 
 
 def test_width_packing_only_where_it_saves_steps():
@@ -272,6 +343,24 @@ def test_vnni_build_issues_vpdpbusd_and_the_fallback_does_not():
 
     assert "vpdpbusd" in assembly("llvm")
     assert "vpdpbusd" not in assembly(NO_VNNI)
+
+
+def assembly(graph: Graph, target) -> str:
+    """The assembly of ``graph`` built for ``target`` (which need not be able to run here)."""
+    executable = tvm.compile(lower(graph, target), target=tvm.target.Target(target))
+    return "".join(m.inspect_source("asm") for m in executable.mod.imports)
+
+
+def test_each_cpu_gets_its_integer_instruction():
+    """vpdpbusd with VNNI (compiled only: this host may lack it), vpmaddwd on AVX2 with no per-byte widening to
+    int32 nor 32-bit multiply anywhere in the kernel (the input is widened once, to int16, while padding), and
+    neither on a CPU without AVX2."""
+    graph = qconv_graph((1, 16, 8, 8), 16, (3, 3), padding=(1, 1))
+    vnni, avx2, generic = (assembly(graph, target) for target in (VNNI_CPU, AVX2, GENERIC))
+    assert "vpdpbusd" in vnni and "vpmaddwd" not in vnni
+    assert "vpmaddwd" in avx2 and "vpdpbusd" not in avx2
+    assert not re.search(r"\b(vpmulld|vpmovzxbd|vpmovsxbd)\b", avx2)
+    assert "vpmaddwd" not in generic and "vpdpbusd" not in generic
 
 
 def test_dynamic_linear_matches_the_reference_with_run_time_scales():
