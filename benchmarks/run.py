@@ -281,12 +281,16 @@ def write_results(rows: dict[str, dict[str, dict]], runtimes: list[str], machine
         entry = row.get(key)
         return entry["ms"] if entry and "ms" in entry else None
 
+    int8 = any(r in INT8_RUNTIMES for r in runtimes)
     lines = [f"Machine: {machine}. Batch 1, fp32; median ms of all timed calls (lowest-highest per-round median) "
              f"over {args.rounds} alternating rounds of {args.calls} calls, each runtime in its own process, no "
              "environment variables set. Ratios: ours (the faster of untuned and tuned) / the best of ONNX Runtime "
-             "and OpenVINO, and / PyTorch eager. Errors: max |ours - PyTorch| / max |PyTorch|.", "",
+             "and OpenVINO, and / PyTorch eager. Errors: max |ours - PyTorch| / max |PyTorch|"
+             + (" (int8 runtimes: against PyTorch's fp32 model; both calibrated on the same 8 seeded batches)"
+                if int8 else "") + ".", "",
              "| model | GFLOP | " + " | ".join(runtimes) + " | ours / best(ORT, OpenVINO) | ours / PyTorch | "
-             "ours error |", "|---" * (len(runtimes) + 5) + "|"]
+             "ours error |" + (" ours-int8 / ORT-int8 | int8 error: ours, ORT |" if int8 else ""),
+             "|---" * (len(runtimes) + 5 + 2 * int8) + "|"]
     failures = []
     for name, row in rows.items():
         ours = [v for v in (ms(row, "ours"), ms(row, "ours-tuned")) if v is not None]
@@ -298,6 +302,11 @@ def write_results(rows: dict[str, dict[str, dict]], runtimes: list[str], machine
         lines.append(f"| {LABELS.get(name, name)} | {gflop:.2f} | " if gflop is not None else f"| {name} | - | ")
         lines[-1] += " | ".join(_cell(row.get(r)) for r in runtimes) + f" | {ratio} | {vs_torch} | " + (
             f"{error:.1e} |" if error is not None else "- |")
+        if int8:
+            both = ms(row, "ours-int8"), ms(row, "onnxruntime-int8")
+            errors = [row.get(r, {}).get("rel_error") for r in INT8_RUNTIMES[::-1]]
+            lines[-1] += (f" {both[0] / both[1]:.2f}x |" if None not in both else " - |") + " " + ", ".join(
+                f"{e:.1e}" if e is not None else "-" for e in errors) + " |"
         failures += [f"{name} / {r}: {e['error']}" for r, e in row.items() if "error" in e]
     tuned = {n: r["ours-tuned"] for n, r in rows.items() if "tune_trials" in r.get("ours-tuned", {})}
     if tuned:
