@@ -524,7 +524,8 @@ def _integer_spec(ctx: LowerContext) -> QConvSpec:
         if len(operands) > 1:
             common |= {"residual_zero_point": a["residual_zero_point"], "residual_dtype": ctx.in_type(1).dtype,
                        "residual_layout": layout(operands[1])}
-        return QConvSpec(ctx.in_type(0).shape, weight.shape, a["stride"], a["padding"], a["dilation"], **common)
+        return QConvSpec(ctx.in_type(0).shape, weight.shape, a["stride"], a["padding"], a["dilation"],
+                         groups=a["groups"], **common)
     rows = int(np.prod(ctx.in_type(0).shape[:-1]))
     return QConvSpec((rows, weight.shape[1], 1, 1), (*weight.shape, 1, 1), (1, 1), (0, 0), (1, 1), **common)
 
@@ -550,9 +551,9 @@ def _requantize(ctx: LowerContext, acc: relax.Expr, channel_axis: int, residual:
 
 @lowering("qconv2d", "qlinear")
 def _integer_layer(ctx, xs):
-    """uint8/int8 x int8 -> int32 -> requantized, integer arithmetic throughout. CPU, groups = 1: our kernel
-    (``qkernels.py``, vpdpbusd where the CPU has VNNI); CPU depthwise: our depthwise kernel; otherwise (other
-    grouped convs, cuda) Relax integer ops."""
+    """uint8/int8 x int8 -> int32 -> requantized, integer arithmetic throughout. CPU, groups = 1 or
+    ``qkernels.groups_fit``: our kernel (``qkernels.py``, vpdpbusd where the CPU has VNNI); CPU depthwise: our
+    depthwise kernel; otherwise (other grouped convs, cuda) Relax integer ops."""
     a, p = ctx.attrs, ctx.params
     if a["out_dtype"] not in ("uint8", "int8"):
         raise ctx.fail(f"out_dtype {a['out_dtype']!r} (the integer lowering writes uint8 or int8)")

@@ -142,7 +142,9 @@ def instruction_for(target) -> str:
 
 @dataclass(frozen=True)
 class QConvSpec:
-    """Static description of one integer conv (groups = 1) or linear (as a 1x1 conv on (M, K, 1, 1))."""
+    """Static description of one integer conv or linear (as a 1x1 conv on (M, K, 1, 1)). Grouped convs
+    (``groups > 1``, ``groups_fit``) reduce each 16-channel output block over the input channels of its own
+    groups only (``block_channels``, ``channel_base``)."""
 
     in_shape: tuple[int, int, int, int]      # N, C, H, W
     weight_shape: tuple[int, int, int, int]  # OC, C, KH, KW
@@ -162,6 +164,7 @@ class QConvSpec:
     in_layout: str = "NCHW"  # NHWC between two of our kernels (``select.nhwc_values``): no transposes
     out_layout: str = "NCHW"
     residual_layout: str = "NCHW"
+    groups: int = 1
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -191,6 +194,25 @@ class QConvSpec:
         return ceil_to(self.in_shape[1], self.depth), ceil_to(self.weight_shape[0], LANES)
 
     @property
+    def block_channels(self) -> int:
+        """Input channels one 16-channel output block reduces over: all C for groups = 1; for a grouped conv with
+        C_g inputs and OC_g outputs per group, C_g when OC_g is a multiple of 16 (a block lies in one group), or
+        (16 / OC_g) C_g when 16 / OC_g groups share a block (ResNeXt's 4-channel groups): their weights are packed
+        block-diagonally, zeros between groups, so every block is one dense reduction (16 / OC_g times the MACs of
+        the grouped conv, against a Relax grouped conv that is not vectorized at all)."""
+        if self.groups == 1:
+            return self.in_shape[1]
+        return self.in_shape[1] // self.groups * max(1, LANES // (self.weight_shape[0] // self.groups))
+
+    def channel_base(self, block):
+        """The first input channel of output block ``block`` (an int or a TIR expression): block b holds output
+        channels 16 b.., of group 16 b // OC_g, whose inputs start at channel (16 b // OC_g) C_g."""
+        if self.groups == 1:
+            return 0
+        c_g, oc_g = self.in_shape[1] // self.groups, self.weight_shape[0] // self.groups
+        return block * (LANES // oc_g) * c_g if oc_g < LANES else block // (oc_g // LANES) * c_g
+
+    @property
     def packs_width(self) -> bool:
         """Whether the kernel's columns and input channels form one reduction axis (``rx * C + c``, padded to
         ``depth`` once per kernel row) instead of each column's channels being padded to ``depth``. Pays where C is
@@ -198,18 +220,19 @@ class QConvSpec:
         output pixel (7 x 11 instead of 7 x 14 vpmaddwd steps), a 1-channel 3x3 conv 3 x 1 instead of 3 x 3. Needs
         unit column dilation (the packed columns are adjacent in memory)."""
         c, kw, dw, depth = self.in_shape[1], self.weight_shape[3], self.dilation[1], self.depth
-        return dw == 1 and ceil_to(kw * c, depth) // depth < kw * (ceil_to(c, depth) // depth)
+        return self.groups == 1 and dw == 1 and ceil_to(kw * c, depth) // depth < kw * (ceil_to(c, depth) // depth)
 
     @property
     def reduction(self) -> tuple[int, int, int]:
         """(pixel stride P of the padded NHWC rows, kernel columns reduced one by one, ``depth``-element steps per
-        column): a reduction step reads elements ``(x*sw + rx*dw) * P + depth rco + [0, depth)`` of the padded
-        row."""
+        column): a reduction step of output block b reads elements ``(x*sw + rx*dw) * P + channel_base(b) +
+        depth rco + [0, depth)`` of the padded row. A grouped conv's P leaves room for the last block's window."""
         c, kw = self.in_shape[1], self.weight_shape[3]
         if self.packs_width:
             return c, 1, ceil_to(kw * c, self.depth) // self.depth
-        cp = self.padded_channels[0]
-        return cp, kw, cp // self.depth
+        steps = ceil_to(self.block_channels, self.depth) // self.depth
+        last_block = self.padded_channels[1] // LANES - 1
+        return max(self.padded_channels[0], self.channel_base(last_block) + steps * self.depth), kw, steps
 
     @property
     def padded_row(self) -> int:
@@ -233,7 +256,12 @@ class QConvSpec:
             blocks = flat.reshape(ocp // LANES, LANES, kh, 1, steps, depth)
             return np.ascontiguousarray(blocks.transpose(0, 2, 3, 4, 1, 5))
         padded = np.zeros((ocp, steps * depth, kh, kw), dtype)
-        padded[:oc, :c] = weight
+        if self.groups == 1:
+            padded[:oc, :c] = weight
+        oc_g = oc // self.groups
+        for o in range(oc if self.groups > 1 else 0):  # each output's group, at its offset in its block's window
+            start = o // oc_g * c - self.channel_base(o // LANES)
+            padded[o, start:start + c] = weight[o]
         blocks = padded.reshape(ocp // LANES, LANES, steps, depth, kh, kw)
         return np.ascontiguousarray(blocks.transpose(0, 4, 5, 2, 1, 3))
 
@@ -349,7 +377,8 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
     acc = te.compute(
         (n, oh, spec.acc_width, ocp // LANES, LANES),
         lambda b, y, x, oo, oi: te.sum(
-            padded[b, y * sh + ry * dh, (x * sw + rx * dw) * pixel + rco * depth + rci].astype("int32")
+            padded[b, y * sh + ry * dh, (x * sw + rx * dw) * pixel + spec.channel_base(oo) + rco * depth + rci]
+            .astype("int32")
             * weight[oo, ry, rx, rco, oi, rci].astype("int32"), axis=[ry, rx, rco, rci]), name="acc")
     inputs = [data, weight, bias, multiplier, shift]
     residual_of = None
@@ -370,6 +399,13 @@ def qconv_compute(spec: QConvSpec) -> list[te.Tensor]:
 
     out = requantize_stage(spec, output)
     return [*inputs, out]
+
+
+def groups_fit(channels: int, out_channels: int, groups: int) -> bool:
+    """Whether ``qconv_kernel`` takes a conv with ``groups``: 1, or output channels per group a multiple or a
+    divisor of 16 (``QConvSpec.block_channels``)."""
+    per_group = out_channels // groups
+    return groups == 1 or (channels % groups == 0 and (per_group % LANES == 0 or LANES % per_group == 0))
 
 
 def loop_order(spec: QConvSpec, cores: int) -> str:

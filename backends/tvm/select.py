@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from backends.tvm import cuda_conv, cuda_rnn, winograd
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
+from backends.tvm.qkernels import groups_fit
 from backends.tvm.winograd import WinogradSpec
 from passes.ir.graph import Graph, Value
 from passes.ir.ops import layout_block
@@ -81,11 +82,14 @@ def is_depthwise(graph: Graph, node: str) -> bool:
 
 
 def uses_integer_kernel(graph: Graph, node: str, target_kind: str) -> bool:
-    """Whether ``qconv2d``/``qlinear`` lowers to our kernels (``qkernels.py``: dense-reduction or depthwise) rather
-    than Relax integer ops (other grouped convs, cuda)."""
+    """Whether ``qconv2d``/``qlinear`` lowers to our kernels (``qkernels.py``: dense-reduction, grouped with
+    ``groups_fit``, or depthwise) rather than Relax integer ops (other grouped convs, cuda)."""
     data = graph.nodes[node]
-    return target_kind == "llvm" and (data["op"] == "qlinear" or (data["op"] == "qconv2d" and (
-        data["attrs"]["groups"] == 1 or is_depthwise(graph, node))))
+    if target_kind != "llvm" or data["op"] not in ("qlinear", "qconv2d"):
+        return False
+    channels = graph.value_type(graph.operands(node)[0]).shape[1] if data["op"] == "qconv2d" else 0
+    return data["op"] == "qlinear" or is_depthwise(graph, node) or groups_fit(
+        channels, data["params"]["weight"].shape[0], data["attrs"]["groups"])
 
 
 def nhwc_values(graph: Graph, target_kind: str) -> frozenset[Value]:

@@ -227,11 +227,13 @@ def test_integer_max_pool_is_our_kernel_and_exact(dtype, attrs):
 
 @pytest.mark.parametrize("target", ["llvm", pytest.param(NO_VNNI, marks=needs_avx512, id="no_vnni")],
                          ids=["vnni", "no_vnni"])
-@pytest.mark.parametrize("in_shape, out_channels, groups", [((1, 16, 9, 10), 32, 1), ((2, 8, 6, 6), 8, 2)],
-                         ids=["kernel", "grouped_relax_path"])
+@pytest.mark.parametrize("in_shape, out_channels, groups",
+                         [((1, 16, 9, 10), 32, 1), ((1, 16, 7, 7), 16, 4), ((2, 8, 6, 6), 6, 2)],
+                         ids=["kernel", "grouped_kernel", "grouped_relax_path"])
 def test_fused_residual_joins_the_requantization_exactly(in_shape, out_channels, groups, target):
     """``qconv2d(x, r)`` (``fuse-qconv-add``): (acc M + 2^(shift-1) + (r - z_r) R) >> shift, bit for bit in both
-    lowerings (our kernel with its column-vectorized epilogue; Relax integer ops for grouped convs)."""
+    lowerings (our kernel with its column-vectorized epilogue, grouped or not; Relax integer ops for grouped
+    convs whose groups have 6 outputs)."""
     g = Graph(name="qconv_residual")
     x = g.add_input("x", TensorType(in_shape, "uint8"))
     out_shape = (in_shape[0], out_channels, *in_shape[2:])
@@ -293,8 +295,8 @@ def test_integer_convs_hand_each_other_nhwc_tensors_exactly():
     b = g.add_op("qconv2d", [a], attrs=attrs, params=integer_params(16, (16, 16, 3, 3)), name="b")
     residual_params = integer_params(16, (16, 16, 3, 3)) | {"residual_multiplier": np.full(16, 2 ** 40, np.int64)}
     c = g.add_op("qconv2d", [b, a], attrs=attrs | {"residual_zero_point": 3}, params=residual_params, name="c")
-    grouped = g.add_op("qconv2d", [c], attrs=attrs | {"groups": 2}, params=integer_params(16, (16, 8, 3, 3)),
-                       name="grouped")
+    grouped = g.add_op("qconv2d", [c], attrs=attrs | {"groups": 2}, params=integer_params(12, (12, 8, 3, 3)),
+                       name="grouped")  # 6 outputs per group: not ``groups_fit``, the Relax path
     g.set_outputs((grouped, b))
     assert lower_module.nhwc_values(g, "llvm") == {Value("a", 0)}  # b is a graph output, c feeds a grouped conv
     assert lower_module.nhwc_values(g, "cuda") == frozenset()
@@ -323,9 +325,55 @@ def test_int8_activations_are_exact_too(out_dtype, target):
     assert 0.3 < np.mean((expected > low) & (expected < high))  # not all clamped
 
 
-def test_grouped_qconv2d_takes_the_relax_integer_path_exactly():
-    assert_exact(qconv_graph((1, 8, 6, 6), 8, (3, 3), groups=8, padding=(1, 1)))
-    assert_exact(qconv_graph((1, 8, 6, 6), 12, (3, 3), groups=2, padding=(1, 1)))
+GROUPED = [
+    dict(in_shape=(1, 8, 9, 9), out_channels=32, groups=2, padding=(1, 1)),       # 16 outputs per group: one block
+    dict(in_shape=(1, 32, 10, 10), out_channels=32, groups=8, stride=(2, 2), padding=(1, 1)),  # ResNeXt's 4 x 4
+    dict(in_shape=(1, 6, 7, 7), out_channels=6, groups=3, padding=(1, 1)),  # 2 per group: a window past C
+    dict(in_shape=(1, 6, 8, 8), out_channels=64, groups=2, kernel=(1, 1)),  # 32 per group, 3 inputs (odd base)
+    dict(in_shape=(2, 20, 6, 7), out_channels=32, groups=4, padding=(1, 1)),  # 8 outputs of 5 inputs per group
+    dict(in_shape=(1, 8, 6, 6), out_channels=16, groups=8, padding=(1, 1), in_dtype="int8", input_zero_point=-5),
+]
+
+
+@pytest.mark.parametrize("target", [pytest.param(AVX2, marks=needs_avx2, id="vpmaddwd"),
+                                    pytest.param(GENERIC, id="generic"),
+                                    pytest.param(VNNI_CPU, id="vnni")])
+@pytest.mark.parametrize("case", GROUPED, ids=lambda c: f"{c['in_shape']}->{c['out_channels']}g{c['groups']}")
+def test_grouped_qconv2d_is_our_kernel_and_exact(case, target):
+    """Grouped convs whose groups have a multiple or a divisor of 16 outputs: each 16-channel output block reduces
+    over its own groups' inputs only (block-diagonal packing), bit for bit the integer reference."""
+    case = dict(case)
+    graph = qconv_graph(case.pop("in_shape"), case.pop("out_channels"), case.pop("kernel", (3, 3)), **case)
+    main = lower(graph, target, cores=2)["main"].script()
+    assert "R.call_tir(qconv2d_" in main and "R.nn.conv2d" not in main
+    if target is VNNI_CPU and not cpu_has("avx512vnni"):  # compile only: the windows tensorize to vpdpbusd
+        assert "vpdpbusd" in assembly(graph, target)
+        return
+    assert_exact(graph, target)
+
+
+def test_grouped_pack_places_each_group_in_its_blocks_window():
+    """16 outputs in groups of 4 over 4 inputs each: block 0 reads inputs 0-15, and output o's weights sit at
+    its group's offset in that window (zeros elsewhere); 32 outputs per group: a block reads only its group."""
+    spec = QConvSpec((1, 32, 5, 5), (32, 4, 1, 1), (1, 1), (0, 0), (1, 1), 0, 0, 0, 255, groups=8)
+    assert spec.block_channels == 16 and spec.channel_base(1) == 16
+    weight = RNG.integers(-127, 128, (32, 4, 1, 1)).astype(np.int8)
+    packed = spec.pack_weight(weight)  # (OC/16, KH, KW, steps, 16, depth=4)
+    window = packed[0, 0, 0].transpose(1, 0, 2).reshape(16, 16)  # (output, input channel of the window)
+    for o in range(16):
+        expected = np.zeros(16, np.int8)
+        expected[o // 4 * 4:o // 4 * 4 + 4] = weight[o, :, 0, 0]
+        np.testing.assert_array_equal(window[o], expected)
+    wide = QConvSpec((1, 6, 5, 5), (64, 3, 1, 1), (1, 1), (0, 0), (1, 1), 0, 0, 0, 255, groups=2)
+    assert wide.block_channels == 3 and [wide.channel_base(b) for b in range(4)] == [0, 0, 3, 3]
+
+
+def test_grouped_qconv2d_outside_groups_fit_takes_the_relax_integer_path_exactly():
+    """6 outputs per group (neither a multiple nor a divisor of 16): Relax integer ops, still exact."""
+    assert not qkernels.groups_fit(8, 12, 2) and qkernels.groups_fit(8, 16, 4) and qkernels.groups_fit(8, 64, 2)
+    graph = qconv_graph((1, 8, 6, 6), 12, (3, 3), groups=2, padding=(1, 1))
+    assert "R.nn.conv2d" in lower(graph, "llvm", cores=2)["main"].script()
+    assert_exact(graph)
 
 
 @needs_avx512
