@@ -194,11 +194,8 @@ class ConvSpec:
             return f"groups {self.groups}: the blocked (NCHWc) conv takes dense and depthwise convs"
         if self.oc_vector == 0:
             return f"{self.weight_shape[0]} output channels fill no vector of 8: not a blocked (NCHWc) conv"
-        if self.banded:
-            return (f"{self.pool_kernel[0]}x{self.pool_kernel[1]}/{self.pool_stride[0]} windows with padding "
-                    f"{self.pool_padding} overlap or reach outside the conv output")
         pixels = accumulator_vectors(self.lanes) - 4
-        if self.pool_kernel[1] > pixels:
+        if not self.banded and self.pool_kernel[1] > pixels:  # a band's register tile holds conv pixels
             return f"a window row of {self.pool_kernel[1]} pixels exceeds the register tile's {pixels}"
         return None
 
@@ -313,7 +310,8 @@ def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
     the conv output's (a whole number of vectors).
     """
     if spec.blocked:
-        return _blocked_compute(spec, (tile or default_tile(spec)).cols * spec.pool_stride[1])
+        cols = (tile or default_tile(spec)).cols  # a banded register tile counts conv pixels, else pooled ones
+        return _blocked_compute(spec, cols if spec.banded else cols * spec.pool_stride[1])
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -436,16 +434,20 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     if spec.depthwise:
         icb = v  # the input's channel block: each output vector reads its own channels
     n_, oh, ow = spec.in_shape[0], *spec.window_extent  # with a pool: the conv rows/columns its windows read
+    top = ph  # zero rows above the input
+    if spec.banded:  # conv rows from -pool_padding (``_blocked_pool`` masks them), the conv's own columns (clamped)
+        ow, top = spec.conv_shape[3], ph + spec.pool_padding[0] * sh
     wide = ceil_to(ow, cols)
+    tall = max(h + top + ph, (oh - 1) * sh + (kh - 1) * dh + 1)  # the padded input's rows
     if spec.in_block:  # already NCHW[icb]c: a copy only adds the zero border (contiguous channel vectors)
         read = lambda b, co, y, x, ci: data[b, co, y, x, ci]  # noqa: E731
     else:
         read = lambda b, co, y, x, ci: data[b, co * icb + ci, y, x]  # noqa: E731
-    if spec.packs_input or wide > ow:  # (the zero columns past the input feed the padding columns of the conv)
-        pad = te.compute((n, c // icb, h + 2 * ph, max(w + 2 * pw, (wide - 1) * sw + (kw - 1) * dw + 1), icb),
+    if spec.packs_input or wide > ow or tall > h:  # (the zero columns past the input feed the conv's spare ones)
+        pad = te.compute((n, c // icb, tall, max(w + 2 * pw, (wide - 1) * sw + (kw - 1) * dw + 1), icb),
                          lambda b, co, y, x, ci: tirx.if_then_else(
-                             tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
-                             read(b, co, y - ph, x - pw, ci), tirx.const(0.0, dtype)), name="pad")
+                             tirx.all(y >= top, y < h + top, x >= pw, x < w + pw),
+                             read(b, co, y - top, x - pw, ci), tirx.const(0.0, dtype)), name="pad")
         source = lambda b, co, y, x, ci: pad[b, co, y, x, ci]  # noqa: E731
     else:
         source = read
@@ -474,8 +476,31 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     return [data, weight, *extra, out]
 
 
+def _is_nan(x):
+    """``x`` (float32) is a NaN, from its bits: exponent all ones and a nonzero mantissa. Why not ``isnan``: TVM's
+    vectorizer scalarizes ``Select(isnan(a), a, b)`` when ``b`` is a load (a compare and a branch per lane), and
+    ``a != a`` is folded to false under the fast-math flags of TVM's LLVM code (integer compares are exact)."""
+    return tirx.reinterpret("int32", x) & tirx.const(0x7FFFFFFF, "int32") > tirx.const(0x7F800000, "int32")
+
+
+def _nan_max(a, b):
+    """max(a, b) that is NaN when either operand is NaN (PyTorch's max pool), vectorized: the ordered ``a > b``
+    only where neither is NaN (fast-math may assume that of a float compare)."""
+    return tirx.Select(_is_nan(a), a, tirx.Select(_is_nan(b), b, tirx.Select(a > b, a, b)))
+
+
+def _window_reduce(combine: Callable, values: list) -> tirx.PrimExpr:
+    """``combine`` folded over ``values``, each partial result bound once (a ``Let``: written as a nested
+    expression, every level would copy the one below, 2^k copies for k values)."""
+    result = values[0]
+    for i, value in enumerate(values[1:]):
+        partial = tirx.Var(f"partial{i}", F32)
+        result = tirx.Let(partial, result, combine(partial, value))
+    return result
+
+
 def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tensor:
-    """The pool as the blocked conv's epilogue, for windows that tile the conv output (k x k / k):
+    """The pool as the blocked conv's epilogue; windows that tile the conv output (k x k / k):
 
         pool[n, OC/v, PH, PW', v] = max (or mean) over (wy, wx) of conv[n, oc/v, y*k + wy, x*k + wx, 0:v]
         post[n, oc, y, x] = act(pool[n, oc/v, y, x, oc%v] + bias)       (narrowed to the storage dtype)
@@ -484,7 +509,8 @@ def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tenso
     an activation that commutes with max after it (on 1/k^2 of the values); the other activations, and every
     average pool, apply bias and activation per conv output first. ``PW'`` is the pooled width padded to whole
     register tiles (the conv stage's ``wide`` / k): only ``post`` is written to memory, and only the PW real
-    columns."""
+    columns. ``banded`` windows (overlapping, padded: ResNet's 3x3/2 padding 1; ceil mode) pool the task's band of
+    conv rows separably (``_band_pool``)."""
     v, dtype = spec.oc_vector, spec.dtype
     (pkh, pkw), commutes = spec.pool_kernel, spec.pool_commutes
     n, _, ph, _ = spec.out_shape
@@ -497,7 +523,9 @@ def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tenso
         return raw if commutes else finish(raw, b, oo * v + oi, cy, cx, narrow=False)
 
     shape = (n, spec.weight_shape[0] // v, ph, conv.shape[3] // pkw, v)
-    if spec.pool == "max":
+    if spec.banded:
+        pooled = _band_pool(spec, conv, finish)
+    elif spec.pool == "max":
         pooled = te.compute(shape, lambda *i: te.max(value(*i), axis=[wy, wx]), name="pool")
     else:
         scale = tirx.const(1.0 / (pkh * pkw), F32)
@@ -508,6 +536,51 @@ def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tenso
         return finish(p, b, o, y, x) if commutes else _narrow(p, dtype)
 
     return te.compute(spec.out_shape, store, name="post")
+
+
+def _band_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tensor:
+    """Overlapping or padded windows (``banded``): the conv rows from ``p`` rows before conv row 0, through a band
+    buffer (the task's rows: ``_schedule_cpu_blocked_band``), pooled separably, each pooled row through a small
+    row buffer:
+
+        band[n, OC/v, R, OW', v] = conv (bias and activation first unless they commute with max), -inf outside
+                                   the conv output's rows
+        rows[n, OC/v, PH, OW, v] = max (or sum) over wy of band[n, oc/v, y*s + wy, x, 0:v]
+        pool[n, OC/v, PH, PW, v] = max (or mean) over wx of rows[n, oc/v, y, clamp(x*s + wx - p), 0:v]
+
+    A 3x3/2 window costs 6 vector maxes per pooled pixel instead of 8 (its rows are shared by the two pooled
+    columns that overlap them), each NaN-propagating and vectorized (``_nan_max``), written out (no running
+    accumulator). A column outside the conv output reads the nearest one inside the window instead (a repeated
+    element never changes a max), so the band spans the conv's own columns; the rows outside it are -inf, so a
+    band needs a constant number of conv rows."""
+    v = spec.oc_vector
+    (pkh, pkw), (psh, psw), (pph, ppw) = spec.pool_kernel, spec.pool_stride, spec.pool_padding
+    n, _, ph, pw = spec.out_shape
+    oh, ow = spec.conv_shape[2:]
+    masked = pph > 0 or spec.window_extent[0] > oh
+    clamped = ppw > 0 or spec.window_extent[1] > ow
+
+    def banded(b, oo, y, x, oi):
+        value = conv[b, oo, y, x, oi]
+        value = value if spec.pool_commutes else finish(value, b, oo * v + oi, y - pph, x, narrow=False)
+        return tirx.Select(tirx.all(y >= pph, y < oh + pph), value, _f(-math.inf)) if masked else value
+
+    band = te.compute(conv.shape, banded, name="band")
+    combine = _nan_max if spec.pool == "max" else (lambda a, b: a + b)
+
+    def rows(b, oo, y, x, oi):
+        return _window_reduce(combine, [band[b, oo, y * psh + i, x, oi] for i in range(pkh)])
+
+    row_max = te.compute((n, spec.weight_shape[0] // v, ph, ow, v), rows, name="pool_rows")
+
+    def pooled(b, oo, y, x, oi):
+        columns = [x * psw + j - ppw for j in range(pkw)]
+        if clamped:
+            columns = [tirx.max(tirx.min(c, ow - 1), 0) for c in columns]
+        value = _window_reduce(combine, [row_max[b, oo, y, c, oi] for c in columns])
+        return value if spec.pool == "max" else value * _f(1.0 / (pkh * pkw))
+
+    return te.compute((n, spec.weight_shape[0] // v, ph, pw, v), pooled, name="pool")
 
 
 def _wide(x):
@@ -555,6 +628,8 @@ def default_tile(spec: ConvSpec) -> Tile:
     possible."""
     _, oc, oh, ow = spec.out_shape
     lanes, budget = spec.lanes, accumulator_vectors(spec.lanes)
+    if spec.banded and spec.blocked:
+        return _blocked_band_tile(spec, budget)
     if spec.banded:  # a band of 8 pooled rows: the halo costs (kernel - stride) / (8 * stride) of the conv
         conv_w = spec.conv_shape[3]
         if spec.channels_vectorized:
@@ -640,6 +715,13 @@ def _blocked_pool_tile(spec: ConvSpec, budget: int) -> Tile:
     return max(options, key=merit)
 
 
+def _blocked_band_tile(spec: ConvSpec, budget: int, rows: int = 8) -> Tile:
+    """The blocked conv's register tile over the conv width (``_blocked_tile``), and a band of about ``rows``
+    pooled rows per task (a divisor of the pooled height)."""
+    register = _blocked_tile(spec, spec.conv_shape[3], budget)
+    return Tile(oc_block=register.oc_block, rows=largest_divisor(spec.out_shape[2], rows), cols=register.cols)
+
+
 def _output_block(spec: ConvSpec) -> str:
     """The stage that writes the kernel's output: the one whose loops are tiled."""
     return "post" if spec.pool_staged else "pool" if spec.pool else "epilogue"
@@ -647,6 +729,8 @@ def _output_block(spec: ConvSpec) -> str:
 
 def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) -> tirx.PrimFunc:
     tile = tile or default_tile(spec)
+    if spec.blocked and spec.banded:
+        return _schedule_cpu_blocked_band(spec, func, tile)
     if spec.blocked:
         return _schedule_cpu_blocked(spec, func, tile)
     if spec.banded:
@@ -720,6 +804,49 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
         sch.vectorize(sch.get_loops(pad)[-1])
     elif "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
         # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
+        pad = sch.get_sblock("pad")
+        pad_loops = sch.get_loops(pad)
+        sch.parallel(sch.fuse(*pad_loops[:3]))
+        sch.vectorize(pad_loops[-1])
+    return sch.mod["main"]
+
+
+def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
+    """Overlapping or padded windows on the blocked conv (``_blocked_pool``, ``banded``): per task ``tile.oc_block``
+    channels x a band of ``tile.rows`` pooled rows. The band's conv rows ((rows - 1) * stride + kernel of them) are
+    computed once, register tile by register tile (the blocked conv's: channel vectors x ``tile.cols`` pixels), into
+    a per-task band buffer [oc_block/v][rows][width][v] that stays in cache; then each pooled row is reduced from it
+    into a local row of pooled channel vectors and stored through ``post``. Only the kernel - stride conv rows
+    shared with the next band are computed twice (the halo: 1/(2 * rows) of the conv for ResNet's 3x3/2)."""
+    sch = Schedule(func)
+    conv, band = sch.get_sblock("conv"), sch.get_sblock("band")  # a register tile; the task's band buffer
+    n, o, y, x = sch.get_loops(sch.get_sblock("post"))
+    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    y_outer, y_inner = sch.split(y, [None, tile.rows])
+    sch.reorder(n, o_outer, y_outer, y_inner, o_inner, x)
+    pool = sch.get_sblock("pool")
+    rows = sch.get_sblock("pool_rows")
+    for stage in (pool, rows):  # one pooled row at a time, in local buffers
+        sch.compute_at(stage, y_inner, preserve_unit_loops=True)
+        sch.set_scope(stage, 0, "local")
+    sch.compute_at(band, y_outer, preserve_unit_loops=True)
+    oo, cy, cx, oi = sch.get_loops(band)[-4:]
+    col_outer, col_inner = sch.split(cx, [None, tile.cols])
+    sch.reorder(cy, col_outer, oo, col_inner, oi)
+    sch.vectorize(oi)
+    sch.compute_at(conv, col_outer, preserve_unit_loops=True)
+    oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
+    sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
+    sch.vectorize(oi)
+    for loop in (yy, xx, oo, *((ry, rx) if spec.depthwise else ())):
+        sch.unroll(loop)
+    sch.set_scope(conv, 0, "local")
+    task = sch.fuse(n, o_outer, y_outer)
+    sch.parallel(task)
+    sch.decompose_reduction(conv, rco)
+    for stage in (rows, pool):  # one pooled row: a vector of channels per column
+        sch.vectorize(sch.get_loops(stage)[-1])
+    if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:3]))

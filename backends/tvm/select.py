@@ -232,6 +232,9 @@ def pool_path(graph: Graph, node: str, choice: Choice, lanes: int = 16) -> str:
     spec = conv_spec_of(graph, node, lanes)
     if choice.kernel == "winograd":
         return "pool: after the Winograd conv (a Relax op)"
+    if choice.kernel == "conv" and choice.spec.pool_epilogue and spec.banded:
+        return ("pool: in the blocked conv's epilogue, from a band of conv rows per task (overlapping or padded "
+                "windows; one kernel, only the pooled output stored)")
     if choice.kernel == "conv" and choice.spec.pool_epilogue:
         return "pool: in the blocked conv's epilogue (one kernel, only the pooled output stored)"
     if choice.kernel == "blocked_conv_pool":
