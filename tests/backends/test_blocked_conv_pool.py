@@ -67,6 +67,112 @@ def test_pool_in_blocked_epilogue_matches_pytorch(layers, shape, epilogue):
     assert "R.nn.max_pool2d" not in mod["main"].script() and "R.nn.avg_pool2d" not in mod["main"].script()
 
 
+@pytest.mark.parametrize("layers, shape", [
+    ((nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(3, 2, 1)),
+     (1, 3, 37, 41)),  # the ResNet stem, small and odd
+    ((nn.Conv2d(5, 8, 3, padding=1), nn.ReLU6(), nn.MaxPool2d(3, 2, 1, ceil_mode=True)), (1, 5, 15, 13)),
+    ((nn.Conv2d(7, 24, 3), nn.LeakyReLU(0.1), nn.MaxPool2d(3, 2)), (1, 7, 17, 19)),  # 3 vectors, no padding
+    ((nn.Conv2d(3, 16, 5, padding=2), nn.Sigmoid(), nn.MaxPool2d(3, 2, 1)), (1, 3, 21, 11)),  # act before the max
+    ((nn.Conv2d(5, 8, 3, stride=2, padding=1), nn.ReLU(), nn.MaxPool2d((3, 2), (2, 1), (1, 0), ceil_mode=True)),
+     (2, 5, 19, 14)),  # strided conv, uneven window and stride, batch 2
+    ((nn.Conv2d(5, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(3, 2)), (1, 5, 16, 15)),  # overlapping average
+    ((nn.Conv2d(16, 16, 3, groups=16, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1)), (1, 16, 13, 10)),  # depthwise
+], ids=["stem", "relu6-ceil", "3x3-2-leaky", "sigmoid", "stride2-2x3-batch2", "avg-overlap", "depthwise"])
+def test_overlapping_windows_in_blocked_band_match_pytorch(layers, shape):
+    """Overlapping, padded and ceil-mode windows (``banded``) run on the blocked kernel through its band of conv
+    rows: exact against PyTorch's conv -> BN -> activation -> pool, one kernel, no Relax pool."""
+    model = nn.Sequential(*layers).eval()
+    gen = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    graph = compile_and_compare(model, torch.randn(shape, generator=gen) * 2, passes="fuse-conv-pool",
+                                expect_op="conv2d_pool")
+    choice = _pool_choice(graph)
+    assert choice.kernel == "conv" and choice.spec.pool_epilogue and choice.spec.banded and choice.spec.blocked
+    script = lower(graph)["main"].script()
+    assert "R.nn.max_pool2d" not in script and "R.nn.avg_pool2d" not in script
+
+
+def _stem_spec(hw: tuple[int, int] = (224, 224), oc: int = 64) -> ConvSpec:
+    return ConvSpec(in_shape=(1, 3, *hw), weight_shape=(oc, 3, 7, 7), stride=(2, 2), padding=(3, 3),
+                    dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max", pool_kernel=(3, 3),
+                    pool_stride=(2, 2), pool_padding=(1, 1), lanes=8, pool_epilogue=True)
+
+
+def test_band_stores_only_the_pooled_output():
+    """The ResNet stem: per task 16 channels x 28 pooled rows; the band holds their 57 conv rows (one shared with
+    the next band: 1/56 of the conv computed twice) x 112 columns (19 register tiles of 6 pixels) in 408 KB. The
+    other buffers are the packed input, the register tile (2 vectors x 6 pixels) and one pooled row (its rows'
+    maxes, then its windows'): the conv output (112 x 112 x 64) never exists."""
+    spec = _stem_spec()
+    assert spec.blocked and spec.banded and default_tile(spec) == Tile(oc_block=16, rows=28, cols=6)
+    buffers = {name: (shape, scope) for name, shape, scope in compacted_buffers(conv_kernel(spec, "llvm"))}
+    assert buffers == {"pad": ((1, 1, 232, 233, 3), "global"), "band": ((1, 2, 57, 112, 8), "global"),
+                       "conv_local": ((1, 2, 1, 6, 8), "local"), "pool_rows_local": ((1, 2, 1, 112, 8), "local"),
+                       "pool_local": ((1, 2, 1, 56, 8), "local")}
+    assert all(math.prod(shape) < math.prod(spec.conv_shape) // 7 for name, (shape, _) in buffers.items()
+               if name != "pad")
+    func = conv_kernel(spec, "llvm")
+    assert tuple(int(d) for d in func.params[-1].shape) == spec.out_shape  # the only buffer written to memory
+
+
+def test_band_pool_is_vectorized():
+    """The window maxes are vector code: no scalar NaN compares (``ucomiss``), one vector max per pair of values."""
+    func = conv_kernel(_stem_spec((40, 40), 16), "llvm").with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=resolve_target("llvm").tvm)
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    assert "ucomiss" not in asm and "vmaxps" in asm
+
+
+@pytest.mark.parametrize("tile", [Tile(8, 3, 5), Tile(16, 1, 4), Tile(16, 7, 6)], ids=str)
+def test_band_tiles_other_than_the_default_match(tile):
+    """Bands the tuner may propose (1 pooled row: 3 conv rows; bands that do not divide the pooled height; one
+    channel vector) stay exact, the padding row and the clamped last column included."""
+    spec = _stem_spec((27, 29), 16)
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = (torch.randn(s, generator=gen) for s in (spec.in_shape, spec.weight_shape, (16,)))
+    expected = F.max_pool2d(F.relu(F.conv2d(x, w, b, stride=2, padding=3)), 3, 2, 1).numpy()
+    lib = tvm.compile(tvm.IRModule({"main": conv_kernel(spec, "llvm", tile).with_attr("global_symbol", "main")}),
+                      target="llvm")
+    args = [tvm.runtime.tensor(a) for a in (x.numpy(), spec.pack_weight(w.numpy()), b.numpy())]
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    lib["main"](*args, out)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_nan_and_inf_propagate_through_the_band_max():
+    """NaN in a window gives NaN (PyTorch's max pool), whichever window element and whichever side of the
+    vector max it is on; an all -inf window is -inf, not the most negative float."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.MaxPool2d(3, 2, 1)).eval()
+    x = torch.randn(1, 3, 9, 9)
+    x[0, 0, 4, 0] = x[0, 2, 5, 6] = x[0, 1, 8, 8] = float("nan")
+    x[0, :, 0:2, 0:2] = float("-inf")  # the top left window: padding and -inf only
+    with torch.no_grad():
+        model[0].weight.abs_()
+        expected = model(x)
+    opt = passes.optimize(model, passes=["fuse-conv-pool"], example_inputs=(x,), measure=False)
+    choice = _pool_choice(opt.graph)
+    assert choice.spec.pool_epilogue and choice.spec.banded
+    assert torch.isnan(expected).any() and torch.isinf(expected).any()
+    torch.testing.assert_close(torch.as_tensor(opt(x)), expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 16, 3, padding=1, groups=2), nn.Conv2d(3, 12, 3, padding=1)],
+                         ids=["groups2", "12-channels"])
+def test_overlapping_windows_the_blocked_kernel_refuses_stay_banded(conv):
+    """Convs the blocked kernel does not take (grouped, output channels that fill no vector) keep the banded
+    channel-vectorized kernel with the pool fused, as before, and stay exact."""
+    model = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(3, 2, 1)).eval()
+    graph = compile_and_compare(model, torch.randn(1, conv.in_channels, 15, 13, generator=torch.Generator()
+                                                   .manual_seed(6)), passes="fuse-conv-pool", expect_op="conv2d_pool")
+    choice = _pool_choice(graph)
+    assert choice.kernel == "conv" and not choice.spec.pool_epilogue and choice.spec.banded
+    assert choice.spec.blocked_pool_fits.startswith("groups 2" if conv.groups == 2 else "12 output channels")
+
+
 def _spec(c: int, oc: int, hw: tuple[int, int], pool: str = "max", k: int = 2, lanes: int = 8) -> ConvSpec:
     return ConvSpec(in_shape=(1, c, *hw), weight_shape=(oc, c, 3, 3), stride=(1, 1), padding=(1, 1),
                     dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool=pool, pool_kernel=(k, k),
@@ -149,7 +255,8 @@ def test_cuda_keeps_its_own_conv_pool_kernel():
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-@pytest.mark.parametrize("act, pool", [(nn.ReLU(), nn.MaxPool2d(2)), (nn.SiLU(), nn.AvgPool2d(2))], ids=repr)
+@pytest.mark.parametrize("act, pool", [(nn.ReLU(), nn.MaxPool2d(2)), (nn.SiLU(), nn.AvgPool2d(2)),
+                                       (nn.ReLU(), nn.MaxPool2d(3, 2, 1))], ids=repr)
 def test_low_precision_storage(act, pool, dtype):
     """bf16/fp16 data and weights, fp32 accumulation and pooling, one rounding at the store: within twice PyTorch's
     own low-precision error plus the dtype's unit roundoff of the output scale."""
