@@ -816,13 +816,19 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
         pad = sch.get_sblock("pad")
         sch.compute_at(pad, task)
         sch.vectorize(sch.get_loops(pad)[-1])
-    elif "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
-        # a vector of channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy
+    else:
+        _schedule_packed_input(sch)
+    return sch.mod["main"]
+
+
+def _schedule_packed_input(sch: Schedule) -> None:
+    """The blocked kernel's padded NCHW[c]c copy of an NCHW input, if it has one, parallel over rows: a vector of
+    channels per pixel (8 strided reads, one store): 2.5-3x a scalar copy."""
+    if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
         pad = sch.get_sblock("pad")
         pad_loops = sch.get_loops(pad)
         sch.parallel(sch.fuse(*pad_loops[:3]))
         sch.vectorize(pad_loops[-1])
-    return sch.mod["main"]
 
 
 def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
@@ -860,11 +866,7 @@ def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) 
     sch.decompose_reduction(conv, rco)
     for stage in (rows, pool):  # one pooled row: a vector of channels per column
         sch.vectorize(sch.get_loops(stage)[-1])
-    if "pad" in (sch.get(block).name_hint for block in sch.get_child_blocks(sch.get_sblock("root"))):
-        pad = sch.get_sblock("pad")
-        pad_loops = sch.get_loops(pad)
-        sch.parallel(sch.fuse(*pad_loops[:3]))
-        sch.vectorize(pad_loops[-1])
+    _schedule_packed_input(sch)  # (NCHW in: select puts a pool in the epilogue only there)
     return sch.mod["main"]
 
 

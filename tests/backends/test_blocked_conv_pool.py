@@ -35,6 +35,17 @@ def _pool_choice(graph, target_kind: str = "llvm", lanes: int = LANES):
     return select_kernels(graph, target_kind, lanes)[_pool_node(graph)]
 
 
+def _seed_batch_norms(model: nn.Module, seed: int) -> torch.Generator:
+    """Non-trivial batch-norm statistics; returns the generator for the inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    return gen
+
+
 @pytest.mark.parametrize("layers, shape, epilogue", [
     ((nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)), (1, 3, 13, 11), True),  # last row/col dropped
     ((nn.Conv2d(5, 16, 3, stride=2, padding=1), nn.ReLU6(), nn.MaxPool2d(2)), (1, 5, 15, 17), True),  # stride 2
@@ -52,12 +63,7 @@ def test_pool_in_blocked_epilogue_matches_pytorch(layers, shape, epilogue):
     """fuse-conv-pool alone (it matches BN and the activation), then one kernel: windows that tile the conv output
     take the blocked conv with the pool in its epilogue (a partial ceil-mode window through its band of rows)."""
     model = nn.Sequential(*layers).eval()
-    gen = torch.Generator().manual_seed(16)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    gen = _seed_batch_norms(model, 16)
     graph = compile_and_compare(model, torch.randn(shape, generator=gen) * 2, passes="fuse-conv-pool",
                                 expect_op="conv2d_pool")
     choice = _pool_choice(graph)
@@ -82,12 +88,7 @@ def test_overlapping_windows_in_blocked_band_match_pytorch(layers, shape):
     """Overlapping, padded and ceil-mode windows (``banded``) run on the blocked kernel through its band of conv
     rows: exact against PyTorch's conv -> BN -> activation -> pool, one kernel, no Relax pool."""
     model = nn.Sequential(*layers).eval()
-    gen = torch.Generator().manual_seed(17)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+    gen = _seed_batch_norms(model, 17)
     graph = compile_and_compare(model, torch.randn(shape, generator=gen) * 2, passes="fuse-conv-pool",
                                 expect_op="conv2d_pool")
     choice = _pool_choice(graph)
