@@ -52,7 +52,7 @@ def test_compiled_blocked_models_match_pytorch(model, shape):
 @pytest.mark.parametrize("shape", [(2, 8, 7, 7), (1, 8, 14, 14), (1, 8, 1, 1), (1, 8, 5, 3)], ids=repr)
 def test_flat_pixel_1x1_convs_on_blocked_tensors_match_pytorch(shape):
     """1x1 convs as GEMMs over the flattened pixels (``ConvSpec.flat_pixels``) reading and writing NCHW8c: 3, 2
-    and 1 channel vectors, maps whose pixel count the tile does not divide (49, 15, 1: the spare pixels are
+    and 1 channel vectors, maps whose pixel count the tile does not divide (49 and 1: the spare pixels are
     computed and not stored), relu6, a residual, batch 2."""
     torch.manual_seed(0)
     model = Fn(lambda s, x: (lambda y: s.c(nn.functional.relu6(s.b(y) + y)))(nn.functional.relu6(s.a(x))),
