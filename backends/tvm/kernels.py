@@ -733,7 +733,11 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     else:
         y_outer, y_inner = sch.split(y, [None, tile.rows])
         x_outer, x_inner = sch.split(x, [None, tile.cols])
-    loops = (n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner, lanes)
+    y_serial = None
+    if spec.depthwise and spec.in_block and spec.packs_input:  # a few rows per task: its padded input rows are
+        # copied once for all of them (stride 1: R + 2 rows, not 3 R)
+        y_outer, y_serial = sch.split(y_outer, [None, largest_divisor(-(-spec.out_shape[2] // tile.rows), 8)])
+    loops = (n, o_outer, y_outer, y_serial, x_outer, o_inner, y_inner, x_inner, lanes)
     sch.reorder(*[loop for loop in loops if loop is not None])
     if lanes is not None:
         sch.vectorize(lanes)
