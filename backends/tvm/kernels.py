@@ -11,7 +11,10 @@ tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators 
 input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW. ``conv2d_nchwc`` (from the
 ``alter-layout`` pass) reads its input already in NCHW[8]c (each task copies only the rows it reads into a small
 zero-bordered buffer, or nothing for an unpadded 1x1 conv) and/or stores NCHW[8]c: one vector store per
-accumulator, the residual read the same way. A fused pool whose windows tile the conv output (2x2/2, 3x3/3:
+accumulator, the residual read the same way. An unpadded stride-1 1x1 conv is a GEMM over the flattened H * W pixels
+(``ConvSpec.flat_pixels``: its register tile is consecutive pixels of the map, not of a row, so 7x7 and 14x14 maps
+get 2-3 channel vectors x 4-6 pixels); a depthwise conv on NCHW[8]c input computes up to 8 output rows per task,
+its padded input rows copied once for all of them. A fused pool whose windows tile the conv output (2x2/2, 3x3/3:
 ``ConvSpec.pool_epilogue``, chosen by ``select``; NCHW in and out) is its epilogue: the register tile is one conv row
 of a few whole windows, max'ed (or summed) into a local tile of pooled channel vectors row by row, and only the
 pooled output is stored (``_blocked_pool``).
