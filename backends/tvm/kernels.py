@@ -11,7 +11,10 @@ tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators 
 input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW. ``conv2d_nchwc`` (from the
 ``alter-layout`` pass) reads its input already in NCHW[8]c (each task copies only the rows it reads into a small
 zero-bordered buffer, or nothing for an unpadded 1x1 conv) and/or stores NCHW[8]c: one vector store per
-accumulator, the residual read the same way. A fused pool whose windows tile the conv output (2x2/2, 3x3/3:
+accumulator, the residual read the same way. An unpadded stride-1 1x1 conv is a GEMM over the flattened H * W pixels
+(``ConvSpec.flat_pixels``: its register tile is consecutive pixels of the map, not of a row, so 7x7 and 14x14 maps
+get 2-3 channel vectors x 4-6 pixels); a depthwise conv on NCHW[8]c input computes up to 8 output rows per task,
+its padded input rows copied once for all of them. A fused pool whose windows tile the conv output (2x2/2, 3x3/3:
 ``ConvSpec.pool_epilogue``, chosen by ``select``; NCHW in and out) is its epilogue: the register tile is one conv row
 of a few whole windows, max'ed (or summed) into a local tile of pooled channel vectors row by row, and only the
 pooled output is stored (``_blocked_pool``).
@@ -200,6 +203,15 @@ class ConvSpec:
         return None
 
     @property
+    def flat_pixels(self) -> bool:
+        """A blocked unpadded stride-1 1x1 conv is a GEMM over the flattened pixels (p = y * W + x, contiguous in
+        NCHW and NCHW[c]c alike): its register tile is ``rows * cols`` consecutive pixels of the flattened map, not
+        of one row, so a 7x7 or 14x14 map takes 3 channel vectors x 4 pixels (12 accumulators, 7 loads per 12 FMAs)
+        instead of the 1 vector x 7 pixels that divide a row of 7 (8 loads per 7 FMAs)."""
+        return (self.blocked and not self.depthwise and self.pool is None and self.weight_shape[2:] == (1, 1)
+                and self.stride == (1, 1) and self.padding == (0, 0))
+
+    @property
     def packs_input(self) -> bool:
         """The blocked kernel copies its input into padded NCHW[c]c; an unpadded 1x1 conv reads NCHW as is (its
         broadcasts walk each input plane in order, and the copy would cost as much as a thin conv). Input already in
@@ -310,8 +322,10 @@ def conv_compute(spec: ConvSpec, tile: Tile | None = None) -> list[te.Tensor]:
     the conv output's (a whole number of vectors).
     """
     if spec.blocked:
-        cols = (tile or default_tile(spec)).cols  # a banded register tile counts conv pixels, else pooled ones
-        return _blocked_compute(spec, cols if spec.banded else cols * spec.pool_stride[1])
+        tile = tile or default_tile(spec)  # a flat-pixel tile counts pixels of H*W, a banded one conv pixels
+        if spec.flat_pixels:
+            return _blocked_compute(spec, tile.rows * tile.cols)
+        return _blocked_compute(spec, tile.cols if spec.banded else tile.cols * spec.pool_stride[1])
     n, c, h, w = spec.in_shape
     oc, cg, kh, kw = spec.weight_shape
     (sh, sw), (ph, pw), (dh, dw) = spec.stride, spec.padding, spec.dilation
@@ -437,7 +451,7 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     top = ph  # zero rows above the input
     if spec.banded:  # conv rows from -pool_padding (``_blocked_pool`` masks them), the conv's own columns (clamped)
         ow, top = spec.conv_shape[3], ph + spec.pool_padding[0] * sh
-    wide = ceil_to(ow, cols)
+    wide = ow if spec.flat_pixels else ceil_to(ow, cols)
     tall = max(h + top + ph, (oh - 1) * sh + (kh - 1) * dh + 1)  # the padded input's rows
     if spec.in_block:  # already NCHW[icb]c: a copy only adds the zero border (contiguous channel vectors)
         read = lambda b, co, y, x, ci: data[b, co, y, x, ci]  # noqa: E731
@@ -456,23 +470,36 @@ def _blocked_compute(spec: ConvSpec, cols: int) -> list[te.Tensor]:
     rx = te.reduce_axis((0, kw), "rx")
     rci = te.reduce_axis((0, spec.ic_block), "rci")
 
+    # flat pixels: one row of H * W pixels, padded to whole tiles; the spare ones re-read the last pixel
+    conv_hw = (1, ceil_to(oh * ow, cols)) if spec.flat_pixels else (oh, wide)
+
     def tap(b, oo, y, x, oi):
+        if spec.flat_pixels:  # y = 0, x = p
+            p = tirx.min(x, oh * ow - 1) if conv_hw[1] > oh * ow else x
+            return read(b, rco, p // ow, p % ow, rci)
         if spec.depthwise:  # rco = rci = 0
             return source(b, oo + rco, y * sh + ry * dh, x * sw + rx * dw, oi + rci)
         return source(b, rco, y * sh + ry * dh, x * sw + rx * dw, rci)
 
-    conv = te.compute((n_, oc // v, oh, wide, v), lambda b, oo, y, x, oi: te.sum(
+    conv = te.compute((n_, oc // v, *conv_hw, v), lambda b, oo, y, x, oi: te.sum(
         _wide(tap(b, oo, y, x, oi)) * _wide(weight[oo, rco, ry, rx, rci, oi]), axis=[rco, ry, rx, rci]),
         name="conv")
+
     finish, extra = _epilogue_inputs(spec)
     if spec.pool is not None:  # NCHW in and out (select sets pool_epilogue only there)
         return [data, weight, *extra, _blocked_pool(spec, conv, finish)]
+    # flat pixels: the output is written as (.., 1, H * W, ..) too (``_schedule_cpu_blocked`` restores its shape)
+    stored, out_hw = spec.stored_shape, (1, oh * ow) if spec.flat_pixels else (oh, ow)
+
+    def store(b, o, y, x):  # finish the accumulated conv at (y, x) of the stored output; channel o
+        at = (y, x) if not spec.flat_pixels else (x // ow, x % ow)
+        return finish(conv[b, o // v, y, x, o % v], b, o, *at)
+
     if spec.out_block:  # stored NCHW[v]c: each accumulator vector is one contiguous store
-        out = te.compute(spec.stored_shape, lambda b, oo, y, x, oi: finish(conv[b, oo, y, x, oi], b, oo * v + oi, y,
-                                                                          x), name="epilogue")
-    else:
-        out = te.compute(spec.conv_shape, lambda b, o, y, x: finish(conv[b, o // v, y, x, o % v], b, o, y, x),
+        out = te.compute((*stored[:2], *out_hw, v), lambda b, oo, y, x, oi: store(b, oo * v + oi, y, x),
                          name="epilogue")
+    else:
+        out = te.compute((*stored[:2], *out_hw), store, name="epilogue")
     return [data, weight, *extra, out]
 
 
@@ -644,8 +671,10 @@ def default_tile(spec: ConvSpec) -> Tile:
         return _blocked_pool_tile(spec, budget)
     if spec.depthwise and spec.blocked:  # one channel vector x a row of pixels: memory-bound, taps unrolled
         return Tile(oc_block=spec.oc_vector, rows=1, cols=largest_divisor(ow, budget - 4))
+    if spec.flat_pixels:  # any pixel count: the flattened map is padded to whole tiles
+        return _blocked_tile(spec, oh * ow, budget, padded=True)
     if spec.blocked:
-        return _blocked_tile(spec, ow, budget)
+        return _blocked_tile(spec, ow, budget, padded=spec.packs_input)
     if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels (about 14 accumulator
         # vectors on AVX-512, 8-12 on AVX2)
         col_scale = spec.pool_stride[1] if spec.pool else 1
@@ -673,27 +702,35 @@ def default_tile(spec: ConvSpec) -> Tile:
     return Tile(oc_block=largest_divisor(oc, 8), rows=largest_divisor(oh, budget // 8), cols=cols)
 
 
-def _blocked_tile(spec: ConvSpec, ow: int, budget: int) -> Tile:
+def _blocked_tile(spec: ConvSpec, ow: int, budget: int, padded: bool) -> Tile:
     """1-3 channel vectors x ``cols`` pixels of a row, the most accumulators per stored pixel within ``budget``.
 
     The row is padded to a multiple of ``cols`` (``_blocked_compute``), so 2 vectors x 6 pixels (12 accumulators,
     the most that stay in registers on AVX2: 16 ymm minus 2 weight vectors and a broadcast) serve any width at a
     few wasted columns: a 56-wide row computes 60, a 7-wide one takes one vector x 7. One vector alone gets at most
-    ``budget - 4`` pixels: LLVM hoists that many broadcasts ahead of their FMAs (1 x 12 spilled on Zen 3)."""
+    ``budget - 4`` pixels: LLVM hoists that many broadcasts ahead of their FMAs (1 x 12 spilled on Zen 3).
+    ``padded``: the row may be padded (an input copy, or a flat-pixel 1x1 conv, whose ``ow`` is H * W: 49 pixels
+    take 3 vectors x 4, 52 computed); otherwise ``cols`` divides it."""
     v = spec.oc_vector
     options = []
     for vectors in (3, 2, 1):
         if (spec.weight_shape[0] // v) % vectors:
             continue
         for cols in range(1, (budget // vectors if vectors > 1 else budget - 4) + 1):
-            if spec.packs_input or ow % cols == 0:  # an unpadded 1x1 conv reads its input as is: no spare columns
+            if padded or ow % cols == 0:  # an unpadded input is read as is: no spare columns
                 options.append(Tile(oc_block=vectors * v, rows=1, cols=cols))
 
     def merit(t: Tile):
         computed = ceil_to(ow, t.cols)
         return round(t.oc_block // v * t.cols * ow / computed, 3), -(computed - ow), t.oc_block
 
-    return max(options, key=merit)
+    def flat_merit(t: Tile):  # useful FMAs per FMA and load (a weight vector per channel vector, a broadcast per
+        # pixel): measured on Zen 3 at 7x7 (49 pixels), 2 vectors x 5 pixels (50 computed) 0.80x the time of 2 x 6
+        # (54); at 14x14 (196) 2 x 6 (198) 0.78x 2 x 5 (200)
+        vectors, computed = t.oc_block // v, ceil_to(ow, t.cols)
+        return round(vectors * t.cols * ow / computed / (vectors * t.cols + vectors + t.cols), 4), t.oc_block
+
+    return max(options, key=flat_merit if spec.flat_pixels else merit)
 
 
 def _blocked_pool_tile(spec: ConvSpec, budget: int) -> Tile:
@@ -792,9 +829,18 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     else:
         (n, o, y, x), lanes = sch.get_loops(out), None
         o_outer, o_inner = sch.split(o, [None, tile.oc_block])
-    y_outer, y_inner = sch.split(y, [None, tile.rows])
-    x_outer, x_inner = sch.split(x, [None, tile.cols])
-    sch.reorder(n, o_outer, y_outer, x_outer, o_inner, y_inner, x_inner, *([lanes] if lanes else []))
+    if spec.flat_pixels:  # y: the unit row of the flattened map; tiles of rows * cols pixels, a few per task
+        x_task, x_outer, x_inner = sch.split(x, [None, _flat_tiles_per_task(spec, tile), tile.rows * tile.cols])
+        y_outer, y_inner = sch.fuse(y, x_task), None
+    else:
+        y_outer, y_inner = sch.split(y, [None, tile.rows])
+        x_outer, x_inner = sch.split(x, [None, tile.cols])
+    y_serial = None
+    if spec.depthwise and spec.in_block and spec.packs_input:  # a few rows per task: its padded input rows are
+        # copied once for all of them (stride 1: R + 2 rows, not 3 R)
+        y_outer, y_serial = sch.split(y_outer, [None, largest_divisor(-(-spec.out_shape[2] // tile.rows), 8)])
+    loops = (n, o_outer, y_outer, y_serial, x_outer, o_inner, y_inner, x_inner, lanes)
+    sch.reorder(*[loop for loop in loops if loop is not None])
     if lanes is not None:
         sch.vectorize(lanes)
     # with a pool: its tile of pooled vectors, from one conv row of the tile's windows at a time
@@ -808,6 +854,9 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     task = sch.fuse(n, o_outer, y_outer)
     sch.parallel(task)
     sch.decompose_reduction(conv, rco)
+    if spec.flat_pixels:  # the output as stored: flat pixel p is (p / W, p % W)
+        ow = spec.out_shape[3]
+        sch.transform_layout(out, ("write", 0), lambda *i: (*i[:2], i[3] // ow, i[3] % ow, *i[4:]))
     if spec.pool:
         _unroll_blocked_pool(sch)
     if spec.in_block and spec.packs_input:
@@ -868,6 +917,15 @@ def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) 
         sch.vectorize(sch.get_loops(stage)[-1])
     _schedule_packed_input(sch)  # (NCHW in: select puts a pool in the epilogue only there)
     return sch.mod["main"]
+
+
+def _flat_tiles_per_task(spec: ConvSpec, tile: Tile) -> int:
+    """Pixel tiles of a flat-pixel conv (``ConvSpec.flat_pixels``) per parallel task: about one output row's worth
+    (a divisor of the tile count). A task per tile measured 1.2-1.4x slower on Zen 3 on thin convs (16-32 input
+    channels at 28x28-112x112: a few hundred FMAs per tile) than the tasks of a row."""
+    pixels = tile.rows * tile.cols
+    return largest_divisor(ceil_to(spec.out_shape[2] * spec.out_shape[3], pixels) // pixels,
+                           -(-spec.out_shape[3] // pixels))
 
 
 def _schedule_blocked_pool(sch: Schedule, x_outer):

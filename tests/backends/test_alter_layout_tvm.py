@@ -3,6 +3,8 @@ real torchvision blocks compiled against PyTorch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torchvision
@@ -49,6 +51,18 @@ def test_compiled_blocked_models_match_pytorch(model, shape):
     compiled_matches_pytorch(model, torch.randn(*shape))
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 7, 7), (1, 8, 14, 14), (1, 8, 1, 1), (1, 8, 5, 3)], ids=repr)
+def test_flat_pixel_1x1_convs_on_blocked_tensors_match_pytorch(shape):
+    """1x1 convs as GEMMs over the flattened pixels (``ConvSpec.flat_pixels``) reading and writing NCHW8c: 3, 2
+    and 1 channel vectors, maps whose pixel count the tile does not divide (49 and 1: the spare pixels are
+    computed and not stored), relu6, a residual, batch 2."""
+    torch.manual_seed(0)
+    model = Fn(lambda s, x: (lambda y: s.c(nn.functional.relu6(s.b(y) + y)))(nn.functional.relu6(s.a(x))),
+               a=nn.Conv2d(8, 24, 1), b=nn.Conv2d(24, 24, 1), c=nn.Conv2d(24, 16, 1))
+    graph = compiled_matches_pytorch(model, torch.randn(*shape), passes="default,alter-layout,fuse-conv-add")
+    assert len(graph.op_nodes("conv2d_nchwc")) == 3
+
+
 def test_no_layout_copy_between_blocked_convs():
     """The printed Relax of the inverted residual: conv kernels only (no transposes or pads between them), their
     arguments and results NCHW8c; one transpose, of the pooled 1x1 map."""
@@ -59,13 +73,16 @@ def test_no_layout_copy_between_blocked_convs():
 
 
 def test_depthwise_pads_per_task_not_the_whole_tensor():
-    """NCHW8c input: the zero border is added per task (a channel block x the 3 rows its output row reads),
-    into a buffer TVM compacts to that region, instead of a padded copy of the whole input."""
+    """NCHW8c input: the zero border is added per task (a channel block x the 10 rows its 8 output rows read),
+    into a buffer TVM compacts to that region, instead of a padded copy of the whole input; a stride-2 task's 7
+    rows of 28 read 15."""
     spec = ConvSpec(in_shape=(1, 144, 56, 56), weight_shape=(144, 1, 3, 3), stride=(1, 1), padding=(1, 1),
                     dilation=(1, 1), groups=144, has_bias=True, activation="relu6", lanes=8, in_block=8,
                     out_block=8)
     buffers = {name: shape for name, shape, _ in compacted_buffers(conv_kernel(spec, "llvm"))}
-    assert buffers["pad"] == (1, 1, 3, 58, 8)
+    assert buffers["pad"] == (1, 1, 10, 58, 8)
+    strided = dataclasses.replace(spec, stride=(2, 2))
+    assert {name: shape for name, shape, _ in compacted_buffers(conv_kernel(strided, "llvm"))}["pad"][2] == 15
 
 
 @pytest.mark.parametrize("name, blocks, size", [("mobilenet_v2", 5, 32), ("efficientnet_b0", 3, 32)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import tvm
 from torch import nn
 
 from backends.tvm import build, cuda_source
-from backends.tvm.kernels import ConvSpec, compacted_buffers, conv_kernel
+from backends.tvm.kernels import ConvSpec, Tile, compacted_buffers, conv_kernel, default_tile
 from backends.tvm.lower import lower
 from frontend.torch_fx import from_torch
 from passes.core.pass_base import PassContext
@@ -184,6 +185,8 @@ def _spec_of(conv: nn.Conv2d, hw: tuple[int, int], lanes: int = 8, **kw) -> Conv
     (nn.Conv2d(5, 24, 3, dilation=2, padding=2, bias=False), (13, 11)),  # dilated, three channel vectors
     (nn.Conv2d(40, 16, 1), (1, 1)),                                      # 1x1 conv on a 1x1 map: reads NCHW
     (nn.Conv2d(16, 32, 1, stride=2), (9, 9)),                            # strided 1x1 (a ResNet downsample)
+    (nn.Conv2d(12, 24, 1), (7, 7)),                                      # flat pixels: 49 computed as 13 x 4
+    (nn.Conv2d(20, 16, 1, bias=False), (5, 3)),                          # flat pixels: 2 vectors x 5 pixels
     (nn.Conv2d(24, 24, 3, groups=24, padding=1), (13, 11)),              # depthwise
     (nn.Conv2d(16, 16, 3, groups=16, stride=2, padding=1), (14, 9)),     # depthwise stride 2
     (nn.Conv2d(8, 8, 5, groups=8, dilation=2, padding=4, bias=False), (7, 5)),  # depthwise 5x5 dilated
@@ -245,6 +248,31 @@ def test_blocked_conv_buffers(conv, hw, pad, tile):
     assert packed.shape == (oc // v, c // icb, kh, kw, icb, v)
     # weight[o, i, y, x] sits at [o / v, i / icb, y, x, i % icb, o % v]
     assert packed[1, 0, kh - 1, 0, 0, 3] == conv.weight[v + 3, 0, kh - 1, 0]
+
+
+def test_flat_pixel_1x1_conv_tiles_the_flattened_map():
+    """An unpadded stride-1 1x1 conv is a GEMM over the H * W pixels: MobileNetV2's 160 -> 960 conv at 7x7 takes
+    3 channel vectors x 4 consecutive pixels of the flattened map (the row of 7 allowed only 1 vector x 7), 13
+    tiles computing 52 pixels, 49 stored; the output keeps its NCHW8c shape and no input copy is made."""
+    spec = _spec_of(nn.Conv2d(160, 960, 1), (7, 7), activation="relu6", in_block=8, out_block=8)
+    assert spec.flat_pixels and default_tile(spec) == Tile(oc_block=24, rows=1, cols=4)
+    # 20 channel vectors (not 3 per tile): 2 x 5 pixels, 50 computed (2 x 6 computes 54: measured 1.25x slower)
+    assert default_tile(dataclasses.replace(spec, weight_shape=(160, 960, 1, 1))) == Tile(16, 1, 5)
+    func = conv_kernel(spec, "llvm")
+    assert tuple(int(d) for d in func.params[-1].shape) == (1, 120, 7, 7, 8)  # (TVM 0.27: params carry shapes)
+    assert {name: (shape, scope) for name, shape, scope in compacted_buffers(func)} == {
+        "conv_local": ((1, 3, 1, 4, 8), "local")}
+
+
+@pytest.mark.parametrize("conv, why", [
+    (nn.Conv2d(16, 32, 1, stride=2), "stride 2: pixels of a row are not consecutive in memory"),
+    (nn.Conv2d(16, 32, 1, padding=1), "padding: the zero border is not in the input"),
+    (nn.Conv2d(16, 32, 3, padding=1), "3x3: a pixel reads its neighbours"),
+    (nn.Conv2d(16, 16, 1, groups=16), "depthwise: no reduction over channels"),
+], ids=["strided", "padded", "3x3", "depthwise"])
+def test_flat_pixels_only_for_unpadded_stride_1_1x1_convs(conv, why):
+    spec = _spec_of(conv, (7, 7))
+    assert spec.blocked and not spec.flat_pixels, why
 
 
 def test_not_blocked_keeps_the_other_schedules():
