@@ -761,7 +761,7 @@ def _blocked_band_tile(spec: ConvSpec, budget: int) -> Tile:
     (a divisor of the pooled height) whose band buffer fits ``BAND_BYTES`` while leaving ``BAND_TASKS`` tasks: the
     halo is (kernel - stride) / (rows * stride) of the conv. Measured on Zen 3 (AVX2, 2 cores) on the ResNet stem,
     kernel time over the blocked conv's alone: 1.06 with 8 pooled rows per band, 1.04 with 14, 1.02 with 28."""
-    register = _blocked_tile(spec, spec.conv_shape[3], budget)
+    register = _blocked_tile(spec, spec.conv_shape[3], budget, padded=spec.packs_input)
     n, oc, ph, _ = spec.out_shape
     width = ceil_to(spec.conv_shape[3], register.cols)
 
