@@ -150,6 +150,10 @@ def prepare(runtime: str, model, inputs, folder: str, tune_trials: int, tuning_d
         opt = passes.optimize(model, example_inputs=inputs, measure=False, **options)
         facts = {"tune_trials": opt.report.tune.get("new_trials", 0) if runtime == "ours-tuned" else 0,
                  "gflop": opt.report.flops["before"] / 1e9}
+        if runtime == "ours-tuned":  # the budget spent and the guard's verdict, for the table's tuning line
+            facts["tune"] = {k: opt.report.tune[k] for k in ("seconds", "tasks", "tuned_tasks", "failed_trials",
+                                                             "remeasured_default_kept", "whole_model")
+                             if k in opt.report.tune}
         return (lambda: opt(*inputs)), facts
     raise SystemExit(f"unknown runtime {runtime!r}")
 
@@ -276,13 +280,24 @@ def _cell(entry: dict | None) -> str:
     return f"{entry['ms']:.2f} ({entry['low']:.2f}-{entry['high']:.2f})"
 
 
+def _tune_summary(tune: dict) -> str:
+    """One line per tuned model: time spent, tasks, and what the whole-model guard kept."""
+    guard = tune.get("whole_model")
+    kept = (f"whole model tuned {guard['tuned_ms']} vs untuned {guard['untuned_ms']} ms: kept {guard['kept']}"
+            if guard else "no whole-model comparison (nothing tuned)")
+    return (f"tuning took {tune.get('seconds', '-')} s, {tune.get('tuned_tasks', '-')} of {tune.get('tasks', '-')} "
+            f"tasks tuned, {tune.get('failed_trials', 0)} failed trials, {tune.get('remeasured_default_kept', 0)} "
+            f"kept their default after the re-measure; {kept}")
+
+
 def write_results(rows: dict[str, dict[str, dict]], runtimes: list[str], machine: str, args) -> str:
     def ms(row, key):
         entry = row.get(key)
         return entry["ms"] if entry and "ms" in entry else None
 
     int8 = any(r in INT8_RUNTIMES for r in runtimes)
-    lines = [f"Machine: {machine}. Batch 1, fp32; median ms of all timed calls (lowest-highest per-round median) "
+    lines = [f"Machine: {machine}, load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())} at the end. "
+             f"Batch 1, fp32; median ms of all timed calls (lowest-highest per-round median) "
              f"over {args.rounds} alternating rounds of {args.calls} calls, each runtime in its own process, no "
              "environment variables set. Ratios: ours (the faster of untuned and tuned) / the best of ONNX Runtime "
              "and OpenVINO, and / PyTorch eager. Errors: max |ours - PyTorch| / max |PyTorch|"
@@ -313,6 +328,7 @@ def write_results(rows: dict[str, dict[str, dict]], runtimes: list[str], machine
         lines += ["", "Tuning: `passes.Tune(trials=" + str(args.tune_trials) + ")` per model, database "
                   f"`{args.tuning_db}` (trials measured in this run: "
                   + ", ".join(f"{n} {e['tune_trials']}" for n, e in tuned.items()) + ")."]
+        lines += [f"- {n}: {_tune_summary(e.get('tune', {}))}" for n, e in tuned.items()]
     if failures:
         lines += ["", "Failures: " + "; ".join(failures) + "."]
     text = "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -43,6 +44,7 @@ from backends.tvm.kernels import (
     DenseSpec,
     Tile,
     accumulator_vectors,
+    ceil_to,
     conv_kernel,
     default_dense_tile,
     default_tile,
@@ -139,6 +141,8 @@ def candidates(spec: Spec, winograd: int = 0) -> list[Tile]:
 
 def _direct_candidates(spec: Spec) -> list[Tile]:
     default = default_tile_of(spec)
+    if isinstance(spec, ConvSpec) and spec.blocked:
+        return [default, *_blocked_candidates(spec, default)]
     if isinstance(spec, DenseSpec):
         lanes, limit = spec.lanes, 3 * accumulator_vectors(spec.lanes) // 2
         tiles = [Tile(1, r, c) for r in _divisors(spec.m, 8) for c in _divisors(spec.n, 4 * lanes)
@@ -149,11 +153,9 @@ def _direct_candidates(spec: Spec) -> list[Tile]:
         tiles = []
         lanes, limit = spec.lanes, 7 * accumulator_vectors(spec.lanes) // 4  # 28 on AVX-512, 21 on AVX2
         for ob in _divisors(oc, 2 * lanes):
-            if spec.blocked and ob % spec.oc_vector:  # the blocked kernel's tile is whole channel vectors
-                continue
             for rows in _divisors(oh, 4):
                 for cols in _divisors(ow, 2 * lanes // col_scale):
-                    if spec.channels_vectorized or spec.blocked:
+                    if spec.channels_vectorized:
                         vectors = rows * row_scale * cols * col_scale * -(-ob // lanes)
                     else:
                         vectors = ob * rows * row_scale * -(-(cols * col_scale) // lanes)
@@ -166,6 +168,35 @@ def _direct_candidates(spec: Spec) -> list[Tile]:
     ordered = sorted(set(tiles) - {default}, key=lambda t: (abs(np.log2(accumulators(t) / accumulators(default))),
                                                              -t.cols, -t.oc_block, t.rows))
     return [default, *ordered]
+
+
+def _blocked_candidates(spec: ConvSpec, default: Tile) -> list[Tile]:
+    """The blocked (NCHWc) kernel's register tiles other than ``default``: 1-3 channel vectors x ``rows`` x
+    ``cols`` pixels (pooled pixels with a pool epilogue, whose register tile is one conv row of their windows).
+
+    The accumulators stay within ``accumulator_vectors`` (12 of AVX2's 16 ymm: two weight vectors and a broadcast
+    take the rest; one vector alone at most ``budget - 4`` pixels, as ``kernels._blocked_tile``: LLVM hoists that
+    many broadcasts ahead of their FMAs and spills), rows divide the output height, and columns need not divide
+    the width: the kernel pads its row to a multiple of ``cols`` (an unpadded 1x1 conv then copies its input; the
+    measurement says whether the wider tile pays for it). Ordered most useful accumulators first (those on the
+    padding columns do not count), then the fewest wasted columns."""
+    v, budget = spec.oc_vector, accumulator_vectors(spec.lanes)
+    _, oc, oh, ow = spec.out_shape
+    window = spec.pool_kernel[1] if spec.pool else 1
+    tiles = []
+    for vectors in (1,) if spec.depthwise and spec.pool else (1, 2, 3):
+        if (oc // v) % vectors:
+            continue
+        pixels = budget // vectors if vectors > 1 else budget - 4
+        for rows in _divisors(oh, 1 if spec.pool else 4):
+            for cols in range(1, pixels // (rows * window) + 1):
+                tiles.append(Tile(oc_block=vectors * v, rows=rows, cols=cols))
+
+    def merit(t: Tile):
+        computed = ceil_to(ow, t.cols)
+        return -round(t.oc_block // v * t.rows * t.cols * ow / computed, 3), computed - ow, -t.oc_block, t.rows
+
+    return sorted(set(tiles) - {default}, key=merit)
 
 
 def build_candidate(task: TuneTask, tile: Tile, target: Target) -> tuple[tvm.runtime.Executable, tirx.PrimFunc]:
@@ -339,56 +370,146 @@ def make_runner(rpc: str | None, timeout: float) -> LocalRunner | RPCRunner:
 
 
 # ------------------------------------------------------------------------------------------------ tuning loop
-def plan(tasks: list[TuneTask], trials: int) -> list[tuple[TuneTask, list[Tile]]]:
-    """Trials per task in proportion to its FLOPs (at least one), each task's first candidates."""
-    total = sum(t.flops for t in tasks) or 1
-    planned = []
-    for task in tasks:
-        share = max(1, round(trials * task.flops / total))
-        planned.append((task, candidates(task.spec, task.winograd)[:share]))
-    return planned
+def allocate(weights: list[float], capacities: list[int], trials: int) -> list[int]:
+    """Trials per task: in proportion to its weight (its time in the model), never more than its candidates, the
+    spare of a task with fewer candidates than its share handed to the others (water-filling), and one each,
+    heaviest first, when the budget left is too small to split."""
+    counts = [0] * len(weights)
+    left = trials
+    while left > 0:
+        open_ = [i for i in range(len(weights)) if counts[i] < capacities[i]]
+        if not open_:
+            break
+        total = sum(weights[i] for i in open_) or 1.0
+        shares = {i: min(capacities[i] - counts[i], int(left * weights[i] / total)) for i in open_}
+        if not any(shares.values()):  # too few left to split: one each, heaviest first
+            for i in sorted(open_, key=lambda i: -weights[i])[:left]:
+                shares[i] = 1
+        for i, share in shares.items():
+            counts[i] += share
+            left -= share
+    return counts
+
+
+def plan(tasks: list[TuneTask], trials: int, times: dict[Spec, float] | None = None
+         ) -> list[tuple[TuneTask, list[Tile]]]:
+    """Each task's first candidates (its default first), heaviest task first, ``trials`` in all (``allocate``).
+
+    A task's weight is its measured time in the model (``times``: ms of its default tile, times its node count)
+    where known, else its FLOPs scaled by the measured tasks' ms per FLOP (all FLOPs when nothing is measured):
+    a depthwise or 1x1 conv takes far more time per FLOP than a 3x3 one, so FLOPs alone misplace the budget."""
+    times = times or {}
+    timed = [t for t in tasks if t.spec in times]
+    per_flop = (sum(times[t.spec] for t in timed) / (sum(t.flops for t in timed) or 1)) if timed else 1.0
+    weights = [times.get(t.spec, t.flops * per_flop) for t in tasks]
+    lists = [candidates(t.spec, t.winograd) for t in tasks]
+    counts = allocate(weights, [len(c) for c in lists], trials)
+    order = sorted(range(len(tasks)), key=lambda i: -weights[i])
+    return [(tasks[i], lists[i][:counts[i]]) for i in order if counts[i]]
+
+
+def check_args(task: TuneTask, tile: Tile, func: tirx.PrimFunc, device) -> list:
+    """Seeded arguments of ``func`` (``task`` with ``tile``) that give every candidate of the task the same
+    logical inputs: the same data, bias and residual, and one logical weight packed in the candidate's own layout
+    (the Winograd kernel's U = G g G^T; the direct kernels share theirs), scaled 1/sqrt(fan-in)."""
+    rng = np.random.default_rng(0)
+    args = []
+    for index, param in enumerate(func.params):
+        shape, dtype = tuple(int(d) for d in param.shape), str(param.dtype)
+        if index == 1 and isinstance(task.spec, ConvSpec):
+            weight = rng.standard_normal(task.spec.weight_shape) / np.sqrt(np.prod(task.spec.weight_shape[1:]))
+            packer = winograd_choose(task.spec, tile.winograd) if tile.winograd else task.spec
+            value = packer.pack_weight(weight)
+        else:
+            value = rng.standard_normal(shape)
+        args.append(tvm.runtime.tensor(np.asarray(value).astype(dtype), device))
+    return args
+
+
+NUMERIC_TOLERANCE = {"float32": 1e-4}  # of the output scale; low-precision storage: 1e-2
+
+
+def numeric_error(task: TuneTask, tile: Tile, lib, func, reference: np.ndarray | None) -> tuple[np.ndarray, str | None]:
+    """(the candidate's output on ``check_args``, why it is numerically off or None) against ``reference``, the
+    default tile's output (None: this is the reference). Max |out - reference| / max |reference| must stay within
+    ``NUMERIC_TOLERANCE`` (the project's fp32 tolerance: Winograd's per-layer error is 1e-6..6e-6)."""
+    device = tvm.cpu(0)
+    args = check_args(task, tile, func, device)
+    lib.mod["main"](*args)
+    out = args[-1].numpy().astype(np.float64)
+    if reference is None:
+        return out, None
+    if not np.isfinite(out).all():
+        return out, "numerics: non-finite output"
+    error = float(np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-30))
+    dtype = str(func.params[-1].dtype)
+    if error > NUMERIC_TOLERANCE.get(dtype, 1e-2):
+        return out, f"numerics: max error {error:.1e} of the output scale against the default tile"
+    return out, None
 
 
 def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.PathLike,
                rpc: str | None = None, timeout: float = 30.0, progress: bool = True,
                on_record: Callable[[dict], None] | None = None) -> tuple[dict[Spec, Tile], dict[str, Any]]:
-    """Tune the graph's kernels; returns (best tile per spec from the database, report dict)."""
+    """Tune the graph's kernels; returns (best tile per spec from the database, report dict).
+
+    Two phases: every task's default tile is measured first (by FLOPs, as far as ``trials`` reach), then the rest
+    of the budget goes to the other candidates in proportion to each task's measured time in the model
+    (``plan``), heaviest first. Locally, each candidate's output is checked against the default tile's on the same
+    inputs (``numeric_error``) before it is timed. A candidate that fails to build, is numerically off or fails
+    to run is recorded with its error (never retried, never chosen) and counted, never fatal."""
     start = time.perf_counter()
     db = Database(database)
     tasks = extract_tasks(graph, target)
-    work = plan(tasks, trials)
-    todo = [(task, [t for t in tiles if t not in db.measured(task_key(task.spec, target))]) for task, tiles in work]
-    runner = make_runner(rpc, timeout) if any(tiles for _, tiles in todo) else None
-    bar = progress_bar(enabled=progress, desc="tune", total=sum(len(t) for _, t in todo), unit="trial")
-    new_trials, failures = 0, 0
-    for index, (task, tiles) in enumerate(todo, 1):
-        key = task_key(task.spec, target)
-        built = []
-        for tile in tiles:
-            try:
-                built.append((tile, *build_candidate(task, tile, target)))
-            except Exception as exc:  # an invalid tile for this shape: record it so it is never retried
-                db.append({"key": key, "tile": dataclasses.asdict(tile), "ms": None, "error": str(exc)[:200]})
-                failures += 1
-                _advance(bar, task, index, len(todo), _best_ms(db, key))
+    state = {"runner": None, "new": 0, "build": 0, "numerics": 0, "run": 0}
+    references: dict[Spec, np.ndarray | None] = {}
+    bar = progress_bar(enabled=progress, desc="tune", total=trials, unit="trial")
 
-        def measure(item):
-            tile, lib, func = item
+    def reference(task: TuneTask) -> np.ndarray | None:
+        """The default tile's output on ``check_args`` (None where it cannot be computed: nothing is compared)."""
+        if task.spec not in references:
             try:
-                return tile, runner.measure(lib, func), None
-            except Exception as exc:  # a failed measurement is a result too (e.g. a remote timeout)
-                return tile, None, str(exc)[:200]
+                lib, func = build_candidate(task, task.default, target)
+                references[task.spec] = numeric_error(task, task.default, lib, func, None)[0]
+            except Exception:  # the default itself is measured (and its failure recorded) as a trial
+                references[task.spec] = None
+        return references[task.spec]
 
-        with concurrent.futures.ThreadPoolExecutor(max_workers=runner.workers if runner else 1) as pool:
-            for tile, ms, error in pool.map(measure, built):
-                record = {"key": key, "tile": dataclasses.asdict(tile), "ms": ms, "task": task.kind,
-                          "runner": runner.name, "error": error}
-                db.append(record)
-                if on_record:
-                    on_record(record)
-                new_trials += 1
-                failures += error is not None
-                _advance(bar, task, index, len(todo), _best_ms(db, key))
+    def run(work: list[tuple[TuneTask, list[Tile]]]) -> None:
+        for index, (task, tiles) in enumerate(work, 1):
+            key = task_key(task.spec, target)
+            tiles = [t for t in tiles if t not in db.measured(key)]
+            if not tiles:
+                continue
+            state["runner"] = state["runner"] or make_runner(rpc, timeout)
+            runner = state["runner"]
+            built = []
+            for tile in tiles:
+                try:
+                    built.append((tile, *build_candidate(task, tile, target)))
+                except Exception as exc:  # an invalid tile for this shape: record it so it is never retried
+                    _record(db, on_record, key, task, tile, None, f"build: {str(exc)[:200]}", runner.name)
+                    state["build"] += 1
+                    _advance(bar, task, index, len(work), _best_ms(db, key))
+            expected = reference(task) if rpc is None and any(t != task.default for t, *_ in built) else None
+
+            measure = functools.partial(_trial, task, runner, expected)
+            with concurrent.futures.ThreadPoolExecutor(max_workers=runner.workers) as pool:
+                for tile, ms, error in pool.map(measure, built):
+                    _record(db, on_record, key, task, tile, ms, error, runner.name)
+                    state["new"] += 1
+                    if error:
+                        state["numerics" if error.startswith("numerics") else "run"] += 1
+                    _advance(bar, task, index, len(work), _best_ms(db, key))
+
+    run([(task, [task.default]) for task in tasks[:trials]])  # phase 1: where the time is
+    times = {}
+    for task in tasks:
+        ms = db.measured(task_key(task.spec, target)).get(task.default)
+        if ms is not None:
+            times[task.spec] = ms * len(task.nodes)
+    work = plan(tasks, trials, times)
+    run(work)  # phase 2: the budget where the time is
     bar.close()
     best = {}
     for task in tasks:
@@ -397,12 +518,47 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
             best[task.spec] = tile
     tuned_tasks = len(best)
     remeasured = _remeasure(tasks, best, target) if rpc is None else 0
-    report = {"new_trials": new_trials, "failed_trials": failures, "trials_budget": trials,
+    runner = state["runner"]
+    failed = state["build"] + state["numerics"] + state["run"]
+    report = {"new_trials": state["new"] + state["build"], "failed_trials": failed, "trials_budget": trials,
+              "failed_builds": state["build"], "numerically_off": state["numerics"], "failed_runs": state["run"],
+              "numerics_checked": rpc is None,
               "tasks": len(tasks), "tuned_tasks": tuned_tasks, "database": str(db.folder),
+              "hottest": [_describe(task, times.get(task.spec)) for task, _ in work[:3]],
               "runner": runner.name if runner else "none (all planned trials already in the database)",
               "skipped_lines": dict(db.skipped), "remeasured_default_kept": remeasured,
               "seconds": round(time.perf_counter() - start, 2)}
     return best, report
+
+
+def _trial(task: TuneTask, runner, expected: np.ndarray | None, item) -> tuple[Tile, float | None, str | None]:
+    """(tile, ms, error) of one built candidate: checked against ``expected`` (the default tile's output; None:
+    unchecked), then timed by ``runner``."""
+    tile, lib, func = item
+    try:
+        if expected is not None and tile != task.default:
+            problem = numeric_error(task, tile, lib, func, expected)[1]
+            if problem:
+                return tile, None, problem
+        return tile, runner.measure(lib, func), None
+    except Exception as exc:  # a failed run is a result too (e.g. a remote timeout)
+        return tile, None, f"run: {str(exc)[:200]}"
+
+
+def _record(db: Database, on_record, key: str, task: TuneTask, tile: Tile, ms: float | None, error: str | None,
+            runner: str) -> None:
+    record = {"key": key, "tile": dataclasses.asdict(tile), "ms": ms, "task": task.kind, "runner": runner,
+              "error": error}
+    db.append(record)
+    if on_record:
+        on_record(record)
+
+
+def _describe(task: TuneTask, ms: float | None) -> str:
+    """A task in one line for the report: kind, shapes, its default's time in the model."""
+    spec = task.spec
+    shape = f"{spec.in_shape}x{spec.weight_shape}" if isinstance(spec, ConvSpec) else f"{spec.m}x{spec.k}x{spec.n}"
+    return f"{task.kind} {shape}: {'-' if ms is None else f'{ms:.3f}'} ms"
 
 
 def _remeasure(tasks: list[TuneTask], best: dict[Spec, Tile], target: Target, rounds: int = 3) -> int:

@@ -261,3 +261,159 @@ def test_bad_database_lines_are_skipped_and_counted(tmp_path):
     assert len(Database(tmp_path / "db").records()) == 2
     with torch.no_grad():
         assert_outputs_close(model(*xs), opt(*xs))
+
+
+def mobilenet_block() -> tuple[nn.Module, tuple]:
+    """An inverted residual (1x1 expand, 3x3 depthwise, 1x1 project, residual) that alter-layout makes blocked."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6())
+            self.expand = nn.Sequential(nn.Conv2d(16, 48, 1), nn.ReLU6())
+            self.depthwise = nn.Sequential(nn.Conv2d(48, 48, 3, padding=1, groups=48), nn.ReLU6())
+            self.project = nn.Conv2d(48, 16, 1)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return y + self.project(self.depthwise(self.expand(y)))
+
+    return Block().eval(), (torch.randn(1, 3, 14, 14),)
+
+
+def _default_pipeline_graph(model, xs):
+    from passes.api import DEFAULT_PIPELINE
+    from passes.core.pass_base import PassContext
+    from passes.core.pipeline import Pipeline, resolve
+
+    graph = from_torch(model, xs)
+    Pipeline(resolve(DEFAULT_PIPELINE), []).run(graph, PassContext(example_inputs=xs, target="llvm"))
+    return graph
+
+
+def test_tasks_are_the_blocked_convs_of_the_default_pipeline_with_their_tile_spaces():
+    """The tasks are the conv2d_nchwc kernels alter-layout produces (dense 3x3, 1x1, depthwise), and their tiles
+    are whole channel vectors within AVX2's 12 accumulators, columns not only divisors of the width."""
+    from backends.tvm.target import resolve_target
+    from backends.tvm.tune import candidates
+
+    graph = _default_pipeline_graph(*mobilenet_block())
+    assert sorted(graph.nodes[n]["op"] for n in graph.op_nodes("conv2d_nchwc")) == ["conv2d_nchwc"] * 4
+    target = resolve_target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    tasks = extract_tasks(graph, target)
+    specs = [t.spec for t in tasks]
+    assert len(tasks) == 4 and all(s.blocked and (s.in_block or s.out_block) == 8 for s in specs)
+    kinds = {(s.weight_shape[2:], s.depthwise) for s in specs}
+    assert kinds == {((3, 3), False), ((1, 1), False), ((3, 3), True)}
+    for task in tasks:
+        tiles = candidates(task.spec)
+        assert tiles[0] == default_tile(task.spec) and len(set(tiles)) == len(tiles) > 3
+        for t in tiles:
+            vectors = t.oc_block // 8
+            assert t.oc_block % 8 == 0 and vectors * t.rows * t.cols <= (12 if vectors > 1 else 8)
+        assert any(14 % t.cols for t in tiles)  # padded rows: 14 columns in tiles of 3, 4, 5, 6 ...
+    expand = next(t for t in tasks if t.spec.weight_shape == (48, 16, 1, 1))
+    assert {t.oc_block for t in candidates(expand.spec)} == {8, 16, 24}  # 3 vectors: 24-channel tiles
+
+
+def _task(flops: int, name: str):
+    from backends.tvm.kernels import ConvSpec
+    from backends.tvm.tune import TuneTask
+
+    spec = ConvSpec(in_shape=(1, 16, 14, 14), weight_shape=(16 * flops, 16, 1, 1), stride=(1, 1), padding=(0, 0),
+                    dilation=(1, 1), groups=1, has_bias=True, lanes=8)
+    return TuneTask(spec, flops, (name,))
+
+
+def test_the_task_that_takes_the_most_time_comes_first_and_gets_the_most_trials():
+    """Measured time, not FLOPs, orders the tasks and splits the budget."""
+    light_but_slow, heavy_but_fast = _task(1, "a"), _task(4, "b")
+    work = plan([heavy_but_fast, light_but_slow], trials=12,
+                times={light_but_slow.spec: 3.0, heavy_but_fast.spec: 1.0})
+    assert [task for task, _ in work] == [light_but_slow, heavy_but_fast]
+    assert len(work[0][1]) > len(work[1][1]) >= 1 and sum(len(tiles) for _, tiles in work) == 12
+
+
+def test_spare_trials_of_a_task_with_few_candidates_go_to_the_others():
+    from backends.tvm.tune import allocate
+
+    assert allocate([9.0, 1.0], [3, 50], 20) == [3, 17]  # 18 would go to the first: it has 3 candidates
+    assert allocate([1.0, 2.0, 3.0], [5, 5, 5], 2) == [0, 0, 2]  # too few to split: the heaviest first
+    assert allocate([1.0, 1.0], [2, 2], 100) == [2, 2]
+
+
+def test_a_tuned_record_is_the_tile_the_build_runs():
+    """The lowering builds each conv with the tile the tuner chose for its spec (``lower_graph(tiles=...)``)."""
+    from backends.tvm.kernels import conv_kernel
+    from backends.tvm.lower import lower_graph
+    from backends.tvm.module import build
+    from backends.tvm.target import resolve_target
+    from backends.tvm.tune import candidates
+
+    model, xs = mobilenet_block()
+    graph = _default_pipeline_graph(model, xs)
+    target = resolve_target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    task = next(t for t in extract_tasks(graph, target) if t.spec.depthwise)
+    tuned = candidates(task.spec)[1]
+    (node,) = task.nodes
+    mod = lower_graph(graph, target, tiles={task.spec: tuned})
+    built = next(f for gv, f in mod.functions.items() if gv.name_hint == f"conv2d_{node}")
+    for tile, same in ((tuned, True), (task.default, False)):
+        expected = conv_kernel(task.spec, "llvm", tile)
+        assert tvm_structural_equal(built.body, expected.body) is same
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), build(graph, target, tiles={task.spec: tuned})(xs[0].numpy()))
+
+
+def tvm_structural_equal(a, b) -> bool:
+    return str(a) == str(b)  # the printed TIR: same loops, splits and buffers
+
+
+def test_a_candidate_that_fails_to_build_is_recorded_and_counted(tmp_path, monkeypatch):
+    from backends.tvm import tune as tuning
+
+    real = tuning.build_candidate
+
+    def broken(task, tile, target):
+        if tile != task.default:
+            raise RuntimeError("LLVM ERROR: out of registers")
+        return real(task, tile, target)
+
+    monkeypatch.setattr(tuning, "build_candidate", broken)
+    model, xs = small_cnn()
+    opt = passes.optimize(model, example_inputs=xs, measure=False,
+                          tune=passes.Tune(trials=6, database=str(tmp_path / "db"), progress=False))
+    report = opt.report.to_dict()["tune"]
+    assert report["failed_builds"] == report["failed_trials"] >= 3 and report["numerically_off"] == 0
+    failed = [r for r in Database(tmp_path / "db").records() if r["ms"] is None]
+    assert len(failed) == report["failed_builds"] and all(r["error"].startswith("build: LLVM ERROR") for r in failed)
+    assert report["tuned_tasks"] == 3 and "whole_model" not in report  # only defaults measured: nothing to apply
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), opt(*xs))
+
+
+def test_a_numerically_wrong_candidate_is_never_chosen(tmp_path, monkeypatch):
+    """A candidate whose output differs from the default tile's (here: built for a spec without its ReLU) is
+    recorded with its error and never applied, however fast."""
+    import dataclasses
+
+    from backends.tvm import tune as tuning
+
+    real = tuning.build_candidate
+
+    def wrong(task, tile, target):
+        if tile != task.default and getattr(task.spec, "activation", "none") == "relu":
+            task = dataclasses.replace(task, spec=dataclasses.replace(task.spec, activation="none"))
+        return real(task, tile, target)
+
+    monkeypatch.setattr(tuning, "build_candidate", wrong)
+    model, xs = small_cnn()
+    opt = passes.optimize(model, example_inputs=xs, measure=False,
+                          tune=passes.Tune(trials=8, database=str(tmp_path / "db"), progress=False))
+    report = opt.report.to_dict()["tune"]
+    assert report["numerically_off"] >= 1 and report["failed_trials"] == report["numerically_off"]
+    off = [r for r in Database(tmp_path / "db").records() if r["error"]]
+    assert all(r["error"].startswith("numerics: max error") and r["ms"] is None for r in off)
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), opt(*xs))
