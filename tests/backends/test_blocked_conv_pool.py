@@ -128,6 +128,17 @@ def test_band_pool_is_vectorized():
     assert "ucomiss" not in asm and "vmaxps" in asm
 
 
+def _run_with_tile(spec, tile, x, w, b):
+    """The blocked conv+pool kernel built alone with ``tile``, run on torch tensors (weights packed as the lowering
+    packs them)."""
+    lib = tvm.compile(tvm.IRModule({"main": conv_kernel(spec, "llvm", tile).with_attr("global_symbol", "main")}),
+                      target="llvm")
+    args = [tvm.runtime.tensor(a) for a in (x.numpy(), spec.pack_weight(w.numpy()), b.numpy())]
+    out = tvm.runtime.empty(spec.out_shape, "float32")
+    lib["main"](*args, out)
+    return out.numpy()
+
+
 @pytest.mark.parametrize("tile", [Tile(8, 3, 5), Tile(16, 1, 4), Tile(16, 7, 6)], ids=str)
 def test_band_tiles_other_than_the_default_match(tile):
     """Bands the tuner may propose (1 pooled row: 3 conv rows; bands that do not divide the pooled height; one
@@ -136,12 +147,8 @@ def test_band_tiles_other_than_the_default_match(tile):
     gen = torch.Generator().manual_seed(4)
     x, w, b = (torch.randn(s, generator=gen) for s in (spec.in_shape, spec.weight_shape, (16,)))
     expected = F.max_pool2d(F.relu(F.conv2d(x, w, b, stride=2, padding=3)), 3, 2, 1).numpy()
-    lib = tvm.compile(tvm.IRModule({"main": conv_kernel(spec, "llvm", tile).with_attr("global_symbol", "main")}),
-                      target="llvm")
-    args = [tvm.runtime.tensor(a) for a in (x.numpy(), spec.pack_weight(w.numpy()), b.numpy())]
-    out = tvm.runtime.empty(spec.out_shape, "float32")
-    lib["main"](*args, out)
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(_run_with_tile(spec, tile, x, w, b), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())
 
 
 def test_nan_and_inf_propagate_through_the_band_max():
@@ -224,12 +231,8 @@ def test_tuner_tiles_other_than_the_default_match(tile):
     gen = torch.Generator().manual_seed(3)
     x, w, b = (torch.randn(s, generator=gen) for s in (spec.in_shape, spec.weight_shape, (16,)))
     expected = F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=1)), 2).numpy()
-    lib = tvm.compile(tvm.IRModule({"main": conv_kernel(spec, "llvm", tile).with_attr("global_symbol", "main")}),
-                      target="llvm")
-    args = [tvm.runtime.tensor(a) for a in (x.numpy(), spec.pack_weight(w.numpy()), b.numpy())]
-    out = tvm.runtime.empty(spec.out_shape, "float32")
-    lib["main"](*args, out)
-    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(_run_with_tile(spec, tile, x, w, b), expected, rtol=1e-5,
+                               atol=1e-5 * np.abs(expected).max())
 
 
 def test_explain_names_the_pool_path():
