@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule, TensorIntrin
-from tvm.s_tir.tensor_intrin import cuda as wmma_intrinsics
 
 from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, _epilogue_inputs, _wide
 
@@ -145,7 +144,11 @@ def conv_compute(spec: ConvSpec, tile: TensorCoreTile = DEFAULT_TILE) -> list[te
 
 def _intrinsics(dtype: str) -> dict[str, str]:
     """Names of the WMMA tensor intrinsics for ``dtype`` inputs and fp32 accumulators. TVM registers the fp16
-    ones; the bf16 ones are made here from TVM's own generators (same code path, nv_bfloat16 fragments)."""
+    ones; the bf16 ones are made here from TVM's own generators (same code path, nv_bfloat16 fragments). Imported
+    here, not at module level: TVM's CUDA intrinsics module takes ~40 s to import on this CPU, and every process
+    that lowers anything (CPU builds included) would pay it."""
+    from tvm.s_tir.tensor_intrin import cuda as wmma_intrinsics
+
     if dtype == "float16":
         return {"load_a": wmma_intrinsics.WMMA_LOAD_16x16x16_F16_A_INTRIN,
                 "load_b": wmma_intrinsics.WMMA_LOAD_16x16x16_F16_B_INTRIN,
