@@ -491,6 +491,12 @@ def tune_graph(graph: Graph, target: Target, trials: int, database: str | os.Pat
                     _record(db, on_record, key, task, tile, None, f"build: {str(exc)[:200]}", runner.name)
                     state["build"] += 1
                     _advance(bar, task, index, len(work), _best_ms(db, key))
+            for tile, lib, func in built:  # the default just built here is the reference: no second build
+                if tile == task.default and rpc is None and task.spec not in references:
+                    try:
+                        references[task.spec] = numeric_error(task, tile, lib, func, None)[0]
+                    except Exception:  # its failed run is recorded by its trial below
+                        references[task.spec] = None
             expected = reference(task) if rpc is None and any(t != task.default for t, *_ in built) else None
 
             measure = functools.partial(_trial, task, runner, expected)
