@@ -91,3 +91,21 @@ def test_lowering_refusal_names_the_node():
     g.set_outputs(g.add_op("adaptive_max_pool2d", [x], attrs={"output_size": (3, 3)}, origin=("head.pool",)))
     with pytest.raises(Exception, match=r"adaptive_max_pool2d.*head\.pool.*uneven windows"):
         build(g, "llvm")
+
+
+def test_inputs_are_cast_and_gathered_and_outputs_are_the_callers_own():
+    """The CPU path copies inputs through numpy views of the device buffers (``np.copyto``: a strided float64 input
+    is cast and gathered in one pass) and outputs out of numpy views: what a caller gets is its own writable copy,
+    also when the output is a constant of the model or its input buffer."""
+    model = Fn(lambda s, x: (x * 2, s.lin.bias + 0, x), lin=torch.nn.Linear(3, 3)).eval()
+    x = torch.randn(3, 3)
+    compiled = build(from_torch(model, (x,)), "llvm")
+    strided = np.asfortranarray(x.numpy().astype(np.float64))
+    for got, want in zip(compiled(strided), model(x)):
+        np.testing.assert_array_equal(got, want.detach().numpy())
+    first = compiled(x.numpy())
+    assert all(a.flags.writeable and a.flags.owndata for a in first)
+    for a in first:
+        a[...] = 7
+    for got, want in zip(compiled(x.numpy()), model(x)):
+        np.testing.assert_array_equal(got, want.detach().numpy())
