@@ -90,6 +90,8 @@ def task_key(spec: Spec, target: Target | tvm.target.Target) -> str:
            "tvm": tvm.__version__}
     if isinstance(spec, ConvSpec) and spec.blocked:  # its tiles are whole channel vectors: records of the
         doc["schedule"] = "nchwc"                    # NCHW schedules of the same spec do not apply
+    if isinstance(spec, ConvSpec) and spec.flat_pixels:  # a tile is rows * cols consecutive pixels of the flattened
+        doc["tile_pixels"] = "flat"                       # map: records written when it was a rows x cols window
     return hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -95,6 +95,20 @@ def test_keys_of_blocked_convs_refuse_records_of_the_nchw_schedules(monkeypatch)
     assert task_key(spec, here) != blocked
 
 
+def test_keys_of_flat_pixel_1x1_convs_refuse_records_of_row_tiles(monkeypatch):
+    """A flat-pixel 1x1 conv reads ``Tile(rows, cols)`` as rows * cols consecutive pixels: a record written when the
+    same spec's tile was a rows x cols window means another tile."""
+    from backends.tvm.kernels import ConvSpec
+
+    spec = ConvSpec(in_shape=(1, 64, 14, 14), weight_shape=(128, 64, 1, 1), stride=(1, 1), padding=(0, 0),
+                    dilation=(1, 1), groups=1, has_bias=True, lanes=8)
+    here = make_target("llvm")
+    assert spec.flat_pixels
+    flat = task_key(spec, here)
+    monkeypatch.setattr(ConvSpec, "flat_pixels", property(lambda self: False))
+    assert task_key(spec, here) != flat
+
+
 def test_hottest_tasks_get_the_most_trials():
     model, xs = small_cnn()
     work = plan(extract_tasks(from_torch(model, xs)), trials=20)
