@@ -1,6 +1,7 @@
 """Where the time goes: our conv/dense kernels of a zoo model timed one by one, against the whole model.
 
-    python benchmarks/profile_kernels.py resnet18 [GHZ]  # a model of benchmarks/run.py, or a zoo name (resnet, ...)
+    python benchmarks/profile_kernels.py resnet18 [GHZ] [ROWS]  # a model of benchmarks/run.py or a zoo name;
+                                                                # ROWS: kernels listed, slowest first (default 12)
 
 Each kernel spec of the optimized graph (``backends.tvm.tune.extract_tasks``) is built with its default tile and
 timed with TVM's time evaluator, times the number of nodes using it; the remainder of the end-to-end time is every
@@ -29,6 +30,7 @@ from examples import zoo  # noqa: E402
 def main() -> int:
     name = sys.argv[1] if len(sys.argv) > 1 else "resnet18"
     ghz = float(sys.argv[2]) if len(sys.argv) > 2 else 3.0
+    listed = int(sys.argv[3]) if len(sys.argv) > 3 else 12
     model, inputs = zoo.make(name, full=True) if name in zoo.ZOO else make_model(name)
     opt = passes.optimize(model, example_inputs=inputs, measure=False)
     target, runner = resolve_target("llvm"), LocalRunner(number=10, repeat=3)
@@ -46,7 +48,7 @@ def main() -> int:
     print(f"{name}: end-to-end {total:.2f} ms; conv/dense kernels {ours:.2f} ms ({ours / total:.0%}); "
           f"everything else {total - ours:.2f} ms")
     peak = 2 * 2 * target.lanes * ghz * target.cores
-    for ms, kind, shape, count, gflops in sorted(rows, reverse=True)[:12]:
+    for ms, kind, shape, count, gflops in sorted(rows, reverse=True)[:listed]:
         print(f"  {ms:6.2f} ms  {kind:<12} out {shape} x{count}  {gflops:.0f} GFLOP/s ({gflops / peak:.0%} of "
               f"{peak:.0f})")
     return 0
