@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.ir.graph import Graph, IRError
+from passes.ir.ops import nchwc_operands
 
 OPSET = 17
 _ELEM = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
@@ -162,9 +163,12 @@ def _layout_transform(ex, xs, a, p):
 
 @exports("conv1d", "conv2d", "conv2d_nchwc")
 def _conv(ex, xs, a, p):
-    y = _conv_node(ex, xs[0], a, p)
-    if len(xs) > 1:  # residual operand (fuse-conv-add)
-        y = ex.one("Add", [y, xs[1]])
+    x, residual, scale = nchwc_operands(xs, a)
+    if scale is not None:  # fold-channel-scale: x * s per input channel (s: N, C, 1, 1)
+        x = ex.one("Mul", [x, scale])
+    y = _conv_node(ex, x, a, p)
+    if residual is not None:  # residual operand (fuse-conv-add)
+        y = ex.one("Add", [y, residual])
     return _activation(ex, y, a["activation"], a["activation_params"])
 
 

@@ -47,7 +47,7 @@ from backends.tvm.select import (
 from backends.tvm.target import Target, resolve_target
 from backends.tvm.winograd import WinogradSpec, winograd_kernel
 from passes.ir.graph import Graph, Value
-from passes.ir.ops import activation_of, layout_block
+from passes.ir.ops import activation_of, layout_block, nchwc_operands
 
 FLOAT_MAX = 3.4028234663852886e38
 
@@ -64,12 +64,13 @@ def _constant(ctx, xs):
     return ctx.const(ctx.params["value"])
 
 
-def _call_kernel(ctx: LowerContext, name: str, func, x: relax.Expr, weight: np.ndarray, weight_dtype: str,
-                 has_bias: bool, residual: relax.Expr | None, out_shape: tuple, out_dtype: str) -> relax.Expr:
+def _call_kernel(ctx: LowerContext, name: str, func, x: relax.Expr, weight: np.ndarray | relax.Expr,
+                 weight_dtype: str, has_bias: bool, residual: relax.Expr | None, out_shape: tuple, out_dtype: str
+                 ) -> relax.Expr:
     """``call_tir`` of one of our conv kernels: ``(x, packed weight[, bias][, residual]) -> out``, the weight and the
-    bias (fp32 in every kernel: added to the fp32 accumulator) as constants."""
+    bias (fp32 in every kernel: added to the fp32 accumulator) as constants (the weight: or an expression)."""
     gv = ctx.bb.add_func(func.with_attr("global_symbol", name), name)
-    args = [x, ctx.const(weight, weight_dtype)]
+    args = [x, weight if isinstance(weight, relax.Expr) else ctx.const(weight, weight_dtype)]
     if has_bias:
         args.append(ctx.const(ctx.params["bias"], "float32"))
     if residual is not None:
@@ -77,13 +78,19 @@ def _call_kernel(ctx: LowerContext, name: str, func, x: relax.Expr, weight: np.n
     return ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(out_shape, out_dtype)))
 
 
-def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None
-                     ) -> relax.Expr:
-    """``call_tir`` of our scheduled conv kernel, weights and bias as constants."""
+def call_conv_kernel(ctx: LowerContext, x: relax.Expr, spec: ConvSpec, residual: relax.Expr | None = None,
+                     input_scale: relax.Expr | None = None) -> relax.Expr:
+    """``call_tir`` of our scheduled conv kernel, weights and bias as constants. ``input_scale`` (N = 1, C
+    channels, any layout of a 1x1 map): conv(x * s) is computed as conv(x) with the packed weight scaled per input
+    channel at run time, W'[o, c, ...] = W[o, c, ...] s[c] (fold-channel-scale's rule keeps that the smaller pass)."""
+    weight = spec.pack_weight(ctx.params["weight"])
+    if input_scale is not None:
+        shape = [1] * weight.ndim  # blocked [OC/v][C/icb][KH][KW][icb][v]: the input channel is (axis 1, axis 4)
+        shape[1], shape[4] = spec.in_shape[1] // spec.ic_block, spec.ic_block
+        weight = ctx.emit(R.multiply(ctx.const(weight, spec.dtype), R.reshape(input_scale, shape)))
     return _call_kernel(ctx, ("conv2d_pool_" if spec.pool else "conv2d_") + ctx.node,
-                        conv_kernel(spec, ctx.target_kind, ctx.tiles.get(spec)), x,
-                        spec.pack_weight(ctx.params["weight"]), spec.dtype, spec.has_bias, residual,
-                        spec.stored_shape, spec.dtype)
+                        conv_kernel(spec, ctx.target_kind, ctx.tiles.get(spec)), x, weight, spec.dtype,
+                        spec.has_bias, residual, spec.stored_shape, spec.dtype)
 
 
 def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, residual: relax.Expr | None = None
@@ -178,12 +185,17 @@ def _layout_transform(ctx, xs):
 @lowering("conv2d_nchwc")
 def _conv2d_nchwc(ctx, xs):
     """Our blocked kernel reads and writes the layouts directly (CPU); elsewhere (cuda, a dtype our kernels do not
-    take) the NCHW Relax conv between layout transforms."""
-    if ctx.choice.kernel == "conv" and ctx.choice.spec.blocked:
-        return call_conv_kernel(ctx, xs[0], ctx.choice.spec, xs[1] if len(xs) > 1 else None)
+    take) the NCHW Relax conv between layout transforms (an input scale multiplied in first)."""
     a = ctx.attrs
-    plain = [relax_layout(ctx, xs[0], a["in_layout"], "NCHW")]
-    plain += [relax_layout(ctx, r, a["out_layout"], "NCHW") for r in xs[1:]]
+    x, residual, scale = nchwc_operands(xs, a)
+    if ctx.choice.kernel == "conv" and ctx.choice.spec.blocked:
+        return call_conv_kernel(ctx, x, ctx.choice.spec, residual, scale)
+    plain = [relax_layout(ctx, x, a["in_layout"], "NCHW")]
+    if scale is not None:
+        n, c = static_shape(plain[0])[:2]
+        plain[0] = ctx.emit(R.multiply(plain[0], R.reshape(scale, (n, c, 1, 1))))
+    if residual is not None:
+        plain.append(relax_layout(ctx, residual, a["out_layout"], "NCHW"))
     return relax_layout(ctx, _relax_conv(ctx, plain), "NCHW", a["out_layout"])
 
 

@@ -37,6 +37,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "distill": "passes.transforms.distill:Distill",
     "mixed-precision": "passes.transforms.mixed_precision:MixedPrecision",
     "alter-layout": "passes.transforms.alter_layout:AlterLayout",
+    "fold-channel-scale": "passes.transforms.fold_channel_scale:FoldChannelScale",
 }
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.

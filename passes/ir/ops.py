@@ -16,7 +16,7 @@ Backends must provide a lowering for every op here; ``tests/backends`` fails whe
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -405,22 +405,34 @@ register_op(OpDef("layout_transform", lambda xs, a, p: to_layout(xs[0], a["src"]
                   doc="The same tensor in another memory layout: NCHW <-> NCHW[b]c (from alter-layout)."))
 
 
+def nchwc_operands(xs: Sequence[Any], attrs: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """A ``conv2d_nchwc``'s operands as (x, residual or None, input scale or None): [x, residual?, scale?], the
+    per-input-channel scale last when ``input_scale`` (from fold-channel-scale)."""
+    scale = xs[-1] if attrs.get("input_scale") else None
+    rest = xs[1:len(xs) - (scale is not None)]
+    return xs[0], (rest[0] if rest else None), scale
+
+
 def _conv2d_nchwc(xs, a, p):
-    x = to_layout(xs[0], a["in_layout"], "NCHW")
+    x, residual, scale = nchwc_operands(xs, a)
+    x = to_layout(x, a["in_layout"], "NCHW")
+    if scale is not None:  # (N, C, 1, 1) or its blocked form: either flattens to channel order
+        x = x * scale.reshape(x.shape[0], -1, 1, 1)
     y = F.conv2d(x, p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"], a["groups"])
-    if len(xs) > 1:
-        y = y + to_layout(xs[1], a["out_layout"], "NCHW")
+    if residual is not None:
+        y = y + to_layout(residual, a["out_layout"], "NCHW")
     return to_layout(apply_activation(y, a), "NCHW", a["out_layout"])
 
 
 register_op(OpDef(
-    "conv2d_nchwc", _conv2d_nchwc, arity=(1, 2),
+    "conv2d_nchwc", _conv2d_nchwc, arity=(1, 3),
     attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, **_FUSED_ACTIVATION,
-           "in_layout": REQUIRED, "out_layout": REQUIRED},
+           "in_layout": REQUIRED, "out_layout": REQUIRED, "input_scale": False},
     params=("weight",), optional_params=("bias",), flops=_conv_flops,
     doc="conv2d (as the `conv2d` op: bias, residual operand, fused activation) whose input is in `in_layout` and "
         "whose output and residual are in `out_layout` (NCHW or NCHW[b]c; from alter-layout). Weights stay "
-        "(OC, C/groups, KH, KW)."))
+        "(OC, C/groups, KH, KW). `input_scale`: a last operand of shape (N, C, 1, 1) (or blocked) multiplies the "
+        "input per channel first (squeeze-excite's gate, from fold-channel-scale)."))
 
 
 for _nd, _convt in ((1, F.conv_transpose1d), (2, F.conv_transpose2d)):

@@ -85,11 +85,11 @@ def test_mobilenet_block_has_one_transform_at_the_exit():
     assert result.stats == {"blocked": 6, "transforms": 1}
     assert_graph_text(graph, """
 graph InvertedResidual(%x: f32[1,3,12,10]) {
-  %stem = conv2d_nchwc(%x) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW', out_layout='NCHW8c', padding=(1, 1), stride=(2, 2)} [bias: f32[16], weight: f32[16,3,3,3]] -> f32[1,2,6,5,8]
-  %expand = conv2d_nchwc(%stem) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[32], weight: f32[32,16,1,1]] -> f32[1,4,6,5,8]
-  %dw = conv2d_nchwc(%expand) {activation='relu6', activation_params=(), dilation=(1, 1), groups=32, in_layout='NCHW8c', out_layout='NCHW8c', padding=(1, 1), stride=(1, 1)} [bias: f32[32], weight: f32[32,1,3,3]] -> f32[1,4,6,5,8]
-  %project = conv2d_nchwc(%dw, %stem) {activation='none', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[16], weight: f32[16,32,1,1]] -> f32[1,2,6,5,8]
-  %last = conv2d_nchwc(%project) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[24], weight: f32[24,16,1,1]] -> f32[1,3,6,5,8]
+  %stem = conv2d_nchwc(%x) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW', input_scale=False, out_layout='NCHW8c', padding=(1, 1), stride=(2, 2)} [bias: f32[16], weight: f32[16,3,3,3]] -> f32[1,2,6,5,8]
+  %expand = conv2d_nchwc(%stem) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', input_scale=False, out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[32], weight: f32[32,16,1,1]] -> f32[1,4,6,5,8]
+  %dw = conv2d_nchwc(%expand) {activation='relu6', activation_params=(), dilation=(1, 1), groups=32, in_layout='NCHW8c', input_scale=False, out_layout='NCHW8c', padding=(1, 1), stride=(1, 1)} [bias: f32[32], weight: f32[32,1,3,3]] -> f32[1,4,6,5,8]
+  %project = conv2d_nchwc(%dw, %stem) {activation='none', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', input_scale=False, out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[16], weight: f32[16,32,1,1]] -> f32[1,2,6,5,8]
+  %last = conv2d_nchwc(%project) {activation='relu6', activation_params=(), dilation=(1, 1), groups=1, in_layout='NCHW8c', input_scale=False, out_layout='NCHW8c', padding=(0, 0), stride=(1, 1)} [bias: f32[24], weight: f32[24,16,1,1]] -> f32[1,3,6,5,8]
   %adaptive_avg_pool2d = mean(%last) {dim=(2, 3), keepdim=True} -> f32[1,3,1,1,8]  meta{alter_layout.layout='NCHW8c'}
   %adaptive_avg_pool2d_to_NCHW = layout_transform(%adaptive_avg_pool2d) {dst='NCHW', src='NCHW8c'} -> f32[1,24,1,1]
   %flatten = flatten(%adaptive_avg_pool2d_to_NCHW) {end_dim=3, start_dim=1} -> f32[1,24]
