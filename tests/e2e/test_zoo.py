@@ -9,6 +9,7 @@ import passes
 from backends.tvm import build, cuda_source
 from examples import zoo
 from frontend.torch_fx import from_torch
+from passes.api import DEFAULT_PIPELINE
 from passes.core.pass_base import PassContext
 from passes.core.pipeline import Pipeline, resolve
 from passes.core.registry import PRESETS
@@ -57,7 +58,7 @@ def test_zoo_default_pipeline_matches_pytorch(name):
     with torch.no_grad():
         assert_outputs_close(model(*xs), opt(*xs))
     report = opt.report.to_dict()
-    assert [p["name"] for p in report["passes"]] == [*PRESETS["default"], "alter-layout"]
+    assert [p["name"] for p in report["passes"]] == [*PRESETS["default"], *DEFAULT_PIPELINE[1:]]
     assert report["flops"]["after"] <= report["flops"]["before"]
 
 
