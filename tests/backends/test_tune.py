@@ -82,31 +82,21 @@ def test_keys_include_target_and_tvm_version(monkeypatch):
     assert task_key(spec, here) != before
 
 
-def test_keys_of_blocked_convs_refuse_records_of_the_nchw_schedules(monkeypatch):
-    """A database written before the blocked (NCHWc) conv holds tiles of other shapes for the same spec."""
+@pytest.mark.parametrize("kernel, weight_shape, padding", [("blocked", (32, 16, 3, 3), (1, 1)),
+                                                         ("flat_pixels", (128, 16, 1, 1), (0, 0))])
+def test_keys_refuse_records_of_earlier_tile_meanings(monkeypatch, kernel, weight_shape, padding):
+    """A database written before the blocked (NCHWc) conv holds tiles of other shapes for the same spec; a
+    flat-pixel 1x1 conv reads ``Tile(rows, cols)`` as rows * cols consecutive pixels, where an earlier record meant a
+    rows x cols window."""
     from backends.tvm.kernels import ConvSpec
 
-    spec = ConvSpec(in_shape=(1, 16, 14, 14), weight_shape=(32, 16, 3, 3), stride=(1, 1), padding=(1, 1),
+    spec = ConvSpec(in_shape=(1, 16, 14, 14), weight_shape=weight_shape, stride=(1, 1), padding=padding,
                     dilation=(1, 1), groups=1, has_bias=True, lanes=8)
     here = make_target("llvm")
-    assert spec.blocked
-    blocked = task_key(spec, here)
-    monkeypatch.setattr(ConvSpec, "blocked", property(lambda self: False))
-    assert task_key(spec, here) != blocked
-
-
-def test_keys_of_flat_pixel_1x1_convs_refuse_records_of_row_tiles(monkeypatch):
-    """A flat-pixel 1x1 conv reads ``Tile(rows, cols)`` as rows * cols consecutive pixels: a record written when the
-    same spec's tile was a rows x cols window means another tile."""
-    from backends.tvm.kernels import ConvSpec
-
-    spec = ConvSpec(in_shape=(1, 64, 14, 14), weight_shape=(128, 64, 1, 1), stride=(1, 1), padding=(0, 0),
-                    dilation=(1, 1), groups=1, has_bias=True, lanes=8)
-    here = make_target("llvm")
-    assert spec.flat_pixels
-    flat = task_key(spec, here)
-    monkeypatch.setattr(ConvSpec, "flat_pixels", property(lambda self: False))
-    assert task_key(spec, here) != flat
+    assert getattr(spec, kernel)
+    key = task_key(spec, here)
+    monkeypatch.setattr(ConvSpec, kernel, property(lambda self: False))
+    assert task_key(spec, here) != key
 
 
 def test_hottest_tasks_get_the_most_trials():
