@@ -59,6 +59,19 @@ def test_nan_and_inf_propagate_as_in_pytorch(model):
         torch.testing.assert_close(actual, expected, equal_nan=True, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("model", [nn.ReLU(), nn.ReLU6(), nn.Hardtanh(-0.5, 0.5)], ids=repr)
+def test_clamps_keep_nan_signed_zero_and_ties_bit_for_bit(model):
+    """A clamp against a constant is ``select(c > x, c, x)`` (``backends.tvm.nan``): NaN, -0.0 and a value equal to
+    the bound come back exactly as PyTorch returns them, sign bit included."""
+    x = torch.tensor([[float("nan"), -0.0, 0.0, 0.5, -0.5, 6.0, 7.0, -float("inf"), float("inf"), -3.0]])
+    with torch.no_grad():
+        expected = model.eval()(x)
+    actual = passes.optimize(model, passes=[], example_inputs=(x,), measure=False)(x)
+    assert torch.equal(torch.isnan(actual), torch.isnan(expected))
+    assert torch.equal(torch.signbit(actual), torch.signbit(expected))
+    torch.testing.assert_close(actual, expected, equal_nan=True, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
 @pytest.mark.parametrize("model", [
     nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.MaxPool2d(3, stride=1, padding=1),
