@@ -162,7 +162,8 @@ class CompiledModule:
         for spec, x in zip(self.inputs, inputs):
             if type(x).__module__.startswith("torch"):
                 any_torch = True
-                x = x.detach().cpu().numpy()
+                x = x.detach().cpu()
+                x = (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()  # numpy has no bfloat16: widen
             array = np.asarray(x)
             if array.shape != spec.shape:
                 raise InputError(f"input {spec.name!r}: expected shape {list(spec.shape)}, got "

@@ -75,6 +75,15 @@ def test_wrong_input_shape_count_and_dtype_give_clear_errors():
         compiled(np.ones((2, 3), np.complex64), np.ones((2, 3), np.float32))
 
 
+def test_a_bfloat16_torch_input_runs_as_its_float32_value():
+    """numpy has no bfloat16: a bf16 tensor is widened (exactly) before the usual dtype check."""
+    model = Fn(lambda s, a, b: a * b)
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    compiled = build(from_torch(model, (a, b)), "llvm")
+    low = a.to(torch.bfloat16)
+    torch.testing.assert_close(compiled(low, b), low.float() * b, rtol=0, atol=0)
+
+
 def test_export_and_load_round_trip(tmp_path):
     model = torch.nn.GRU(3, 4, batch_first=True).eval()
     x = torch.randn(1, 5, 3)
