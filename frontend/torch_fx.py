@@ -164,6 +164,10 @@ class _Converter:
 
     def emit(self, op: str, operands: Sequence[Any], attrs: dict | None = None, params: dict | None = None):
         values = [self.value(x) for x in operands]
+        low = [k for k, v in (params or {}).items() if isinstance(v, torch.Tensor) and v.dtype == torch.bfloat16]
+        if low:  # numpy has no bfloat16; the IR's bf16 comes from the mixed-precision pass
+            raise FrontendError(f"{self.where()}: parameter {low[0]!r} is bfloat16; import the float32 model "
+                                "(model.float()) and add the 'mixed-precision{dtype=bf16}' pass")
         # Copies, not views: later changes to the torch model must not leak into the IR (and vice versa).
         params = {k: (v.detach().cpu().numpy().copy() if isinstance(v, torch.Tensor) else np.array(v))
                   for k, v in (params or {}).items() if v is not None}

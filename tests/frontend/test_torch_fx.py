@@ -263,6 +263,12 @@ def test_non_module_and_missing_inputs_are_refused():
         from_torch(nn.ReLU(), ())
 
 
+def test_bfloat16_weights_are_refused_with_what_to_do():
+    model = nn.Sequential(nn.Linear(4, 3)).to(torch.bfloat16)
+    with pytest.raises(FrontendError, match=r"0: parameter 'weight' is bfloat16; import the float32 model"):
+        from_torch(model, (torch.randn(2, 4, dtype=torch.bfloat16),))
+
+
 def test_unsupported_usage_of_supported_module_is_explained():
     model = nn.LSTM(4, 5, proj_size=2)
     with pytest.raises(UnsupportedModelError, match="proj_size"):
