@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.ir.graph import Graph, IRError
-from passes.ir.ops import nchwc_operands
+from passes.ir.ops import conv_operands
 
 OPSET = 17
 _ELEM = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
@@ -163,7 +163,7 @@ def _layout_transform(ex, xs, a, p):
 
 @exports("conv1d", "conv2d", "conv2d_nchwc")
 def _conv(ex, xs, a, p):
-    x, residual, scale = nchwc_operands(xs, a)
+    x, residual, scale = conv_operands(xs, a)
     if scale is not None:  # fold-channel-scale: x * s per input channel (s: N, C, 1, 1)
         x = ex.one("Mul", [x, scale])
     y = _conv_node(ex, x, a, p)

@@ -47,7 +47,7 @@ from backends.tvm.select import (
 from backends.tvm.target import Target, resolve_target
 from backends.tvm.winograd import WinogradSpec, winograd_kernel
 from passes.ir.graph import Graph, Value
-from passes.ir.ops import activation_of, layout_block, nchwc_operands
+from passes.ir.ops import activation_of, conv_operands, layout_block
 
 FLOAT_MAX = 3.4028234663852886e38
 
@@ -187,7 +187,7 @@ def _conv2d_nchwc(ctx, xs):
     """Our blocked kernel reads and writes the layouts directly (CPU); elsewhere (cuda, a dtype our kernels do not
     take) the NCHW Relax conv between layout transforms (an input scale multiplied in first)."""
     a = ctx.attrs
-    x, residual, scale = nchwc_operands(xs, a)
+    x, residual, scale = conv_operands(xs, a)
     if ctx.choice.kernel == "conv" and ctx.choice.spec.blocked:
         return call_conv_kernel(ctx, x, ctx.choice.spec, residual, scale)
     plain = [relax_layout(ctx, x, a["in_layout"], "NCHW")]

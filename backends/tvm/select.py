@@ -16,7 +16,7 @@ from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
 from backends.tvm.qkernels import groups_fit
 from backends.tvm.winograd import WinogradSpec
 from passes.ir.graph import Graph, Value
-from passes.ir.ops import layout_block
+from passes.ir.ops import conv_operands, layout_block
 
 
 def conv_spec_of(graph: Graph, node: str, lanes: int = 16) -> ConvSpec:
@@ -32,8 +32,8 @@ def conv_spec_of(graph: Graph, node: str, lanes: int = 16) -> ConvSpec:
     return ConvSpec(in_shape=in_shape, weight_shape=tuple(p["weight"].shape),
                     stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=a["groups"],
                     has_bias="bias" in p, activation=a["activation"], activation_params=tuple(a["activation_params"]),
-                    residual=len(operands) > 1 + bool(a.get("input_scale")),  # the input scale is no residual
-                    pool=a.get("pool"), pool_kernel=a.get("pool_kernel", (1, 1)),
+                    residual=conv_operands(operands, a)[1] is not None, pool=a.get("pool"),
+                    pool_kernel=a.get("pool_kernel", (1, 1)),
                     pool_stride=a.get("pool_stride", (1, 1)), pool_padding=a.get("pool_padding", (0, 0)),
                     pool_ceil_mode=a.get("pool_ceil_mode", False), dtype=graph.value_type(operands[0]).dtype,
                     lanes=lanes, in_block=in_block, out_block=out_block)

@@ -405,16 +405,17 @@ register_op(OpDef("layout_transform", lambda xs, a, p: to_layout(xs[0], a["src"]
                   doc="The same tensor in another memory layout: NCHW <-> NCHW[b]c (from alter-layout)."))
 
 
-def nchwc_operands(xs: Sequence[Any], attrs: Mapping[str, Any]) -> tuple[Any, Any, Any]:
-    """A ``conv2d_nchwc``'s operands as (x, residual or None, input scale or None): [x, residual?, scale?], the
-    per-input-channel scale last when ``input_scale`` (from fold-channel-scale)."""
+def conv_operands(xs: Sequence[Any], attrs: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """A conv's operands as (x, residual or None, input scale or None): [x, residual?, scale?], the residual from
+    fuse-conv-add, the per-input-channel scale last when a ``conv2d_nchwc`` has ``input_scale`` (fold-channel-scale).
+    The one place that splits them: reference, lowering, exporter and kernel spec all read it."""
     scale = xs[-1] if attrs.get("input_scale") else None
     rest = xs[1:len(xs) - (scale is not None)]
     return xs[0], (rest[0] if rest else None), scale
 
 
 def _conv2d_nchwc(xs, a, p):
-    x, residual, scale = nchwc_operands(xs, a)
+    x, residual, scale = conv_operands(xs, a)
     x = to_layout(x, a["in_layout"], "NCHW")
     if scale is not None:  # (N, C, 1, 1) or its blocked form: either flattens to channel order
         x = x * scale.reshape(x.shape[0], -1, 1, 1)

@@ -47,12 +47,12 @@ def gate_operands(graph: Graph, product: str) -> tuple[Value, Value] | None:
     return None
 
 
-def refusal(graph: Graph, conv: str) -> tuple[str, str] | None:
-    """Why ``conv`` (a conv2d_nchwc) keeps its scaled input as a separate product, or None."""
+def refusal(graph: Graph, conv: str, found: tuple[Value, Value] | None) -> tuple[str, str] | None:
+    """Why ``conv`` (a conv2d_nchwc reading a product; ``found``: that product's ``gate_operands``) keeps the product
+    as a separate op, or None."""
     data = graph.nodes[conv]
     a, weight = data["attrs"], data["params"]["weight"]
     product = graph.operands(conv)[0]
-    found = gate_operands(graph, product.node)
     if a.get("input_scale") or found is None:
         return "no_gate", f"{product.node} is not a tensor times its per-channel gate"
     if len(graph.users(product)) != 1 or graph.is_graph_output(product):
@@ -80,14 +80,16 @@ class FoldChannelScale(Pass):
         decide = Decisions(self, graph, ctx, work=("folded",))
         chosen = []
         for conv in graph.op_nodes("conv2d_nchwc"):
-            why = refusal(graph, conv)
-            if why is None:
-                chosen.append(conv)
-            elif why[0] != "no_gate" or graph.nodes[graph.operands(conv)[0].node]["op"] == "mul":
-                decide.skip(conv, *why)
-        for conv in chosen:
             product = graph.operands(conv)[0].node
-            x, scale = gate_operands(graph, product)
+            if graph.nodes[product]["op"] != "mul":  # not a candidate: nothing to explain
+                continue
+            found = gate_operands(graph, product)
+            why = refusal(graph, conv, found)
+            if why is None:
+                chosen.append((conv, product, *found))
+            else:
+                decide.skip(conv, *why)
+        for conv, product, x, scale in chosen:
             data = graph.nodes[conv]
             data["attrs"] = {**data["attrs"], "input_scale": True}
             data["origin"] = join_origin(graph.nodes[product]["origin"], data["origin"])
