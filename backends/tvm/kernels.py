@@ -919,13 +919,19 @@ def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) 
     return sch.mod["main"]
 
 
+FLAT_TASKS = 32  # parallel tasks of a flat-pixel conv, at least (where its shape allows): a few per core
+
+
 def _flat_tiles_per_task(spec: ConvSpec, tile: Tile) -> int:
-    """Pixel tiles of a flat-pixel conv (``ConvSpec.flat_pixels``) per parallel task: about one output row's worth
-    (a divisor of the tile count). A task per tile measured 1.2-1.4x slower on Zen 3 on thin convs (16-32 input
-    channels at 28x28-112x112: a few hundred FMAs per tile) than the tasks of a row."""
+    """Pixel tiles of a flat-pixel conv (``ConvSpec.flat_pixels``) per parallel task: the most (a divisor of the
+    tile count) that still leave ``FLAT_TASKS`` tasks with the channel tiles, so a task reuses its weight panel
+    over many pixels. Measured on Zen 3 (2 cores), kernel alone: 14x14 expand convs (64-96 -> 384-576 channels,
+    49 tiles of 4 pixels), one tile per task 1.08-1.12x the time of 7 or 49; 7x7 160 -> 960 1.08x; on 28-112 maps
+    within noise of the earlier one-output-row-per-task rule (which took 1.2-1.4x less than a task per tile)."""
     pixels = tile.rows * tile.cols
-    return largest_divisor(ceil_to(spec.out_shape[2] * spec.out_shape[3], pixels) // pixels,
-                           -(-spec.out_shape[3] // pixels))
+    tiles = ceil_to(spec.out_shape[2] * spec.out_shape[3], pixels) // pixels
+    channel_tiles = spec.out_shape[1] // tile.oc_block
+    return max(d for d in range(1, tiles + 1) if tiles % d == 0 and (d == 1 or channel_tiles * tiles // d >= FLAT_TASKS))
 
 
 def _schedule_blocked_pool(sch: Schedule, x_outer):
