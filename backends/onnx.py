@@ -177,6 +177,18 @@ def _conv_transpose(ex, xs, a, p):
     return _conv_node(ex, xs[0], a, p, "ConvTranspose")
 
 
+@exports("conv2d_expand_dw")
+def _conv_expand_dw(ex, xs, a, p):
+    """fuse-expand-depthwise's op: its two convs again (1x1, then depthwise), each with its activation."""
+    one_by_one = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
+    y = _activation(ex, _conv_node(ex, xs[0], one_by_one, {k: p[k] for k in ("weight", "bias") if k in p}),
+                    a["activation"], a["activation_params"])
+    depthwise = {"stride": a["stride"], "padding": a["padding"], "dilation": (1, 1),
+                 "groups": np.shape(p["dw_weight"])[0]}
+    y = _conv_node(ex, y, depthwise, {k[3:]: p[k] for k in ("dw_weight", "dw_bias") if k in p})
+    return _activation(ex, y, a["dw_activation"], a["dw_activation_params"])
+
+
 @exports("conv2d_pool")
 def _conv_pool(ex, xs, a, p):
     y = _activation(ex, _conv_node(ex, xs[0], a, p), a["activation"], a["activation_params"])

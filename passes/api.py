@@ -152,8 +152,8 @@ def _load_report(path: Path) -> Report:
 
 # ``alter-layout`` last: it rewrites convs into ``conv2d_nchwc``, which the passes of the "default" preset (and
 # quantize, mixed-precision, prune-channels, often run after it) do not match; ``passes=["default"]`` leaves it out.
-# ``fold-channel-scale`` works on the ``conv2d_nchwc`` it makes.
-DEFAULT_PIPELINE: tuple[str, ...] = ("default", "alter-layout", "fold-channel-scale")
+# ``fold-channel-scale`` and ``fuse-expand-depthwise`` work on the ``conv2d_nchwc`` it makes.
+DEFAULT_PIPELINE: tuple[str, ...] = ("default", "alter-layout", "fold-channel-scale", "fuse-expand-depthwise")
 
 
 def import_model(model: Any, example_inputs: Sequence[Any] | None = None,

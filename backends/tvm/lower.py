@@ -21,6 +21,7 @@ from tvm import relax
 from tvm.relax import op as R
 
 from backends.tvm import cuda_conv, lower_recurrent  # noqa: F401 (lower_recurrent registers the RNN lowerings)
+from backends.tvm.expand_depthwise import expand_depthwise_kernel
 from backends.tvm.kernels import ConvSpec, conv_kernel
 from backends.tvm.lowering import (  # noqa: F401 (LoweringError, LowerContext: re-exported)
     LOWERINGS,
@@ -180,6 +181,30 @@ def relax_layout(ctx: LowerContext, x: relax.Expr, src: str, dst: str) -> relax.
 @lowering("layout_transform")
 def _layout_transform(ctx, xs):
     return relax_layout(ctx, xs[0], ctx.attrs["src"], ctx.attrs["dst"])
+
+
+@lowering("conv2d_expand_dw")
+def _conv2d_expand_dw(ctx, xs):
+    """One fused kernel on CPU (``expand_depthwise``: the expanded tensor never leaves the task's band buffer);
+    otherwise (a dtype it does not take, a non-CPU target) the two convs as Relax ops between layout transforms."""
+    a, p = ctx.attrs, ctx.params
+    if ctx.choice.kernel == "expand_dw":
+        spec = ctx.choice.spec
+        weight, dw_weight = spec.pack_weights(p["weight"], p["dw_weight"])
+        name = "conv2d_expand_dw_" + ctx.node
+        func = expand_depthwise_kernel(spec, ctx.tiles.get(spec)).with_attr("global_symbol", name)
+        args = [xs[0], ctx.const(weight), *([ctx.const(p["bias"])] if spec.has_bias else []),
+                ctx.const(dw_weight), *([ctx.const(p["dw_bias"])] if spec.dw_has_bias else [])]
+        return ctx.emit(R.call_tir(ctx.bb.add_func(func, name), relax.Tuple(args),
+                                   out_ty=relax.TensorType(spec.stored_shape, "float32")))
+    x = relax_layout(ctx, xs[0], a["in_layout"], "NCHW")
+    y = _channel_bias(ctx, ctx.emit(R.nn.conv2d(x, ctx.const(p["weight"]))), p.get("bias"), 4)
+    y = ACTIVATION_LOWERINGS[a["activation"]](ctx, y, a["activation_params"])
+    y = ctx.emit(R.nn.conv2d(y, ctx.const(p["dw_weight"]), strides=a["stride"], padding=tuple(a["padding"]) * 2,
+                             groups=p["dw_weight"].shape[0]))
+    y = _channel_bias(ctx, y, p.get("dw_bias"), 4)
+    y = ACTIVATION_LOWERINGS[a["dw_activation"]](ctx, y, a["dw_activation_params"])
+    return relax_layout(ctx, y, "NCHW", a["out_layout"])
 
 
 @lowering("conv2d_nchwc")

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from backends.tvm import cuda_conv, cuda_rnn, winograd
+from backends.tvm.expand_depthwise import ExpandDepthwiseSpec
 from backends.tvm.kernels import ConvSpec, DenseSpec, dense_spec, supports
 from backends.tvm.qkernels import groups_fit
 from backends.tvm.winograd import WinogradSpec
@@ -62,6 +63,25 @@ def uses_conv_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16)
         return None
     spec = conv_spec_of(graph, node, lanes)
     return spec if supports(spec) else None
+
+
+def expand_dw_spec_of(graph: Graph, node: str, target_kind: str) -> ExpandDepthwiseSpec | None:
+    """The fused kernel's spec for a ``conv2d_expand_dw`` on CPU, float32, NCHW[b]c in and out (fuse-expand-depthwise
+    makes only these); None otherwise (it lowers as the two convs in Relax)."""
+    d = graph.nodes[node]
+    a, p = d["attrs"], d["params"]
+    block = layout_block(a["in_layout"])
+    x = graph.value_type(graph.operands(node)[0])
+    if (d["op"] != "conv2d_expand_dw" or target_kind != "llvm" or not block or a["out_layout"] != a["in_layout"]
+            or {x.dtype, *(str(v.dtype) for v in p.values())} != {"float32"}):
+        return None
+    n, cb, h, w, _ = x.shape
+    return ExpandDepthwiseSpec(in_shape=(n, cb * block, h, w), expanded=p["weight"].shape[0],
+                               kernel=tuple(p["dw_weight"].shape[2:]), stride=a["stride"], padding=a["padding"],
+                               block=block, has_bias="bias" in p, dw_has_bias="dw_bias" in p,
+                               activation=a["activation"], activation_params=tuple(a["activation_params"]),
+                               dw_activation=a["dw_activation"],
+                               dw_activation_params=tuple(a["dw_activation_params"]))
 
 
 def uses_dense_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16) -> DenseSpec | None:
@@ -123,13 +143,14 @@ class Choice:
     ``integer_max_pool``; ``recurrent``: a layer's whole time loop in one kernel; ``integer_recurrent``: the dynamic
     int8 RNNs; ``tensor_core``: ``cuda_conv.conv_kernel``, a cuda fp16/bf16 conv2d as implicit GEMM on tensor cores;
     ``winograd``: ``winograd.winograd_kernel`` for 3x3 stride-1 convs where its cost rule says it pays;
+    ``expand_dw``: ``expand_depthwise.expand_depthwise_kernel`` for a conv2d_expand_dw;
     ``blocked_conv_pool``: a conv2d_pool whose window rows are too wide for the blocked kernel's epilogue, as the
     blocked conv, ``spec`` without its pool, then the pool as a Relax op) or ``relax`` (TVM's Relax ops, scheduled
     by ``schedule.py``). ``spec``: the conv/dense/Winograd kernel's spec (conv and dense specs are also tuning
     tasks)."""
 
     kernel: str
-    spec: ConvSpec | DenseSpec | WinogradSpec | None = None
+    spec: ConvSpec | DenseSpec | WinogradSpec | ExpandDepthwiseSpec | None = None
 
 
 RELAX = Choice("relax")
@@ -142,6 +163,9 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
     tiles by spec, whose ``winograd`` field overrides the Winograd cost rule for that conv (0: direct, m: F(m))."""
     data = graph.nodes[node]
     op = data["op"]
+    if op == "conv2d_expand_dw":
+        fused = expand_dw_spec_of(graph, node, target_kind)
+        return Choice("expand_dw", fused) if fused is not None else RELAX
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
     # the Winograd kernel is CPU-only and NCHW (alter-layout leaves the convs it may take in NCHW)
     cpu_conv = target_kind == "llvm" and isinstance(spec, ConvSpec) and op != "conv2d_nchwc"

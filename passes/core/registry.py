@@ -38,6 +38,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "mixed-precision": "passes.transforms.mixed_precision:MixedPrecision",
     "alter-layout": "passes.transforms.alter_layout:AlterLayout",
     "fold-channel-scale": "passes.transforms.fold_channel_scale:FoldChannelScale",
+    "fuse-expand-depthwise": "passes.transforms.fuse_expand_depthwise:FuseExpandDepthwise",
 }
 
 # Named pipelines usable wherever a pass name is: ``optimize(passes=["default"])``, ``--passes default``.

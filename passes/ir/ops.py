@@ -436,6 +436,32 @@ register_op(OpDef(
         "input per channel first (squeeze-excite's gate, from fold-channel-scale)."))
 
 
+def _conv2d_expand_dw(xs, a, p):
+    x = to_layout(xs[0], a["in_layout"], "NCHW")
+    y = apply_activation(F.conv2d(x, p["weight"], p.get("bias")), a)
+    y = F.conv2d(y, p["dw_weight"], p.get("dw_bias"), a["stride"], a["padding"], 1, y.shape[1])
+    y = apply_activation(y, {"activation": a["dw_activation"], "activation_params": a["dw_activation_params"]})
+    return to_layout(y, "NCHW", a["out_layout"])
+
+
+def _conv2d_expand_dw_flops(in_types, out_types, attrs, params) -> int:
+    n, h, w = (in_types[0].shape[i] for i in (0, 2, 3))  # NCHW or NCHW[b]c alike
+    expanded, channels = np.shape(params["weight"])[:2]
+    kernel = int(np.prod(np.shape(params["dw_weight"])[2:]))
+    return (2 * n * h * w * expanded * channels + n * h * w * expanded * ("bias" in params)
+            + out_types[0].numel * (2 * kernel + ("dw_bias" in params)))
+
+
+register_op(OpDef(
+    "conv2d_expand_dw", _conv2d_expand_dw,
+    attrs={"stride": (1, 1), "padding": (0, 0), **_FUSED_ACTIVATION, "dw_activation": "none",
+           "dw_activation_params": (), "in_layout": REQUIRED, "out_layout": REQUIRED},
+    params=("weight", "dw_weight"), optional_params=("bias", "dw_bias"), flops=_conv2d_expand_dw_flops,
+    doc="Fused act2(depthwise(act(conv1x1(x) + bias)) + dw_bias) (from fuse-expand-depthwise): the 1x1 expand conv "
+        "(`weight` (E, C, 1, 1), `activation`) and the depthwise conv reading it (`dw_weight` (E, 1, KH, KW), "
+        "`stride`, `padding`, `dw_activation`), input in `in_layout`, output in `out_layout` (NCHW or NCHW[b]c)."))
+
+
 for _nd, _convt in ((1, F.conv_transpose1d), (2, F.conv_transpose2d)):
     register_op(OpDef(
         f"conv_transpose{_nd}d",

@@ -37,6 +37,7 @@ from passes.ir.graph import Graph, Value
 
 PLAIN = "NCHW"
 LAYOUT_META = "alter_layout.layout"  # on a mean/mul this pass made blocked: its output's layout
+BLOCKED_OPS = ("conv2d_nchwc", "conv2d_expand_dw")  # ops with in_layout / out_layout attrs (this pass's and later)
 WINOGRAD_CHANNELS = 32  # backends/tvm/winograd.MIN_CHANNELS: below it a 3x3 conv is never Winograd
 
 
@@ -96,7 +97,7 @@ def layout_of(graph: Graph, value: Value) -> str:
     data = graph.nodes[value.node]
     if LAYOUT_META in data["meta"]:
         return data["meta"][LAYOUT_META]
-    if data["op"] == "conv2d_nchwc":
+    if data["op"] in BLOCKED_OPS:
         return data["attrs"]["out_layout"]
     return data["attrs"]["dst"] if data["op"] == "layout_transform" else PLAIN
 
@@ -150,7 +151,7 @@ class AlterLayout(Pass):
                                    data["origin"])
                 graph.nodes[new.node]["meta"][LAYOUT_META] = blocked
                 decide.done(node, "blocked", f"{data['op']} on {blocked}")
-            elif data["op"] == "conv2d_nchwc" or LAYOUT_META in data["meta"]:  # laid out by an earlier run
+            elif data["op"] in BLOCKED_OPS or LAYOUT_META in data["meta"]:  # laid out by an earlier run
                 continue
             elif data["op"] not in ("input", "layout_transform"):
                 plain = [convert(v, PLAIN) for v in operands]
