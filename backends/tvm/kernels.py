@@ -931,7 +931,8 @@ def _flat_tiles_per_task(spec: ConvSpec, tile: Tile) -> int:
     pixels = tile.rows * tile.cols
     tiles = ceil_to(spec.out_shape[2] * spec.out_shape[3], pixels) // pixels
     channel_tiles = spec.out_shape[1] // tile.oc_block
-    return max(d for d in range(1, tiles + 1) if tiles % d == 0 and (d == 1 or channel_tiles * tiles // d >= FLAT_TASKS))
+    return max(d for d in range(1, tiles + 1)
+               if tiles % d == 0 and (d == 1 or channel_tiles * tiles // d >= FLAT_TASKS))
 
 
 def _schedule_blocked_pool(sch: Schedule, x_outer):
