@@ -6,7 +6,8 @@
 Each kernel spec of the optimized graph (``backends.tvm.tune.extract_tasks``) is built with its default tile and
 timed with TVM's time evaluator, times the number of nodes using it; the remainder of the end-to-end time is every
 other kernel (elementwise, pools, pads, copies). Each line also gives the kernel's schedule (``blocked``: the NCHWc
-direct conv, ``depthwise``, else the column/channel-vectorized ones) and its share of the CPU's fp32 peak:
+direct conv, ``depthwise``, ``conv2d_expand_dw``: the fused expand + depthwise kernel, else the
+column/channel-vectorized ones) and its share of the CPU's fp32 peak:
 2 FMA pipes x ``lanes`` x 2 flops x GHZ (default 3.0) x cores (two Zen 3 cores: ~190 GFLOP/s).
 """
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import make_model  # noqa: E402  (benchmarks/run.py: torchvision models and the LSTMs)
 
 import passes  # noqa: E402
+from backends.tvm.expand_depthwise import ExpandDepthwiseSpec  # noqa: E402
 from backends.tvm.kernels import DenseSpec  # noqa: E402
 from backends.tvm.target import resolve_target  # noqa: E402
 from backends.tvm.tune import LocalRunner, build_candidate, extract_tasks  # noqa: E402
@@ -39,7 +41,7 @@ def main() -> int:
         tile = task.default
         lib, func = build_candidate(task, tile, target)
         ms = runner.measure(lib, func) * len(task.nodes)
-        kind = task.kind if isinstance(task.spec, DenseSpec) else (
+        kind = task.kind if isinstance(task.spec, (DenseSpec, ExpandDepthwiseSpec)) else (
             "depthwise" if task.spec.blocked and task.spec.depthwise else "blocked" if task.spec.blocked
             else task.kind)
         rows.append((ms, kind, getattr(task.spec, "out_shape", ""), len(task.nodes), task.flops / ms / 1e6))

@@ -39,6 +39,8 @@ import numpy as np
 import tvm
 from tvm import tirx
 
+from backends.tvm import expand_depthwise
+from backends.tvm.expand_depthwise import ExpandDepthwiseSpec
 from backends.tvm.kernels import (
     ConvSpec,
     DenseSpec,
@@ -60,7 +62,7 @@ from passes.core.progress import progress_bar
 from passes.ir.graph import Graph
 
 SCHEMA = 1
-Spec = ConvSpec | DenseSpec
+Spec = ConvSpec | DenseSpec | ExpandDepthwiseSpec
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,8 @@ class TuneTask:
 
     @property
     def kind(self) -> str:
+        if isinstance(self.spec, ExpandDepthwiseSpec):
+            return "conv2d_expand_dw"
         return "dense" if isinstance(self.spec, DenseSpec) else ("conv2d_pool" if self.spec.pool else "conv2d")
 
 
@@ -104,7 +108,7 @@ def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]
     winograd_tile: dict[Spec, int] = {}
     target = resolve_target(target)
     for node, choice in select_kernels(graph, target.kind, target.lanes, target.winograd).choices.items():
-        if choice.kernel in ("conv", "blocked_conv_pool", "dense"):
+        if choice.kernel in ("conv", "blocked_conv_pool", "dense", "expand_dw"):
             found.setdefault(choice.spec, []).append(node)
         elif choice.kernel == "winograd" and graph.nodes[node]["op"] == "conv2d":
             # keyed by the direct spec (what ``select.choose`` looks up); a conv2d_pool's Winograd keeps its rule:
@@ -127,6 +131,8 @@ def default_tile_of(spec: Spec, winograd: int = 0) -> Tile:
     the cost rule picked for this conv (0: none)."""
     if isinstance(spec, DenseSpec):
         return default_dense_tile(spec)
+    if isinstance(spec, ExpandDepthwiseSpec):
+        return expand_depthwise.default_tile(spec)
     return dataclasses.replace(default_tile(spec), winograd=winograd)
 
 
@@ -142,6 +148,8 @@ def candidates(spec: Spec, winograd: int = 0) -> list[Tile]:
 
 
 def _direct_candidates(spec: Spec) -> list[Tile]:
+    if isinstance(spec, ExpandDepthwiseSpec):
+        return expand_depthwise.candidate_tiles(spec)
     default = default_tile_of(spec)
     if isinstance(spec, ConvSpec) and spec.blocked:
         return [default, *_blocked_candidates(spec, default)]
@@ -205,6 +213,8 @@ def build_candidate(task: TuneTask, tile: Tile, target: Target) -> tuple[tvm.run
     """(the built library, its PrimFunc ``main``) of ``task``'s kernel with ``tile``."""
     if isinstance(task.spec, DenseSpec):
         func = dense_kernel(task.spec, target.cores, tile)
+    elif isinstance(task.spec, ExpandDepthwiseSpec):
+        func = expand_depthwise.expand_depthwise_kernel(task.spec, tile)
     elif tile.winograd:
         func = winograd_kernel(winograd_choose(task.spec, tile.winograd))
     else:
@@ -565,7 +575,10 @@ def _record(db: Database, on_record, key: str, task: TuneTask, tile: Tile, ms: f
 def _describe(task: TuneTask, ms: float | None) -> str:
     """A task in one line for the report: kind, shapes, its default's time in the model."""
     spec = task.spec
-    shape = f"{spec.in_shape}x{spec.weight_shape}" if isinstance(spec, ConvSpec) else f"{spec.m}x{spec.k}x{spec.n}"
+    if isinstance(spec, ExpandDepthwiseSpec):
+        shape = f"{spec.in_shape}->{spec.expanded}, {spec.kernel[0]}x{spec.kernel[1]}/{spec.stride[0]}"
+    else:
+        shape = f"{spec.in_shape}x{spec.weight_shape}" if isinstance(spec, ConvSpec) else f"{spec.m}x{spec.k}x{spec.n}"
     return f"{task.kind} {shape}: {'-' if ms is None else f'{ms:.3f}'} ms"
 
 

@@ -288,13 +288,15 @@ def mobilenet_block() -> tuple[nn.Module, tuple]:
     return Block().eval(), (torch.randn(1, 3, 14, 14),)
 
 
-def _default_pipeline_graph(model, xs):
+def _default_pipeline_graph(model, xs, fuse_any_size: bool = False):
+    """``fuse_any_size``: fuse-expand-depthwise also on these small maps."""
     from passes.api import DEFAULT_PIPELINE
     from passes.core.pass_base import PassContext
     from passes.core.pipeline import Pipeline, resolve
 
     graph = from_torch(model, xs)
-    Pipeline(resolve(DEFAULT_PIPELINE), []).run(graph, PassContext(example_inputs=xs, target="llvm"))
+    pipeline = [*DEFAULT_PIPELINE[:-1], "fuse-expand-depthwise{min_size=1}"] if fuse_any_size else DEFAULT_PIPELINE
+    Pipeline(resolve(pipeline), []).run(graph, PassContext(example_inputs=xs, target="llvm"))
     return graph
 
 
@@ -368,6 +370,32 @@ def test_a_tuned_record_is_the_tile_the_build_runs():
     for tile, same in ((tuned, True), (task.default, False)):
         expected = conv_kernel(task.spec, "llvm", tile)
         assert tvm_structural_equal(built.body, expected.body) is same
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), build(graph, target, tiles={task.spec: tuned})(xs[0].numpy()))
+
+
+def test_the_fused_expand_depthwise_kernel_is_tuned_and_its_tuned_tile_is_what_the_build_runs():
+    """A conv2d_expand_dw is a task of its own: its tiles (channel vectors per task, register tile, band height)
+    are searched, default first, and the build runs the tuned one."""
+    from backends.tvm.expand_depthwise import expand_depthwise_kernel
+    from backends.tvm.lower import lower_graph
+    from backends.tvm.module import build
+    from backends.tvm.target import resolve_target
+    from backends.tvm.tune import candidates
+
+    model, xs = mobilenet_block()
+    graph = _default_pipeline_graph(model, xs, fuse_any_size=True)
+    target = resolve_target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    task = next(t for t in extract_tasks(graph, target) if t.kind == "conv2d_expand_dw")
+    tiles = candidates(task.spec)
+    assert tiles[0] == task.default and len(set(tiles)) == len(tiles) > 10
+    assert {t.oc_block for t in tiles} == {8, 16, 24} and len({t.rows for t in tiles}) > 2
+    tuned = next(t for t in tiles if t.rows != task.default.rows)
+    (node,) = task.nodes
+    mod = lower_graph(graph, target, tiles={task.spec: tuned})
+    built = next(f for gv, f in mod.functions.items() if gv.name_hint == f"conv2d_expand_dw_{node}")
+    for tile, same in ((tuned, True), (task.default, False)):
+        assert tvm_structural_equal(built.body, expand_depthwise_kernel(task.spec, tile).body) is same
     with torch.no_grad():
         assert_outputs_close(model(*xs), build(graph, target, tiles={task.spec: tuned})(xs[0].numpy()))
 
