@@ -219,7 +219,14 @@ def cmd_explain(args) -> int:
     target = get_pass_class(args.pass_name).name
     model, inputs = _model_and_inputs(args.model)
     graph = import_model(model, inputs, _input_shapes(args.input_shape, args.model))
-    pipeline = resolve(args.passes if args.passes is not None else "default")
+    if args.passes is not None:
+        pipeline = resolve(args.passes)
+    else:  # optimize()'s pipeline up to PASS (alter-layout's followers need it); a pass outside it after "default"
+        from passes.api import DEFAULT_PIPELINE
+
+        pipeline = resolve(DEFAULT_PIPELINE)
+        if target not in [p.name for p in pipeline]:
+            pipeline = resolve("default")
     names = [p.name for p in pipeline]
     if target not in names:
         pipeline.append(resolve(target)[0])
@@ -351,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                        " ('explain winograd MODEL': which convs the CPU backend builds as Winograd, and why not)")
     p.add_argument("pass_name", metavar="PASS", help="a pass name, or 'winograd' (a kernel choice, not a pass)")
     p.add_argument("model")
-    p.add_argument("--passes", default=None, help="pipeline to run before PASS (default: the default pipeline)")
+    p.add_argument("--passes", default=None, help="pipeline to run before PASS (default: optimize()'s default "
+                   "pipeline up to PASS, or the 'default' preset for a pass outside it)")
     p.add_argument("--no-winograd", action="store_true", help="with 'explain winograd': as compile --no-winograd")
     _add_input_shape(p)
     p.set_defaults(func=cmd_explain)

@@ -199,3 +199,15 @@ def test_bfloat16_convs_are_refused():
     graph = prepared(InvertedResidual(), torch.randn(1, 8, 12, 12), BEFORE + ",mixed-precision")
     stats = run_pass(ANY_SIZE, graph).stats
     assert stats.get("fused", 0) == 0 and stats["skipped.dtype"] == 1
+
+
+def test_explain_lists_each_block_and_why(tmp_path, capsys):
+    """``explain fuse-expand-depthwise MODEL`` runs optimize()'s pipeline up to the pass (alter-layout included)."""
+    from passes.cli import main
+
+    path = tmp_path / "block.onnx"
+    torch.onnx.export(InvertedResidual().eval(), torch.randn(1, 8, 28, 28), str(path), dynamo=False)
+    assert main(["explain", "fuse-expand-depthwise", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "fuse-expand-depthwise: 1 candidate(s) after" in out and "alter-layout" in out
+    assert "REWRITTEN" in out and "fused: with" in out
