@@ -37,6 +37,7 @@ from backends.tvm.kernels import (
     _f,
     accumulator_vectors,
     ceil_to,
+    fill_band,
     largest_divisor,
 )
 
@@ -199,18 +200,7 @@ def schedule_expand_depthwise(spec: ExpandDepthwiseSpec, func: tirx.PrimFunc, ti
     for loop in (d_ry, d_rx, d_x):
         sch.unroll(loop)
     sch.set_scope(dw, 0, "local")
-    sch.compute_at(band, y_outer, preserve_unit_loops=True)
-    b_eo, b_y, b_x, b_ei = sch.get_loops(band)[-4:]
-    col_outer, col_inner = sch.split(b_x, [None, tile.cols])
-    sch.reorder(b_y, col_outer, b_eo, col_inner, b_ei)
-    sch.vectorize(b_ei)
-    sch.compute_at(expand, col_outer, preserve_unit_loops=True)
-    e_eo, e_y, e_x, e_ei, rco, rci = sch.get_loops(expand)[-6:]
-    sch.reorder(rco, rci, e_y, e_x, e_eo, e_ei)
-    sch.vectorize(e_ei)
-    for loop in (e_y, e_x, e_eo):
-        sch.unroll(loop)
-    sch.set_scope(expand, 0, "local")
+    rco, _ = fill_band(sch, band, expand, y_outer, tile.cols, reductions=2)
     sch.parallel(sch.fuse(n, eo_outer, y_outer))
     sch.decompose_reduction(expand, rco)
     sch.decompose_reduction(dw, d_ry)

@@ -898,18 +898,10 @@ def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) 
     for stage in (pool, rows):  # one pooled row at a time, in local buffers
         sch.compute_at(stage, y_inner, preserve_unit_loops=True)
         sch.set_scope(stage, 0, "local")
-    sch.compute_at(band, y_outer, preserve_unit_loops=True)
-    oo, cy, cx, oi = sch.get_loops(band)[-4:]
-    col_outer, col_inner = sch.split(cx, [None, tile.cols])
-    sch.reorder(cy, col_outer, oo, col_inner, oi)
-    sch.vectorize(oi)
-    sch.compute_at(conv, col_outer, preserve_unit_loops=True)
-    oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
-    sch.reorder(rco, ry, rx, rci, yy, xx, oo, oi)  # per pixel: one broadcast, FMA'd into every channel vector
-    sch.vectorize(oi)
-    for loop in (yy, xx, oo, *((ry, rx) if spec.depthwise else ())):
-        sch.unroll(loop)
-    sch.set_scope(conv, 0, "local")
+    rco, ry, rx, _ = fill_band(sch, band, conv, y_outer, tile.cols, reductions=4)
+    if spec.depthwise:
+        sch.unroll(ry)
+        sch.unroll(rx)
     task = sch.fuse(n, o_outer, y_outer)
     sch.parallel(task)
     sch.decompose_reduction(conv, rco)
@@ -920,6 +912,26 @@ def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) 
 
 
 FLAT_TASKS = 32  # parallel tasks of a flat-pixel conv, at least (where its shape allows): a few per core
+
+
+def fill_band(sch: Schedule, band, acc, at, cols: int, reductions: int) -> list:
+    """A per-task band buffer [channel vectors][rows][width][v] (``band``) computed under loop ``at``, one register
+    tile at a time: ``cols`` pixels of a row x the task's channel vectors, accumulated by ``acc`` in registers with
+    its ``reductions`` loops outside (per pixel one broadcast, FMA'd into every channel vector), the tile's pixels
+    and vectors unrolled, the lanes vectorized. Returns ``acc``'s reduction loops (to unroll or decompose)."""
+    sch.compute_at(band, at, preserve_unit_loops=True)
+    vectors, rows, columns, lanes = sch.get_loops(band)[-4:]
+    col_outer, col_inner = sch.split(columns, [None, cols])
+    sch.reorder(rows, col_outer, vectors, col_inner, lanes)
+    sch.vectorize(lanes)
+    sch.compute_at(acc, col_outer, preserve_unit_loops=True)
+    vectors, rows, columns, lanes, *reduction = sch.get_loops(acc)[-4 - reductions:]
+    sch.reorder(*reduction, rows, columns, vectors, lanes)
+    sch.vectorize(lanes)
+    for loop in (rows, columns, vectors):
+        sch.unroll(loop)
+    sch.set_scope(acc, 0, "local")
+    return reduction
 
 
 def _flat_tiles_per_task(spec: ConvSpec, tile: Tile) -> int:
