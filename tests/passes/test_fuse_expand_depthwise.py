@@ -164,7 +164,7 @@ def test_bfloat16_lowers_as_the_two_convs():
     assert select_kernels(graph, "llvm", 8)[node].kernel == "relax"
     with torch.no_grad():
         want = model(x)
-    assert_outputs_close(want, torch.as_tensor(np.asarray(build(graph, "llvm")(x))), rtol=0.05, atol=0.05)
+    assert_outputs_close(want, torch.as_tensor(np.asarray(build(graph, "llvm")(x))), rtol=3e-2, atol=3e-2)
 
 
 def _shared_expand():
