@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from passes.ir.graph import Graph, IRError
-from passes.ir.ops import conv_operands
+from passes.ir.ops import conv_operands, expand_dw_convs
 
 OPSET = 17
 _ELEM = {"float32": TensorProto.FLOAT, "int64": TensorProto.INT64, "int32": TensorProto.INT32,
@@ -180,13 +180,10 @@ def _conv_transpose(ex, xs, a, p):
 @exports("conv2d_expand_dw")
 def _conv_expand_dw(ex, xs, a, p):
     """fuse-expand-depthwise's op: its two convs again (1x1, then depthwise), each with its activation."""
-    one_by_one = {"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1}
-    y = _activation(ex, _conv_node(ex, xs[0], one_by_one, {k: p[k] for k in ("weight", "bias") if k in p}),
-                    a["activation"], a["activation_params"])
-    depthwise = {"stride": a["stride"], "padding": a["padding"], "dilation": (1, 1),
-                 "groups": np.shape(p["dw_weight"])[0]}
-    y = _conv_node(ex, y, depthwise, {k[3:]: p[k] for k in ("dw_weight", "dw_bias") if k in p})
-    return _activation(ex, y, a["dw_activation"], a["dw_activation_params"])
+    y = xs[0]
+    for attrs, params in expand_dw_convs(a, p):
+        y = _activation(ex, _conv_node(ex, y, attrs, params), attrs["activation"], attrs["activation_params"])
+    return y
 
 
 @exports("conv2d_pool")

@@ -30,15 +30,16 @@ from tvm.s_tir import Schedule
 
 from backends.tvm.kernels import (
     BAND_BYTES,
-    BAND_TASKS,
     F32,
     TE_ACTIVATIONS,
     Tile,
     _f,
     accumulator_vectors,
     ceil_to,
+    conv_output_shape,
     fill_band,
     largest_divisor,
+    tallest_band,
 )
 
 
@@ -61,10 +62,7 @@ class ExpandDepthwiseSpec:
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
-        n, _, h, w = self.in_shape
-        oh, ow = ((size + 2 * p - k) // s + 1 for size, p, k, s in zip((h, w), self.padding, self.kernel,
-                                                                          self.stride))
-        return n, self.expanded, oh, ow
+        return conv_output_shape(self.in_shape, (self.expanded, 1, *self.kernel), self.stride, self.padding, (1, 1))
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
@@ -105,10 +103,8 @@ def default_tile(spec: ExpandDepthwiseSpec) -> Tile:
     n, e, oh, _ = spec.out_shape
     vectors = 2 if (e // v) % 2 == 0 else 1
     cols = budget // vectors if vectors > 1 else budget - 4
-    fits = [r for r in range(1, oh + 1)
-            if oh % r == 0 and _band_bytes(spec, Tile(vectors * v, r, cols)) <= BAND_BYTES] or [1]
-    spread = [r for r in fits if n * (e // (vectors * v)) * (oh // r) >= BAND_TASKS] or [min(fits)]
-    return Tile(oc_block=vectors * v, rows=max(spread), cols=cols)
+    rows = tallest_band(oh, lambda r: _band_bytes(spec, Tile(vectors * v, r, cols)), n * e // (vectors * v))
+    return Tile(oc_block=vectors * v, rows=rows, cols=cols)
 
 
 def candidate_tiles(spec: ExpandDepthwiseSpec) -> list[Tile]:

@@ -768,9 +768,17 @@ def _blocked_band_tile(spec: ConvSpec, budget: int) -> Tile:
     def band_bytes(rows: int) -> int:
         return 4 * register.oc_block * ((rows - 1) * spec.pool_stride[0] + spec.pool_kernel[0]) * width
 
-    fits = [r for r in range(1, ph + 1) if ph % r == 0 and band_bytes(r) <= BAND_BYTES] or [1]
-    spread = [r for r in fits if n * (oc // register.oc_block) * (ph // r) >= BAND_TASKS] or [min(fits)]
-    return Tile(oc_block=register.oc_block, rows=max(spread), cols=register.cols)
+    return Tile(oc_block=register.oc_block, rows=tallest_band(ph, band_bytes, n * oc // register.oc_block),
+                cols=register.cols)
+
+
+def tallest_band(height: int, band_bytes: Callable[[int], int], other_tasks: int) -> int:
+    """Output rows per band (a divisor of ``height``): the most whose band buffer (``band_bytes(rows)``) fits
+    ``BAND_BYTES`` while the bands times ``other_tasks`` (batch x channel tiles) still give ``BAND_TASKS`` tasks;
+    the fewest that fit where none leaves that many, one row where none fits."""
+    fits = [r for r in range(1, height + 1) if height % r == 0 and band_bytes(r) <= BAND_BYTES] or [1]
+    spread = [r for r in fits if other_tasks * (height // r) >= BAND_TASKS] or [min(fits)]
+    return max(spread)
 
 
 def _output_block(spec: ConvSpec) -> str:
@@ -911,9 +919,6 @@ def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) 
     return sch.mod["main"]
 
 
-FLAT_TASKS = 32  # parallel tasks of a flat-pixel conv, at least (where its shape allows): a few per core
-
-
 def fill_band(sch: Schedule, band, acc, at, cols: int, reductions: int) -> list:
     """A per-task band buffer [channel vectors][rows][width][v] (``band``) computed under loop ``at``, one register
     tile at a time: ``cols`` pixels of a row x the task's channel vectors, accumulated by ``acc`` in registers with
@@ -932,6 +937,9 @@ def fill_band(sch: Schedule, band, acc, at, cols: int, reductions: int) -> list:
         sch.unroll(loop)
     sch.set_scope(acc, 0, "local")
     return reduction
+
+
+FLAT_TASKS = 32  # parallel tasks of a flat-pixel conv, at least (where its shape allows): a few per core
 
 
 def _flat_tiles_per_task(spec: ConvSpec, tile: Tile) -> int:

@@ -48,7 +48,7 @@ from backends.tvm.select import (
 from backends.tvm.target import Target, resolve_target
 from backends.tvm.winograd import WinogradSpec, winograd_kernel
 from passes.ir.graph import Graph, Value
-from passes.ir.ops import activation_of, conv_operands, layout_block
+from passes.ir.ops import activation_of, conv_operands, expand_dw_convs, layout_block
 
 FLOAT_MAX = 3.4028234663852886e38
 
@@ -150,9 +150,11 @@ def _conv(ctx, xs):
     return _relax_conv(ctx, xs)
 
 
-def _relax_conv(ctx: LowerContext, xs: list[relax.Expr]) -> relax.Expr:
-    """act(conv(x) + bias [+ residual]) as Relax ops, NCHW."""
-    a, p = ctx.attrs, ctx.params
+def _relax_conv(ctx: LowerContext, xs: list[relax.Expr], attrs: Mapping[str, Any] | None = None,
+                params: Mapping[str, Any] | None = None) -> relax.Expr:
+    """act(conv(x) + bias [+ residual]) as Relax ops, NCHW; ``attrs``/``params``: a conv's other than the node's
+    own (one of a fused op's convs)."""
+    a, p = attrs or ctx.attrs, params or ctx.params
     nd = len(a["stride"])
     conv = R.nn.conv1d if nd == 1 else R.nn.conv2d
     padding = tuple(a["padding"]) * 2  # (lo..., hi...) symmetric
@@ -161,7 +163,7 @@ def _relax_conv(ctx: LowerContext, xs: list[relax.Expr]) -> relax.Expr:
     y = _channel_bias(ctx, y, p.get("bias"), nd + 2)
     if len(xs) > 1:  # residual operand (fuse-conv-add)
         y = ctx.emit(R.add(y, xs[1]))
-    return apply_activation(ctx, y)
+    return ACTIVATION_LOWERINGS[a["activation"]](ctx, y, a["activation_params"])
 
 
 def relax_layout(ctx: LowerContext, x: relax.Expr, src: str, dst: str) -> relax.Expr:
@@ -197,13 +199,9 @@ def _conv2d_expand_dw(ctx, xs):
                 ctx.const(dw_weight), *([ctx.const(p["dw_bias"])] if spec.dw_has_bias else [])]
         return ctx.emit(R.call_tir(ctx.bb.add_func(func, name), relax.Tuple(args),
                                    out_ty=relax.TensorType(spec.stored_shape, "float32")))
-    x = relax_layout(ctx, xs[0], a["in_layout"], "NCHW")
-    y = _channel_bias(ctx, ctx.emit(R.nn.conv2d(x, ctx.const(p["weight"]))), p.get("bias"), 4)
-    y = ACTIVATION_LOWERINGS[a["activation"]](ctx, y, a["activation_params"])
-    y = ctx.emit(R.nn.conv2d(y, ctx.const(p["dw_weight"]), strides=a["stride"], padding=tuple(a["padding"]) * 2,
-                             groups=p["dw_weight"].shape[0]))
-    y = _channel_bias(ctx, y, p.get("dw_bias"), 4)
-    y = ACTIVATION_LOWERINGS[a["dw_activation"]](ctx, y, a["dw_activation_params"])
+    y = relax_layout(ctx, xs[0], a["in_layout"], "NCHW")
+    for attrs, params in expand_dw_convs(a, p):
+        y = _relax_conv(ctx, [y], attrs, params)
     return relax_layout(ctx, y, "NCHW", a["out_layout"])
 
 

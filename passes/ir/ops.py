@@ -436,11 +436,25 @@ register_op(OpDef(
         "input per channel first (squeeze-excite's gate, from fold-channel-scale)."))
 
 
+def expand_dw_convs(attrs: Mapping[str, Any], params: Mapping[str, Any]) -> tuple[tuple[dict, dict], tuple[dict, dict]]:
+    """A ``conv2d_expand_dw`` as its two convs, each (attrs, params) as a ``conv2d`` node has them: the 1x1 expand
+    conv (``weight``, ``bias``, ``activation``) and the depthwise conv (``dw_*``). The one place that splits it: the
+    reference, the ONNX exporter and the Relax fallback all read it."""
+    expand = ({"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1,
+               "activation": attrs["activation"], "activation_params": attrs["activation_params"]},
+              {k: params[k] for k in ("weight", "bias") if k in params})
+    depthwise = ({"stride": attrs["stride"], "padding": attrs["padding"], "dilation": (1, 1),
+                  "groups": np.shape(params["dw_weight"])[0], "activation": attrs["dw_activation"],
+                  "activation_params": attrs["dw_activation_params"]},
+                 {k.removeprefix("dw_"): params[k] for k in ("dw_weight", "dw_bias") if k in params})
+    return expand, depthwise
+
+
 def _conv2d_expand_dw(xs, a, p):
-    x = to_layout(xs[0], a["in_layout"], "NCHW")
-    y = apply_activation(F.conv2d(x, p["weight"], p.get("bias")), a)
-    y = F.conv2d(y, p["dw_weight"], p.get("dw_bias"), a["stride"], a["padding"], 1, y.shape[1])
-    y = apply_activation(y, {"activation": a["dw_activation"], "activation_params": a["dw_activation_params"]})
+    y = to_layout(xs[0], a["in_layout"], "NCHW")
+    for attrs, params in expand_dw_convs(a, p):
+        y = apply_activation(F.conv2d(y, params["weight"], params.get("bias"), attrs["stride"], attrs["padding"],
+                                      attrs["dilation"], attrs["groups"]), attrs)
     return to_layout(y, "NCHW", a["out_layout"])
 
 

@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from passes.core.pass_base import Decisions, Pass, PassContext, PassResult
 from passes.core.rewrite import join_origin, replace_node
 from passes.ir.graph import Graph
-from passes.ir.ops import layout_block
-from passes.transforms.alter_layout import cpu_target
+from passes.transforms.alter_layout import PLAIN, cpu_target
 
 MIN_SIZE = 28  # the smallest depthwise output map fused by default (``small_map``)
 
@@ -42,7 +41,15 @@ MIN_SIZE = 28  # the smallest depthwise output map fused by default (``small_map
 def is_depthwise(graph: Graph, conv: str) -> bool:
     """A conv with one group per channel (groups = C = OC > 1)."""
     data = graph.nodes[conv]
-    return data["attrs"]["groups"] == data["params"]["weight"].shape[0] > 1 == data["params"]["weight"].shape[1]
+    oc, per_group = data["params"]["weight"].shape[:2]
+    return data["attrs"]["groups"] == oc > 1 and per_group == 1
+
+
+def is_expand(data: dict) -> bool:
+    """An ungrouped, unpadded, stride-1 1x1 ``conv2d_nchwc`` (a node's data)."""
+    a = data["attrs"]
+    return (data["op"] == "conv2d_nchwc" and a["groups"] == 1 and data["params"]["weight"].shape[2:] == (1, 1)
+            and a["stride"] == (1, 1) and a["padding"] == (0, 0))
 
 
 def refusal(graph: Graph, dw: str, target: str, min_size: int) -> tuple[str, str] | None:
@@ -51,19 +58,18 @@ def refusal(graph: Graph, dw: str, target: str, min_size: int) -> tuple[str, str
     expand, d = graph.nodes[expanded.node], graph.nodes[dw]
     if not cpu_target(target):
         return "target", f"target {target!r}: the fused kernel is CPU (llvm) only"
-    a = expand["attrs"] if expand["op"] == "conv2d_nchwc" else {}
-    if not a or a["groups"] != 1 or expand["params"]["weight"].shape[2:] != (1, 1) or a["stride"] != (1, 1) \
-            or a["padding"] != (0, 0):
+    if not is_expand(expand):
         return "no_expand", f"{expanded.node} ({expand['op']}) is not a 1x1 stride-1 unpadded conv"
     if len(graph.users(expanded)) != 1 or graph.is_graph_output(expanded):
         return "shared", f"{expanded.node} has other users"
     if len(graph.operands(dw)) > 1 or len(graph.operands(expanded.node)) > 1:
         return "residual", "a fused residual or input scale"
-    block = layout_block(d["attrs"]["out_layout"])
-    if not block or a["in_layout"] != a["out_layout"] or d["attrs"]["in_layout"] != d["attrs"]["out_layout"]:
-        return "layout", f"{a['in_layout']} -> {d['attrs']['out_layout']}: the fused kernel is NCHW[b]c in and out"
-    if d["attrs"]["dilation"] != (1, 1):
-        return "dilation", f"dilation {d['attrs']['dilation']}"
+    a, da = expand["attrs"], d["attrs"]
+    layouts = {a["in_layout"], a["out_layout"], da["in_layout"], da["out_layout"]}
+    if len(layouts) != 1 or PLAIN in layouts:
+        return "layout", f"{a['in_layout']} -> {da['out_layout']}: the fused kernel is NCHW[b]c in and out"
+    if da["dilation"] != (1, 1):
+        return "dilation", f"dilation {da['dilation']}"
     dtypes = {graph.value_type(expanded).dtype, *(str(p.dtype) for n in (expand, d) for p in n["params"].values())}
     if dtypes != {"float32"}:
         return "dtype", f"{sorted(dtypes)}: the fused kernel is float32"
