@@ -72,7 +72,7 @@ def expand_dw_spec_of(graph: Graph, node: str, target_kind: str) -> ExpandDepthw
     a, p = d["attrs"], d["params"]
     block = layout_block(a["in_layout"])
     x = graph.value_type(graph.operands(node)[0])
-    if (d["op"] != "conv2d_expand_dw" or target_kind != "llvm" or not block or a["out_layout"] != a["in_layout"]
+    if (target_kind != "llvm" or not block or a["out_layout"] != a["in_layout"]
             or {x.dtype, *(str(v.dtype) for v in p.values())} != {"float32"}):
         return None
     n, cb, h, w, _ = x.shape
