@@ -1139,7 +1139,7 @@ def compacted_buffers(func: tirx.PrimFunc) -> list[tuple[str, tuple[int, ...], s
 
 @dataclass(frozen=True)
 class DenseSpec:
-    """out[m, n] = act(sum_k x[m, k] * w_t[k, n] + bias[n]): linear layers and RNN input projections."""
+    """out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n]): linear layers and RNN input projections."""
 
     m: int
     k: int
@@ -1159,14 +1159,26 @@ def dense_spec(in_shape: tuple[int, ...], weight_shape: tuple[int, int], has_bia
                      lanes)
 
 
-def dense_compute(spec: DenseSpec) -> list[te.Tensor]:
+def pack_dense_weight(weight, cols: int):
+    """W (N, K) -> (N / cols, K, cols): each tile's ``cols`` output columns as one contiguous (K, cols) panel, the
+    order the kernel reads it. Read from a (K, N) W^T instead, a tile's k-th row of weights sits N floats after
+    its (k-1)-th: at batch 1 (a GEMV: every weight read once, memory-bound) such a stride crosses a 4 KB page every
+    row or few, where hardware prefetchers stop, and the layer runs at the memory latency, not its bandwidth
+    (VGG's 25088x4096 classifier: 411 MB per call)."""
+    import numpy as np
+
+    n, k = weight.shape
+    return np.ascontiguousarray(np.reshape(weight, (n // cols, cols, k)).transpose(0, 2, 1))
+
+
+def dense_compute(spec: DenseSpec, cols: int) -> list[te.Tensor]:
     x = te.placeholder((spec.m, spec.k), spec.dtype, name="x")
-    w_t = te.placeholder((spec.k, spec.n), spec.dtype, name="w_t")  # packed at compile time: rows of the output
+    w_p = te.placeholder((spec.n // cols, spec.k, cols), spec.dtype, name="w_p")  # ``pack_dense_weight``
     rk = te.reduce_axis((0, spec.k), "rk")
-    acc = te.compute((spec.m, spec.n), lambda i, j: te.sum(_wide(x[i, rk]) * _wide(w_t[rk, j]), axis=rk),
-                     name="acc")
+    acc = te.compute((spec.m, spec.n), lambda i, j: te.sum(_wide(x[i, rk]) * _wide(w_p[j // cols, rk, j % cols]),
+                                                           axis=rk), name="acc")
     act_fn = TE_ACTIVATIONS[spec.activation]
-    args = [x, w_t]
+    args = [x, w_p]
     if spec.has_bias:
         bias = te.placeholder((spec.n,), F32, name="bias")  # fp32 at any storage dtype, as in the conv kernel
         args.append(bias)
@@ -1184,11 +1196,12 @@ def default_dense_tile(spec: DenseSpec) -> Tile:
 
 
 def dense_kernel(spec: DenseSpec, cores: int = 1, tile: Tile | None = None) -> tirx.PrimFunc:
-    """CPU: tiles of rows x (one or two vectors of) columns accumulated in registers over k; parallel over tiles."""
-    sch = Schedule(te.create_prim_func(dense_compute(spec)))
+    """CPU: tiles of rows x (one or two vectors of) columns accumulated in registers over k; parallel over tiles.
+    The weight comes packed by ``pack_dense_weight(weight, tile.cols)``."""
+    tile = tile or default_dense_tile(spec)
+    sch = Schedule(te.create_prim_func(dense_compute(spec, tile.cols)))
     acc, out = sch.get_sblock("acc"), sch.get_sblock("epilogue")
     i, j = sch.get_loops(out)
-    tile = tile or default_dense_tile(spec)
     rows, cols = tile.rows, tile.cols
     i_outer, i_inner = sch.split(i, [None, rows])
     j_outer, j_inner = sch.split(j, [None, cols])

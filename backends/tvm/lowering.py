@@ -13,7 +13,7 @@ import numpy as np
 from tvm import relax
 from tvm.relax import op as R
 
-from backends.tvm.kernels import dense_kernel, dense_spec
+from backends.tvm.kernels import default_dense_tile, dense_kernel, dense_spec, pack_dense_weight
 from backends.tvm.qdynamic import DEPTH, dense_layout, dynamic_dense_kernel, pack_int8
 from backends.tvm.select import Choice, Selection
 from backends.tvm.target import Target
@@ -116,9 +116,10 @@ def call_dense_kernel(ctx: LowerContext, x: relax.Expr, in_shape: tuple[int, ...
                       ctx.target.lanes)
     m, k, n = spec.m, spec.k, spec.n
     name = f"dense_{ctx.node}_{len(ctx.bb.get().functions)}"
-    func = dense_kernel(spec, ctx.cores, ctx.tiles.get(spec)).with_attr("global_symbol", name)
+    tile = ctx.tiles.get(spec) or default_dense_tile(spec)
+    func = dense_kernel(spec, ctx.cores, tile).with_attr("global_symbol", name)
     gv = ctx.bb.add_func(func, name)
-    args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(np.ascontiguousarray(weight.T), dtype)]
+    args = [ctx.emit(R.reshape(x, (m, k))), ctx.const(pack_dense_weight(weight, tile.cols), dtype)]
     if bias is not None:
         args.append(ctx.const(bias, "float32"))  # kernels take an fp32 bias
     y = ctx.emit(R.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType((m, n), dtype)))
