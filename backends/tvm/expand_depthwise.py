@@ -45,20 +45,27 @@ from backends.tvm.kernels import (
 
 @dataclass(frozen=True)
 class ExpandDepthwiseSpec:
-    """Static description of one expand 1x1 conv -> depthwise conv kernel; input and output NCHW[block]c, fp32."""
+    """Static description of one expand 1x1 conv -> depthwise conv kernel; input NCHW[in_block]c, output
+    NCHW[block]c, fp32."""
 
     in_shape: tuple[int, int, int, int]  # N, C, H, W (logical)
     expanded: int                        # E: the expand conv's output channels (= the depthwise conv's)
     kernel: tuple[int, int]              # the depthwise window KH, KW
     stride: tuple[int, int]
     padding: tuple[int, int]
-    block: int                           # v: channels per block of the input and the output
+    block: int                           # v: channels per block of the output (and of the expanded band)
     has_bias: bool = True                # the expand conv's bias
     dw_has_bias: bool = True
     activation: str = "none"             # the expand conv's
     activation_params: tuple[float, ...] = ()
     dw_activation: str = "none"
     dw_activation_params: tuple[float, ...] = ()
+    in_block: int = 0                    # u: channels per block of the input; 0: ``block`` (alter-layout's
+                                         # ``block_for``: a 24-channel input is NCHW8c, its 144 expanded NCHW16c)
+
+    @property
+    def input_block(self) -> int:
+        return self.in_block or self.block
 
     @property
     def out_shape(self) -> tuple[int, int, int, int]:
@@ -79,11 +86,11 @@ class ExpandDepthwiseSpec:
         return (self.out_shape[3] - 1) * self.stride[1] + self.kernel[1]
 
     def pack_weights(self, weight: np.ndarray, dw_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(expand (E, C, 1, 1) -> [E/v][C/v][ci][ei], depthwise (E, 1, KH, KW) -> [E/v][KH][KW][ei]): per input
+        """(expand (E, C, 1, 1) -> [E/v][C/u][ci][ei], depthwise (E, 1, KH, KW) -> [E/v][KH][KW][ei]): per input
         channel one contiguous vector of ``v`` expanded channels, per tap one vector of depthwise weights."""
-        v = self.block
+        v, u = self.block, self.input_block
         e, c = weight.shape[:2]
-        expand = np.transpose(np.reshape(weight, (e // v, v, c // v, v)), (0, 2, 3, 1))
+        expand = np.transpose(np.reshape(weight, (e // v, v, c // u, u)), (0, 2, 3, 1))
         depthwise = np.transpose(np.reshape(dw_weight, (e // v, v, *self.kernel)), (0, 2, 3, 1))
         return np.ascontiguousarray(expand), np.ascontiguousarray(depthwise)
 
@@ -134,16 +141,16 @@ def candidate_tiles(spec: ExpandDepthwiseSpec) -> list[Tile]:
 def expand_depthwise_compute(spec: ExpandDepthwiseSpec, tile: Tile) -> list[te.Tensor]:
     """(data, expand weight[, bias], depthwise weight[, dw bias], out): the stages the module docstring gives."""
     n, c, h, w = spec.in_shape
-    e, v = spec.expanded, spec.block
+    e, v, u = spec.expanded, spec.block, spec.input_block
     (kh, kw), (sh, sw), (ph, pw) = spec.kernel, spec.stride, spec.padding
     _, _, oh, ow = spec.out_shape
-    data = te.placeholder((n, c // v, h, w, v), F32, name="data")
-    weight = te.placeholder((e // v, c // v, v, v), F32, name="weight")
+    data = te.placeholder((n, c // u, h, w, u), F32, name="data")
+    weight = te.placeholder((e // v, c // u, u, v), F32, name="weight")
     bias = te.placeholder((e,), F32, name="bias") if spec.has_bias else None
     dw_weight = te.placeholder((e // v, kh, kw, v), F32, name="dw_weight")
     dw_bias = te.placeholder((e,), F32, name="dw_bias") if spec.dw_has_bias else None
-    rco = te.reduce_axis((0, c // v), "rco")
-    rci = te.reduce_axis((0, v), "rci")
+    rco = te.reduce_axis((0, c // u), "rco")
+    rci = te.reduce_axis((0, u), "rci")
     rows, width = spec.band_rows(oh), ceil_to(spec.band_width, tile.cols)
 
     def clamp(i, size):

@@ -158,9 +158,9 @@ class ConvSpec:
     @property
     def oc_vector(self) -> int:
         """Output channels per vector of the blocked (NCHWc) kernel: the target's lanes, else 8; 0: not blocked.
-        A blocked layout (``conv2d_nchwc``) fixes it to its block (a depthwise conv's output vector is a block of its
-        input channels)."""
-        if self.in_block or self.out_block:
+        A blocked output (``conv2d_nchwc``) fixes it to its block, and a depthwise conv's to its input's (its output
+        vector is a block of its input channels)."""
+        if self.out_block or (self.in_block and self.depthwise):
             return self.out_block or self.in_block
         return next((b for b in (self.lanes, 8) if self.weight_shape[0] % b == 0), 0)
 

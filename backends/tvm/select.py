@@ -67,18 +67,20 @@ def uses_conv_kernel(graph: Graph, node: str, target_kind: str, lanes: int = 16)
 
 def expand_dw_spec_of(graph: Graph, node: str, target_kind: str) -> ExpandDepthwiseSpec | None:
     """The fused kernel's spec for a ``conv2d_expand_dw`` on CPU, float32, NCHW[b]c in and out (fuse-expand-depthwise
-    makes only these); None otherwise (it lowers as the two convs in Relax)."""
+    makes only these; the input's block may differ from the output's); None otherwise (it lowers as the two convs in
+    Relax)."""
     d = graph.nodes[node]
     a, p = d["attrs"], d["params"]
-    block = layout_block(a["in_layout"])
+    in_block, block = layout_block(a["in_layout"]), layout_block(a["out_layout"])
     x = graph.value_type(graph.operands(node)[0])
-    if (target_kind != "llvm" or not block or a["out_layout"] != a["in_layout"]
+    if (target_kind != "llvm" or not in_block or not block
             or {x.dtype, *(str(v.dtype) for v in p.values())} != {"float32"}):
         return None
     n, cb, h, w, _ = x.shape
-    return ExpandDepthwiseSpec(in_shape=(n, cb * block, h, w), expanded=p["weight"].shape[0],
+    return ExpandDepthwiseSpec(in_shape=(n, cb * in_block, h, w), expanded=p["weight"].shape[0],
                                kernel=tuple(p["dw_weight"].shape[2:]), stride=a["stride"], padding=a["padding"],
-                               block=block, has_bias="bias" in p, dw_has_bias="dw_bias" in p,
+                               block=block, in_block=in_block if in_block != block else 0, has_bias="bias" in p,
+                               dw_has_bias="dw_bias" in p,
                                activation=a["activation"], activation_params=tuple(a["activation_params"]),
                                dw_activation=a["dw_activation"],
                                dw_activation_params=tuple(a["dw_activation_params"]))

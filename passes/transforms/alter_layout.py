@@ -46,6 +46,28 @@ def cpu_target(target: str) -> bool:
     return "llvm" in target and "cuda" not in target
 
 
+def block_for(channels: int, lanes: int) -> int:
+    """Channels per block of a tensor of ``channels`` channels: the target's fp32 lanes (a whole vector register:
+    16 on AVX-512) when they divide the channels, else 8 (AVX2's vector, half an AVX-512 one); 0: no block. A
+    function of the channel count alone, so every tensor a conv's input, fused residual or squeeze-excite operand
+    must match already has its layout: only convs change channels, and a conv reads any block."""
+    return next((b for b in (lanes, 8) if channels % b == 0), 0)
+
+
+def target_lanes(target: str) -> int:
+    """fp32 lanes of ``PassContext.target``'s vectors (``backends.tvm.target.Target.lanes``): ``"llvm"`` is this
+    host, a target dict's text (``optimize(target={"kind": "llvm", "mcpu": ...})``) that CPU; 8 when the text names
+    no target TVM can resolve here (the AVX2 block, correct on any CPU)."""
+    import ast
+
+    from backends.tvm.target import resolve_target
+
+    try:
+        return resolve_target(target if target == "llvm" else ast.literal_eval(target)).lanes
+    except Exception:  # noqa: BLE001 (a target text from an older artifact or a custom dict: the safe block)
+        return 8
+
+
 def refusal(graph: Graph, conv: str, target: str, block: int, winograd: bool) -> tuple[str, str] | None:
     """Why ``conv`` (a conv2d) keeps NCHW, or None when it runs blocked."""
     data = graph.nodes[conv]
@@ -58,8 +80,8 @@ def refusal(graph: Graph, conv: str, target: str, block: int, winograd: bool) ->
         return "dtype", f"{x.dtype} data, {weight.dtype} weight: blocked layouts are float32 only"
     if a["groups"] != 1 and not a["groups"] == x.shape[1] == oc:
         return "grouped", f"groups={a['groups']} of {x.shape[1]} channels: no blocked grouped kernel"
-    if oc % block:
-        return "channels", f"{oc} output channels do not fill blocks of {block}"
+    if not block_for(oc, block):
+        return "channels", f"{oc} output channels do not fill blocks of 8"
     if (winograd and (kh, kw) == (3, 3) and a["stride"] == (1, 1) and a["dilation"] == (1, 1) and a["groups"] == 1
             and min(x.shape[1], oc) >= WINOGRAD_CHANNELS):
         return "winograd", "3x3 stride-1 conv: left NCHW for the Winograd kernel"
@@ -107,15 +129,19 @@ class AlterLayout(Pass):
     name = "alter-layout"
     summary = "keep activations between CPU convs in NCHW[8]c (blocked), with layout transforms only at the edges"
     requires = ("shapes",)
-    block: int = 8         # channels per block: 8 fp32 lanes (AVX2)
+    block: int = 0         # channels per block (``block_for``): 0 = the target's fp32 lanes, 16 AVX-512 / 8 AVX2
     winograd: bool = True  # leave 3x3 stride-1 convs NCHW for the Winograd kernel
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("blocked", "transforms"))
-        blocked = f"NCHW{self.block}c"
+        lanes = self.block or (target_lanes(ctx.target) if cpu_target(ctx.target) else 8)
+
+        def blocked_layout(node: str) -> str:
+            return f"NCHW{block_for(graph.value_type(Value(node, 0)).shape[1], lanes)}c"
+
         eligible = set()
         for conv in graph.op_nodes("conv2d"):
-            why = refusal(graph, conv, ctx.target, self.block, self.winograd)
+            why = refusal(graph, conv, ctx.target, lanes, self.winograd)
             if why is None:
                 eligible.add(conv)
             else:
@@ -136,7 +162,7 @@ class AlterLayout(Pass):
 
         for node in graph.topo_order():
             data, operands = graph.nodes[node], graph.operands(node)
-            out_layout = blocked if node in stores_blocked else PLAIN
+            out_layout = blocked_layout(node) if node in stores_blocked else PLAIN
             in_layout = layout_of(graph, operands[0]) if operands else PLAIN
             if node in eligible and (in_layout, out_layout) != (PLAIN, PLAIN):
                 # the kernel reads its input in either layout; a fused residual comes in the output's layout
@@ -149,8 +175,8 @@ class AlterLayout(Pass):
                 new = replace_node(graph, node, "mean" if pool else "mul", operands,
                                    {"dim": (2, 3), "keepdim": True} if pool else data["attrs"], data["params"],
                                    data["origin"])
-                graph.nodes[new.node]["meta"][LAYOUT_META] = blocked
-                decide.done(node, "blocked", f"{data['op']} on {blocked}")
+                graph.nodes[new.node]["meta"][LAYOUT_META] = out_layout
+                decide.done(node, "blocked", f"{data['op']} on {out_layout}")
             elif data["op"] in BLOCKED_OPS or LAYOUT_META in data["meta"]:  # laid out by an earlier run
                 continue
             elif data["op"] not in ("input", "layout_transform"):

@@ -65,8 +65,8 @@ def refusal(graph: Graph, dw: str, target: str, min_size: int) -> tuple[str, str
     if len(graph.operands(dw)) > 1 or len(graph.operands(expanded.node)) > 1:
         return "residual", "a fused residual or input scale"
     a, da = expand["attrs"], d["attrs"]
-    layouts = {a["in_layout"], a["out_layout"], da["in_layout"], da["out_layout"]}
-    if len(layouts) != 1 or PLAIN in layouts:
+    layouts = {a["out_layout"], da["in_layout"], da["out_layout"]}
+    if len(layouts) != 1 or PLAIN in layouts | {a["in_layout"]}:
         return "layout", f"{a['in_layout']} -> {da['out_layout']}: the fused kernel is NCHW[b]c in and out"
     if da["dilation"] != (1, 1):
         return "dilation", f"dilation {da['dilation']}"

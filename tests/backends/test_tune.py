@@ -288,15 +288,19 @@ def mobilenet_block() -> tuple[nn.Module, tuple]:
     return Block().eval(), (torch.randn(1, 3, 14, 14),)
 
 
-def _default_pipeline_graph(model, xs, fuse_any_size: bool = False):
-    """``fuse_any_size``: fuse-expand-depthwise also on these small maps."""
+ZEN3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: NCHW8c blocks and 8-lane tiles on any host
+
+
+def _default_pipeline_graph(model, xs, fuse_any_size: bool = False, target: str = str(ZEN3)):
+    """``fuse_any_size``: fuse-expand-depthwise also on these small maps. Laid out for ``target`` (alter-layout's
+    block follows its vector width)."""
     from passes.api import DEFAULT_PIPELINE
     from passes.core.pass_base import PassContext
     from passes.core.pipeline import Pipeline, resolve
 
     graph = from_torch(model, xs)
     pipeline = [*DEFAULT_PIPELINE[:-1], "fuse-expand-depthwise{min_size=1}"] if fuse_any_size else DEFAULT_PIPELINE
-    Pipeline(resolve(pipeline), []).run(graph, PassContext(example_inputs=xs, target="llvm"))
+    Pipeline(resolve(pipeline), []).run(graph, PassContext(example_inputs=xs, target=target))
     return graph
 
 
@@ -308,8 +312,7 @@ def test_tasks_are_the_blocked_convs_of_the_default_pipeline_with_their_tile_spa
 
     graph = _default_pipeline_graph(*mobilenet_block())
     assert sorted(graph.nodes[n]["op"] for n in graph.op_nodes("conv2d_nchwc")) == ["conv2d_nchwc"] * 4
-    target = resolve_target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
-    tasks = extract_tasks(graph, target)
+    tasks = extract_tasks(graph, resolve_target(ZEN3))
     specs = [t.spec for t in tasks]
     assert len(tasks) == 4 and all(s.blocked and (s.in_block or s.out_block) == 8 for s in specs)
     kinds = {(s.weight_shape[2:], s.depthwise) for s in specs}
@@ -361,7 +364,7 @@ def test_a_tuned_record_is_the_tile_the_build_runs():
 
     model, xs = mobilenet_block()
     graph = _default_pipeline_graph(model, xs)
-    target = resolve_target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    target = resolve_target(ZEN3)
     task = next(t for t in extract_tasks(graph, target) if t.spec.depthwise)
     tuned = candidates(task.spec)[1]
     (node,) = task.nodes
@@ -385,7 +388,7 @@ def test_the_fused_expand_depthwise_kernel_is_tuned_and_its_tuned_tile_is_what_t
 
     model, xs = mobilenet_block()
     graph = _default_pipeline_graph(model, xs, fuse_any_size=True)
-    target = resolve_target({"kind": "llvm", "mcpu": "znver3", "num-cores": 2})
+    target = resolve_target(ZEN3)
     task = next(t for t in extract_tasks(graph, target) if t.kind == "conv2d_expand_dw")
     tiles = candidates(task.spec)
     assert tiles[0] == task.default and len(set(tiles)) == len(tiles) > 10

@@ -7,12 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from backends.tvm.target import cpu_has
 from passes.core.pass_base import PassContext
 from passes.core.pipeline import Pipeline, resolve
 from passes.ir.interpret import run_reference
 from passes.ir.ops import to_layout
 from passes.ir.text import graph_text
-from passes.transforms.alter_layout import AlterLayout
+from passes.transforms.alter_layout import AlterLayout, target_lanes
 from tests.cases import Fn
 from tests.helpers import assert_outputs_close
 from tests.passes.helpers import assert_graph_text, assert_idempotent, run_pass
@@ -65,11 +66,12 @@ def prepared(model: nn.Module, x: torch.Tensor, passes: str = FUSE):
     return graph
 
 
-def check(model: nn.Module, x: torch.Tensor, ctx: PassContext | None = None, passes: str = FUSE):
-    """Run alter-layout after ``passes``; the interpreter matches PyTorch and the graph before the pass."""
+def check(model: nn.Module, x: torch.Tensor, ctx: PassContext | None = None, passes: str = FUSE, block: int = 8):
+    """Run alter-layout after ``passes``; the interpreter matches PyTorch and the graph before the pass. ``block``
+    8 (AVX2's vector) by default, so the printed IR is the same on every host (0 would take this host's lanes)."""
     graph = prepared(model, x, passes)
     before = run_reference(graph, (x,))
-    result = run_pass(AlterLayout(), graph, ctx)
+    result = run_pass(AlterLayout(block=block), graph, ctx)
     with torch.no_grad():
         assert_outputs_close(model(x), run_reference(graph, (x,)), rtol=1e-5, atol=1e-6)
     assert_outputs_close(before, run_reference(graph, (x,)), rtol=1e-5, atol=1e-6)
@@ -96,6 +98,32 @@ graph InvertedResidual(%x: f32[1,3,12,10]) {
   %fc = linear(%flatten) {activation='none', activation_params=()} [bias: f32[10], weight: f32[10,24]] -> f32[1,10]
   return %fc
 }""")
+
+
+def test_avx512_blocks_of_16_where_they_divide_the_channels_else_8():
+    """With 16 lanes (AVX-512) a tensor of 16 or 32 channels is NCHW16c (a whole zmm vector per pixel), one of 24
+    NCHW8c: the block follows the channel count, so the residual (16 channels, like the project conv's output) needs
+    no transform, and the last conv reads 16c and writes 8c itself. Still one transform, at the exit."""
+    torch.manual_seed(0)
+    graph, result = check(InvertedResidual(), torch.randn(1, 3, 12, 10), block=16)
+    assert result.stats == {"blocked": 6, "transforms": 1}
+    layouts = {n: (d["attrs"]["in_layout"], d["attrs"]["out_layout"]) for n, d in graph.nodes(data=True)
+               if d["op"] == "conv2d_nchwc"}
+    assert layouts == {"stem": ("NCHW", "NCHW16c"), "expand": ("NCHW16c", "NCHW16c"), "dw": ("NCHW16c", "NCHW16c"),
+                       "project": ("NCHW16c", "NCHW16c"), "last": ("NCHW16c", "NCHW8c")}
+    assert [d["attrs"]["src"] for _, d in graph.nodes(data=True) if d["op"] == "layout_transform"] == ["NCHW8c"]
+
+
+@pytest.mark.parametrize("target, block", [("llvm", None), (str({"kind": "llvm", "mcpu": "znver3"}), 8),
+                                           (str({"kind": "llvm", "mcpu": "skylake-avx512"}), 16), ("llvm -mcpu=?", 8)])
+def test_block_follows_the_targets_vector_width(target, block):
+    """``block=0`` (the default) takes the target's fp32 lanes: AVX2 (Zen 3) 8, AVX-512 16, this host its own;
+    a target text it cannot resolve gets 8, correct on any CPU."""
+    expected = block or (16 if cpu_has("avx512f") else 8)
+    assert target_lanes(target) == expected
+    torch.manual_seed(0)
+    graph, _ = check(InvertedResidual(), torch.randn(1, 3, 12, 10), PassContext(target=target), block=0)
+    assert graph.nodes["expand"]["attrs"]["out_layout"] == f"NCHW{expected}c"
 
 
 def test_transforms_only_where_a_blocked_value_meets_an_op_without_a_blocked_form():
@@ -153,7 +181,7 @@ def test_refusals(model, reason):
     """The refused conv keeps NCHW; its neighbour then has no blocked partner either, so nothing changes."""
     graph = prepared(model, torch.randn(1, 8, 6, 6))
     before = graph_text(graph)
-    result = run_pass(AlterLayout(), graph)
+    result = run_pass(AlterLayout(block=8), graph)
     assert result.stats == {"blocked": 0, "transforms": 0, f"skipped.{reason}": 1 + (reason == "channels")}
     assert graph_text(graph) == before
 

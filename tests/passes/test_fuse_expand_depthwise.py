@@ -18,6 +18,7 @@ from passes.core.pass_base import PassContext
 from passes.core.pipeline import Pipeline, resolve
 from passes.ir.interpret import run_reference
 from passes.ir.text import graph_text
+from passes.transforms.alter_layout import target_lanes
 from passes.transforms.fuse_expand_depthwise import FuseExpandDepthwise
 from tests.cases import Fn
 from tests.helpers import assert_outputs_close
@@ -79,8 +80,9 @@ def test_the_block_becomes_one_op():
     assert set(data["params"]) == {"weight", "bias", "dw_weight", "dw_bias"}  # both batch norms folded
     assert data["params"]["weight"].shape == (96, 16, 1, 1) and data["params"]["dw_weight"].shape == (96, 1, 3, 3)
     assert (data["attrs"]["activation"], data["attrs"]["dw_activation"]) == ("relu6", "relu6")
-    assert data["attrs"]["in_layout"] == data["attrs"]["out_layout"] == "NCHW8c"
-    assert graph.value_type(graph.operands(node)[0]).shape == (1, 2, 12, 10, 8)  # the stem's blocked output
+    block = target_lanes("llvm")  # alter-layout's block on this host: 16 channels fill one vector of either
+    assert data["attrs"]["in_layout"] == data["attrs"]["out_layout"] == f"NCHW{block}c"
+    assert graph.value_type(graph.operands(node)[0]).shape == (1, 16 // block, 12, 10, block)  # the stem's output
     assert [graph.nodes[n]["attrs"]["groups"] for n in graph.op_nodes("conv2d_nchwc")] == [1, 1]  # stem, project
     assert "conv2d_expand_dw" in graph_text(graph)
     assert_idempotent(ANY_SIZE, graph)
@@ -94,13 +96,22 @@ def test_the_block_becomes_one_op():
     (InvertedResidual(kernel=5, stride=2, act=nn.SiLU), (1, 8, 14, 14)),        # EfficientNet's 5x5 + SiLU
     (InvertedResidual(channels=8, expand=3, act=nn.Identity), (2, 8, 10, 9)),  # 3 vectors (odd), no act, batch 2
     (InvertedResidual(channels=24, expand=4, act=nn.Hardswish), (1, 8, 7, 7)),
-], ids=["stride1", "stride2", "residual", "5x5-silu-stride2", "odd-vectors-batch2", "hardswish"])
-def test_compiled_matches_pytorch(model, shape):
+    (InvertedResidual(channels=24, expand=6, stride=2), (1, 8, 11, 10)),        # AVX-512 blocks: 24 in 8c, 144 16c
+    (InvertedResidual(channels=32, expand=6), (1, 8, 9, 9)),                    # 16c in and out
+], ids=["stride1", "stride2", "residual", "5x5-silu-stride2", "odd-vectors-batch2", "hardswish", "blocks-8c-16c",
+        "blocks-16c"])
+def test_compiled_matches_pytorch(model, shape, request):
     torch.manual_seed(0)
     model, x = model.eval(), torch.randn(*shape) * 2
-    graph, stats = fused(model, x)
+    avx512 = request.node.callspec.id.startswith("blocks")  # alter-layout's blocks for 16 lanes, on any host
+    graph, stats = fused(model, x, passes=BEFORE.replace("alter-layout", "alter-layout{block=16}") if avx512
+                         else BEFORE)
     assert stats["fused"] == 1
     (node,) = graph.op_nodes("conv2d_expand_dw")
+    if avx512:
+        attrs = graph.nodes[node]["attrs"]
+        assert (attrs["in_layout"], attrs["out_layout"]) == (f"NCHW{16 if model.stem.out_channels % 16 == 0 else 8}c",
+                                                             "NCHW16c")
     assert select_kernels(graph, "llvm", 8)[node].kernel == "expand_dw"
     with torch.no_grad():
         assert_outputs_close(model(x), build(graph, "llvm")(x), rtol=1e-4, atol=1e-5)
