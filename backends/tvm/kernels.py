@@ -634,8 +634,10 @@ VECTOR_LANES = 16  # fp32 lanes of an AVX-512 register (the spec default; AVX2 t
 def accumulator_vectors(lanes: int) -> int:
     """How many accumulator vectors a register tile may hold: AVX-512 has 32 vector registers, AVX2 16; the rest
     hold the broadcast weights and input vectors. More accumulators than that spill in the innermost loop (measured
-    on Zen 3 with the AVX-512 tiles: torchvision resnet18 3.6x slower than with AVX2-sized ones)."""
-    return 16 if lanes >= 16 else 12
+    on Zen 3 with the AVX-512 tiles: torchvision resnet18 3.6x slower than with AVX2-sized ones). AVX-512: 24
+    (measured on a 2-core Xeon with AVX-512, whole models in one process against 16: mobilenet_v2 0.961x,
+    resnet50 0.991x, resnet18 0.998x; 28: mobilenet_v2 no better than 16)."""
+    return 24 if lanes >= 16 else 12
 
 
 @dataclass(frozen=True)
