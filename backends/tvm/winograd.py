@@ -275,9 +275,13 @@ def winograd_kernel(spec: WinogradSpec) -> tirx.PrimFunc:
 
 # The cost rule (``choose``). Measured on Zen 3 (AVX2, 2 cores), direct kernel vs F(2)/F(4) per layer
 # (benchmarks/winograd_layers.py): see the README numbers; below these sizes the transforms and the padded tiles
-# cost more than the multiplies saved.
+# cost more than the multiplies saved. A 7x7 output is 16 tiles of F(2): each transformed weight (16/9 the direct
+# kernel's bytes: 16.8 MB at 512 -> 512) is reused 16 times against the direct kernel's 49, and in a whole model,
+# where the weights come from memory, not a warm cache, its GEMM waits on them. Kernel alone (hot caches, a 2-core
+# AVX-512 Xeon) F(2) and direct are even at 512 -> 512 on 7x7 (0.89 vs 0.86 ms); in torchvision resnet18 the
+# three such layers direct make the model 0.91x the time (13.20 -> 11.98 ms, one process), resnet50 0.98x.
 MIN_CHANNELS = 32  # input and output channels
-MIN_OUTPUT = 7     # output rows and columns
+MIN_OUTPUT = 8     # output rows and columns: at 7x7 the direct kernel (below)
 MIN_WORK = 64 * 64 * 7 * 7  # C x OC x OH x OW: below it (32 -> 32 channels on 7x7: 0.042 vs 0.037 ms) direct wins
 MIN_F4_OUTPUT = 28  # output rows and columns from which F(4x4) beats F(2x2) (``choose_tile``)
 

@@ -39,6 +39,7 @@ PLAIN = "NCHW"
 LAYOUT_META = "alter_layout.layout"  # on a mean/mul this pass made blocked: its output's layout
 BLOCKED_OPS = ("conv2d_nchwc", "conv2d_expand_dw")  # ops with in_layout / out_layout attrs (this pass's and later)
 WINOGRAD_CHANNELS = 32  # backends/tvm/winograd.MIN_CHANNELS: below it a 3x3 conv is never Winograd
+WINOGRAD_OUTPUT = 8     # backends/tvm/winograd.MIN_OUTPUT: nor on smaller maps (a padded 3x3 stride-1 conv keeps H, W)
 
 
 def cpu_target(target: str) -> bool:
@@ -83,7 +84,7 @@ def refusal(graph: Graph, conv: str, target: str, block: int, winograd: bool) ->
     if not block_for(oc, block):
         return "channels", f"{oc} output channels do not fill blocks of 8"
     if (winograd and (kh, kw) == (3, 3) and a["stride"] == (1, 1) and a["dilation"] == (1, 1) and a["groups"] == 1
-            and min(x.shape[1], oc) >= WINOGRAD_CHANNELS):
+            and min(x.shape[1], oc) >= WINOGRAD_CHANNELS and min(x.shape[2:]) >= WINOGRAD_OUTPUT):
         return "winograd", "3x3 stride-1 conv: left NCHW for the Winograd kernel"
     return None
 

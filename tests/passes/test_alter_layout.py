@@ -179,7 +179,7 @@ def test_squeeze_excite_block_numerics():
 ], ids=["grouped", "channels", "winograd", "channel_multiplier"])
 def test_refusals(model, reason):
     """The refused conv keeps NCHW; its neighbour then has no blocked partner either, so nothing changes."""
-    graph = prepared(model, torch.randn(1, 8, 6, 6))
+    graph = prepared(model, torch.randn(1, 8, 8, 8))
     before = graph_text(graph)
     result = run_pass(AlterLayout(block=8), graph)
     assert result.stats == {"blocked": 0, "transforms": 0, f"skipped.{reason}": 1 + (reason == "channels")}
@@ -203,8 +203,16 @@ def test_refuses_low_precision():
 
 def test_winograd_false_blocks_3x3_convs_too():
     model = Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 32, 1), b=nn.Conv2d(32, 32, 3, padding=1))
-    graph = prepared(model, torch.randn(1, 8, 6, 6))
+    graph = prepared(model, torch.randn(1, 8, 8, 8))
     assert run_pass(AlterLayout(winograd=False), graph).stats == {"blocked": 2, "transforms": 0}
+
+
+def test_maps_below_winograds_size_are_blocked():
+    """On a 7x7 map the Winograd cost rule keeps the direct kernel (``winograd.MIN_OUTPUT``), so the 3x3 conv is
+    blocked like any other."""
+    model = Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 32, 1), b=nn.Conv2d(32, 32, 3, padding=1))
+    graph = prepared(model, torch.randn(1, 8, 7, 7))
+    assert run_pass(AlterLayout(block=8), graph).stats == {"blocked": 2, "transforms": 0}
 
 
 def test_idempotent():
