@@ -51,6 +51,7 @@ from backends.tvm.kernels import (
     default_dense_tile,
     default_tile,
     dense_kernel,
+    pack_dense_weight,
 )
 from backends.tvm.select import choose, select_kernels
 from backends.tvm.target import Target, resolve_target
@@ -423,7 +424,8 @@ def plan(tasks: list[TuneTask], trials: int, times: dict[Spec, float] | None = N
 def check_args(task: TuneTask, tile: Tile, func: tirx.PrimFunc, device) -> list:
     """Seeded arguments of ``func`` (``task`` with ``tile``) that give every candidate of the task the same
     logical inputs: the same data, bias and residual, and one logical weight packed in the candidate's own layout
-    (the Winograd kernel's U = G g G^T; the direct kernels share theirs), scaled 1/sqrt(fan-in)."""
+    (the Winograd kernel's U = G g G^T; the direct kernels share theirs; a dense kernel's panels are its tile's
+    columns wide), scaled 1/sqrt(fan-in)."""
     rng = np.random.default_rng(0)
     args = []
     for index, param in enumerate(func.params):
@@ -432,6 +434,9 @@ def check_args(task: TuneTask, tile: Tile, func: tirx.PrimFunc, device) -> list:
             weight = rng.standard_normal(task.spec.weight_shape) / np.sqrt(np.prod(task.spec.weight_shape[1:]))
             packer = winograd_choose(task.spec, tile.winograd) if tile.winograd else task.spec
             value = packer.pack_weight(weight)
+        elif index == 1 and isinstance(task.spec, DenseSpec):  # panels as wide as the candidate's columns
+            weight = rng.standard_normal((task.spec.n, task.spec.k)) / np.sqrt(task.spec.k)
+            value = pack_dense_weight(weight, tile.cols)
         else:
             value = rng.standard_normal(shape)
         args.append(tvm.runtime.tensor(np.asarray(value).astype(dtype), device))

@@ -455,3 +455,21 @@ def test_a_numerically_wrong_candidate_is_never_chosen(tmp_path, monkeypatch):
     assert all(r["error"].startswith("numerics: max error") and r["ms"] is None for r in off)
     with torch.no_grad():
         assert_outputs_close(model(*xs), opt(*xs))
+
+
+def test_dense_candidates_pass_the_numeric_check_in_their_own_packing():
+    """A dense kernel's weight is packed in panels as wide as its tile's columns (``kernels.pack_dense_weight``), so
+    each candidate gets the one logical weight packed its own way (``check_args``): every candidate of a classifier
+    matches the default tile (a shared random array in the default's packing made them all 'numerically off')."""
+    from backends.tvm.target import resolve_target
+    from backends.tvm.tune import build_candidate, candidates, numeric_error
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(96, 1000)).eval()
+    graph = _default_pipeline_graph(model, (torch.randn(1, 96, 1, 1),))
+    target = resolve_target(ZEN3)
+    (task,) = [t for t in extract_tasks(graph, target) if isinstance(t.spec, DenseSpec)]
+    tiles = candidates(task.spec)
+    assert len({t.cols for t in tiles}) > 3
+    reference = numeric_error(task, task.default, *build_candidate(task, task.default, target), None)[0]
+    for tile in tiles[1:6]:
+        assert numeric_error(task, tile, *build_candidate(task, tile, target), reference)[1] is None, tile
