@@ -47,7 +47,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from backends.tvm.kernels import ceil_to, fast_sigmoid, fast_tanh, largest_divisor
+from backends.tvm.kernels import accumulator_vectors, ceil_to, fast_sigmoid, fast_tanh, largest_divisor
 from backends.tvm.qkernels import DEPTH, LANES, vpdpbusd
 
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -171,7 +171,10 @@ def recurrent_kernel(kind: str, steps: int, batch: int, inputs: int, hidden: int
     GB = float_block(kind, H, P, lanes)
     gate_loops, unit_blocks = (1, G // GB) if P == 1 else (GATES[kind], HP // GB)
     blocks = gate_loops * unit_blocks
-    rows, cols = largest_divisor(steps, 4), largest_divisor(GB, 2 * lanes)  # the projection's register tile
+    # the projection's register tile: steps x 2 vectors of gate columns within the accumulator budget (AVX2 4 x 2,
+    # AVX-512 8 x 2 of its 24)
+    cols = largest_divisor(GB, 2 * lanes)
+    rows = largest_divisor(steps, accumulator_vectors(lanes) // -(-cols // lanes))
     last = steps - 1
     cell = cell_macro(kind, H, G, nonlinearity, P)
     load_h, first, final = state_macros(H, steps, P)
