@@ -5,15 +5,16 @@ fuses a pool into a conv. The kernel is built from TE compute stages (pad -> con
 scheduled with ``tvm.s_tir.Schedule``:
 
 CPU (llvm), ordinary (groups=1) and depthwise convs without a fused pool whose output channels fill vectors:
-the blocked (NCHWc) direct conv (``_blocked_compute``, ``_schedule_cpu_blocked``): input packed to NCHW[8]c with
+the blocked (NCHWc) direct conv (``_blocked_compute``, ``_schedule_cpu_blocked``): input packed to NCHW[b]c with
 its zero border in one vectorized copy, weights packed at compile time to [OC/8][C/icb][KH][KW][icb][8], a register
-tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators of AVX2's 16 ymm), one broadcast
+tile of 1-3 output-channel vectors x up to 6-8 pixels of a row (12 accumulators of AVX2's 16 ymm, 24 of AVX-512's
+32 zmm: ``accumulator_vectors``), one broadcast
 input scalar per pixel and tap FMA'd into every channel vector, the output stored NCHW. ``conv2d_nchwc`` (from the
-``alter-layout`` pass) reads its input already in NCHW[8]c (each task copies only the rows it reads into a small
-zero-bordered buffer, or nothing for an unpadded 1x1 conv) and/or stores NCHW[8]c: one vector store per
+``alter-layout`` pass) reads its input already in NCHW[b]c (each task copies only the rows it reads into a small
+zero-bordered buffer, or nothing for an unpadded 1x1 conv) and/or stores NCHW[b]c: one vector store per
 accumulator, the residual read the same way. An unpadded stride-1 1x1 conv is a GEMM over the flattened H * W pixels
 (``ConvSpec.flat_pixels``: its register tile is consecutive pixels of the map, not of a row, so 7x7 and 14x14 maps
-get 2-3 channel vectors x 4-6 pixels); a depthwise conv on NCHW[8]c input computes up to 8 output rows per task,
+get 2-3 channel vectors x 4-6 pixels); a depthwise conv on NCHW[b]c input computes up to 8 output rows per task,
 its padded input rows copied once for all of them. A fused pool whose windows tile the conv output (2x2/2, 3x3/3:
 ``ConvSpec.pool_epilogue``, chosen by ``select``; NCHW in and out) is its epilogue: the register tile is one conv row
 of a few whole windows, max'ed (or summed) into a local tile of pooled channel vectors row by row, and only the

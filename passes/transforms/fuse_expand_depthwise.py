@@ -7,9 +7,9 @@ rows of a few channel blocks into a cache-resident buffer and filters it there (
 the expanded tensor is never written to memory, and the depthwise conv's zero-border copy of it disappears. Exact:
 the same arithmetic per output (the zero padding is applied after the expand's activation, as in the two convs).
 
-Runs after alter-layout, on its ``conv2d_nchwc`` pairs (the CPU kernels, NCHW[8]c in and out); part of
-``optimize()``'s default pipeline. Shown by ``explain`` and the printed IR; ``passes=[...]`` without it keeps the
-two kernels.
+Runs after alter-layout, on its ``conv2d_nchwc`` pairs (the CPU kernels, NCHW[b]c in and out; the input's block
+may differ from the output's); part of ``optimize()``'s default pipeline. Shown by ``explain`` and the printed IR;
+``passes=[...]`` without it keeps the two kernels.
 
 Refusals, each counted as ``skipped.<reason>``:
 - ``no_expand``: the depthwise conv's input is not a 1x1, stride-1, unpadded, ungrouped ``conv2d_nchwc``.

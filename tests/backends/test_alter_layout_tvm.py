@@ -72,7 +72,8 @@ def test_no_layout_copy_between_blocked_convs():
     main = lower(graph)["main"].script()
     b = target_lanes("llvm")
     assert main.count("permute_dims") == 1 and "R.nn.pad" not in main
-    assert main.count(f"R.Tensor((1, {16 // b}, 6, 5, {b})") >= 2 and main.count(f"R.Tensor((1, {32 // b}, 6, 5, {b})") >= 2
+    for channels in (16, 32):
+        assert main.count(f"R.Tensor((1, {channels // b}, 6, 5, {b})") >= 2
 
 
 def test_depthwise_pads_per_task_not_the_whole_tensor():
