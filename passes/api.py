@@ -260,8 +260,8 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
                         make_instruments(instruments, example_inputs))
     if data is not None and iter(data) is data:  # a generator: several passes may read the data
         data = list(data)
-    ctx = PassContext(example_inputs=example_inputs, data=data, target=str(target), original=graph,
-                      progress=progress)
+    ctx = PassContext(example_inputs=example_inputs, data=data, target=str(target),
+                      lanes=resolve_target(target).lanes, original=graph, progress=progress)
     optimized = graph.copy_graph()
     start = time.perf_counter()
     step(f"running {len(pipeline.passes)} passes")

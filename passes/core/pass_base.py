@@ -44,6 +44,7 @@ class PassContext:
     example_inputs: tuple = ()
     data: Iterable | None = None
     target: str = "llvm"
+    lanes: int = 8  # fp32 lanes of the CPU target's vectors (16 AVX-512, 8 AVX2): optimize() sets the target's
     seed: int = 0
     notes: dict[str, Any] = field(default_factory=dict)
     explanations: list[Explanation] | None = None  # set to [] to collect every pass decision (``explain``)

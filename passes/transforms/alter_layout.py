@@ -57,20 +57,6 @@ def block_for(channels: int, lanes: int) -> int:
     return next((b for b in (lanes, 8) if channels % b == 0), 0)
 
 
-def target_lanes(target: str) -> int:
-    """fp32 lanes of ``PassContext.target``'s vectors (``backends.tvm.target.Target.lanes``): ``"llvm"`` is this
-    host, a target dict's text (``optimize(target={"kind": "llvm", "mcpu": ...})``) that CPU; 8 when the text names
-    no target TVM can resolve here (the AVX2 block, correct on any CPU)."""
-    import ast
-
-    from backends.tvm.target import resolve_target
-
-    try:
-        return resolve_target(target if target == "llvm" else ast.literal_eval(target)).lanes
-    except Exception:  # noqa: BLE001 (a target text from an older artifact or a custom dict: the safe block)
-        return 8
-
-
 def refusal(graph: Graph, conv: str, target: str, block: int, winograd: bool) -> tuple[str, str] | None:
     """Why ``conv`` (a conv2d) keeps NCHW, or None when it runs blocked."""
     data = graph.nodes[conv]
@@ -132,12 +118,12 @@ class AlterLayout(Pass):
     name = "alter-layout"
     summary = "keep activations between CPU convs in NCHW[b]c (blocked), with layout transforms only at the edges"
     requires = ("shapes",)
-    block: int = 0         # channels per block (``block_for``): 0 = the target's fp32 lanes, 16 AVX-512 / 8 AVX2
+    block: int = 0         # channels per block (``block_for``): 0 = ``PassContext.lanes``, 16 AVX-512 / 8 AVX2
     winograd: bool = True  # leave 3x3 stride-1 convs NCHW for the Winograd kernel
 
     def run(self, graph: Graph, ctx: PassContext) -> PassResult:
         decide = Decisions(self, graph, ctx, work=("blocked", "transforms"))
-        lanes = self.block or (target_lanes(ctx.target) if cpu_target(ctx.target) else 8)
+        lanes = self.block or ctx.lanes
 
         def blocked_layout(node: str) -> str:
             return f"NCHW{block_for(graph.value_type(Value(node, 0)).shape[1], lanes)}c"

@@ -291,16 +291,17 @@ def mobilenet_block() -> tuple[nn.Module, tuple]:
 ZEN3 = {"kind": "llvm", "mcpu": "znver3", "num-cores": 2}  # AVX2: NCHW8c blocks and 8-lane tiles on any host
 
 
-def _default_pipeline_graph(model, xs, fuse_any_size: bool = False, target: str = str(ZEN3)):
+def _default_pipeline_graph(model, xs, fuse_any_size: bool = False, target: dict = ZEN3):
     """``fuse_any_size``: fuse-expand-depthwise also on these small maps. Laid out for ``target`` (alter-layout's
     block follows its vector width)."""
+    from backends.tvm.target import resolve_target
     from passes.api import DEFAULT_PIPELINE
     from passes.core.pass_base import PassContext
     from passes.core.pipeline import Pipeline, resolve
 
     graph = from_torch(model, xs)
     pipeline = [*DEFAULT_PIPELINE[:-1], "fuse-expand-depthwise{min_size=1}"] if fuse_any_size else DEFAULT_PIPELINE
-    Pipeline(resolve(pipeline), []).run(graph, PassContext(example_inputs=xs, target=target))
+    Pipeline(resolve(pipeline), []).run(graph, PassContext(example_inputs=xs, lanes=resolve_target(target).lanes))
     return graph
 
 

@@ -13,7 +13,7 @@ from passes.core.pipeline import Pipeline, resolve
 from passes.ir.interpret import run_reference
 from passes.ir.ops import to_layout
 from passes.ir.text import graph_text
-from passes.transforms.alter_layout import AlterLayout, target_lanes
+from passes.transforms.alter_layout import AlterLayout
 from tests.cases import Fn
 from tests.helpers import assert_outputs_close
 from tests.passes.helpers import assert_graph_text, assert_idempotent, run_pass
@@ -114,16 +114,28 @@ def test_avx512_blocks_of_16_where_they_divide_the_channels_else_8():
     assert [d["attrs"]["src"] for _, d in graph.nodes(data=True) if d["op"] == "layout_transform"] == ["NCHW8c"]
 
 
-@pytest.mark.parametrize("target, block", [("llvm", None), (str({"kind": "llvm", "mcpu": "znver3"}), 8),
-                                           (str({"kind": "llvm", "mcpu": "skylake-avx512"}), 16), ("llvm -mcpu=?", 8)])
-def test_block_follows_the_targets_vector_width(target, block):
-    """``block=0`` (the default) takes the target's fp32 lanes: AVX2 (Zen 3) 8, AVX-512 16, this host its own;
-    a target text it cannot resolve gets 8, correct on any CPU."""
-    expected = block or (16 if cpu_has("avx512f") else 8)
-    assert target_lanes(target) == expected
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_block_follows_the_targets_vector_width(lanes):
+    """``block=0`` (the default) takes ``PassContext.lanes``, the target's fp32 lanes: AVX2 (Zen 3) 8, AVX-512 16."""
     torch.manual_seed(0)
-    graph, _ = check(InvertedResidual(), torch.randn(1, 3, 12, 10), PassContext(target=target), block=0)
-    assert graph.nodes["expand"]["attrs"]["out_layout"] == f"NCHW{expected}c"
+    graph, _ = check(InvertedResidual(), torch.randn(1, 3, 12, 10), PassContext(lanes=lanes), block=0)
+    assert graph.nodes["expand"]["attrs"]["out_layout"] == f"NCHW{lanes}c"
+
+
+def test_optimize_lays_out_for_the_target_it_builds_for():
+    """optimize() sets ``PassContext.lanes`` from the resolved target: a Zen 3 target gets NCHW8c, an AVX-512 one
+    NCHW16c, whatever this host is (the AVX-512 build is only lowered, not run, where the host lacks it)."""
+    import passes
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 10)
+    for mcpu, block in (("znver3", 8), ("skylake-avx512", 16)):
+        target = {"kind": "llvm", "mcpu": mcpu, "num-cores": 2}
+        if block == 16 and not cpu_has("avx512f"):
+            continue
+        opt = passes.optimize(InvertedResidual().eval(), example_inputs=(x,), target=target, measure=False)
+        layouts = {d["attrs"]["out_layout"] for _, d in opt.graph.nodes(data=True) if d["op"] == "conv2d_nchwc"}
+        assert f"NCHW{block}c" in layouts
 
 
 def test_transforms_only_where_a_blocked_value_meets_an_op_without_a_blocked_form():
