@@ -183,10 +183,10 @@ class CompiledModule:
 
     def _to_device(self, arrays: list[np.ndarray]) -> list:
         """The inputs as device tensors. On the CPU, arrays TVM can read as they are (``_in_place``: a torch tensor
-        of the model's dtype) are passed in place, as ONNX Runtime reads a caller's memory: no copy, and the image's
-        cache lines stay clean instead of dirty in the calling core (mobilenet_v2 0.988x, resnet18 0.994x per
-        ``opt(x)``). Others are copied into device tensors kept from call to call. Why: a fresh tensor per call costs
-        its allocation and first-touch page faults (~0.1-0.25 ms for a 224x224 image here, 2-5% of an int8
+        of the model's dtype) are passed in place, as ONNX Runtime reads a caller's memory: no copy (in one process,
+        alternating: mobilenet_v2 0.988x, resnet18 0.994x the time per ``opt(x)``). Others are copied into device
+        tensors kept from call to call. Why: a fresh tensor per call costs its allocation and first-touch page faults
+        (~0.1-0.25 ms for a 224x224 image here, 2-5% of an int8
         ResNet-18); ONNX Runtime reads the caller's numpy memory in place. On the CPU the copy goes through a numpy
         view of each tensor (``np.copyto`` casts and gathers a strided array in the same pass): TVM's own
         ``copyfrom`` costs ~10 us of call overhead per input, 1% of an LSTM call."""
