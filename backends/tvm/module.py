@@ -122,8 +122,8 @@ def _from_json_structure(structure: Any) -> Any:
 def _in_place(array: np.ndarray, spec: TensorSpec) -> bool:
     """Whether TVM can read the caller's array itself: its exact dtype, C-contiguous, 64-byte aligned (TVM's
     requirement; torch's CPU allocations are, numpy's large ones usually only to 16)."""
-    return (array.dtype == spec.dtype and array.flags.c_contiguous and array.ctypes.data % 64 == 0
-            and spec.dtype in _DLPACK_DTYPES)
+    return (array.dtype == spec.dtype and array.flags.c_contiguous and array.flags.writeable  # numpy exports no
+            and array.ctypes.data % 64 == 0 and spec.dtype in _DLPACK_DTYPES)              # read-only DLPack
 
 
 class CompiledModule:

@@ -131,11 +131,19 @@ def test_aligned_inputs_are_read_in_place_and_left_as_they_were():
     before = x.clone()
     in_place = compiled(x)
     assert compiled._input_buffers is None and torch.equal(x, before)
-    storage = np.empty(x.numel() + 1, np.float32)
-    unaligned = storage[1:].reshape(x.shape) if storage[1:].ctypes.data % 64 else storage[:-1].reshape(x.shape)
-    unaligned[...] = x.numpy()
-    copied = compiled(unaligned)
-    assert compiled._input_buffers is not None
-    for a, b in zip(in_place, copied):
-        np.testing.assert_array_equal(a.numpy(), b)
     assert not np.shares_memory(in_place[1].numpy(), x.numpy())  # the identity output is the caller's own copy
+
+    def placed(offset: int, writeable: bool = True) -> np.ndarray:  # x's values, ``offset`` floats past 64 bytes
+        storage = np.empty(x.numel() + 32, np.float32)
+        start = (-storage.ctypes.data % 64) // 4 + offset
+        array = storage[start:start + x.numel()].reshape(x.shape)
+        array[...] = x.numpy()
+        array.flags.writeable = writeable
+        return array
+
+    for array in (placed(1), placed(0, writeable=False)):  # unaligned; read-only (numpy exports no such DLPack)
+        copied = compiled(array)
+        assert compiled._input_buffers is not None
+        for a, b in zip(in_place, copied):
+            np.testing.assert_array_equal(a.numpy(), b)
+    assert placed(0).ctypes.data % 64 == 0
