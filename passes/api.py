@@ -260,8 +260,9 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
                         make_instruments(instruments, example_inputs))
     if data is not None and iter(data) is data:  # a generator: several passes may read the data
         data = list(data)
-    ctx = PassContext(example_inputs=example_inputs, data=data, target=str(target),
-                      lanes=resolve_target(target).lanes, original=graph, progress=progress)
+    backend_target = resolve_target(target, winograd=winograd)  # once: the passes, tuning and the build read it
+    ctx = PassContext(example_inputs=example_inputs, data=data, target=str(target), lanes=backend_target.lanes,
+                      original=graph, progress=progress)
     optimized = graph.copy_graph()
     start = time.perf_counter()
     step(f"running {len(pipeline.passes)} passes")
@@ -272,7 +273,6 @@ def optimize(model: Any, passes: Sequence[str | Pass] | str | None = None, targe
     report.memory["weights_after"] = graph_weight_bytes(optimized)
     report.memory["activations_after"] = peak_activation_bytes(optimized)
 
-    backend_target = resolve_target(target, winograd=winograd)  # once: tuning and the build read it
     tiles = None
     if tune is not None:
         start = time.perf_counter()

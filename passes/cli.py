@@ -207,11 +207,17 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def _host_context(inputs, **fields):
+    """The PassContext optimize() gives on this host (``lanes``: the llvm target's, sizing alter-layout's blocks)."""
+    from backends.tvm.target import resolve_target
+    from passes.core.pass_base import PassContext
+
+    return PassContext(example_inputs=tuple(inputs or ()), lanes=resolve_target("llvm").lanes, **fields)
+
+
 def cmd_explain(args) -> int:
     """Run the pipeline up to PASS with decision recording; print every candidate PASS considered and why."""
-    from backends.tvm.target import resolve_target
     from passes.api import import_model
-    from passes.core.pass_base import PassContext
     from passes.core.pipeline import Pipeline, resolve
     from passes.core.registry import get_pass_class
 
@@ -233,7 +239,7 @@ def cmd_explain(args) -> int:
         pipeline.append(resolve(target)[0])
         names.append(target)
     pipeline = pipeline[: names.index(target) + 1]  # stop after the pass being explained
-    ctx = PassContext(example_inputs=tuple(inputs or ()), explanations=[], lanes=resolve_target("llvm").lanes)
+    ctx = _host_context(inputs, explanations=[])
     Pipeline(pipeline).run(graph, ctx)
     decisions = [e for e in ctx.explanations if e.pass_name == target]
     print(f"{target}: {len(decisions)} candidate(s) after {', '.join(names[: names.index(target)]) or 'no pass'}")
@@ -246,15 +252,13 @@ def cmd_explain(args) -> int:
 
 def _explain_winograd(args) -> int:
     """``explain winograd MODEL``: after the pipeline, which convs the CPU backend builds as Winograd and why not."""
-    from backends.tvm.target import resolve_target
     from passes.api import explain_winograd, import_model
-    from passes.core.pass_base import PassContext
     from passes.core.pipeline import Pipeline, resolve
 
     model, inputs = _model_and_inputs(args.model)
     graph = import_model(model, inputs, _input_shapes(args.input_shape, args.model))
     Pipeline(resolve(args.passes if args.passes is not None else "default")).run(
-        graph, PassContext(example_inputs=tuple(inputs or ()), lanes=resolve_target("llvm").lanes))
+        graph, _host_context(inputs))
     rows = explain_winograd(graph, "llvm", winograd=not args.no_winograd)
     chosen = sum(why.startswith("F(") for _, why in rows)
     print(f"winograd: {chosen} of {len(rows)} conv(s) on llvm")

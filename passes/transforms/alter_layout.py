@@ -57,8 +57,8 @@ def block_for(channels: int, lanes: int) -> int:
     return next((b for b in (lanes, 8) if channels % b == 0), 0)
 
 
-def refusal(graph: Graph, conv: str, target: str, block: int, winograd: bool) -> tuple[str, str] | None:
-    """Why ``conv`` (a conv2d) keeps NCHW, or None when it runs blocked."""
+def refusal(graph: Graph, conv: str, target: str, lanes: int, winograd: bool) -> tuple[str, str] | None:
+    """Why ``conv`` (a conv2d) keeps NCHW, or None when it runs blocked (``lanes``: as ``block_for``)."""
     data = graph.nodes[conv]
     a, weight = data["attrs"], data["params"]["weight"]
     x = graph.value_type(graph.operands(conv)[0])
@@ -69,7 +69,7 @@ def refusal(graph: Graph, conv: str, target: str, block: int, winograd: bool) ->
         return "dtype", f"{x.dtype} data, {weight.dtype} weight: blocked layouts are float32 only"
     if a["groups"] != 1 and not a["groups"] == x.shape[1] == oc:
         return "grouped", f"groups={a['groups']} of {x.shape[1]} channels: no blocked grouped kernel"
-    if not block_for(oc, block):
+    if not block_for(oc, lanes):
         return "channels", f"{oc} output channels do not fill blocks of 8"
     if (winograd and (kh, kw) == (3, 3) and a["stride"] == (1, 1) and a["dilation"] == (1, 1) and a["groups"] == 1
             and min(x.shape[1], oc) >= WINOGRAD_CHANNELS and min(x.shape[2:]) >= WINOGRAD_OUTPUT):
