@@ -52,6 +52,7 @@ from backends.tvm.kernels import (
     default_tile,
     dense_kernel,
     pack_dense_weight,
+    with_resident_rows,
 )
 from backends.tvm.select import choose, select_kernels
 from backends.tvm.target import Target, resolve_target
@@ -152,8 +153,11 @@ def _direct_candidates(spec: Spec) -> list[Tile]:
     if isinstance(spec, ExpandDepthwiseSpec):
         return expand_depthwise.candidate_tiles(spec)
     default = default_tile_of(spec)
-    if isinstance(spec, ConvSpec) and spec.blocked:
-        return [default, *_blocked_candidates(spec, default)]
+    if isinstance(spec, ConvSpec) and spec.blocked:  # resident weights (a default's task_rows) or not: the second
+        # candidate answers which pays here
+        others = [with_resident_rows(spec, t) for t in _blocked_candidates(spec, default)]
+        streamed = [dataclasses.replace(default, task_rows=0)] if default.task_rows else []
+        return [default, *streamed, *dict.fromkeys(t for t in others if t != default)]
     if isinstance(spec, DenseSpec):
         lanes, limit = spec.lanes, 3 * accumulator_vectors(spec.lanes) // 2
         tiles = [Tile(1, r, c) for r in _divisors(spec.m, 8) for c in _divisors(spec.n, 4 * lanes)
@@ -252,12 +256,15 @@ def record_problem(record: Any) -> str | None:
         if not isinstance(value, RECORD_FIELDS[name]) or isinstance(value, bool):
             return f"field {name!r} of type {type(value).__name__}"
     tile = record["tile"]
-    sizes = {k: v for k, v in tile.items() if k != "winograd"}
+    sizes = {k: v for k, v in tile.items() if k not in ("winograd", "task_rows")}
     if set(sizes) != {"oc_block", "rows", "cols"} or \
             not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()):
         return "field 'tile' is not a tile (oc_block, rows, cols: positive integers)"
     if tile.get("winograd", 0) not in (0, *WINOGRAD_TILES) or isinstance(tile.get("winograd"), bool):
         return f"field 'tile' has winograd {tile['winograd']!r} (0 or one of {WINOGRAD_TILES})"
+    rows = tile.get("task_rows", 0)
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        return f"field 'tile' has task_rows {rows!r} (a count of rows, 0: none)"
     return None
 
 

@@ -5,13 +5,23 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import tvm
 from torch import nn
 
 from backends.tvm import build, cuda_source
-from backends.tvm.kernels import ConvSpec, Tile, compacted_buffers, conv_kernel, default_tile
+from backends.tvm.kernels import (
+    RESIDENT_BYTES,
+    ConvSpec,
+    Tile,
+    ceil_to,
+    compacted_buffers,
+    conv_kernel,
+    default_tile,
+    resident_weights,
+)
 from backends.tvm.lower import lower
 from frontend.torch_fx import from_torch
 from passes.core.pass_base import PassContext
@@ -230,17 +240,20 @@ def test_blocked_conv_with_fused_residual_matches_pytorch():
     assert len(graph.operands(node)) == 2  # the residual is the kernel's second input
 
 
-@pytest.mark.parametrize("conv, hw, pad, tile", [
+@pytest.mark.parametrize("conv, hw, pad, acc", [
     # 64 -> 64 3x3 (ResNet-18 layer 1): input packed to 8-channel blocks with its zero border (and 4 more zero
-    # columns: 56 = 9 x 6 + 2 pixels), 2 channel vectors x 6 pixels accumulated in registers, written NCHW
-    (nn.Conv2d(64, 64, 3, padding=1), (56, 56), (1, 8, 58, 62, 8), (1, 2, 1, 6, 8)),
-    (nn.Conv2d(24, 144, 1), (56, 56), None, (1, 3, 1, 4, 8)),       # unpadded 1x1: no copy of the input
-    (nn.Conv2d(144, 144, 3, groups=144, padding=1), (56, 56), (1, 18, 58, 58, 8), (1, 1, 1, 8, 8)),  # depthwise
+    # columns: 56 = 9 x 6 + 2 pixels); resident weights: per task 2 channel vectors x 8 rows x 56 columns of
+    # accumulators (28 KB, L1), filled register tile by register tile (2 vectors x 6 pixels), written NCHW
+    (nn.Conv2d(64, 64, 3, padding=1), (56, 56), (1, 8, 58, 62, 8), ("conv", (1, 2, 8, 56, 8), "global")),
+    # unpadded 1x1: no copy of the input; its register tile (3 vectors x 4 pixels) holds its whole reduction
+    (nn.Conv2d(24, 144, 1), (56, 56), None, ("conv_local", (1, 3, 1, 4, 8), "local")),
+    (nn.Conv2d(144, 144, 3, groups=144, padding=1), (56, 56), (1, 18, 58, 58, 8),  # depthwise
+     ("conv_local", (1, 1, 1, 8, 8), "local")),
 ], ids=["3x3", "1x1", "depthwise"])
-def test_blocked_conv_buffers(conv, hw, pad, tile):
+def test_blocked_conv_buffers(conv, hw, pad, acc):
     spec = _spec_of(conv, hw, activation="relu")
     buffers = {name: (shape, scope) for name, shape, scope in compacted_buffers(conv_kernel(spec, "llvm"))}
-    assert buffers.pop("conv_local") == (tile, "local")
+    assert buffers.pop(acc[0]) == acc[1:]
     assert buffers == ({"pad": (pad, "global")} if pad else {})
     v, icb = spec.oc_vector, spec.ic_block
     oc, c, kh, kw = spec.weight_shape
@@ -248,6 +261,76 @@ def test_blocked_conv_buffers(conv, hw, pad, tile):
     assert packed.shape == (oc // v, c // icb, kh, kw, icb, v)
     # weight[o, i, y, x] sits at [o / v, i / icb, y, x, i % icb, o % v]
     assert packed[1, 0, kh - 1, 0, 0, 3] == conv.weight[v + 3, 0, kh - 1, 0]
+
+
+ACTIVATIONS = {"none": lambda t: t, "relu": torch.relu, "relu6": lambda t: t.clamp(0, 6)}
+
+
+def _run_kernel(spec: ConvSpec, tile: Tile, *arrays) -> np.ndarray:
+    """``spec``'s kernel built alone with ``tile`` (weight packed as the lowering packs it), run on numpy arrays
+    (data, weight, bias, residual: in the spec's layouts)."""
+    func = conv_kernel(spec, "llvm", tile).with_attr("global_symbol", "main")
+    lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
+    data, weight, *rest = arrays
+    args = [tvm.runtime.tensor(a) for a in (data, spec.pack_weight(weight), *rest)]
+    out = tvm.runtime.empty(spec.stored_shape, spec.dtype)
+    lib["main"](*args, out)
+    return out.numpy()
+
+
+@pytest.mark.parametrize("conv, hw, kw, tile", [
+    (nn.Conv2d(24, 16, 3, padding=1), (13, 11), {}, Tile(16, 1, 4, task_rows=13)),  # 11 = 2 x 4 + 3 columns
+    (nn.Conv2d(16, 32, 3, padding=1), (12, 10), {}, Tile(16, 2, 5, task_rows=4)),   # 2-row tiles, 3 bands
+    (nn.Conv2d(8, 24, 3, stride=2, padding=1), (15, 9), {}, Tile(24, 1, 5, task_rows=8)),
+    (nn.Conv2d(16, 16, 3, padding=1), (7, 7), {"in_block": 8, "out_block": 8, "residual": True,
+                                                "activation": "relu"}, Tile(16, 1, 7, task_rows=7)),
+    (nn.Conv2d(16, 32, 1, stride=2), (9, 9), {"activation": "relu6"}, Tile(16, 1, 5, task_rows=5)),
+], ids=repr)
+def test_resident_weights_are_bit_identical_to_streamed_and_match_pytorch(conv, hw, kw, tile):
+    """The resident-weight schedule (input-channel blocks outermost per task, accumulators in a task buffer) adds
+    the same products in the same order as the register tile that holds its whole reduction (``task_rows`` 0):
+    the outputs are equal bit for bit, odd widths (predicated last tiles), strides, bands that do not cover the
+    map, 2-row register tiles, blocked layouts and the residual epilogue included; and both match PyTorch."""
+    spec = _spec_of(conv, hw, **kw)
+    assert resident_weights(spec)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, conv.in_channels, *hw, generator=gen)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        expected = conv(x)
+        residual = torch.randn(expected.shape, generator=gen)
+        expected = ACTIVATIONS[kw.get("activation", "none")](expected + (residual if kw.get("residual") else 0))
+    arrays = [x.numpy(), conv.weight.detach().numpy(), conv.bias.detach().numpy(), residual.numpy()]
+    if spec.in_block:  # NCHW -> NCHW[8]c for the data and the residual
+        arrays[0], arrays[3] = (a.reshape(1, -1, 8, *a.shape[2:]).transpose(0, 1, 3, 4, 2).copy()
+                                for a in (arrays[0], arrays[3]))
+    arrays = arrays[:4 if spec.residual else 3]
+    resident = _run_kernel(spec, tile, *arrays)
+    np.testing.assert_array_equal(resident, _run_kernel(spec, dataclasses.replace(tile, task_rows=0), *arrays))
+    if spec.out_block:
+        resident = resident.transpose(0, 1, 4, 2, 3).reshape(expected.shape)
+    np.testing.assert_allclose(resident, expected.numpy(), rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+def test_resident_rows_fill_the_accumulator_budget_and_leave_tasks():
+    """resnet18's 512-channel 3x3 convs at 7x7 on AVX-512: 2 vectors x 7 pixels per register tile, the whole map
+    per task (6 KB of accumulators), 16 tasks; 128 channels at 28x28: 7-row bands (25 KB), 16 tasks. Flat-pixel
+    1x1, depthwise and pooled convs keep the streamed schedule."""
+    assert default_tile(_spec_of(nn.Conv2d(512, 512, 3, padding=1), (7, 7), lanes=16, in_block=16,
+                                 out_block=16)) == Tile(32, 1, 7, task_rows=7)
+    layer2 = default_tile(_spec_of(nn.Conv2d(128, 128, 3, padding=1), (28, 28), lanes=16))
+    assert layer2.task_rows == 7 and 4 * layer2.oc_block * 7 * ceil_to(28, layer2.cols) <= RESIDENT_BYTES
+    for conv in (nn.Conv2d(64, 128, 1), nn.Conv2d(32, 32, 3, groups=32, padding=1)):
+        spec = _spec_of(conv, (14, 14), lanes=16)
+        assert spec.blocked and not resident_weights(spec) and default_tile(spec).task_rows == 0
+
+
+def test_resident_rows_must_divide_the_map():
+    spec = _spec_of(nn.Conv2d(16, 16, 3, padding=1), (10, 10))
+    with pytest.raises(ValueError, match="task_rows 3 with register rows 1"):
+        conv_kernel(spec, "llvm", Tile(16, 1, 5, task_rows=3))
+    with pytest.raises(ValueError, match="task_rows 5 with register rows 2"):
+        conv_kernel(spec, "llvm", Tile(16, 2, 5, task_rows=5))
 
 
 def test_flat_pixel_1x1_conv_tiles_the_flattened_map():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -251,20 +252,23 @@ def test_bad_database_lines_are_skipped_and_counted(tmp_path):
             "error": None}
     lines = [json.dumps(good).encode(), b"\xff\xfe\x00garbage", json.dumps(dict(good, tile="8x1x4")).encode(),
              json.dumps(dict(good, ms="fast")).encode(), json.dumps(dict(good, extra=1)).encode(), b"[1, 2]",
-             json.dumps(dict(good, tile={"oc_block": 0, "rows": 1, "cols": 4})).encode(), b'{"key": "abc", "ti']
+             json.dumps(dict(good, tile={"oc_block": 0, "rows": 1, "cols": 4})).encode(), b'{"key": "abc", "ti',
+             json.dumps(dict(good, tile={"oc_block": 8, "rows": 1, "cols": 4, "task_rows": -2})).encode()]
     (tmp_path / "db").mkdir()
     (tmp_path / "db" / "records.jsonl").write_bytes(b"\n".join(lines))
     db = Database(tmp_path / "db")
     assert db.records() == [good]
     assert db.skipped == {"undecodable bytes": 1, "field 'tile' of type str": 1, "field 'ms' of type str": 1,
                           "unknown field 'extra'": 1, "not an object (list)": 1, "not JSON": 1,
-                          "field 'tile' is not a tile (oc_block, rows, cols: positive integers)": 1}
+                          "field 'tile' is not a tile (oc_block, rows, cols: positive integers)": 1,
+                          "field 'tile' has task_rows -2 (a count of rows, 0: none)": 1}
     opt = passes.optimize(model, passes=[], example_inputs=xs, measure=False,  # the graph the key was taken from
                           tune=passes.Tune(trials=0, database=str(tmp_path / "db"), progress=False))
     report = opt.report.to_dict()["tune"]
-    assert report["tuned_tasks"] == 1 and sum(report["skipped_lines"].values()) == 7
+    assert report["tuned_tasks"] == 1 and sum(report["skipped_lines"].values()) == 8
     db.append(dict(good, tile={"oc_block": 8, "rows": 2, "cols": 4}))  # appending after garbage starts a new line
-    assert len(Database(tmp_path / "db").records()) == 2
+    db.append(dict(good, tile={"oc_block": 8, "rows": 1, "cols": 4, "task_rows": 2}))  # resident weights
+    assert len(Database(tmp_path / "db").records()) == 3
     with torch.no_grad():
         assert_outputs_close(model(*xs), opt(*xs))
 
@@ -327,6 +331,12 @@ def test_tasks_are_the_blocked_convs_of_the_default_pipeline_with_their_tile_spa
         assert any(14 % t.cols for t in tiles)  # padded rows: 14 columns in tiles of 3, 4, 5, 6 ...
     expand = next(t for t in tasks if t.spec.weight_shape == (48, 16, 1, 1))
     assert {t.oc_block for t in candidates(expand.spec)} == {8, 16, 24}  # 3 vectors: 24-channel tiles
+    # the stem's 3x3: resident weights by default (one row per task: a single channel tile needs 8+ tasks), the
+    # same register tile streamed second (which pays is measured), every other tile with its own resident rows
+    stem = next(t for t in tasks if t.spec.weight_shape == (16, 3, 3, 3))
+    first, second, *rest = candidates(stem.spec)
+    assert first.task_rows == 1 and second == dataclasses.replace(first, task_rows=0)
+    assert all(t.task_rows and 14 % t.task_rows == 0 and t.task_rows % t.rows == 0 for t in rest)
 
 
 def _task(flops: int, name: str):
