@@ -70,10 +70,10 @@ def configure_threads(threads: int | None = None) -> int:
     Cheap after the first call in a thread (a thread-local compare). Does nothing when the user set
     ``TVM_NUM_THREADS``/``OMP_NUM_THREADS``.
     """
+    if getattr(_configured, "request", ()) == (threads,):  # every call after the first: one thread-local compare
+        return _configured.threads                        # (no environment lookups either)
     if user_override() is not None:
         return tvm.runtime.num_threads()
-    if getattr(_configured, "request", ()) == (threads,):  # every call after the first: no system calls
-        return _configured.threads
     cpus = usable_cpus()
     wanted = min(check_threads(threads) or default_threads(), len(cpus))  # more threads than CPUs only contend
     config = tvm.get_global_func("runtime.config_threadpool")

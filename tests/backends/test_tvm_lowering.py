@@ -147,3 +147,28 @@ def test_aligned_inputs_are_read_in_place_and_left_as_they_were():
         for a, b in zip(in_place, copied):
             np.testing.assert_array_equal(a.numpy(), b)
     assert placed(0).ctypes.data % 64 == 0
+
+
+def test_torch_inputs_tvm_can_read_skip_numpy_and_the_others_are_copied():
+    """A torch CPU tensor of the model's dtype and shape, contiguous, 64-byte aligned and without autograd history
+    goes to TVM through DLPack directly (``_torch_in_place``); one that requires grad, a transposed view, an
+    unaligned view or float64 takes the copying path. All give the model's outputs, as torch tensors."""
+    from backends.tvm.module import _torch_in_place
+
+    model = Fn(lambda s, x: torch.relu(s.conv(x)), conv=torch.nn.Conv2d(3, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    compiled = build(from_torch(model, (x,)), "llvm")
+    spec = compiled.inputs[0]
+    with torch.no_grad():
+        want = model(x)
+    storage = torch.empty(x.numel() + 16)
+    unaligned = storage[1:1 + x.numel()].view(x.shape)
+    unaligned.copy_(x)
+    others = [x.clone().requires_grad_(), x.transpose(2, 3).contiguous().transpose(2, 3), unaligned, x.double()]
+    assert _torch_in_place(x, spec) and not any(_torch_in_place(t, spec) for t in others)
+    assert not _torch_in_place(x.numpy(), spec) and not _torch_in_place(torch.randn(1, 3, 16, 15), spec)
+    for t in (x, *others):
+        got = compiled(t)
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert compiled._input_buffers is not None  # the others were copied
