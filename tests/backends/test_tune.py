@@ -331,12 +331,26 @@ def test_tasks_are_the_blocked_convs_of_the_default_pipeline_with_their_tile_spa
         assert any(14 % t.cols for t in tiles)  # padded rows: 14 columns in tiles of 3, 4, 5, 6 ...
     expand = next(t for t in tasks if t.spec.weight_shape == (48, 16, 1, 1))
     assert {t.oc_block for t in candidates(expand.spec)} == {8, 16, 24}  # 3 vectors: 24-channel tiles
-    # the stem's 3x3: resident weights by default (one row per task: a single channel tile needs 8+ tasks), the
-    # same register tile streamed second (which pays is measured), every other tile with its own resident rows
+    # the stem's 3x3 (3 input channels: its weight panel stays in L1): streamed only
     stem = next(t for t in tasks if t.spec.weight_shape == (16, 3, 3, 3))
-    first, second, *rest = candidates(stem.spec)
-    assert first.task_rows == 1 and second == dataclasses.replace(first, task_rows=0)
-    assert all(t.task_rows and 14 % t.task_rows == 0 and t.task_rows % t.rows == 0 for t in rest)
+    assert not any(t.task_rows for t in candidates(stem.spec))
+
+
+def test_resident_weights_are_searched_beside_the_same_tile_streamed():
+    """A 3x3 conv whose weight panel per task overflows L1 (2 vectors x 64 channels x 9 taps: 36 KB): resident
+    weights by default, the same register tile streamed second (which pays is measured there), every other tile
+    whose panel overflows L1 with its own resident rows (a divisor of the height, a multiple of its register rows);
+    one-vector tiles (an 18 KB panel) streamed."""
+    from backends.tvm.kernels import RESIDENT_BYTES, ConvSpec
+    from backends.tvm.tune import candidates
+
+    spec = ConvSpec(in_shape=(1, 64, 14, 14), weight_shape=(64, 64, 3, 3), stride=(1, 1), padding=(1, 1),
+                    dilation=(1, 1), groups=1, has_bias=True, lanes=8, in_block=8, out_block=8)
+    first, second, *rest = candidates(spec)
+    assert first.task_rows and second == dataclasses.replace(first, task_rows=0)
+    assert all(bool(t.task_rows) == (4 * t.oc_block * 64 * 9 > RESIDENT_BYTES) for t in rest)
+    assert all(14 % t.task_rows == 0 and t.task_rows % t.rows == 0 for t in rest if t.task_rows)
+    assert {t.oc_block for t in rest if not t.task_rows} == {8}
 
 
 def _task(flops: int, name: str):
