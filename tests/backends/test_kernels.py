@@ -19,7 +19,9 @@ from backends.tvm.kernels import (
     ceil_to,
     compacted_buffers,
     conv_kernel,
+    default_dense_tile,
     default_tile,
+    dense_spec,
     resident_weights,
 )
 from backends.tvm.lower import lower
@@ -111,6 +113,16 @@ def test_folded_conv_avg_pool_through_tvm(layers, expect_op):
                                           (3, 1, 1, nn.ReLU())], ids=str)
 def test_dense_kernel_matches_pytorch(m, k, n, act):
     compile_and_compare(nn.Sequential(nn.Linear(k, n), act), torch.randn(m, k))
+
+
+@pytest.mark.parametrize("m, k, n, lanes, tile", [
+    (1, 512, 1000, 16, Tile(1, 1, 8)),      # torchvision's classifiers: whole 8-lane vectors, not 25 = 16 + 9
+    (1, 25088, 4096, 16, Tile(1, 1, 32)),   # VGG: two zmm vectors
+    (4, 64, 96, 8, Tile(1, 4, 16)),         # AVX2: two ymm vectors
+    (1, 64, 10, 16, Tile(1, 1, 10)),        # no multiple of 8 divides 10: the widest divisor
+], ids=str)
+def test_default_dense_tile_is_made_of_whole_vectors(m, k, n, lanes, tile):
+    assert default_dense_tile(dense_spec((m, k), (n, k), True, lanes=lanes)) == tile
 
 
 def test_conv_pool_is_one_primfunc_without_a_full_conv_buffer():
