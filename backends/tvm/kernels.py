@@ -858,6 +858,17 @@ def schedule_cpu(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile | None = None) 
     return sch.mod["main"]
 
 
+def rows_first(spec: ConvSpec) -> bool:
+    """Order the blocked conv's parallel tasks by row band before channel tile where its weights are smaller than
+    its input. TVM's pool gives each core a contiguous range of tasks: rows first, each core reads its own band of
+    input rows (which the previous kernel, ordered so too, wrote on the same core) and all of the small weights;
+    channel tiles first, each core reads half of the weights but all of the input, half of it from the other core's
+    cache. Measured on the 2-core Xeon, whole models in one process against channel tiles first: resnet50 0.955x,
+    mobilenet_v2 0.971x, resnet18 0.97-0.98x (its 1x1 stride-2 downsample conv at 56x56: 190 -> 114 us in the
+    model), efficientnet_b0 0.997x. Depthwise and pooled convs keep channel tiles first (not measured)."""
+    return (not (spec.depthwise or spec.pool) and math.prod(spec.weight_shape) < math.prod(spec.in_shape))
+
+
 def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
     """Per task (parallel over output-channel tiles x row tiles): for each tile of ``cols`` columns, a register tile
     of ``oc_block / v`` channel vectors x ``rows`` x ``cols`` pixels accumulated over (C/icb, KH, KW, icb), then
@@ -882,7 +893,8 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     if spec.depthwise and spec.in_block and spec.packs_input:  # a few rows per task: its padded input rows are
         # copied once for all of them (stride 1: R + 2 rows, not 3 R)
         y_outer, y_serial = sch.split(y_outer, [None, largest_divisor(-(-spec.out_shape[2] // tile.rows), 8)])
-    loops = (n, o_outer, y_outer, y_serial, x_outer, o_inner, y_inner, x_inner, lanes)
+    first, second = (y_outer, o_outer) if rows_first(spec) else (o_outer, y_outer)
+    loops = (n, first, second, y_serial, x_outer, o_inner, y_inner, x_inner, lanes)
     sch.reorder(*[loop for loop in loops if loop is not None])
     if lanes is not None:
         sch.vectorize(lanes)
@@ -894,7 +906,7 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     for loop in (yy, xx, oo, *((ry, rx) if spec.depthwise else ())):  # depthwise: taps unrolled, so neighbouring
         sch.unroll(loop)                                               # pixels share their input loads
     sch.set_scope(conv, 0, "local")
-    task = sch.fuse(n, o_outer, y_outer)
+    task = sch.fuse(n, first, second)
     sch.parallel(task)
     sch.decompose_reduction(conv, rco)
     if spec.flat_pixels:  # the output as stored: flat pixel p is (p / W, p % W)
@@ -937,10 +949,11 @@ def _schedule_cpu_blocked_resident(spec: ConvSpec, func: tirx.PrimFunc, tile: Ti
         (n, o, y, x), lanes = sch.get_loops(out), None
         o_outer, o_inner = sch.split(o, [None, tile.oc_block])
     y_outer, y_inner = sch.split(y, [None, tile.task_rows])
-    sch.reorder(*[loop for loop in (n, o_outer, y_outer, o_inner, y_inner, x, lanes) if loop is not None])
+    first, second = (y_outer, o_outer) if rows_first(spec) else (o_outer, y_outer)
+    sch.reorder(*[loop for loop in (n, first, second, o_inner, y_inner, x, lanes) if loop is not None])
     if lanes is not None:
         sch.vectorize(lanes)
-    task = sch.fuse(n, o_outer, y_outer)
+    task = sch.fuse(n, first, second)
     sch.compute_at(conv, task, preserve_unit_loops=True)  # the task's accumulator buffer
     oo, yy, xx, oi, rco, ry, rx, rci = sch.get_loops(conv)[-8:]
     y_tile, y_reg = sch.split(yy, [None, tile.rows])

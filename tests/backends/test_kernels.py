@@ -23,6 +23,7 @@ from backends.tvm.kernels import (
     default_tile,
     dense_spec,
     resident_weights,
+    rows_first,
 )
 from backends.tvm.lower import lower
 from frontend.torch_fx import from_torch
@@ -335,6 +336,17 @@ def test_resident_rows_fill_the_accumulator_budget_and_leave_tasks():
     for conv in (nn.Conv2d(64, 128, 1), nn.Conv2d(32, 32, 3, groups=32, padding=1)):
         spec = _spec_of(conv, (14, 14), lanes=16)
         assert spec.blocked and not resident_weights(spec) and default_tile(spec).task_rows == 0
+
+
+def test_tasks_split_rows_where_the_weights_are_smaller_than_the_input():
+    """resnet18's downsample (64 -> 128 1x1 stride 2 at 56x56: 32 KB of weights, 800 KB of input) splits row bands
+    over the cores; its 512-channel 3x3 at 7x7 (9.4 MB of weights, 166 KB of input) channel tiles; depthwise convs
+    keep channel tiles. Both orders compute the same outputs (``test_blocked_conv_matches_pytorch`` has both)."""
+    assert rows_first(_spec_of(nn.Conv2d(64, 128, 1, stride=2), (56, 56), lanes=16))
+    assert not rows_first(_spec_of(nn.Conv2d(512, 512, 3, padding=1), (7, 7), lanes=16))
+    assert not rows_first(_spec_of(nn.Conv2d(32, 32, 3, padding=1, groups=32), (112, 112), lanes=16))
+    assert rows_first(_spec_of(nn.Conv2d(3, 8, 3, padding=1), (13, 11)))
+    assert not rows_first(_spec_of(nn.Conv2d(40, 16, 1), (1, 1)))
 
 
 def test_resident_rows_must_divide_the_map():
