@@ -232,16 +232,16 @@ def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.vectorize(k_tile)
     sch.parallel(sch.fuse(e, v))
     sch.decompose_reduction(gemm, rc)
-    # out: per image, block of output channels and row of tiles (parallel), the tiles' outputs Y computed into
+    # out: per image, row of tiles and block of output channels (parallel), the tiles' outputs Y computed into
     # a cache-resident buffer (a row of tiles x m x m x the channel block), then stored row by row in NCHW
     out = sch.get_sblock("out")
     b, k, y, x = sch.get_loops(out)
     k_block = largest_divisor(oc, 2 * lanes)
     k_outer, k_inner = sch.split(k, [None, k_block])
     y_tiles, y_inner = sch.split(y, [None, spec.tile])
-    sch.reorder(b, k_outer, y_tiles, y_inner, x, k_inner)
-    sch.unroll(k_inner)
-    task = sch.fuse(b, k_outer, y_tiles)
+    sch.reorder(b, y_tiles, k_outer, y_inner, x, k_inner)  # rows of tiles before channel blocks: each core writes
+    sch.unroll(k_inner)                                    # its own rows, which the next kernel reads there
+    task = sch.fuse(b, y_tiles, k_outer)                   # (``kernels.rows_first``; resnet18 0.981x, resnet50 0.994x)
     sch.parallel(task)
     out_tiles = sch.get_sblock("Y")
     sch.compute_at(out_tiles, task)
