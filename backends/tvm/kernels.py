@@ -914,15 +914,20 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
         sch.transform_layout(out, ("write", 0), lambda *i: (*i[:2], i[3] // ow, i[3] % ow, *i[4:]))
     if spec.pool:
         _unroll_blocked_pool(sch)
+    _schedule_blocked_input(sch, spec, task)
+    return sch.mod["main"]
+
+
+def _schedule_blocked_input(sch: Schedule, spec: ConvSpec, task) -> None:
+    """The blocked kernel's padded input. NCHW[b]c input: each task copies only the rows its tile reads (with their
+    zero border) into a small, cache-resident buffer, instead of a padded copy of the whole tensor that round-trips
+    through memory. NCHW input: ``_schedule_packed_input``."""
     if spec.in_block and spec.packs_input:
-        # NCHW[b]c input: each task copies only the rows its tile reads (with their zero border) into a small,
-        # cache-resident buffer, instead of a padded copy of the whole tensor that round-trips through memory
         pad = sch.get_sblock("pad")
         sch.compute_at(pad, task)
         sch.vectorize(sch.get_loops(pad)[-1])
     else:
         _schedule_packed_input(sch)
-    return sch.mod["main"]
 
 
 def _schedule_cpu_blocked_resident(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
@@ -964,12 +969,7 @@ def _schedule_cpu_blocked_resident(spec: ConvSpec, func: tirx.PrimFunc, tile: Ti
         sch.unroll(loop)
     sch.parallel(task)
     sch.decompose_reduction(conv, rco)
-    if spec.in_block and spec.packs_input:  # the band's padded input rows, copied per task (as above)
-        pad = sch.get_sblock("pad")
-        sch.compute_at(pad, task)
-        sch.vectorize(sch.get_loops(pad)[-1])
-    else:
-        _schedule_packed_input(sch)
+    _schedule_blocked_input(sch, spec, task)  # (a blocked input: the band's padded rows, per task)
     return sch.mod["main"]
 
 
