@@ -326,13 +326,19 @@ def test_resident_weights_are_bit_identical_to_streamed_and_match_pytorch(conv, 
 
 
 def test_resident_rows_fill_the_accumulator_budget_and_leave_tasks():
-    """resnet18's 512-channel 3x3 convs at 7x7 on AVX-512: 2 vectors x 7 pixels per register tile, the whole map
-    per task (6 KB of accumulators), 16 tasks; 128 channels at 28x28: 7-row bands (25 KB), 16 tasks. Flat-pixel
-    1x1, depthwise and pooled convs keep the streamed schedule."""
-    assert default_tile(_spec_of(nn.Conv2d(512, 512, 3, padding=1), (7, 7), lanes=16, in_block=16,
-                                 out_block=16)) == Tile(32, 1, 7, task_rows=7)
-    layer2 = default_tile(_spec_of(nn.Conv2d(128, 128, 3, padding=1), (28, 28), lanes=16))
-    assert layer2.task_rows == 7 and 4 * layer2.oc_block * 7 * ceil_to(28, layer2.cols) <= RESIDENT_BYTES
+    """resnet18's 512-channel 3x3 convs at 7x7 on AVX-512: their weights (9.4 MB) outweigh the input, so a task
+    streams 4 channel vectors' panels (x 4 pixels: 8 computed per row of 7), the whole map per task (7 KB of
+    accumulators), 8 tasks; on AVX2 (12 accumulators) one 8-lane vector x 7 pixels, as before. 64 channels at
+    56x56 (input larger than the weights): 2 vectors x 12 pixels, 4-row bands (the most within 32 KB), 28 tasks.
+    Flat-pixel 1x1, depthwise and pooled convs keep the streamed schedule."""
+    layer4 = _spec_of(nn.Conv2d(512, 512, 3, padding=1), (7, 7), lanes=16, in_block=16, out_block=16)
+    assert not rows_first(layer4) and default_tile(layer4) == Tile(64, 1, 4, task_rows=7)
+    avx2 = _spec_of(nn.Conv2d(512, 512, 3, padding=1), (7, 7), lanes=8, in_block=8, out_block=8)
+    assert default_tile(avx2) == Tile(8, 1, 7, task_rows=7)
+    layer1 = _spec_of(nn.Conv2d(64, 64, 3, padding=1), (56, 56), lanes=16)
+    tile = default_tile(layer1)
+    assert rows_first(layer1) and tile == Tile(32, 1, 12, task_rows=4)
+    assert 4 * tile.oc_block * 4 * ceil_to(56, 12) <= RESIDENT_BYTES < 4 * tile.oc_block * 7 * ceil_to(56, 12)
     for conv in (nn.Conv2d(64, 128, 1), nn.Conv2d(32, 32, 3, groups=32, padding=1)):
         spec = _spec_of(conv, (14, 14), lanes=16)
         assert spec.blocked and not resident_weights(spec) and default_tile(spec).task_rows == 0
