@@ -813,6 +813,15 @@ def resident_weights(spec: ConvSpec) -> bool:
 # pixels), left as it was.
 
 
+def resident_rows_problem(spec: ConvSpec, tile: Tile) -> str | None:
+    """Why ``tile``'s ``task_rows`` do not fit ``spec`` (None: they do, or the tile has none)."""
+    if tile.task_rows and (not resident_weights(spec) or spec.out_shape[2] % tile.task_rows
+                           or tile.task_rows % tile.rows):
+        return (f"task_rows {tile.task_rows} with register rows {tile.rows}: the resident-weight schedule takes "
+                f"blocked convs without pool whose output height {spec.out_shape[2]} it divides")
+    return None
+
+
 def with_resident_rows(spec: ConvSpec, tile: Tile) -> Tile:
     """``tile`` with the rows per task of the resident-weight schedule where the spec takes it and its task's
     weight panel overflows L1 (``RESIDENT_BYTES``; streamed, every register tile re-reads it from L2): the tallest
@@ -956,9 +965,9 @@ def _schedule_cpu_blocked_resident(spec: ConvSpec, func: tirx.PrimFunc, tile: Ti
     Measured on the 2-core Xeon (AVX-512), kernels alone: resnet18's 512-channel 3x3 convs at 7x7 0.95 -> 0.83 ms,
     its 128-channel ones at 28x28 0.83 -> 0.75 ms; whole models in one process: resnet18 0.944x, resnet50 0.983x,
     vgg11_bn 1.00x."""
-    if not resident_weights(spec) or spec.out_shape[2] % tile.task_rows or tile.task_rows % tile.rows:
-        raise ValueError(f"task_rows {tile.task_rows} with register rows {tile.rows}: the resident-weight schedule "
-                         f"takes blocked convs without pool whose output height {spec.out_shape[2]} it divides")
+    problem = resident_rows_problem(spec, tile)
+    if problem:
+        raise ValueError(problem)
     sch = Schedule(func)
     conv, out = sch.get_sblock("conv"), sch.get_sblock("epilogue")
     if spec.out_block:  # NCHW[v]c store: the block itself one vector store

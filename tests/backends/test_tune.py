@@ -353,6 +353,31 @@ def test_resident_weights_are_searched_beside_the_same_tile_streamed():
     assert {t.oc_block for t in rest if not t.task_rows} == {8}
 
 
+def test_a_record_whose_resident_rows_the_kernel_refuses_is_not_built(tmp_path):
+    """The database is a cache anyone can edit: a record whose ``task_rows`` do not divide the map (5 of 14 rows)
+    is passed over (the default tile builds), a valid one (7) is what the build runs; the model matches PyTorch."""
+    from backends.tvm.tune import tuned_tiles
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU()).eval()
+    xs = (torch.randn(1, 64, 28, 28),)
+    target = make_target("llvm")
+    (task,) = extract_tasks(from_torch(model, xs), target)
+    assert task.default.task_rows  # a 3x3 conv over 64 channels: resident weights by default
+    db = Database(tmp_path / "db")
+    record = {"key": task_key(task.spec, target), "ms": 0.001, "task": "conv2d", "runner": "local", "error": None}
+    tile = dataclasses.asdict(task.default)
+    db.append(dict(record, tile=dict(tile, task_rows=5)))
+    assert tuned_tiles(from_torch(model, xs), target, tmp_path / "db") == {}
+    opt = passes.optimize(model, passes=[], example_inputs=xs, measure=False,
+                          tune=passes.Tune(trials=0, database=str(tmp_path / "db"), progress=False))
+    with torch.no_grad():
+        assert_outputs_close(model(*xs), opt(*xs))
+    db.append(dict(record, ms=0.0005, tile=dict(tile, task_rows=7)))
+    assert tuned_tiles(from_torch(model, xs), target, tmp_path / "db") == {
+        task.spec: dataclasses.replace(task.default, task_rows=7)}
+
+
 def _task(flops: int, name: str):
     from backends.tvm.kernels import ConvSpec
     from backends.tvm.tune import TuneTask
