@@ -681,11 +681,11 @@ def default_tile(spec: ConvSpec) -> Tile:
     if spec.flat_pixels:  # any pixel count: the flattened map is padded to whole tiles
         return _blocked_tile(spec, oh * ow, budget, padded=True)
     if spec.blocked:
-        tile = _blocked_tile(spec, ow, budget, padded=spec.packs_input)
-        if lanes >= 16 and with_resident_rows(spec, tile).task_rows and not rows_first(spec) and \
-                (oc // spec.oc_vector) % 4 == 0:  # streams its weights: 4 of them per task (below)
-            tile = _blocked_tile(spec, ow, budget, padded=True, vector_counts=(4,))
-        return with_resident_rows(spec, tile)
+        tile = with_resident_rows(spec, _blocked_tile(spec, ow, budget, padded=spec.packs_input))
+        if lanes >= 16 and tile.task_rows and not rows_first(spec) and (oc // spec.oc_vector) % 4 == 0:
+            # streams its weights: 4 of them per task (below)
+            tile = with_resident_rows(spec, _blocked_tile(spec, ow, budget, padded=True, vector_counts=(4,)))
+        return tile
     if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels (about 14 accumulator
         # vectors on AVX-512, 8-12 on AVX2)
         col_scale = spec.pool_stride[1] if spec.pool else 1
@@ -892,6 +892,24 @@ def rows_first(spec: ConvSpec) -> bool:
     return (not (spec.depthwise or spec.pool) and math.prod(spec.weight_shape) < math.prod(spec.in_shape))
 
 
+def _split_channels(sch: Schedule, spec: ConvSpec, out, oc_block: int) -> tuple:
+    """The blocked kernel's output stage ``out`` split into tiles of ``oc_block`` channels: (n, o_outer, o_inner,
+    y, x, lanes). Stored NCHW[v]c: tiles of whole channel blocks, the block (``lanes``) one vector store; stored NCHW:
+    tiles of channels, ``lanes`` None."""
+    if spec.out_block:
+        n, o, y, x, lanes = sch.get_loops(out)
+        o_outer, o_inner = sch.split(o, [None, oc_block // spec.oc_vector])
+    else:
+        (n, o, y, x), lanes = sch.get_loops(out), None
+        o_outer, o_inner = sch.split(o, [None, oc_block])
+    return n, o_outer, o_inner, y, x, lanes
+
+
+def _task_order(spec: ConvSpec, channel_tiles, row_tiles) -> tuple:
+    """The two task loops, outer first (``rows_first``)."""
+    return (row_tiles, channel_tiles) if rows_first(spec) else (channel_tiles, row_tiles)
+
+
 def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> tirx.PrimFunc:
     """Per task (parallel over output-channel tiles x row tiles): for each tile of ``cols`` columns, a register tile
     of ``oc_block / v`` channel vectors x ``rows`` x ``cols`` pixels accumulated over (C/icb, KH, KW, icb), then
@@ -900,12 +918,7 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
         return _schedule_cpu_blocked_resident(spec, func, tile)
     sch = Schedule(func)
     conv, out = sch.get_sblock("conv"), sch.get_sblock("post" if spec.pool else "epilogue")
-    if spec.out_block:  # NCHW[v]c store: tile over channel blocks, the block itself one vector store
-        n, o, y, x, lanes = sch.get_loops(out)
-        o_outer, o_inner = sch.split(o, [None, tile.oc_block // spec.oc_vector])
-    else:
-        (n, o, y, x), lanes = sch.get_loops(out), None
-        o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    n, o_outer, o_inner, y, x, lanes = _split_channels(sch, spec, out, tile.oc_block)
     if spec.flat_pixels:  # y: the unit row of the flattened map; tiles of rows * cols pixels, a few per task
         x_task, x_outer, x_inner = sch.split(x, [None, _flat_tiles_per_task(spec, tile), tile.rows * tile.cols])
         y_outer, y_inner = sch.fuse(y, x_task), None
@@ -916,7 +929,7 @@ def _schedule_cpu_blocked(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) -> ti
     if spec.depthwise and spec.in_block and spec.packs_input:  # a few rows per task: its padded input rows are
         # copied once for all of them (stride 1: R + 2 rows, not 3 R)
         y_outer, y_serial = sch.split(y_outer, [None, largest_divisor(-(-spec.out_shape[2] // tile.rows), 8)])
-    first, second = (y_outer, o_outer) if rows_first(spec) else (o_outer, y_outer)
+    first, second = _task_order(spec, o_outer, y_outer)
     loops = (n, first, second, y_serial, x_outer, o_inner, y_inner, x_inner, lanes)
     sch.reorder(*[loop for loop in loops if loop is not None])
     if lanes is not None:
@@ -970,14 +983,9 @@ def _schedule_cpu_blocked_resident(spec: ConvSpec, func: tirx.PrimFunc, tile: Ti
         raise ValueError(problem)
     sch = Schedule(func)
     conv, out = sch.get_sblock("conv"), sch.get_sblock("epilogue")
-    if spec.out_block:  # NCHW[v]c store: the block itself one vector store
-        n, o, y, x, lanes = sch.get_loops(out)
-        o_outer, o_inner = sch.split(o, [None, tile.oc_block // spec.oc_vector])
-    else:
-        (n, o, y, x), lanes = sch.get_loops(out), None
-        o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    n, o_outer, o_inner, y, x, lanes = _split_channels(sch, spec, out, tile.oc_block)
     y_outer, y_inner = sch.split(y, [None, tile.task_rows])
-    first, second = (y_outer, o_outer) if rows_first(spec) else (o_outer, y_outer)
+    first, second = _task_order(spec, o_outer, y_outer)
     sch.reorder(*[loop for loop in (n, first, second, o_inner, y_inner, x, lanes) if loop is not None])
     if lanes is not None:
         sch.vectorize(lanes)

@@ -158,7 +158,7 @@ def _direct_candidates(spec: Spec) -> list[Tile]:
         # candidate answers which pays here
         others = [with_resident_rows(spec, t) for t in _blocked_candidates(spec, default)]
         streamed = [dataclasses.replace(default, task_rows=0)] if default.task_rows else []
-        return [default, *streamed, *dict.fromkeys(t for t in others if t != default)]
+        return [default, *streamed, *(t for t in others if t != default)]  # (default's tile streamed: resident again)
     if isinstance(spec, DenseSpec):
         lanes, limit = spec.lanes, 3 * accumulator_vectors(spec.lanes) // 2
         tiles = [Tile(1, r, c) for r in _divisors(spec.m, 8) for c in _divisors(spec.n, 4 * lanes)
