@@ -11,7 +11,7 @@ import tvm
 from torch import nn
 
 from backends.tvm import build
-from backends.tvm.kernels import ConvSpec
+from backends.tvm.kernels import ConvSpec, accumulator_vectors
 from backends.tvm.select import select_kernels
 from backends.tvm.target import resolve_target
 from backends.tvm.winograd import WinogradSpec, choose, refusal, transform_matrices, winograd_kernel
@@ -96,6 +96,21 @@ def test_cost_rule_chooses_wide_3x3_stride_1_convs_f4_on_large_maps_f2_on_small_
     spec = choose(conv_spec(64, 128, 28, 28))
     assert (spec.in_shape, spec.weight_shape, spec.padding, spec.activation) == (
         (1, 64, 28, 28), (128, 64, 3, 3), (1, 1), "relu")
+
+
+@pytest.mark.parametrize("size, tile, lanes, block", [
+    (14, 2, 16, 7),   # ResNet's 7x7 grid of tiles: 49 = 7 x 7, none padded (12 would compute 60)
+    (28, 4, 16, 7),
+    (56, 4, 16, 7),   # 196 tiles = 28 x 7
+    (16, 2, 16, 8),   # 64 tiles: the largest exact block within the budget
+    (14, 2, 8, 5),    # AVX2: 6 tiles x 2 vectors at most; 50 computed
+    (4, 2, 16, 4),    # 4 tiles: a block of 4, not half the budget
+], ids=str)
+def test_gemm_tile_block_pads_the_fewest_tiles_within_the_register_budget(size, tile, lanes, block):
+    spec = WinogradSpec((1, 64, size, size), (64, 64, 3, 3), (1, 1), True, tile=tile, lanes=lanes)
+    budget = accumulator_vectors(lanes) // (spec.oc_block // lanes)
+    assert spec.tile_block == block <= budget
+    assert spec.padded_tiles == -(-spec.tiles // block) * block < spec.tiles + block
 
 
 class Block(nn.Module):
