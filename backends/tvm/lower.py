@@ -98,7 +98,7 @@ def call_winograd_kernel(ctx: LowerContext, x: relax.Expr, spec: WinogradSpec, r
                          ) -> relax.Expr:
     """``call_tir`` of our Winograd kernel; the weights go in transformed (U = G g G^T, packed) at compile time."""
     return _call_kernel(ctx, f"conv2d_winograd{spec.tile}_{ctx.node}", winograd_kernel(spec), x,
-                        spec.pack_weight(ctx.params["weight"]), "float32", spec.has_bias, residual, spec.out_shape,
+                        spec.pack_weight(ctx.params["weight"]), "float32", spec.has_bias, residual, spec.stored_shape,
                         "float32")
 
 
@@ -213,6 +213,8 @@ def _conv2d_nchwc(ctx, xs):
     x, residual, scale = conv_operands(xs, a)
     if ctx.choice.kernel == "conv" and ctx.choice.spec.blocked:
         return call_conv_kernel(ctx, x, ctx.choice.spec, residual, scale)
+    if ctx.choice.kernel == "winograd":  # (never with an input scale: ``select.choose``)
+        return call_winograd_kernel(ctx, x, ctx.choice.spec, residual)
     plain = [relax_layout(ctx, x, a["in_layout"], "NCHW")]
     if scale is not None:
         n, c = static_shape(plain[0])[:2]

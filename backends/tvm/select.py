@@ -169,8 +169,9 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
         fused = expand_dw_spec_of(graph, node, target_kind)
         return Choice("expand_dw", fused) if fused is not None else RELAX
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
-    # the Winograd kernel is CPU-only and NCHW (alter-layout leaves the convs it may take in NCHW)
-    cpu_conv = target_kind == "llvm" and isinstance(spec, ConvSpec) and op != "conv2d_nchwc"
+    # the Winograd kernel is CPU-only; it reads and writes NCHW or NCHW[b]c, not an input scale (fold-channel-scale)
+    cpu_conv = (target_kind == "llvm" and isinstance(spec, ConvSpec)
+                and not (op == "conv2d_nchwc" and data["attrs"].get("input_scale")))
     tuned = (tiles or {}).get(spec) if cpu_conv else None
     if tuned is not None and allow_winograd:
         fast = winograd.choose(spec, tuned.winograd) if tuned.winograd else None
@@ -234,7 +235,7 @@ def explain_winograd(graph: Graph, target_kind: str, lanes: int = 16, allow_wino
     (``winograd.refusal``, or the switch). What ``python -m passes.cli explain winograd MODEL`` prints."""
     rows = []
     for node in graph.topo_order():
-        if graph.nodes[node]["op"] not in ("conv2d", "conv2d_pool"):
+        if graph.nodes[node]["op"] not in ("conv2d", "conv2d_pool", "conv2d_nchwc"):
             continue
         choice = choose(graph, node, target_kind, lanes, allow_winograd)
         if target_kind == "cuda":  # no Winograd on cuda: say whether the conv runs on tensor cores, else why not

@@ -113,7 +113,7 @@ def extract_tasks(graph: Graph, target: Target | str = "llvm") -> list[TuneTask]
     for node, choice in select_kernels(graph, target.kind, target.lanes, target.winograd).choices.items():
         if choice.kernel in ("conv", "blocked_conv_pool", "dense", "expand_dw"):
             found.setdefault(choice.spec, []).append(node)
-        elif choice.kernel == "winograd" and graph.nodes[node]["op"] == "conv2d":
+        elif choice.kernel == "winograd" and graph.nodes[node]["op"] in ("conv2d", "conv2d_nchwc"):
             # keyed by the direct spec (what ``select.choose`` looks up); a conv2d_pool's Winograd keeps its rule:
             # the direct alternative there is the fused conv+pool kernel, which a lone Winograd kernel cannot be
             # timed against

@@ -17,13 +17,14 @@ A, B, G come from TVM's Cook-Toom construction with the interpolation points of 
 CPU schedule (llvm; batch x tiles flattened into P tiles, padded to a multiple of the register tile's rows):
 
     pad:   x[n, y, x, c]            channels-last zero-padded copy: each tile element is one vector of channels
+                                    (from NCHW[b]c, alter-layout's layout, vector copies; from NCHW a gather)
     V:     for p (parallel), c-vector:  V[e, v, p, c:c+lanes] = (B^T d B)[e, v]   (unrolled, zero coefficients gone)
     M:     for (e, v) (parallel), oc-block, p-block:                               (the batched GEMM)
                acc[pb tiles][ob channels] = 0                     # <= 12 ymm accumulators on AVX2
                for c: acc[i][:] += V[e, v, p_i, c] * U[e, v, ob-block, c, :]     # broadcast x vector FMA
     out:   for (n, oc-block, row of tiles) (parallel):
                Y[tiles of the row, a, b, oc-block] = (A^T M A)[a, b]     (unrolled, vectors of channels; in cache)
-               out[n, k, y, x] = act(Y + bias [+ residual])              (NCHW, the graph's layout, row by row)
+               out[n, k, y, x] = act(Y + bias [+ residual])              (NCHW[b]c: a vector per pixel; or NCHW)
 
 Each transform computes its first half (B^T d, A^T M) into alpha x alpha local vectors, then the second half from
 them: 2 alpha^3 terms per tile and vector instead of alpha^4, the zero coefficients dropped at trace time.
@@ -40,7 +41,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
-from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, accumulator_vectors, ceil_to, largest_divisor
+from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, accumulator_vectors, blocked_shape, ceil_to, largest_divisor
 
 F32 = "float32"
 TILES = (2, 4)  # output tile sizes m of F(m x m, 3 x 3)
@@ -70,6 +71,8 @@ class WinogradSpec:
     residual: bool = False                   # a second input added before the activation (fuse-conv-add)
     tile: int = 4                            # m: output tile m x m
     lanes: int = 16                          # fp32 lanes of the target's vector registers (``Target.lanes``)
+    in_block: int = 0                        # data in NCHW[in_block]c (a ``conv2d_nchwc``); 0: NCHW
+    out_block: int = 0                       # output (and residual) in NCHW[out_block]c; 0: NCHW
 
     @property
     def alpha(self) -> int:
@@ -79,6 +82,17 @@ class WinogradSpec:
     def out_shape(self) -> tuple[int, int, int, int]:
         n, _, h, w = self.in_shape
         return n, self.weight_shape[0], h + 2 * self.padding[0] - 2, w + 2 * self.padding[1] - 2
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The output (and residual) as stored: ``out_shape``, or NCHW[out_block]c."""
+        return blocked_shape(self.out_shape, self.out_block)
+
+    @property
+    def store_block(self) -> int:
+        """Output channels per task of the output stage: up to two vectors, whole blocks when stored blocked."""
+        oc, block = self.weight_shape[0], self.out_block or 1
+        return block * largest_divisor(oc // block, max(2 * self.lanes // block, 1))
 
     @property
     def tile_grid(self) -> tuple[int, int]:
@@ -172,11 +186,12 @@ def winograd_compute(spec: WinogradSpec) -> list[te.Tensor]:
     th, tw = spec.tile_grid
     (ph, pw), tiles = spec.padding, spec.tiles
     a_t, b_t, _ = transform_matrices(m)
-    data = te.placeholder(spec.in_shape, F32, name="data")
+    data = te.placeholder(blocked_shape(spec.in_shape, spec.in_block), F32, name="data")
+    read = _reader(data, spec.in_block)
     weight = te.placeholder((alpha, alpha, spec.padded_channels // ob, c, ob), F32, name="weight")
     pad = te.compute((n, th * m + 2, tw * m + 2, c),
                      lambda b, y, x, ch: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
-                                                           data[b, ch, y - ph, x - pw], tirx.const(0.0, F32)),
+                                                           read(b, ch, y - ph, x - pw), tirx.const(0.0, F32)),
                      name="pad")
 
     def input_rows(e, j, p, ch):  # (B^T d)[e, j]
@@ -198,27 +213,41 @@ def winograd_compute(spec: WinogradSpec) -> list[te.Tensor]:
         a_t, lambda v: rows_y[i, v, p, k], j), name="Y")
     args = [data, weight]
     bias = te.placeholder((oc,), F32, name="bias") if spec.has_bias else None
-    residual = te.placeholder(spec.out_shape, F32, name="residual") if spec.residual else None
+    residual = te.placeholder(spec.stored_shape, F32, name="residual") if spec.residual else None
     args += [t for t in (bias, residual) if t is not None]
     act = TE_ACTIVATIONS[spec.activation]
 
     def finish(b, k, y, x):
         v = out_tiles[(b * th + y // m) * tw + x // m, y % m, x % m, k]
         v = v + bias[k] if bias is not None else v
-        v = v + residual[b, k, y, x] if residual is not None else v
+        v = v + _reader(residual, spec.out_block)(b, k, y, x) if residual is not None else v
         return act(v, spec.activation_params)
 
-    return [*args, te.compute(spec.out_shape, finish, name="out")]
+    if spec.out_block:  # (k = kb * block + kv: the indices simplify back to kb, kv)
+        out = te.compute(spec.stored_shape, lambda b, kb, y, x, kv: finish(b, kb * spec.out_block + kv, y, x),
+                         name="out")
+    else:
+        out = te.compute(spec.out_shape, finish, name="out")
+    return [*args, out]
+
+
+def _reader(tensor: te.Tensor, block: int):
+    """(b, c, y, x) -> element of an NCHW tensor, or of an NCHW[block]c one."""
+    if block:
+        return lambda b, c, y, x: tensor[b, c // block, y, x, c % block]
+    return lambda b, c, y, x: tensor[b, c, y, x]
 
 
 def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch = Schedule(func)
     lanes, ob, pb = spec.lanes, spec.oc_block, spec.tile_block
-    c, oc = spec.weight_shape[1], spec.weight_shape[0]
+    c = spec.weight_shape[1]
     # pad: parallel over image rows, channels innermost (contiguous stores)
     pad = sch.get_sblock("pad")
     b, y, x, ch = sch.get_loops(pad)
     sch.parallel(sch.fuse(b, y))
+    if spec.in_block:  # a pixel's channels are contiguous blocks: vector copies
+        sch.vectorize(sch.split(ch, [None, spec.in_block])[1])
     # V: per tile, a vector of channels through the unrolled transform
     tv = sch.get_sblock("V")
     e, v, p, ch = sch.get_loops(tv)
@@ -243,13 +272,22 @@ def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     # out: per image, row of tiles and block of output channels (parallel), the tiles' outputs Y computed into
     # a cache-resident buffer (a row of tiles x m x m x the channel block), then stored row by row in NCHW
     out = sch.get_sblock("out")
-    b, k, y, x = sch.get_loops(out)
-    k_block = largest_divisor(oc, 2 * lanes)
-    k_outer, k_inner = sch.split(k, [None, k_block])
-    y_tiles, y_inner = sch.split(y, [None, spec.tile])
-    sch.reorder(b, y_tiles, k_outer, y_inner, x, k_inner)  # rows of tiles before channel blocks: each core writes
-    sch.unroll(k_inner)                                    # its own rows, which the next kernel reads there
-    task = sch.fuse(b, y_tiles, k_outer)                   # (``kernels.rows_first``; resnet18 0.981x, resnet50 0.994x)
+    k_block = spec.store_block
+    if spec.out_block:  # stored blocked: per (block, row, column) one vector of channels
+        b, k, y, x, k_vector = sch.get_loops(out)
+        k_outer, k_inner = sch.split(k, [None, k_block // spec.out_block])
+        y_tiles, y_inner = sch.split(y, [None, spec.tile])
+        sch.reorder(b, y_tiles, k_outer, k_inner, y_inner, x, k_vector)
+        sch.vectorize(k_vector)
+    else:  # stored NCHW: per row, column and channel a scalar
+        b, k, y, x = sch.get_loops(out)
+        k_outer, k_inner = sch.split(k, [None, k_block])
+        y_tiles, y_inner = sch.split(y, [None, spec.tile])
+        sch.reorder(b, y_tiles, k_outer, y_inner, x, k_inner)
+        sch.unroll(k_inner)
+    # rows of tiles before channel blocks: each core writes its own rows, which the next kernel reads there
+    # (``kernels.rows_first``; resnet18 0.981x, resnet50 0.994x)
+    task = sch.fuse(b, y_tiles, k_outer)
     sch.parallel(task)
     out_tiles = sch.get_sblock("Y")
     sch.compute_at(out_tiles, task)
@@ -337,4 +375,5 @@ def choose(spec: ConvSpec, tile: int | None = None) -> WinogradSpec | None:
     if refusal(spec) is not None:
         return None
     return WinogradSpec(spec.in_shape, spec.weight_shape, spec.padding, spec.has_bias, spec.activation,
-                        spec.activation_params, spec.residual, tile or choose_tile(spec), spec.lanes)
+                        spec.activation_params, spec.residual, tile or choose_tile(spec), spec.lanes, spec.in_block,
+                        spec.out_block)

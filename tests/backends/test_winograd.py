@@ -39,26 +39,45 @@ def run_kernel(spec: WinogradSpec, x: np.ndarray, weight: np.ndarray, bias: np.n
     lib = tvm.compile(tvm.IRModule({"main": func}), target=resolve_target("llvm").tvm)
     device = tvm.cpu()
     arrays = [x, spec.pack_weight(weight)] + [a for a in (bias, residual) if a is not None]
-    out = tvm.runtime.tensor(np.zeros(spec.out_shape, np.float32), device)
+    out = tvm.runtime.tensor(np.zeros(spec.stored_shape, np.float32), device)
     lib["main"](*[tvm.runtime.tensor(a, device) for a in arrays], out)
     return out.numpy()
 
 
+def blocked(x: np.ndarray, block: int) -> np.ndarray:
+    """NCHW -> NCHW[block]c (block 0: as is)."""
+    if not block:
+        return x
+    n, c, h, w = x.shape
+    return np.ascontiguousarray(x.reshape(n, c // block, block, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def unblocked(x: np.ndarray, block: int) -> np.ndarray:
+    """NCHW[block]c -> NCHW."""
+    if not block:
+        return x
+    n, cb, h, w, b = x.shape
+    return x.transpose(0, 1, 4, 2, 3).reshape(n, cb * b, h, w)
+
+
 def layer_error(n: int, c: int, oc: int, h: int, w: int, tile: int, padding=(1, 1), bias: bool = True,
-                residual: bool = False, activation: str = "none", seed: int = 0) -> float:
+                residual: bool = False, activation: str = "none", seed: int = 0, in_block: int = 0,
+                out_block: int = 0) -> float:
     """max |winograd - torch direct conv| / max |direct| on seeded inputs with He-scaled weights (as trained
-    convs have: outputs of unit scale)."""
+    convs have: outputs of unit scale); data in NCHW[in_block]c, output and residual in NCHW[out_block]c."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     weight = (rng.standard_normal((oc, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32)
     b = rng.standard_normal(oc).astype(np.float32) if bias else None
-    spec = WinogradSpec((n, c, h, w), (oc, c, 3, 3), padding, bias, activation, (), residual, tile, LANES)
+    spec = WinogradSpec((n, c, h, w), (oc, c, 3, 3), padding, bias, activation, (), residual, tile, LANES,
+                        in_block, out_block)
     expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(weight), None if b is None else torch.from_numpy(b),
                         padding=padding)
     r = rng.standard_normal(tuple(expected.shape)).astype(np.float32) if residual else None
     expected = expected + torch.from_numpy(r) if residual else expected
     expected = torch.relu(expected) if activation == "relu" else expected
-    got = run_kernel(spec, x, weight, b, r)
+    got = unblocked(run_kernel(spec, blocked(x, in_block), weight, b, None if r is None else blocked(r, out_block)),
+                    out_block)
     expected = expected.numpy()
     assert got.shape == expected.shape
     return float(np.abs(got - expected).max() / np.abs(expected).max())
@@ -163,6 +182,18 @@ def test_kernel_matches_pytorch_on_odd_shapes_with_bias_residual_relu(n, c, oc, 
     assert layer_error(n, c, oc, h, w, tile, padding, bias=True, residual=residual, activation="relu") <= GUARD
 
 
+@pytest.mark.parametrize("c, oc, tile, in_block, out_block, residual", [
+    (16, 24, 4, 8, 8, True),     # blocked in and out, residual blocked, 3 output blocks (not a multiple of 2)
+    (32, 16, 2, 0, 16, False),   # NCHW in (a stem's output), blocked out
+    (24, 32, 4, 8, 0, True),     # blocked in, NCHW out (the last conv before a flatten)
+    (16, 40, 2, 16, 8, False),   # different blocks in and out
+], ids=str)
+def test_kernel_reads_and_writes_blocked_layouts(c, oc, tile, in_block, out_block, residual):
+    """The same sums as NCHW with the data read from and the output (and residual) stored in NCHW[b]c."""
+    assert layer_error(1, c, oc, 9, 11, tile, residual=residual, activation="relu", in_block=in_block,
+                       out_block=out_block) <= GUARD
+
+
 @pytest.mark.parametrize("c, size", [(64, 56), (128, 28), (256, 14), (512, 7)], ids=str)
 def test_numeric_guard_per_layer_at_resnet_shapes(c, size):
     """The tile the rule picks (and F(4x4) regardless of the rule) stays within the fp32 tolerance on ResNet-18's
@@ -181,6 +212,25 @@ def test_block_through_the_build_matches_pytorch():
     model, graph = block_graph(x)
     with torch.no_grad():
         assert_outputs_close(model(x), build(graph, "llvm")(x))
+
+
+def test_blocked_graph_runs_winograd_on_nchwc_convs_and_matches_pytorch():
+    """optimize()'s pipeline blocks the 3x3 convs (alter-layout) and the Winograd kernel takes them blocked, its
+    residual blocked too: the one layout transform packs the graph's input for conv2's residual."""
+    import passes
+
+    torch.manual_seed(2)
+    x = torch.randn(1, 32, 28, 28)
+    model, _ = block_graph(x)
+    opt = passes.optimize(model, example_inputs=(x,), measure=False)
+    graph = opt.graph
+    winograd_nodes = {graph.nodes[n]["origin"][0]: graph.nodes[n]["op"] for n, c in
+                      select_kernels(graph, "llvm", resolve_target("llvm").lanes).choices.items()
+                      if c.kernel == "winograd"}
+    assert winograd_nodes == {"conv1": "conv2d_nchwc", "conv2": "conv2d_nchwc"}
+    assert graph.op_nodes("layout_transform") == ["x_to_NCHW16c"]
+    with torch.no_grad():
+        assert_outputs_close(model(x), opt(x))
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -234,12 +284,3 @@ def test_cli_explain_winograd_names_each_conv_and_why(capsys):
     assert "stride (2, 2): Winograd needs stride 1" in out and "8 -> 8 channels" in out
     assert main(["explain", "winograd", "zoo:resnet", "--no-winograd"]) == 0
     assert "Winograd turned off" in capsys.readouterr().out
-
-
-def test_alter_layout_mirrors_the_rules_sizes():
-    """alter-layout leaves NCHW exactly the convs the rule may take (it cannot import the backend's rule)."""
-    from backends.tvm import winograd
-    from passes.transforms import alter_layout
-
-    assert (alter_layout.WINOGRAD_CHANNELS, alter_layout.WINOGRAD_OUTPUT) == (winograd.MIN_CHANNELS,
-                                                                              winograd.MIN_OUTPUT)

@@ -185,10 +185,9 @@ def test_squeeze_excite_block_numerics():
 @pytest.mark.parametrize("model, reason", [
     (Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 16, 1), b=nn.Conv2d(16, 16, 3, padding=1, groups=4)), "grouped"),
     (Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 12, 1), b=nn.Conv2d(12, 12, 1)), "channels"),
-    (Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 32, 1), b=nn.Conv2d(32, 32, 3, padding=1)), "winograd"),
     # depthwise with a channel multiplier (groups = C, OC = 2C) is a grouped conv here
     (Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 16, 1), b=nn.Conv2d(16, 32, 3, padding=1, groups=16)), "grouped"),
-], ids=["grouped", "channels", "winograd", "channel_multiplier"])
+], ids=["grouped", "channels", "channel_multiplier"])
 def test_refusals(model, reason):
     """The refused conv keeps NCHW; its neighbour then has no blocked partner either, so nothing changes."""
     graph = prepared(model, torch.randn(1, 8, 8, 8))
@@ -213,17 +212,12 @@ def test_refuses_low_precision():
     assert graph_text(graph) == before
 
 
-def test_winograd_false_blocks_3x3_convs_too():
+@pytest.mark.parametrize("size", [8, 7], ids=["winograd-sized", "7x7"])
+def test_3x3_convs_are_blocked_whatever_kernel_runs_them(size):
+    """The Winograd kernel reads and writes NCHW[b]c too: a 3x3 stride-1 conv is blocked whether its cost rule
+    takes it (8x8) or keeps the direct kernel (7x7, ``winograd.MIN_OUTPUT``)."""
     model = Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 32, 1), b=nn.Conv2d(32, 32, 3, padding=1))
-    graph = prepared(model, torch.randn(1, 8, 8, 8))
-    assert run_pass(AlterLayout(winograd=False), graph).stats == {"blocked": 2, "transforms": 0}
-
-
-def test_maps_below_winograds_size_are_blocked():
-    """On a 7x7 map the Winograd cost rule keeps the direct kernel (``winograd.MIN_OUTPUT``), so the 3x3 conv is
-    blocked like any other."""
-    model = Fn(lambda s, x: s.b(s.a(x)), a=nn.Conv2d(8, 32, 1), b=nn.Conv2d(32, 32, 3, padding=1))
-    graph = prepared(model, torch.randn(1, 8, 7, 7))
+    graph = prepared(model, torch.randn(1, 8, size, size))
     assert run_pass(AlterLayout(block=8), graph).stats == {"blocked": 2, "transforms": 0}
 
 
