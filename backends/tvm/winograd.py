@@ -41,6 +41,7 @@ import numpy as np
 from tvm import te, tirx
 from tvm.s_tir import Schedule
 
+from backends.tvm import prefetch
 from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, accumulator_vectors, blocked_shape, ceil_to, largest_divisor
 
 F32 = "float32"
@@ -267,8 +268,10 @@ def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     sch.reorder(rc, p_tile, k_tile)
     sch.unroll(p_tile)
     sch.vectorize(k_tile)
-    sch.parallel(sch.fuse(e, v))
+    panel = sch.fuse(e, v)
+    sch.parallel(panel)
     sch.decompose_reduction(gemm, rc)
+    prefetch.mark(sch, p_outer, panel=panel, channels=k_outer, tiles=p_outer)
     # out: per image, row of tiles and block of output channels (parallel), the tiles' outputs Y computed into
     # a cache-resident buffer (a row of tiles x m x m x the channel block), then stored row by row in NCHW
     out = sch.get_sblock("out")
@@ -313,9 +316,36 @@ def _tile_transform(sch: Schedule, half: str, tile, elements: tuple, channels, l
     sch.vectorize(inner)
 
 
+def _prefetch_next_panel(spec: WinogradSpec, weight: tirx.Var):
+    """The GEMM's prefetches: each pass over a block of tiles (loop ``tiles``) prefetches its share of the next
+    weight panel (U[e, v, the next block of ``oc_block`` channels, all C, :]: the panels are contiguous in
+    (e, v, channel block) order, the last one's successor clamped to itself), so that panel is in L2 when its first
+    pass starts. Measured on a 2-core AVX-512 Xeon, torchvision resnet18 in one process: 0.967-0.976x the time
+    without (the kernel alone, hot caches: even to 4% slower at 256 channels on 14x14)."""
+    alpha, block = spec.alpha, spec.oc_block
+    blocks, channels = spec.padded_channels // block, spec.weight_shape[1]
+    floats = 64 // 4  # per cache line
+    lines = -(-channels * block // floats)
+    chunk = -(-lines // (spec.padded_tiles // spec.tile_block))
+
+    def build(roles):
+        panel, k, tiles = roles["panel"], roles["channels"], roles["tiles"]
+        dtype = panel.ty.dtype
+        const = lambda v: tirx.const(v, dtype)  # noqa: E731
+        q = tirx.Var("q", dtype)
+        following = tirx.min(panel * const(blocks) + k + const(1), const(alpha * alpha * blocks - 1))
+        offset = tirx.min(tiles * const(chunk) + q, const(lines - 1)) * const(floats)
+        indices = [following // const(alpha * blocks), following // const(blocks) % const(alpha),
+                   following % const(blocks), offset // const(block), offset % const(block)]
+        return tirx.For(q, const(0), const(chunk), tirx.ForKind.SERIAL, prefetch.prefetch(weight, indices))
+
+    return build
+
+
 def winograd_kernel(spec: WinogradSpec) -> tirx.PrimFunc:
     """The scheduled PrimFunc ``(data, U[, bias][, residual], out)`` for ``spec`` (CPU)."""
     func = schedule_cpu(spec, te.create_prim_func(winograd_compute(spec)))
+    func = prefetch.insert_prefetch(func, _prefetch_next_panel(spec, func.params[1]))
     return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8, "tirx.noalias": True})
 
 
