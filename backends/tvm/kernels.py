@@ -641,6 +641,9 @@ def accumulator_vectors(lanes: int) -> int:
     return 24 if lanes >= 16 else 12
 
 
+STREAM_EXTRA = 4  # accumulators past ``accumulator_vectors`` a weight-streaming 4-vector tile takes (``default_tile``)
+
+
 @dataclass(frozen=True)
 class Tile:
     """Output tile computed per inner iteration: ``oc_block`` channels x ``rows`` x ``cols`` (output units).
@@ -683,8 +686,13 @@ def default_tile(spec: ConvSpec) -> Tile:
     if spec.blocked:
         tile = with_resident_rows(spec, _blocked_tile(spec, ow, budget, padded=spec.packs_input))
         if lanes >= 16 and tile.task_rows and not rows_first(spec) and (oc // spec.oc_vector) % 4 == 0:
-            # streams its weights: 4 of them per task (below)
-            tile = with_resident_rows(spec, _blocked_tile(spec, ow, budget, padded=True, vector_counts=(4,)))
+            # streams its weights: 4 of them per task (below), up to 7 pixels (28 accumulators: the 4 weight
+            # vectors take the other registers, the broadcasts are memory operands), so 7- and 14-wide rows take
+            # whole tiles of 7 (4 x 4 computed 8 of 7). Kernels alone on the 2-core Xeon: resnet18's 512-channel
+            # 3x3 at 7x7 0.822 -> 0.756 ms, its 256 -> 512 stride-2 0.427 -> 0.398; whole models in one process
+            # resnet18 0.993x, resnet50 0.991x, vgg11_bn 0.986x
+            tile = with_resident_rows(spec, _blocked_tile(spec, ow, budget + STREAM_EXTRA, padded=True,
+                                                          vector_counts=(4,)))
         return tile
     if spec.channels_vectorized:  # 1-2 vectors of channels x a few pixels (about 14 accumulator
         # vectors on AVX-512, 8-12 on AVX2)

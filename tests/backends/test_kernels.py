@@ -298,6 +298,7 @@ def _run_kernel(spec: ConvSpec, tile: Tile, *arrays) -> np.ndarray:
     (nn.Conv2d(16, 16, 3, padding=1), (7, 7), {"in_block": 8, "out_block": 8, "residual": True,
                                                 "activation": "relu"}, Tile(16, 1, 7, task_rows=7)),
     (nn.Conv2d(16, 32, 1, stride=2), (9, 9), {"activation": "relu6"}, Tile(16, 1, 5, task_rows=5)),
+    (nn.Conv2d(16, 32, 3, padding=1), (7, 7), {"in_block": 8, "out_block": 8}, Tile(32, 1, 7, task_rows=7)),  # 4 x 7
 ], ids=repr)
 def test_resident_weights_are_bit_identical_to_streamed_and_match_pytorch(conv, hw, kw, tile):
     """The resident-weight schedule (input-channel blocks outermost per task, accumulators in a task buffer) adds
@@ -327,12 +328,12 @@ def test_resident_weights_are_bit_identical_to_streamed_and_match_pytorch(conv, 
 
 def test_resident_rows_fill_the_accumulator_budget_and_leave_tasks():
     """resnet18's 512-channel 3x3 convs at 7x7 on AVX-512: their weights (9.4 MB) outweigh the input, so a task
-    streams 4 channel vectors' panels (x 4 pixels: 8 computed per row of 7), the whole map per task (7 KB of
+    streams 4 channel vectors' panels (x 7 pixels: a whole row, 28 accumulators), the whole map per task (7 KB of
     accumulators), 8 tasks; on AVX2 (12 accumulators) one 8-lane vector x 7 pixels, as before. 64 channels at
     56x56 (input larger than the weights): 2 vectors x 12 pixels, 4-row bands (the most within 32 KB), 28 tasks.
     Flat-pixel 1x1, depthwise and pooled convs keep the streamed schedule."""
     layer4 = _spec_of(nn.Conv2d(512, 512, 3, padding=1), (7, 7), lanes=16, in_block=16, out_block=16)
-    assert not rows_first(layer4) and default_tile(layer4) == Tile(64, 1, 4, task_rows=7)
+    assert not rows_first(layer4) and default_tile(layer4) == Tile(64, 1, 7, task_rows=7)
     avx2 = _spec_of(nn.Conv2d(512, 512, 3, padding=1), (7, 7), lanes=8, in_block=8, out_block=8)
     assert default_tile(avx2) == Tile(8, 1, 7, task_rows=7)
     layer1 = _spec_of(nn.Conv2d(64, 64, 3, padding=1), (56, 56), lanes=16)
