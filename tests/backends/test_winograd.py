@@ -62,14 +62,14 @@ def unblocked(x: np.ndarray, block: int) -> np.ndarray:
 
 def layer_error(n: int, c: int, oc: int, h: int, w: int, tile: int, padding=(1, 1), bias: bool = True,
                 residual: bool = False, activation: str = "none", seed: int = 0, in_block: int = 0,
-                out_block: int = 0) -> float:
+                out_block: int = 0, lanes: int = LANES) -> float:
     """max |winograd - torch direct conv| / max |direct| on seeded inputs with He-scaled weights (as trained
     convs have: outputs of unit scale); data in NCHW[in_block]c, output and residual in NCHW[out_block]c."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     weight = (rng.standard_normal((oc, c, 3, 3)) * np.sqrt(2.0 / (9 * c))).astype(np.float32)
     b = rng.standard_normal(oc).astype(np.float32) if bias else None
-    spec = WinogradSpec((n, c, h, w), (oc, c, 3, 3), padding, bias, activation, (), residual, tile, LANES,
+    spec = WinogradSpec((n, c, h, w), (oc, c, 3, 3), padding, bias, activation, (), residual, tile, lanes,
                         in_block, out_block)
     expected = F.conv2d(torch.from_numpy(x), torch.from_numpy(weight), None if b is None else torch.from_numpy(b),
                         padding=padding)
@@ -117,16 +117,18 @@ def test_cost_rule_chooses_wide_3x3_stride_1_convs_f4_on_large_maps_f2_on_small_
         (1, 64, 28, 28), (128, 64, 3, 3), (1, 1), "relu")
 
 
-@pytest.mark.parametrize("size, tile, lanes, block", [
-    (14, 2, 16, 7),   # ResNet's 7x7 grid of tiles: 49 = 7 x 7, none padded (12 would compute 60)
-    (28, 4, 16, 7),
-    (56, 4, 16, 7),   # 196 tiles = 28 x 7
-    (16, 2, 16, 8),   # 64 tiles: the largest exact block within the budget
-    (14, 2, 8, 5),    # AVX2: 6 tiles x 2 vectors at most; 50 computed
-    (4, 2, 16, 4),    # 4 tiles: a block of 4, not half the budget
+@pytest.mark.parametrize("size, tile, lanes, channels, block", [
+    (14, 2, 16, 128, 7),   # ResNet's 7x7 grid of tiles: 49 = 7 x 7, none padded (12 would compute 60)
+    (28, 4, 16, 128, 7),
+    (56, 4, 16, 128, 7),   # 196 tiles = 28 x 7
+    (16, 2, 16, 128, 8),   # 64 tiles: the largest exact block within the budget
+    (14, 2, 8, 128, 5),    # AVX2: 6 tiles x 2 vectors at most; 50 computed
+    (4, 2, 16, 128, 4),    # 4 tiles: a block of 4, not half the budget
+    (56, 4, 16, 64, 4),    # 64 channels on AVX-512: 4 vectors a tile (6 tiles at most), 196 = 49 x 4
 ], ids=str)
-def test_gemm_tile_block_pads_the_fewest_tiles_within_the_register_budget(size, tile, lanes, block):
-    spec = WinogradSpec((1, 64, size, size), (64, 64, 3, 3), (1, 1), True, tile=tile, lanes=lanes)
+def test_gemm_tile_block_pads_the_fewest_tiles_within_the_register_budget(size, tile, lanes, channels, block):
+    spec = WinogradSpec((1, channels, size, size), (channels, channels, 3, 3), (1, 1), True, tile=tile, lanes=lanes)
+    assert spec.oc_block == (64 if (lanes, channels) == (16, 64) else 2 * lanes)
     budget = accumulator_vectors(lanes) // (spec.oc_block // lanes)
     assert spec.tile_block == block <= budget
     assert spec.padded_tiles == -(-spec.tiles // block) * block < spec.tiles + block
@@ -187,11 +189,12 @@ def test_kernel_matches_pytorch_on_odd_shapes_with_bias_residual_relu(n, c, oc, 
     (32, 16, 2, 0, 16, False),   # NCHW in (a stem's output), blocked out
     (24, 32, 4, 8, 0, True),     # blocked in, NCHW out (the last conv before a flatten)
     (16, 40, 2, 16, 8, False),   # different blocks in and out
+    (32, 64, 4, 16, 16, True),   # AVX-512 tiles: 64 channels, one 4-vector GEMM block
 ], ids=str)
 def test_kernel_reads_and_writes_blocked_layouts(c, oc, tile, in_block, out_block, residual):
     """The same sums as NCHW with the data read from and the output (and residual) stored in NCHW[b]c."""
     assert layer_error(1, c, oc, 9, 11, tile, residual=residual, activation="relu", in_block=in_block,
-                       out_block=out_block) <= GUARD
+                       out_block=out_block, lanes=16 if in_block == 16 else LANES) <= GUARD
 
 
 @pytest.mark.parametrize("c, size", [(64, 56), (128, 28), (256, 14), (512, 7)], ids=str)
