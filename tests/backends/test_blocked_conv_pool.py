@@ -97,10 +97,10 @@ def test_overlapping_windows_in_blocked_band_match_pytorch(layers, shape):
     assert "R.nn.max_pool2d" not in script and "R.nn.avg_pool2d" not in script
 
 
-def _stem_spec(hw: tuple[int, int] = (224, 224), oc: int = 64) -> ConvSpec:
+def _stem_spec(hw: tuple[int, int] = (224, 224), oc: int = 64, lanes: int = 8) -> ConvSpec:
     return ConvSpec(in_shape=(1, 3, *hw), weight_shape=(oc, 3, 7, 7), stride=(2, 2), padding=(3, 3),
                     dilation=(1, 1), groups=1, has_bias=True, activation="relu", pool="max", pool_kernel=(3, 3),
-                    pool_stride=(2, 2), pool_padding=(1, 1), lanes=8, pool_epilogue=True)
+                    pool_stride=(2, 2), pool_padding=(1, 1), lanes=lanes, pool_epilogue=True)
 
 
 def test_band_stores_only_the_pooled_output():
@@ -139,13 +139,22 @@ def _run_with_tile(spec, tile, x, w, b):
     return out.numpy()
 
 
-@pytest.mark.parametrize("tile", [Tile(8, 3, 5), Tile(16, 1, 4), Tile(16, 7, 6)], ids=str)
-def test_band_tiles_other_than_the_default_match(tile):
+def test_avx512_stem_takes_four_channel_vectors():
+    """On AVX-512 the stem's register tile is 4 channel vectors x 6 pixels (24 accumulators, 4 weight loads and 6
+    broadcasts per tap), its bands 7 pooled rows (8 tasks); AVX2 keeps 2 vectors x 6 (12 accumulators)."""
+    assert default_tile(_stem_spec(lanes=16)) == Tile(oc_block=64, rows=7, cols=6)
+    assert default_tile(_stem_spec()).oc_block == 16
+
+
+@pytest.mark.parametrize("tile, oc", [(Tile(8, 3, 5), 16), (Tile(16, 1, 4), 16), (Tile(16, 7, 6), 16),
+                                      (Tile(32, 4, 6), 32)], ids=str)
+def test_band_tiles_other_than_the_default_match(tile, oc):
     """Bands the tuner may propose (1 pooled row: 3 conv rows; bands that do not divide the pooled height; one
-    channel vector) stay exact, the padding row and the clamped last column included."""
-    spec = _stem_spec((27, 29), 16)
+    channel vector; 4 vectors, as AVX-512's default) stay exact, the padding row and the clamped last column
+    included."""
+    spec = _stem_spec((27, 29), oc)
     gen = torch.Generator().manual_seed(4)
-    x, w, b = (torch.randn(s, generator=gen) for s in (spec.in_shape, spec.weight_shape, (16,)))
+    x, w, b = (torch.randn(s, generator=gen) for s in (spec.in_shape, spec.weight_shape, (oc,)))
     expected = F.max_pool2d(F.relu(F.conv2d(x, w, b, stride=2, padding=3)), 3, 2, 1).numpy()
     np.testing.assert_allclose(_run_with_tile(spec, tile, x, w, b), expected, rtol=1e-5,
                                atol=1e-5 * np.abs(expected).max())
