@@ -563,6 +563,8 @@ def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tenso
         p = pooled[b, o // v, y, x, o % v]
         return finish(p, b, o, y, x) if commutes else _narrow(p, dtype)
 
+    if spec.out_block:  # stored NCHW[v]c (alter-layout's blocked conv2d_pool): a vector of channels per pixel
+        return te.compute(spec.stored_shape, lambda b, oo, y, x, oi: store(b, oo * v + oi, y, x), name="post")
     return te.compute(spec.out_shape, store, name="post")
 
 
@@ -1036,10 +1038,11 @@ def _schedule_cpu_blocked_band(spec: ConvSpec, func: tirx.PrimFunc, tile: Tile) 
     shared with the next band are computed twice (the halo: 1/(2 * rows) of the conv for ResNet's 3x3/2)."""
     sch = Schedule(func)
     conv, band = sch.get_sblock("conv"), sch.get_sblock("band")  # a register tile; the task's band buffer
-    n, o, y, x = sch.get_loops(sch.get_sblock("post"))
-    o_outer, o_inner = sch.split(o, [None, tile.oc_block])
+    n, o_outer, o_inner, y, x, lanes = _split_channels(sch, spec, sch.get_sblock("post"), tile.oc_block)
     y_outer, y_inner = sch.split(y, [None, tile.rows])
-    sch.reorder(n, o_outer, y_outer, y_inner, o_inner, x)
+    sch.reorder(*[loop for loop in (n, o_outer, y_outer, y_inner, o_inner, x, lanes) if loop is not None])
+    if lanes is not None:
+        sch.vectorize(lanes)
     pool = sch.get_sblock("pool")
     rows = sch.get_sblock("pool_rows")
     for stage in (pool, rows):  # one pooled row at a time, in local buffers

@@ -118,7 +118,15 @@ def _conv2d_pool(ctx, xs):
     """Our single fused kernel (the conv output is never materialized; on CPU the blocked conv with the pool in its
     epilogue where the windows tile the conv output), except where the conv runs as Winograd or as the blocked conv
     whose epilogue cannot take the windows (``select.blocked_then_pool``): then that kernel (bias and activation
-    fused) and the pool after it."""
+    fused) and the pool after it. A blocked ``out_layout`` (alter-layout) is stored by the epilogue kernel itself;
+    the other paths store NCHW and lay it out after (``select.choose`` gives them an NCHW spec)."""
+    y = _conv2d_pool_as_chosen(ctx, xs)
+    stored = ctx.attrs["out_layout"] if ctx.choice.spec.out_block else "NCHW"
+    return relax_layout(ctx, y, stored, ctx.attrs["out_layout"])
+
+
+def _conv2d_pool_as_chosen(ctx, xs):
+    """The chosen kernels' output: NCHW, or the pool epilogue's own stored layout (``Choice.spec.out_block``)."""
     if ctx.choice.kernel == "blocked_conv_pool":
         a, y = ctx.attrs, call_conv_kernel(ctx, xs[0], ctx.choice.spec)
         pool = R.nn.max_pool2d if a["pool"] == "max" else R.nn.avg_pool2d
@@ -129,8 +137,9 @@ def _conv2d_pool(ctx, xs):
         pool = R.nn.max_pool2d if a["pool"] == "max" else R.nn.avg_pool2d
         y = ctx.emit(pool(y, pool_size=a["pool_kernel"], strides=a["pool_stride"],
                           padding=tuple(a["pool_padding"]) * 2, ceil_mode=a["pool_ceil_mode"]))
-        if static_shape(y) != ctx.out_type().shape:
-            raise ctx.fail(f"TVM's pooling gives shape {static_shape(y)}, torch {ctx.out_type().shape}")
+        expected = conv_spec_of(ctx.graph, ctx.node, ctx.target.lanes).out_shape  # pooled, NCHW
+        if tuple(static_shape(y)) != tuple(expected):
+            raise ctx.fail(f"TVM's pooling gives shape {static_shape(y)}, torch {expected}")
         return y
     if ctx.choice.kernel != "conv":
         spec = conv_spec_of(ctx.graph, ctx.node, ctx.target.lanes)

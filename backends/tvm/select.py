@@ -169,18 +169,23 @@ def choose(graph: Graph, node: str, target_kind: str, lanes: int = 16, allow_win
         fused = expand_dw_spec_of(graph, node, target_kind)
         return Choice("expand_dw", fused) if fused is not None else RELAX
     spec = uses_conv_kernel(graph, node, target_kind, lanes) or uses_dense_kernel(graph, node, target_kind, lanes)
+    # a conv2d_pool stored blocked (alter-layout): only the pool epilogue stores NCHW[b]c itself; the other paths
+    # (Winograd or a kernel, then the pool) store NCHW, laid out after (``lower._conv2d_pool``)
+    pool_stored_blocked = op == "conv2d_pool" and isinstance(spec, ConvSpec) and spec.out_block
+    nchw = dataclasses.replace(spec, out_block=0) if pool_stored_blocked else spec
     # the Winograd kernel is CPU-only; it reads and writes NCHW or NCHW[b]c, not an input scale (fold-channel-scale)
     cpu_conv = (target_kind == "llvm" and isinstance(spec, ConvSpec)
                 and not (op == "conv2d_nchwc" and data["attrs"].get("input_scale")))
     tuned = (tiles or {}).get(spec) if cpu_conv else None
     if tuned is not None and allow_winograd:
-        fast = winograd.choose(spec, tuned.winograd) if tuned.winograd else None
+        fast = winograd.choose(nchw, tuned.winograd) if tuned.winograd else None
     else:
-        fast = winograd.choose(spec) if allow_winograd and cpu_conv else None
+        fast = winograd.choose(nchw) if allow_winograd and cpu_conv else None
     if fast is not None:
         return Choice("winograd", fast)
     if spec is not None and blocked_with_pool(spec, target_kind):
         return Choice("conv", dataclasses.replace(spec, pool_epilogue=True))
+    spec = nchw
     if spec is not None and blocked_then_pool(spec, target_kind):
         return Choice("blocked_conv_pool", spec.without_pool())
     if spec is not None:

@@ -351,8 +351,10 @@ def _conv2d_pool(xs, a, p):
     y = apply_activation(F.conv2d(xs[0], p["weight"], p.get("bias"), a["stride"], a["padding"], a["dilation"],
                                   a["groups"]), a)
     if a["pool"] == "max":
-        return F.max_pool2d(y, a["pool_kernel"], a["pool_stride"], a["pool_padding"], 1, a["pool_ceil_mode"])
-    return F.avg_pool2d(y, a["pool_kernel"], a["pool_stride"], a["pool_padding"], a["pool_ceil_mode"])
+        y = F.max_pool2d(y, a["pool_kernel"], a["pool_stride"], a["pool_padding"], 1, a["pool_ceil_mode"])
+    else:
+        y = F.avg_pool2d(y, a["pool_kernel"], a["pool_stride"], a["pool_padding"], a["pool_ceil_mode"])
+    return to_layout(y, "NCHW", a["out_layout"])
 
 
 def _conv2d_pool_flops(in_types, out_types, attrs, params) -> int:
@@ -366,10 +368,11 @@ register_op(OpDef(
     "conv2d_pool", _float32_bias(_conv2d_pool),
     attrs={"stride": (1, 1), "padding": (0, 0), "dilation": (1, 1), "groups": 1, **_FUSED_ACTIVATION,
            "pool": REQUIRED, "pool_kernel": REQUIRED, "pool_stride": REQUIRED, "pool_padding": (0, 0),
-           "pool_ceil_mode": False},
+           "pool_ceil_mode": False, "out_layout": "NCHW"},
     params=("weight",), optional_params=("bias",), flops=_conv2d_pool_flops,
     doc="Fused pool(act(conv2d(x) + b)) (from fuse-conv-pool): pool 'max' (any window, padding, ceil mode) or "
-        "'avg' (no padding, no partial windows)."))
+        "'avg' (no padding, no partial windows). Input NCHW; output in `out_layout` (NCHW, or NCHW[b]c from "
+        "alter-layout where a blocked conv reads it)."))
 
 # ---------------------------------------------------------------------------------------------- blocked layouts
 def layout_block(layout: str) -> int:

@@ -14,7 +14,9 @@ the gate product ``x * s`` multiplies two blocked tensors (``runs_blocked``). Ex
 are inserted only where a blocked value reaches an op with no blocked form (flatten, linear, other pools, concat,
 a graph output...). A conv whose output feeds only NCHW users stores NCHW itself (its last store is the
 transform), and one fed by an NCHW value (the 3-channel stem) packs it as before: a MobileNetV2 or EfficientNet-B0
-gets one transform, of its pooled 1x1 map before the classifier.
+gets one transform, of its pooled 1x1 map before the classifier. A ``conv2d_pool`` (a stem's conv + max pool)
+reads NCHW but stores blocked where a blocked user reads it (its ``out_layout``): ResNet's stem feeds its first
+block (and that block's residual) NCHW16c, no transform between.
 
 Exact: ``to_layout`` is a bijection (blocked[n, c / b, h, w, c % b] = plain[n, c, h, w]) and ``conv2d_nchwc``
 computes the same sums as ``conv2d``. Channel rule: a conv whose output channels are not a multiple of the block
@@ -88,14 +90,17 @@ def runs_blocked(graph: Graph, node: str) -> bool:
     return a.rank == b.rank == 4 and a.dtype == b.dtype == "float32" and (gate(a, b) or gate(b, a))
 
 
-def blocked_values(graph: Graph, eligible: set[str]) -> set[str]:
-    """The nodes whose output is stored blocked: the largest set in which every eligible conv has a blocked
-    consumer (an eligible conv, or a squeeze-excite op that runs blocked) and every squeeze-excite op reads only
-    blocked values (a fixed point, from all candidates down)."""
-    chosen = eligible | {n for n in graph.op_nodes(("adaptive_avg_pool2d", "mul")) if runs_blocked(graph, n)}
+def blocked_values(graph: Graph, eligible: set[str], producers: set[str] = frozenset()) -> set[str]:
+    """The nodes whose output is stored blocked: the largest set in which every eligible conv and every
+    ``producers`` node (a conv2d_pool: it reads NCHW, may store blocked) has a blocked consumer (an eligible conv,
+    or a squeeze-excite op that runs blocked) and every squeeze-excite op reads only blocked values (a fixed
+    point, from all candidates down)."""
+    squeeze_excite = {n for n in graph.op_nodes(("adaptive_avg_pool2d", "mul")) if runs_blocked(graph, n)}
+    chosen = eligible | producers | squeeze_excite
     while True:
+        consumers = eligible | (chosen & squeeze_excite)
         drop = {n for n in chosen if (
-            not any(user in eligible or user in chosen for user, _ in graph.users(Value(n, 0))) if n in eligible
+            not any(user in consumers for user, _ in graph.users(Value(n, 0))) if n not in squeeze_excite
             else not all(v.node in chosen for v in graph.operands(n)))}
         if not drop:
             return chosen
@@ -106,7 +111,7 @@ def layout_of(graph: Graph, value: Value) -> str:
     data = graph.nodes[value.node]
     if LAYOUT_META in data["meta"]:
         return data["meta"][LAYOUT_META]
-    if data["op"] in BLOCKED_OPS:
+    if data["op"] in BLOCKED_OPS or data["op"] == "conv2d_pool":
         return data["attrs"]["out_layout"]
     return data["attrs"]["dst"] if data["op"] == "layout_transform" else PLAIN
 
@@ -125,14 +130,14 @@ class AlterLayout(Pass):
         def blocked_layout(node: str) -> str:
             return f"NCHW{block_for(graph.value_type(Value(node, 0)).shape[1], lanes)}c"
 
-        eligible = set()
-        for conv in graph.op_nodes("conv2d"):
+        eligible, producers = set(), set()
+        for conv in graph.op_nodes(("conv2d", "conv2d_pool")):
             why = refusal(graph, conv, ctx.target, lanes)
             if why is None:
-                eligible.add(conv)
+                (eligible if graph.nodes[conv]["op"] == "conv2d" else producers).add(conv)
             else:
                 decide.skip(conv, *why)
-        stores_blocked = blocked_values(graph, eligible)
+        stores_blocked = blocked_values(graph, eligible, producers)
         transforms: dict[tuple[Value, str], Value] = {}
 
         def convert(value: Value, dst: str) -> Value:
@@ -156,6 +161,10 @@ class AlterLayout(Pass):
                 attrs = {**data["attrs"], "in_layout": in_layout, "out_layout": out_layout}
                 replace_node(graph, node, "conv2d_nchwc", operands, attrs, data["params"], data["origin"])
                 decide.done(node, "blocked", f"{in_layout} -> {out_layout}")
+            elif node in producers and node in stores_blocked:  # a conv2d_pool: NCHW in, its pooled output blocked
+                replace_node(graph, node, "conv2d_pool", [convert(v, PLAIN) for v in operands],
+                             {**data["attrs"], "out_layout": out_layout}, data["params"], data["origin"])
+                decide.done(node, "blocked", f"{PLAIN} -> {out_layout}")
             elif node in stores_blocked and node not in eligible:  # squeeze-excite: the pool as a mean over H, W
                 pool = data["op"] == "adaptive_avg_pool2d"
                 new = replace_node(graph, node, "mean" if pool else "mul", operands,

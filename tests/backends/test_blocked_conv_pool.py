@@ -309,3 +309,26 @@ def test_compiles_for_avx512():
     asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
     fmas = [line for line in asm.splitlines() if "vfmadd" in line]
     assert fmas and all("zmm" in line for line in fmas)
+
+
+@pytest.mark.parametrize("layers, shape, kernel", [
+    # ResNet's stem: the banded epilogue kernel stores NCHW[b]c itself
+    ((nn.Conv2d(3, 32, 7, stride=2, padding=3), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1)),
+     (1, 3, 40, 36), "conv"),
+    # VGG's conv + 2x2 pool where Winograd takes the conv: NCHW from the pool, laid out after
+    ((nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)), (1, 32, 36, 36), "winograd"),
+], ids=["stem-epilogue", "winograd-then-pool"])
+def test_conv_pool_stored_blocked_for_a_blocked_conv_matches_pytorch(layers, shape, kernel):
+    """alter-layout stores a conv2d_pool blocked where a blocked conv reads it (``test_alter_layout``); each CPU
+    path of the conv2d_pool gives the same values in that layout."""
+    import passes
+
+    model = nn.Sequential(*layers, nn.Conv2d(32, 32, 1), nn.ReLU()).eval()
+    gen = _seed_batch_norms(model, 3)
+    x = torch.randn(shape, generator=gen)
+    opt = passes.optimize(model, example_inputs=(x,), measure=False)
+    pool = _pool_node(opt.graph)
+    assert opt.graph.nodes[pool]["attrs"]["out_layout"] == f"NCHW{LANES}c"
+    assert _pool_choice(opt.graph).kernel == kernel
+    with torch.no_grad():
+        torch.testing.assert_close(torch.as_tensor(opt(x)), model(x), rtol=1e-5, atol=1e-5)

@@ -100,6 +100,40 @@ graph InvertedResidual(%x: f32[1,3,12,10]) {
 }""")
 
 
+class PooledStem(nn.Module):
+    """ResNet's shape in small: conv + BN + ReLU + 3x3/2 max pool (fused into one conv2d_pool), a residual conv
+    pair on the pooled map, then global pooling; ``head_only``: the pooled map, flattened, is the output."""
+
+    def __init__(self, head_only: bool = False):
+        super().__init__()
+        self.head_only = head_only
+        self.stem, self.bn = nn.Conv2d(3, 16, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(16)
+        self.pool = nn.MaxPool2d(3, 2, padding=1)
+        self.conv1, self.conv2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.pool(torch.relu(self.bn(self.stem(x))))
+        if self.head_only:
+            return torch.flatten(y, 1)
+        y = torch.relu(self.conv2(torch.relu(self.conv1(y))) + y)
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_conv_pool_stores_blocked_for_blocked_readers():
+    """A conv2d_pool reads NCHW (its kernel packs the input) but stores NCHW[b]c where a blocked conv reads it: the
+    convs after it, the residual included, need no transform; where only a flatten reads it, it stays NCHW."""
+    torch.manual_seed(0)
+    graph, result = check(PooledStem(), torch.randn(1, 3, 20, 18), passes=FUSE + ",fuse-conv-pool")
+    assert result.stats == {"blocked": 4, "transforms": 1}
+    (pool,) = graph.op_nodes("conv2d_pool")
+    assert graph.nodes[pool]["attrs"]["out_layout"] == "NCHW8c"
+    assert graph.value_type(graph.operands("conv2")[1]).shape == (1, 2, 5, 5, 8)  # the residual: the pool's output
+    graph, result = check(PooledStem(head_only=True), torch.randn(1, 3, 20, 18), passes=FUSE + ",fuse-conv-pool")
+    (pool,) = graph.op_nodes("conv2d_pool")
+    assert graph.nodes[pool]["attrs"]["out_layout"] == "NCHW" and result.stats["blocked"] == 0
+
+
 def test_avx512_blocks_of_16_where_they_divide_the_channels_else_8():
     """With 16 lanes (AVX-512) a tensor of 16 or 32 channels is NCHW16c (a whole zmm vector per pixel), one of 24
     NCHW8c: the block follows the channel count, so the residual (16 channels, like the project conv's output) needs

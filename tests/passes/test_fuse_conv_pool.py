@@ -49,7 +49,7 @@ def test_structure_activation_node_absorbed_without_another_pass():
     graph = check_numerics(FuseConvPool(), conv_relu_pool(nn.MaxPool2d(2)), X)
     assert_graph_text(graph, """
 graph Sequential(%input_1: f32[1,3,8,8]) {
-  %n2 = conv2d_pool(%input_1) {activation='relu', activation_params=(), dilation=(1, 1), groups=1, padding=(1, 1), pool='max', pool_ceil_mode=False, pool_kernel=(2, 2), pool_padding=(0, 0), pool_stride=(2, 2), stride=(1, 1)} [bias: f32[4], weight: f32[4,3,3,3]] -> f32[1,4,4,4]
+  %n2 = conv2d_pool(%input_1) {activation='relu', activation_params=(), dilation=(1, 1), groups=1, out_layout='NCHW', padding=(1, 1), pool='max', pool_ceil_mode=False, pool_kernel=(2, 2), pool_padding=(0, 0), pool_stride=(2, 2), stride=(1, 1)} [bias: f32[4], weight: f32[4,3,3,3]] -> f32[1,4,4,4]
   return %n2
 }""")
     assert graph.nodes["n2"]["origin"] == ("0", "1", "2")
@@ -62,7 +62,7 @@ def test_structure_resnet_stem_with_batch_norm():
     assert result.stats == {"fused": 1}
     assert_graph_text(graph, """
 graph Sequential(%input_1: f32[1,3,32,32]) {
-  %n3 = conv2d_pool(%input_1) {activation='relu', activation_params=(), dilation=(1, 1), groups=1, padding=(3, 3), pool='max', pool_ceil_mode=False, pool_kernel=(3, 3), pool_padding=(1, 1), pool_stride=(2, 2), stride=(2, 2)} [bias: f32[8], weight: f32[8,3,7,7]] -> f32[1,8,8,8]
+  %n3 = conv2d_pool(%input_1) {activation='relu', activation_params=(), dilation=(1, 1), groups=1, out_layout='NCHW', padding=(3, 3), pool='max', pool_ceil_mode=False, pool_kernel=(3, 3), pool_padding=(1, 1), pool_stride=(2, 2), stride=(2, 2)} [bias: f32[8], weight: f32[8,3,7,7]] -> f32[1,8,8,8]
   return %n3
 }""")
     assert graph.nodes["n3"]["origin"] == ("0", "1", "2", "3")
