@@ -295,6 +295,22 @@ def blocked_shape(shape: tuple[int, int, int, int], block: int) -> tuple[int, ..
     return (n, c // block, h, w, block) if block else tuple(shape)
 
 
+def layout_reader(tensor: te.Tensor, block: int) -> Callable:
+    """(b, c, y, x) -> the element of ``tensor`` stored NCHW (block 0) or NCHW[block]c."""
+    if block:
+        return lambda b, c, y, x: tensor[b, c // block, y, x, c % block]
+    return lambda b, c, y, x: tensor[b, c, y, x]
+
+
+def layout_compute(shape: tuple[int, int, int, int], block: int, value: Callable, name: str) -> te.Tensor:
+    """``value(b, c, y, x)`` over the NCHW ``shape``, stored NCHW (block 0) or NCHW[block]c (c = cb * block + ci:
+    the indices simplify back to cb, ci)."""
+    if block:
+        return te.compute(blocked_shape(shape, block), lambda b, cb, y, x, ci: value(b, cb * block + ci, y, x),
+                          name=name)
+    return te.compute(shape, value, name=name)
+
+
 def pool_output_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
     """torch's pooled size: with ceil_mode a last partial window counts unless it starts in the right padding."""
     out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
@@ -414,7 +430,7 @@ def _epilogue_inputs(spec: ConvSpec) -> tuple[Callable, list[te.Tensor]]:
     def finish(v, b, o, y, x, narrow: bool = True):
         v = v + _wide(bias[o]) if bias is not None else v
         if residual is not None:  # (o = oo * block + oi in a blocked store: the indices simplify back to oo, oi)
-            v = v + _wide(residual[b, o // block, y, x, o % block] if block else residual[b, o, y, x])
+            v = v + _wide(layout_reader(residual, block)(b, o, y, x))
         v = act_fn(v, spec.activation_params)
         return _narrow(v, spec.dtype) if narrow else v
 
@@ -563,9 +579,8 @@ def _blocked_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tenso
         p = pooled[b, o // v, y, x, o % v]
         return finish(p, b, o, y, x) if commutes else _narrow(p, dtype)
 
-    if spec.out_block:  # stored NCHW[v]c (alter-layout's blocked conv2d_pool): a vector of channels per pixel
-        return te.compute(spec.stored_shape, lambda b, oo, y, x, oi: store(b, oo * v + oi, y, x), name="post")
-    return te.compute(spec.out_shape, store, name="post")
+    # stored NCHW[v]c where alter-layout blocked the conv2d_pool: a vector of channels per pixel
+    return layout_compute(spec.out_shape, spec.out_block, store, "post")
 
 
 def _band_pool(spec: ConvSpec, conv: te.Tensor, finish: Callable) -> te.Tensor:

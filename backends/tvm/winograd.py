@@ -42,7 +42,16 @@ from tvm import te, tirx
 from tvm.s_tir import Schedule
 
 from backends.tvm import prefetch
-from backends.tvm.kernels import TE_ACTIVATIONS, ConvSpec, accumulator_vectors, blocked_shape, ceil_to, largest_divisor
+from backends.tvm.kernels import (
+    TE_ACTIVATIONS,
+    ConvSpec,
+    accumulator_vectors,
+    blocked_shape,
+    ceil_to,
+    largest_divisor,
+    layout_compute,
+    layout_reader,
+)
 
 F32 = "float32"
 TILES = (2, 4)  # output tile sizes m of F(m x m, 3 x 3)
@@ -193,7 +202,7 @@ def winograd_compute(spec: WinogradSpec) -> list[te.Tensor]:
     (ph, pw), tiles = spec.padding, spec.tiles
     a_t, b_t, _ = transform_matrices(m)
     data = te.placeholder(blocked_shape(spec.in_shape, spec.in_block), F32, name="data")
-    read = _reader(data, spec.in_block)
+    read = layout_reader(data, spec.in_block)
     weight = te.placeholder((alpha, alpha, spec.padded_channels // ob, c, ob), F32, name="weight")
     pad = te.compute((n, th * m + 2, tw * m + 2, c),
                      lambda b, y, x, ch: tirx.if_then_else(tirx.all(y >= ph, y < h + ph, x >= pw, x < w + pw),
@@ -226,22 +235,10 @@ def winograd_compute(spec: WinogradSpec) -> list[te.Tensor]:
     def finish(b, k, y, x):
         v = out_tiles[(b * th + y // m) * tw + x // m, y % m, x % m, k]
         v = v + bias[k] if bias is not None else v
-        v = v + _reader(residual, spec.out_block)(b, k, y, x) if residual is not None else v
+        v = v + layout_reader(residual, spec.out_block)(b, k, y, x) if residual is not None else v
         return act(v, spec.activation_params)
 
-    if spec.out_block:  # (k = kb * block + kv: the indices simplify back to kb, kv)
-        out = te.compute(spec.stored_shape, lambda b, kb, y, x, kv: finish(b, kb * spec.out_block + kv, y, x),
-                         name="out")
-    else:
-        out = te.compute(spec.out_shape, finish, name="out")
-    return [*args, out]
-
-
-def _reader(tensor: te.Tensor, block: int):
-    """(b, c, y, x) -> element of an NCHW tensor, or of an NCHW[block]c one."""
-    if block:
-        return lambda b, c, y, x: tensor[b, c // block, y, x, c % block]
-    return lambda b, c, y, x: tensor[b, c, y, x]
+    return [*args, layout_compute(spec.out_shape, spec.out_block, finish, "out")]
 
 
 def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
@@ -281,16 +278,13 @@ def schedule_cpu(spec: WinogradSpec, func: tirx.PrimFunc) -> tirx.PrimFunc:
     # a cache-resident buffer (a row of tiles x m x m x the channel block), then stored row by row in NCHW
     out = sch.get_sblock("out")
     k_block = spec.store_block
-    if spec.out_block:  # stored blocked: per (block, row, column) one vector of channels
-        b, k, y, x, k_vector = sch.get_loops(out)
-        k_outer, k_inner = sch.split(k, [None, k_block // spec.out_block])
-        y_tiles, y_inner = sch.split(y, [None, spec.tile])
-        sch.reorder(b, y_tiles, k_outer, k_inner, y_inner, x, k_vector)
-        sch.vectorize(k_vector)
+    b, k, y, x, *k_vector = sch.get_loops(out)  # k_vector: the block's lanes when stored NCHW[b]c
+    k_outer, k_inner = sch.split(k, [None, k_block // (spec.out_block or 1)])
+    y_tiles, y_inner = sch.split(y, [None, spec.tile])
+    if k_vector:  # stored blocked: per (block, row, column) one vector of channels
+        sch.reorder(b, y_tiles, k_outer, k_inner, y_inner, x, *k_vector)
+        sch.vectorize(*k_vector)
     else:  # stored NCHW: per row, column and channel a scalar
-        b, k, y, x = sch.get_loops(out)
-        k_outer, k_inner = sch.split(k, [None, k_block])
-        y_tiles, y_inner = sch.split(y, [None, spec.tile])
         sch.reorder(b, y_tiles, k_outer, y_inner, x, k_inner)
         sch.unroll(k_inner)
     # rows of tiles before channel blocks: each core writes its own rows, which the next kernel reads there
